@@ -1,0 +1,126 @@
+"""Federated data: every client's examples padded to one length, on the device.
+
+A `FederatedData` holds `x [num_clients, max_examples, ...]`, `y [num_clients,
+max_examples, ...]` and `counts [num_clients]`. Slots past a client's count are
+padding; local training and evaluation mask them out, so padding never changes a
+result (tests/test_local.py checks that).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class FederatedData(NamedTuple):
+  """Padded per-client arrays plus per-client example counts (a pytree)."""
+
+  x: jax.Array
+  y: jax.Array
+  counts: jax.Array
+
+  @property
+  def num_clients(self) -> int:
+    return self.x.shape[0]
+
+  @property
+  def max_examples(self) -> int:
+    return self.x.shape[1]
+
+  @property
+  def padding_efficiency(self) -> float:
+    """Real examples divided by padded slots (1.0 means no padding)."""
+    return float(np.sum(np.asarray(self.counts))) / (self.num_clients * self.max_examples)
+
+  def client(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client `i`'s real examples as host arrays, padding removed."""
+    n = int(self.counts[i])
+    return np.asarray(self.x[i, :n]), np.asarray(self.y[i, :n])
+
+
+def from_clients(
+    xs: Sequence[np.ndarray],
+    ys: Sequence[np.ndarray],
+    *,
+    num_classes: int | None = None,
+    pad_to: int | None = None,
+    x_dtype=np.float32,
+    allow_empty: bool = False,
+) -> FederatedData:
+  """Builds `FederatedData` from one (x, y) pair of host arrays per client.
+
+  Args:
+    xs: per-client inputs, each `[n_i, ...]` with the same trailing shape.
+    ys: per-client integer labels, each `[n_i, ...]`.
+    num_classes: if given, every label must lie in `[0, num_classes)`.
+    pad_to: pad every client to this many slots (default: the largest client).
+    x_dtype: dtype of the stored inputs.
+    allow_empty: accept clients with no examples (for per-client test splits).
+
+  Returns:
+    FederatedData on the default device.
+
+  Raises:
+    ValueError: naming the client and what is wrong with it.
+  """
+  if len(xs) != len(ys):
+    raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
+  if not xs:
+    raise ValueError("federated data needs at least one client")
+  xs = [np.asarray(x) for x in xs]
+  ys = [np.asarray(y) for y in ys]
+  feature_shape, label_shape = xs[0].shape[1:], ys[0].shape[1:]
+  for i, (x, y) in enumerate(zip(xs, ys)):
+    if x.ndim == 0 or y.ndim == 0:
+      raise ValueError(f"client {i}: x and y must have a leading example axis")
+    if len(x) != len(y):
+      raise ValueError(f"client {i}: x has {len(x)} examples but y has {len(y)}")
+    if len(x) == 0 and not allow_empty:
+      raise ValueError(f"client {i} has no examples; drop it or give it data")
+    if x.shape[1:] != feature_shape:
+      raise ValueError(f"client {i}: inputs of shape {x.shape[1:]}, client 0 has {feature_shape}")
+    if y.shape[1:] != label_shape:
+      raise ValueError(f"client {i}: labels of shape {y.shape[1:]}, client 0 has {label_shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+      raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
+    if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(
+          f"client {i}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}")
+  counts = np.array([len(x) for x in xs], dtype=np.int32)
+  max_n = max(int(counts.max()), 1)
+  if pad_to is not None:
+    if pad_to < max_n:
+      raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_n} examples)")
+    max_n = pad_to
+  x = np.zeros((len(xs), max_n, *feature_shape), dtype=x_dtype)
+  y = np.zeros((len(ys), max_n, *label_shape), dtype=np.int32)
+  for i, (xi, yi) in enumerate(zip(xs, ys)):
+    x[i, : len(xi)] = xi
+    y[i, : len(yi)] = yi
+  return FederatedData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts))
+
+
+def split_clients(
+    xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], test_fraction: float, seed: int = 0
+) -> tuple[list, list, list, list]:
+  """Splits each client's examples into train and test, keeping >= 1 train example.
+
+  Returns:
+    (train_xs, train_ys, test_xs, test_ys); a client too small for a test
+    example gets an empty test split.
+  """
+  if not 0.0 <= test_fraction < 1.0:
+    raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
+  rng = np.random.default_rng(seed)
+  out = ([], [], [], [])
+  for x, y in zip(xs, ys):
+    order = rng.permutation(len(x))
+    n_test = min(int(round(test_fraction * len(x))), len(x) - 1)
+    test, train = order[:n_test], order[n_test:]
+    for lst, arr in zip(out, (x[train], y[train], x[test], y[test])):
+      lst.append(arr)
+  return out

@@ -1,0 +1,132 @@
+"""Local training of one client, written for a padded client so that it vmaps.
+
+A client with `n` real examples among `max_examples` padded slots trains exactly as
+it would alone on its `n` examples: each epoch visits its examples in a fresh
+random order in minibatches of `batch_size` (the last one smaller), and padded
+slots and the steps a smaller client does not take are masked out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Params = Any
+# loss(params, x, y) -> per-example losses [batch]; for sequences, the mean over tokens.
+PerExampleLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
+
+
+class LocalResult(NamedTuple):
+  """What a client sends back and reports."""
+
+  delta: Params          # trained params minus the params it started from
+  loss_sum: jax.Array    # sum of per-example training losses over all local steps
+  num_trained: jax.Array  # examples processed over all local steps (repeats counted)
+
+
+def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> jax.Array:
+  """A random order of the real examples `0..num_examples-1`, then the padding slots.
+
+  Each example's sort key depends only on `(key, index)`, so the order of the real
+  examples is the same whatever the padding: that is what makes padding invariant.
+  """
+  index = jnp.arange(max_examples)
+  u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(index)
+  return jnp.argsort(jnp.where(index < num_examples, u, 2.0), stable=True)
+
+
+def steps_per_epoch(num_examples, batch_size: int):
+  return (num_examples + batch_size - 1) // batch_size
+
+
+def make_local_update(
+    loss: PerExampleLoss,
+    optimizer: optax.GradientTransformation,
+    *,
+    batch_size: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+) -> Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], LocalResult]:
+  """Builds `local_update(params, x, y, n, key) -> LocalResult` for one padded client.
+
+  Args:
+    loss: per-example loss function.
+    optimizer: the client's optax optimizer, initialised afresh each round.
+    batch_size: minibatch size B.
+    epochs: E local epochs (each client takes E * ceil(n / B) steps), or
+    steps: a fixed number of local steps for every client, cycling through
+      reshuffled epochs of its data. Give exactly one of the two.
+  """
+  check_schedule(batch_size, epochs, steps)
+
+  def masked_mean_loss(params, xb, yb, mask):
+    per_example = loss(params, xb, yb)
+    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  grad_fn = jax.value_and_grad(masked_mean_loss)
+
+  def train_step(carry, x, y, index, mask, active):
+    params, opt_state, loss_sum, count = carry
+    xb, yb = x[index], y[index]
+    mask = mask.astype(jnp.float32)
+    value, grads = grad_fn(params, xb, yb, mask)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jnp.where(active, new, old)
+    params = jax.tree_util.tree_map(keep, new_params, params)
+    opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+    num = jnp.where(active, jnp.sum(mask), 0.0)
+    return params, opt_state, loss_sum + value * num, count + num
+
+  def local_update(params, x, y, n, key) -> LocalResult:
+    max_n = x.shape[0]
+    num_batches = math.ceil(max_n / batch_size)
+    positions = jnp.arange(batch_size)
+    spe = steps_per_epoch(n, batch_size)
+    carry = (params, optimizer.init(params), jnp.zeros(()), jnp.zeros(()))
+
+    def padded_order(epoch):
+      order = epoch_order(jax.random.fold_in(key, epoch), n, max_n)
+      return jnp.pad(order, (0, num_batches * batch_size - max_n))
+
+    if epochs is not None:
+      def epoch_body(carry, epoch):
+        batches = padded_order(epoch).reshape(num_batches, batch_size)
+
+        def batch_body(carry, b):
+          mask = b * batch_size + positions < n
+          return train_step(carry, x, y, batches[b], mask, b < spe), None
+
+        return jax.lax.scan(batch_body, carry, jnp.arange(num_batches))[0], None
+
+      carry = jax.lax.scan(epoch_body, carry, jnp.arange(epochs))[0]
+    else:
+      def step_body(carry, s):
+        epoch, b = s // spe, s % spe
+        index = jax.lax.dynamic_slice(padded_order(epoch), (b * batch_size,), (batch_size,))
+        mask = b * batch_size + positions < n
+        return train_step(carry, x, y, index, mask, True), None
+
+      carry = jax.lax.scan(step_body, carry, jnp.arange(steps))[0]
+
+    trained, _, loss_sum, count = carry
+    delta = jax.tree_util.tree_map(jnp.subtract, trained, params)
+    return LocalResult(delta, loss_sum, count)
+
+  return local_update
+
+
+def check_schedule(batch_size: int, epochs: int | None, steps: int | None) -> None:
+  """Raises ValueError for a schedule that is not exactly one of epochs/steps, >= 1."""
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if (epochs is None) == (steps is None):
+    raise ValueError("give exactly one of epochs= or steps=")
+  value, name = (epochs, "epochs") if epochs is not None else (steps, "steps")
+  if not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,137 @@
+"""Models as flax nnx modules, and the pure `(apply, params)` view the engine uses.
+
+Layers are chosen for how they batch under `vmap` over per-client weights:
+a dense layer becomes a batched matmul, which is fast everywhere. A convolution
+under `vmap` becomes a grouped convolution, which collapses at large client counts
+(DESIGN.md), so `Conv` defaults to patches-then-matmul, which vmaps into a batched
+matmul; `impl="lax"` keeps `lax.conv_general_dilated` for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Params = Any
+
+
+class Model(NamedTuple):
+  """A pure model: `apply(params, x) -> logits` and initial `params`."""
+
+  apply: Callable[[Params, jax.Array], jax.Array]
+  params: Params
+
+
+def from_nnx(module: nnx.Module) -> Model:
+  """Splits an nnx module once into a pure apply function and its parameters."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def apply(params: Params, x: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params, rest)(x)
+
+  return Model(apply, params)
+
+
+def num_params(params: Params) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
+class Conv(nnx.Module):
+  """A 'SAME' 2-D convolution over NHWC inputs whose per-client batching is a matmul."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
+               impl: str = "patches", rngs: nnx.Rngs):
+    if impl not in ("patches", "lax"):
+      raise ValueError(f"unknown conv impl {impl!r}: use 'patches' or 'lax'")
+    shape = (kernel_size, kernel_size, in_features, out_features)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
+    self.bias = nnx.Param(jnp.zeros((out_features,)))
+    self.kernel_size = kernel_size
+    self.impl = impl
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel[...]
+    if self.impl == "lax":
+      y = jax.lax.conv_general_dilated(
+          x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    else:
+      patches = jax.lax.conv_general_dilated_patches(
+          x, (self.kernel_size, self.kernel_size), (1, 1), "SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      # Patch features are ordered (in_channel, kh, kw); lay the kernel out to match.
+      kh, kw, cin, cout = k.shape
+      y = patches @ k.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
+    return y + self.bias[...]
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2x2 max pooling, stride 2, written as a reshape so it batches trivially."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+class LogisticRegression(nnx.Module):
+  """Multinomial logistic regression: one linear layer to class logits."""
+
+  def __init__(self, num_features: int, num_classes: int, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(num_features, num_classes, kernel_init=nnx.initializers.zeros,
+                             rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear(x.reshape(x.shape[0], -1))
+
+
+class MLP(nnx.Module):
+  """The 2NN of McMahan et al. 2017: 784-200-200-10 with ReLU (199,210 parameters)."""
+
+  def __init__(self, num_features: int = 784, num_classes: int = 10, hidden: int = 200, *,
+               rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(num_features, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.reshape(x.shape[0], -1)
+    x = jax.nn.relu(self.fc1(x))
+    x = jax.nn.relu(self.fc2(x))
+    return self.out(x)
+
+
+class CNN(nnx.Module):
+  """The CNN of McMahan et al. 2017: two 5x5 convs (32, 64) each with 2x2 max pooling,
+  a 512-unit dense layer, and the output layer (1,663,370 parameters for 28x28x1, 10 classes)."""
+
+  def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, *,
+               conv_impl: str = "patches", rngs: nnx.Rngs):
+    self.conv1 = Conv(in_channels, 32, 5, impl=conv_impl, rngs=rngs)
+    self.conv2 = Conv(32, 64, 5, impl=conv_impl, rngs=rngs)
+    flat = (image_size // 4) ** 2 * 64
+    self.fc = nnx.Linear(flat, 512, rngs=rngs)
+    self.out = nnx.Linear(512, num_classes, rngs=rngs)
+    self.in_channels = in_channels
+    self.image_size = image_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.reshape(x.shape[0], self.image_size, self.image_size, self.in_channels)
+    x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
+    x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
+    x = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+    return self.out(x)
+
+
+def logistic_regression(num_features: int, num_classes: int, seed: int = 0) -> Model:
+  return from_nnx(LogisticRegression(num_features, num_classes, rngs=nnx.Rngs(seed)))
+
+
+def mlp(num_features: int = 784, num_classes: int = 10, seed: int = 0) -> Model:
+  return from_nnx(MLP(num_features, num_classes, rngs=nnx.Rngs(seed)))
+
+
+def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, seed: int = 0,
+        conv_impl: str = "patches") -> Model:
+  return from_nnx(CNN(num_classes, in_channels, image_size, conv_impl=conv_impl,
+                      rngs=nnx.Rngs(seed)))

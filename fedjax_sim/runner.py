@@ -1,0 +1,164 @@
+"""Runs many rounds as compiled chunks: `lax.scan` over rounds, the host only logs.
+
+Each chunk of `rounds_per_chunk` rounds is one XLA program, compiled once and reused
+for every chunk (a shorter final chunk compiles once more). Between chunks the host
+evaluates, writes one JSON line per round to the metrics file (flushed as it goes,
+so a run that fails keeps every finished round), and updates the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedjax_sim import compile as compile_lib
+from fedjax_sim.data import FederatedData
+from fedjax_sim.fedavg import FederatedAlgorithm, ServerState
+
+
+class History(list):
+  """Per-round metric rows (dicts); `history.column("test_accuracy")` gives one series."""
+
+  def column(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rounds, values) of the rows that have metric `name`."""
+    rows = [r for r in self if name in r]
+    return np.array([r["round"] for r in rows]), np.array([r[name] for r in rows])
+
+
+def make_chunk(algorithm: FederatedAlgorithm, length: int) -> Callable:
+  """A jitted `(state, data) -> (state, stacked metrics)` running `length` rounds."""
+
+  def chunk(state: ServerState, data: FederatedData):
+    return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
+
+  return compile_lib.jit(chunk, donate_argnums=0)
+
+
+def _scalar_row(round_index: int, metrics: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+  row: dict[str, Any] = {"round": round_index}
+  for name, values in metrics.items():
+    value = values[i]
+    row[name] = value.item() if np.ndim(value) == 0 else value
+  return row
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+  return {k: v for k, v in row.items() if not isinstance(v, np.ndarray)}
+
+
+def run(
+    algorithm: FederatedAlgorithm,
+    state: ServerState,
+    data: FederatedData,
+    *,
+    rounds: int,
+    rounds_per_chunk: int = 10,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    summary_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[ServerState, History]:
+  """Runs `rounds` rounds of `algorithm` from `state` on `data`.
+
+  Args:
+    algorithm: a FederatedAlgorithm, e.g. from `fedavg(...)`.
+    state: the starting ServerState (not modified; the run works on a copy).
+    data: the training FederatedData.
+    rounds: number of rounds to run.
+    rounds_per_chunk: rounds per compiled call; evaluation happens after each chunk.
+    evaluate: `params -> dict` of held-out metrics, added to each chunk's last round.
+    metrics_path: JSON-lines file, one line per round, written as rounds finish.
+    summary_path: JSON file with the final metrics and timings.
+    progress: show a tqdm progress bar.
+
+  Returns:
+    (final state, History of per-round metric rows).
+
+  Raises:
+    ValueError: bad arguments or data, before anything compiles.
+    FloatingPointError: a non-finite training loss, naming the round; the rounds
+      before it stay in the metrics file.
+  """
+  if not isinstance(rounds, int) or rounds <= 0:
+    raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+  if not isinstance(rounds_per_chunk, int) or rounds_per_chunk <= 0:
+    raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
+  algorithm.validate(state, data)
+  # The chunk donates its input state; copy so the caller's arrays stay valid.
+  state = jax.tree_util.tree_map(jnp.copy, state)
+  chunks: dict[int, Callable] = {}
+  history = History()
+  start = time.perf_counter()
+  metrics_file = None
+  if metrics_path is not None:
+    os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
+    metrics_file = open(metrics_path, "w", buffering=1)
+  status = "completed"
+  bar = tqdm(total=rounds, unit="round", disable=not progress, dynamic_ncols=True)
+  try:
+    done = int(state.round)
+    first = done
+    while done < first + rounds:
+      length = min(rounds_per_chunk, first + rounds - done)
+      if length not in chunks:
+        chunks[length] = make_chunk(algorithm, length)
+      state, metrics = chunks[length](state, data)
+      metrics = jax.device_get(metrics)
+      rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
+      bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
+      if bad is None and evaluate is not None:
+        rows[-1].update(evaluate(state.params))
+      for row in rows:
+        if row is bad:
+          status = f"failed: non-finite training loss at round {row['round']}"
+          raise FloatingPointError(
+              f"training loss became {row['train_loss']} at round {row['round']}; "
+              f"rounds before it are kept. Try a smaller learning rate.")
+        history.append(row)
+        if metrics_file is not None:
+          metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+      done += length
+      bar.update(length)
+      last = history[-1]
+      postfix = {"loss": f"{last['train_loss']:.4f}"}
+      if "test_accuracy" in last:
+        postfix["acc"] = f"{last['test_accuracy']:.4f}"
+      bar.set_postfix(postfix)
+  except BaseException as e:
+    if status == "completed":
+      status = f"failed: {type(e).__name__}: {e}"
+    raise
+  finally:
+    bar.close()
+    if metrics_file is not None:
+      metrics_file.close()
+    if summary_path is not None:
+      write_summary(summary_path, history, status, time.perf_counter() - start)
+  return state, history
+
+
+def write_summary(path, history: History, status: str, seconds: float) -> dict:
+  """Writes (and returns) the final and best metrics of a run as JSON."""
+  rows = [_jsonable(r) for r in history]
+  summary: dict[str, Any] = {"status": status, "rounds": len(rows), "seconds": round(seconds, 3)}
+  if rows:
+    final = {}
+    for row in rows:  # latest value of every metric, evaluation ones included
+      final.update(row)
+    summary["final"] = final
+    accs = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
+    if accs:
+      summary["best_test_accuracy"] = max(accs)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
