@@ -20,7 +20,7 @@ import optax
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import local
 from fedjax_sim.data import FederatedData
-from fedjax_sim.fedavg import ServerState, client_key, round_keys, sample_clients
+from fedjax_sim.algorithms.base import ServerState, client_key, round_keys, sample_clients
 from fedjax_sim.losses import cross_entropy
 
 Params = Any

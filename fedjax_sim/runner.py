@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
-from fedjax_sim.fedavg import FederatedAlgorithm, ServerState
+from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
 
 
 class History(list):

@@ -1,0 +1,23 @@
+"""fedjax_sim: federated learning simulation where a whole round is one XLA program."""
+
+from fedjax_sim.data import FederatedData, from_clients, split_clients
+from fedjax_sim.evaluation import make_evaluator
+from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
+from fedjax_sim.local import LocalResult, epoch_order, make_local_update
+from fedjax_sim.losses import cross_entropy
+from fedjax_sim.models import CNN, MLP, LogisticRegression, Model, from_nnx, num_params
+from fedjax_sim.optimizers import client_optimizer, server_optimizer
+from fedjax_sim.reference import ReferenceFedAvg
+from fedjax_sim.runner import History, run
+from fedjax_sim.synthetic import synthetic
+from fedjax_sim.tasks import Task, load_task, register_task, task_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN", "FederatedAlgorithm", "FederatedData", "History", "LocalResult", "LogisticRegression",
+    "MLP", "Model", "ReferenceFedAvg", "ServerState", "Task", "client_optimizer", "cross_entropy",
+    "epoch_order", "fedavg", "from_clients", "from_nnx", "load_task", "make_evaluator",
+    "make_local_update", "num_params", "register_task", "run", "sample_clients",
+    "server_optimizer", "split_clients", "synthetic", "task_names",
+]
