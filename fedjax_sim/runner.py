@@ -8,6 +8,7 @@ so a run that fails keeps every finished round), and updates the progress bar.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,8 +35,12 @@ class History(list):
     return np.array([r["round"] for r in rows]), np.array([r[name] for r in rows])
 
 
+@functools.lru_cache(maxsize=None)
 def make_chunk(algorithm: FederatedAlgorithm, length: int) -> Callable:
-  """A jitted `(state, data) -> (state, stacked metrics)` running `length` rounds."""
+  """A jitted `(state, data) -> (state, stacked metrics)` running `length` rounds.
+
+  Cached per (algorithm, length), so runs of the same algorithm share compilations.
+  """
 
   def chunk(state: ServerState, data: FederatedData):
     return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
@@ -95,7 +100,6 @@ def run(
   algorithm.validate(state, data)
   # The chunk donates its input state; copy so the caller's arrays stay valid.
   state = jax.tree_util.tree_map(jnp.copy, state)
-  chunks: dict[int, Callable] = {}
   history = History()
   start = time.perf_counter()
   metrics_file = None
@@ -109,9 +113,7 @@ def run(
     first = done
     while done < first + rounds:
       length = min(rounds_per_chunk, first + rounds - done)
-      if length not in chunks:
-        chunks[length] = make_chunk(algorithm, length)
-      state, metrics = chunks[length](state, data)
+      state, metrics = make_chunk(algorithm, length)(state, data)
       metrics = jax.device_get(metrics)
       rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
       bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)

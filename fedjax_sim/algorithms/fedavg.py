@@ -117,7 +117,7 @@ def fedavg(
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
-        "update_norm": optax.global_norm(delta),
+        "update_norm": optax.tree.norm(delta),
         "num_examples": data.counts[ids].sum(),
         "client_ids": ids,
         "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
