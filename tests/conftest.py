@@ -32,3 +32,16 @@ def max_relative_error(a, b):
   errs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / (np.max(np.abs(np.asarray(y))) + 1e-12))
           for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]
   return max(errs)
+
+
+_compiles = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, seconds, **kw: _compiles.append(name)
+    if name == "/jax/core/compile/backend_compile_duration" else None)
+
+
+@pytest.fixture
+def count_compiles():
+  """Returns a function giving the number of XLA compilations since the test began."""
+  start = len(_compiles)
+  return lambda: len(_compiles) - start

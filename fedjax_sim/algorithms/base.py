@@ -57,10 +57,11 @@ def check_labels(apply, params, data: FederatedData) -> None:
   """Raises ValueError if a label is negative or not below the model's output size."""
   logits = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((1, *data.x.shape[2:]), data.x.dtype))
   num_classes = logits.shape[-1]
-  y = np.asarray(data.y)
-  real = np.arange(data.max_examples) < np.asarray(data.counts)[:, None]
+  y, counts = np.asarray(data.y), np.asarray(data.counts)
+  real = np.arange(data.max_examples) < counts[:, None]
   bad = real.reshape(*real.shape, *([1] * (y.ndim - 2))) & ((y < 0) | (y >= num_classes))
   if bad.any():
     i = int(np.argwhere(bad)[0, 0])
+    labels = y[i, :counts[i]]
     raise ValueError(f"client {i}: labels must lie in [0, {num_classes}) for this model, "
-                     f"found {y[i, :int(data.counts[i])].min()}..{y[i, :int(data.counts[i])].max()}")
+                     f"found {labels.min()}..{labels.max()}")

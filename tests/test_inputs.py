@@ -1,0 +1,124 @@
+"""Bad input gets a clear error before anything compiles; a failing run keeps what it wrote."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.algorithms import fedavg
+
+
+def test_more_clients_per_round_than_clients(ragged, small_mlp, count_compiles):
+  _, _, train = ragged
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=7,
+                     batch_size=4, epochs=1)
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  before = count_compiles()
+  with pytest.raises(ValueError, match="clients_per_round=7 but the data has only 6 clients"):
+    fs.run(algorithm, state, train, rounds=2, progress=False)
+  assert count_compiles() == before
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"batch_size": -3}, "batch_size must be a positive integer"),
+    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"epochs": 1, "steps": 2}, "exactly one of epochs= or steps="),
+    ({"clients_per_round": 0}, "clients_per_round must be a positive integer"),
+    ({"weighting": "median"}, "weighting must be"),
+    ({"client_chunk_size": 3}, "positive divisor of clients_per_round=4"),
+])
+def test_bad_algorithm_arguments(small_mlp, kwargs, match):
+  args = dict(client_optimizer=optax.sgd(0.1), clients_per_round=4, batch_size=4)
+  if "steps" not in kwargs:
+    args["epochs"] = 1
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    fedavg(small_mlp.apply, **args)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fs.client_optimizer("sgd", 0.0),
+    lambda: fs.client_optimizer("sgd", -0.1),
+    lambda: fs.server_optimizer("fedadam", -1.0),
+])
+def test_non_positive_learning_rate(make):
+  with pytest.raises(ValueError, match="learning rate must be a positive number"):
+    make()
+
+
+def test_unknown_optimizer_names():
+  with pytest.raises(ValueError, match="unknown client optimizer 'rmsprop'"):
+    fs.client_optimizer("rmsprop")
+  with pytest.raises(ValueError, match="unknown server optimizer 'fedsgd'"):
+    fs.server_optimizer("fedsgd")
+
+
+def test_x_and_y_of_different_lengths():
+  with pytest.raises(ValueError, match="client 1: x has 4 examples but y has 3"):
+    fs.from_clients([np.zeros((2, 3)), np.zeros((4, 3))], [np.zeros(2, int), np.zeros(3, int)])
+
+
+def test_client_with_no_examples():
+  with pytest.raises(ValueError, match="client 0 has no examples"):
+    fs.from_clients([np.zeros((0, 3)), np.zeros((4, 3))], [np.zeros(0, int), np.zeros(4, int)])
+
+
+def test_labels_out_of_range_at_construction():
+  with pytest.raises(ValueError, match=r"client 1: labels must lie in \[0, 3\), found 0..3"):
+    fs.from_clients([np.zeros((2, 3)), np.zeros((2, 3))], [np.array([0, 1]), np.array([0, 3])],
+                    num_classes=3)
+
+
+def test_labels_out_of_range_for_the_model(small_mlp, count_compiles):
+  # The data were built without num_classes; the model has 3 outputs.
+  train = fs.from_clients([np.zeros((2, 5)), np.zeros((2, 5))], [np.array([0, 1]), np.array([5, 0])])
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+                     batch_size=2, epochs=1)
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"client 1: labels must lie in \[0, 3\) for this model"):
+    fs.run(algorithm, state, train, rounds=1, progress=False)
+  assert count_compiles() == before
+
+
+def test_mismatched_feature_shapes():
+  with pytest.raises(ValueError, match="client 1: inputs of shape"):
+    fs.from_clients([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros(2, int), np.zeros(2, int)])
+
+
+def test_non_finite_loss_stops_with_round_and_keeps_earlier_rounds(tmp_path):
+  # w grows by 0.1 per round (one SGD step on loss -w); the loss is NaN once w > 0.25,
+  # i.e. from round 4 (which starts at w = 0.3).
+  apply = lambda params, x: params["w"] * x[:, 0]
+  def loss(params, x, y):
+    w = params["w"]
+    return -w * x[:, 0] + jnp.where(w > 0.25, jnp.nan, 0.0)
+  train = fs.from_clients([np.ones((1, 1))], [np.zeros(1, int)])
+  algorithm = fedavg(apply, loss=loss, client_optimizer=optax.sgd(0.1), clients_per_round=1,
+                     batch_size=1, steps=1)
+  state = algorithm.init({"w": jnp.zeros(())}, jax.random.key(0))
+  metrics_path, summary_path = tmp_path / "metrics.jsonl", tmp_path / "summary.json"
+  with pytest.raises(FloatingPointError, match="at round 4"):
+    fs.run(algorithm, state, train, rounds=10, rounds_per_chunk=2, metrics_path=metrics_path,
+           summary_path=summary_path, progress=False)
+  rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+  assert [r["round"] for r in rows] == [1, 2, 3]
+  assert all(np.isfinite(r["train_loss"]) for r in rows)
+  summary = json.loads(summary_path.read_text())
+  assert summary["rounds"] == 3 and "round 4" in summary["status"]
+
+
+def test_run_does_not_consume_the_callers_state(ragged, small_mlp):
+  _, _, train = ragged
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+                     batch_size=4, steps=1)
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  fs.run(algorithm, state, train, rounds=1, progress=False)
+  # Donation inside the run must not have deleted the caller's (or the model's) arrays.
+  assert np.isfinite(np.asarray(jax.tree_util.tree_leaves(state.params)[0])).all()
+  assert np.isfinite(np.asarray(jax.tree_util.tree_leaves(small_mlp.params)[0])).all()

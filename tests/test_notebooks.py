@@ -1,0 +1,130 @@
+"""Executes the notebooks in notebooks/ at tiny sizes, so they keep running as the API moves.
+
+Each notebook keeps its sizes in one code cell tagged `parameters` (as papermill does).
+`execute_notebook` inserts a cell right after it that reassigns the overridden names,
+runs the notebook in a fresh python3 kernel with matplotlib's Agg backend, and returns
+the executed notebook; any cell that raises fails the test. To cover a new notebook,
+add it to NOTEBOOKS with overrides that make it fast.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import pathlib
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+
+# notebook file -> (overrides for its parameters cell, small enough for a 2-core CPU;
+#                   strings its printed output must contain at those sizes).
+NOTEBOOKS = {
+    "quickstart.ipynb": (
+        {"ROUNDS": 4, "EVAL_EVERY": 2},
+        ["4 rounds in", "round 4: train loss", "after round 4", "FedAvg (SGD, lr 1)",
+         "FedAdam (lr 0.03)"]),
+}
+
+
+def _assigned_names(source: str) -> set[str]:
+  names = set()
+  for node in ast.parse(source).body:
+    targets = node.targets if isinstance(node, ast.Assign) else (
+        [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else [])
+    for target in targets:
+      for sub in ast.walk(target):
+        if isinstance(sub, ast.Name):
+          names.add(sub.id)
+  return names
+
+
+def execute_notebook(path, overrides: dict | None = None, *, timeout: int = 120,
+                     kernel_name: str = "python3"):
+  """Runs the notebook at `path` with its parameters overridden; returns the executed notebook.
+
+  Args:
+    path: the .ipynb file. It runs with its own folder as the working directory.
+    overrides: name -> value for the cell tagged `parameters`; values are written with
+      `repr`, and every name must be assigned in that cell (so a renamed parameter fails
+      here instead of silently running at full size).
+    timeout: seconds allowed per cell.
+    kernel_name: the Jupyter kernel to run.
+
+  Raises:
+    nbclient.exceptions.CellExecutionError: a cell raised; the message shows the traceback.
+    ValueError: no parameters cell, or an override the parameters cell does not assign.
+  """
+  path = pathlib.Path(path)
+  nb = nbformat.read(path, as_version=4)
+  overrides = dict(overrides or {})
+  if overrides:
+    index = next((i for i, cell in enumerate(nb.cells) if cell.cell_type == "code"
+                  and "parameters" in cell.get("metadata", {}).get("tags", [])), None)
+    if index is None:
+      raise ValueError(f"{path.name}: no code cell tagged 'parameters' to override")
+    unknown = set(overrides) - _assigned_names(nb.cells[index].source)
+    if unknown:
+      raise ValueError(f"{path.name}: the parameters cell does not assign {sorted(unknown)}")
+    source = "\n".join(f"{name} = {value!r}" for name, value in overrides.items())
+    injected = nbformat.v4.new_code_cell(
+        "# Parameters injected by tests/test_notebooks.py\n" + source,
+        metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(index + 1, injected)
+  env = {**os.environ, "MPLBACKEND": "Agg"}
+  client = nbclient.NotebookClient(
+      nb, timeout=timeout, kernel_name=kernel_name,
+      resources={"metadata": {"path": str(path.parent)}})
+  client.execute(env=env)
+  return nb
+
+
+def _outputs(nb, output_type: str) -> list:
+  return [out for cell in nb.cells if cell.cell_type == "code"
+          for out in cell.get("outputs", []) if out.output_type == output_type]
+
+
+def _text(nb) -> str:
+  """Everything the notebook printed to stdout, plus text results."""
+  parts = [out.text for out in _outputs(nb, "stream") if out.name == "stdout"]
+  parts += [out.data.get("text/plain", "") for out in _outputs(nb, "execute_result")]
+  return "\n".join(parts)
+
+
+def test_notebook_list_is_current():
+  missing = [name for name in NOTEBOOKS if not (NOTEBOOK_DIR / name).exists()]
+  assert not missing, f"NOTEBOOKS names files that are not in notebooks/: {missing}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fedjax_sim") is None,
+                    reason="fedjax_sim must be installed for the notebook kernel")
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_notebook_runs(name):
+  overrides, expected = NOTEBOOKS[name]
+  start = time.perf_counter()
+  nb = execute_notebook(NOTEBOOK_DIR / name, overrides)
+  seconds = time.perf_counter() - start
+  assert not _outputs(nb, "error")
+  code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
+  assert all(cell.get("execution_count") for cell in code_cells), "a code cell did not run"
+  text = _text(nb)
+  assert text.strip(), f"{name} printed nothing"
+  missing = [s for s in expected if s not in text]
+  assert not missing, f"{name} output lacks {missing}; it printed:\n{text}"
+  print(f"{name}: {seconds:.1f} s")
+
+
+def test_overrides_must_name_parameters(tmp_path):
+  nb = nbformat.v4.new_notebook(cells=[
+      nbformat.v4.new_code_cell("ROUNDS = 200", metadata={"tags": ["parameters"]})])
+  path = tmp_path / "tiny.ipynb"
+  nbformat.write(nb, path)
+  with pytest.raises(ValueError, match="does not assign"):
+    execute_notebook(path, {"ROUNDZ": 4})
