@@ -1,0 +1,118 @@
+"""Models (parameter counts, conv formulations), data building, Synthetic(alpha, beta)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import fedjax_sim as fs
+from fedjax_sim import models
+
+
+def test_paper_parameter_counts():
+  count = lambda make: fs.num_params(nnx.state(nnx.eval_shape(make), nnx.Param))  # no init compute
+  assert count(lambda: models.MLP(rngs=nnx.Rngs(0))) == 199_210
+  assert count(lambda: models.CNN(rngs=nnx.Rngs(0))) == 1_663_370
+  assert count(lambda: models.LogisticRegression(60, 10, rngs=nnx.Rngs(0))) == 610
+
+
+def test_patches_conv_equals_lax_conv():
+  conv = models.Conv(3, 8, 5, impl="patches", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 12, 12, 3))
+  got = conv(x)
+  want = jax.lax.conv_general_dilated(x, conv.kernel[...], (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn_impls_agree_under_vmap_over_client_weights():
+  a, b = models.cnn(conv_impl="patches", seed=0), models.cnn(conv_impl="lax", seed=0)
+  stacked = jax.tree_util.tree_map(lambda p: jnp.stack([p, 2 * p]), a.params)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 28, 28, 1))
+  got = jax.vmap(a.apply)(stacked, x)
+  want = jax.vmap(b.apply)(stacked, x)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_users_own_pure_apply_function_works():
+  # Not nnx at all: a dict of arrays and a function.
+  apply = lambda p, x: x @ p["w"] + p["b"]
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros(3)}
+  xs = [np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)] * 2
+  train = fs.from_clients(xs, [np.arange(6) % 3] * 2, num_classes=3)
+  algorithm = fs.fedavg(apply, client_optimizer=optax.sgd(0.5), clients_per_round=2, batch_size=3,
+                        steps=1)
+  state, metrics = jax.jit(algorithm.round)(algorithm.init(params, jax.random.key(0)), train)
+  assert float(jnp.abs(state.params["w"]).sum()) > 0
+  assert float(metrics["train_loss"]) == pytest.approx(np.log(3), rel=1e-3)  # first step at zero
+
+
+def test_from_clients_pads_and_counts():
+  data = fs.from_clients([np.ones((2, 3)), np.ones((5, 3))], [np.zeros(2, int), np.ones(5, int)])
+  assert data.x.shape == (2, 5, 3) and data.y.shape == (2, 5)
+  np.testing.assert_array_equal(data.counts, [2, 5])
+  assert float(jnp.abs(data.x[0, 2:]).sum()) == 0.0
+  assert data.padding_efficiency == pytest.approx(7 / 10)
+  x, y = data.client(0)
+  assert x.shape == (2, 3) and y.shape == (2,)
+  assert fs.from_clients([np.ones((2, 3))], [np.zeros(2, int)], pad_to=4).max_examples == 4
+  with pytest.raises(ValueError, match="pad_to=1 is smaller than the largest client"):
+    fs.from_clients([np.ones((2, 3))], [np.zeros(2, int)], pad_to=1)
+
+
+def test_split_clients_keeps_every_example_once():
+  xs = [np.arange(n)[:, None].astype(np.float32) for n in (1, 5, 10)]
+  ys = [np.zeros(n, int) for n in (1, 5, 10)]
+  tr_x, _, te_x, _ = fs.split_clients(xs, ys, 0.2, seed=0)
+  for x, a, b in zip(xs, tr_x, te_x):
+    assert len(a) >= 1
+    assert sorted(np.concatenate([a, b])[:, 0]) == sorted(x[:, 0])
+  assert [len(b) for b in te_x] == [0, 1, 2]
+
+
+def test_synthetic_is_deterministic_and_shaped_like_the_paper():
+  xs, ys = fs.synthetic(1.0, 1.0, seed=0)
+  xs2, ys2 = fs.synthetic(1.0, 1.0, seed=0)
+  assert len(xs) == 30 and xs[0].shape[1] == 60
+  assert all(len(x) >= 50 for x in xs)
+  assert all(y.min() >= 0 and y.max() < 10 for y in ys)
+  for a, b in zip(xs, xs2):
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(fs.synthetic(1.0, 1.0, seed=1)[0][0][:5], xs[0][:5])
+
+
+def test_synthetic_alpha_beta_control_heterogeneity():
+  # beta is the std of the clients' input means: larger beta, more spread client means.
+  spread = lambda beta: np.std([x.mean() for x in fs.synthetic(0.0, beta, seed=3)[0]])
+  assert spread(5.0) > 3 * spread(0.0)
+  # The IID variant shares one labelling model: label histograms are alike across clients.
+  _, ys = fs.synthetic(iid=True, seed=0)
+  hist = np.array([np.bincount(y, minlength=10) / len(y) for y in ys])
+  _, ys11 = fs.synthetic(1.0, 1.0, seed=0)
+  hist11 = np.array([np.bincount(y, minlength=10) / len(y) for y in ys11])
+  assert hist.std(axis=0).mean() < hist11.std(axis=0).mean()
+  with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
+    fs.synthetic(-1.0, 1.0)
+
+
+def test_reddi_fedadam_one_step_golden():
+  # Reddi et al. 2021, Alg. 2 with b1=0.9, b2=0.99, tau=1e-3 and one pseudo-gradient g = -delta.
+  opt = fs.server_optimizer("fedadam", 0.1)
+  params = {"w": jnp.array([1.0, -2.0])}
+  delta = np.array([0.5, -0.01])
+  updates, _ = opt.update({"w": jnp.asarray(-delta)}, opt.init(params), params)
+  m = 0.1 * delta
+  v = 0.99 * 1e-6 + 0.01 * delta**2
+  np.testing.assert_allclose(updates["w"], 0.1 * m / (np.sqrt(v) + 1e-3), rtol=1e-5)
+
+
+def test_reddi_fedyogi_and_fedadagrad_second_moments():
+  g = np.array([0.3, -2.0])
+  for name, v1 in [("fedyogi", 1e-6 - 0.01 * g**2 * np.sign(1e-6 - g**2)),
+                   ("fedadagrad", 1e-6 + g**2)]:
+    opt = fs.server_optimizer(name, 1.0)
+    params = {"w": jnp.zeros(2)}
+    updates, _ = opt.update({"w": jnp.asarray(g)}, opt.init(params), params)
+    np.testing.assert_allclose(updates["w"], -(0.1 * g) / (np.sqrt(v1) + 1e-3), rtol=1e-5)
