@@ -28,7 +28,7 @@ NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 #                   strings its printed output must contain at those sizes).
 NOTEBOOKS = {
     "quickstart.ipynb": (
-        {"ROUNDS": 4, "EVAL_EVERY": 2},
+        {"ROUNDS": 4, "EVAL_EVERY": 2, "CLIENTS_PER_ROUND": 2},
         ["4 rounds in", "round 4: train loss", "after round 4", "FedAvg (SGD, lr 1)",
          "FedAdam (lr 0.03)"]),
 }
