@@ -5,7 +5,8 @@ from fedjax_sim.evaluation import make_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
 from fedjax_sim.losses import cross_entropy
-from fedjax_sim.models import CNN, MLP, LogisticRegression, Model, from_nnx, num_params
+from fedjax_sim.models import (CNN, MLP, LogisticRegression, Model, cnn, from_nnx,
+                               logistic_regression, mlp, num_params)
 from fedjax_sim.optimizers import client_optimizer, server_optimizer
 from fedjax_sim.reference import ReferenceFedAvg
 from fedjax_sim.runner import History, run
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNN", "FederatedAlgorithm", "FederatedData", "History", "LocalResult", "LogisticRegression",
-    "MLP", "Model", "ReferenceFedAvg", "ServerState", "Task", "client_optimizer", "cross_entropy",
+    "MLP", "Model", "ReferenceFedAvg", "cnn", "logistic_regression", "mlp", "ServerState", "Task", "client_optimizer", "cross_entropy",
     "epoch_order", "fedavg", "from_clients", "from_nnx", "load_task", "make_evaluator",
     "make_local_update", "num_params", "register_task", "run", "sample_clients",
     "server_optimizer", "split_clients", "synthetic", "task_names",

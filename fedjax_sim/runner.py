@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the text bar: works in terminals and notebooks alike
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
