@@ -1,5 +1,6 @@
 """fedjax_sim: federated learning simulation where a whole round is one XLA program."""
 
+from fedjax_sim import aggregators
 from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients

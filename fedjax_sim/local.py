@@ -24,9 +24,15 @@ PerExampleLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
 class LocalResult(NamedTuple):
   """What a client sends back and reports."""
 
-  delta: Params          # trained params minus the params it started from
-  loss_sum: jax.Array    # sum of per-example training losses over all local steps
+  delta: Params           # trained params minus the params it started from
+  loss_sum: jax.Array     # sum of per-example training losses over all local steps
   num_trained: jax.Array  # examples processed over all local steps (repeats counted)
+  num_steps: jax.Array    # local steps taken (FedNova normalizes by it)
+
+
+# regularizer(params, context) -> scalar added to every local step's objective, where
+# `context` is whatever the algorithm passes per client (FedProx: the global params).
+Regularizer = Callable[[Params, Any], jax.Array]
 
 
 def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> jax.Array:
@@ -51,8 +57,12 @@ def make_local_update(
     batch_size: int,
     epochs: int | None = None,
     steps: int | None = None,
-) -> Callable[[Params, jax.Array, jax.Array, jax.Array, jax.Array], LocalResult]:
-  """Builds `local_update(params, x, y, n, key) -> LocalResult` for one padded client.
+    regularizer: Regularizer | None = None,
+) -> Callable[..., LocalResult]:
+  """Builds `local_update(params, x, y, n, key, context=None, step_budget=None)`.
+
+  The returned function trains one padded client: `x [max_examples, ...]`,
+  `y [max_examples, ...]`, `n` real examples, a per-client `key`. It vmaps over clients.
 
   Args:
     loss: per-example loss function.
@@ -61,34 +71,44 @@ def make_local_update(
     epochs: E local epochs (each client takes E * ceil(n / B) steps), or
     steps: a fixed number of local steps for every client, cycling through
       reshuffled epochs of its data. Give exactly one of the two.
+    regularizer: optional `regularizer(params, context)` added to each step's
+      objective (not to the reported training loss); `context` is the
+      `local_update` argument of that name.
+
+  `step_budget`, if given, caps the steps this client takes (a straggler's
+  partial work); steps past it are masked out like padding.
   """
   check_schedule(batch_size, epochs, steps)
 
-  def masked_mean_loss(params, xb, yb, mask):
+  def objective(params, xb, yb, mask, context):
     per_example = loss(params, xb, yb)
-    return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    data_loss = jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = data_loss if regularizer is None else data_loss + regularizer(params, context)
+    return total, data_loss
 
-  grad_fn = jax.value_and_grad(masked_mean_loss)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train_step(carry, x, y, index, mask, active):
-    params, opt_state, loss_sum, count = carry
-    xb, yb = x[index], y[index]
+  def train_step(carry, x, y, index, mask, active, context, budget):
+    params, opt_state, loss_sum, count, taken = carry
+    active = active & (taken < budget)
     mask = mask.astype(jnp.float32)
-    value, grads = grad_fn(params, xb, yb, mask)
+    (_, value), grads = grad_fn(params, x[index], y[index], mask, context)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jnp.where(active, new, old)
     params = jax.tree_util.tree_map(keep, new_params, params)
     opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
     num = jnp.where(active, jnp.sum(mask), 0.0)
-    return params, opt_state, loss_sum + value * num, count + num
+    return params, opt_state, loss_sum + value * num, count + num, taken + active
 
-  def local_update(params, x, y, n, key) -> LocalResult:
+  def local_update(params, x, y, n, key, context=None, step_budget=None) -> LocalResult:
     max_n = x.shape[0]
     num_batches = math.ceil(max_n / batch_size)
     positions = jnp.arange(batch_size)
     spe = steps_per_epoch(n, batch_size)
-    carry = (params, optimizer.init(params), jnp.zeros(()), jnp.zeros(()))
+    budget = jnp.iinfo(jnp.int32).max if step_budget is None else step_budget
+    zero = jnp.zeros(())
+    carry = (params, optimizer.init(params), zero, zero, jnp.zeros((), jnp.int32))
 
     def padded_order(epoch):
       order = epoch_order(jax.random.fold_in(key, epoch), n, max_n)
@@ -100,7 +120,7 @@ def make_local_update(
 
         def batch_body(carry, b):
           mask = b * batch_size + positions < n
-          return train_step(carry, x, y, batches[b], mask, b < spe), None
+          return train_step(carry, x, y, batches[b], mask, b < spe, context, budget), None
 
         return jax.lax.scan(batch_body, carry, jnp.arange(num_batches))[0], None
 
@@ -110,13 +130,13 @@ def make_local_update(
         epoch, b = s // spe, s % spe
         index = jax.lax.dynamic_slice(padded_order(epoch), (b * batch_size,), (batch_size,))
         mask = b * batch_size + positions < n
-        return train_step(carry, x, y, index, mask, True), None
+        return train_step(carry, x, y, index, mask, True, context, budget), None
 
       carry = jax.lax.scan(step_body, carry, jnp.arange(steps))[0]
 
-    trained, _, loss_sum, count = carry
+    trained, _, loss_sum, count, taken = carry
     delta = jax.tree_util.tree_map(jnp.subtract, trained, params)
-    return LocalResult(delta, loss_sum, count)
+    return LocalResult(delta, loss_sum, count, taken)
 
   return local_update
 

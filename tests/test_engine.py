@@ -149,3 +149,35 @@ def test_one_trace_per_shape_across_rounds_chunks_and_runs(ragged, small_mlp, co
 def test_clients_are_sampled_without_replacement():
   ids = np.asarray(jax.jit(fs.sample_clients, static_argnums=(1, 2))(jax.random.key(0), 50, 50))
   assert sorted(ids) == list(range(50))
+
+
+def test_mean_aggregator_equals_the_fused_mean_path(ragged, small_mlp):
+  _, _, train = ragged
+  kwargs = dict(client_optimizer=optax.sgd(0.1), clients_per_round=4, batch_size=4, epochs=1)
+  fused = fedavg(small_mlp.apply, **kwargs)
+  stacked = fedavg(small_mlp.apply, aggregator=fs.aggregators.mean(), client_chunk_size=2, **kwargs)
+  state = fused.init(small_mlp.params, jax.random.key(0))
+  a, ma = jax.jit(fused.round)(state, train)
+  b, mb = jax.jit(stacked.round)(stacked.init(small_mlp.params, jax.random.key(0)), train)
+  assert max_relative_error(a.params, b.params) < 1e-6
+  assert float(ma["train_loss"]) == pytest.approx(float(mb["train_loss"]), rel=1e-6)
+
+
+def test_regularizer_and_step_budget_reach_local_training():
+  # Loss 0.5 (w - 3)^2 (x = 1, y = 3); proximal term 99/2 (w - 0)^2. With lr 1/(1 + 99) one
+  # SGD step lands on the regularized minimizer 3/100 and stays there; without it, five
+  # steps of lr 0.01 give 3 (1 - 0.99^5).
+  apply, loss, params = _linear_regression()
+  x, y = jnp.ones((4, 1)), jnp.array([3, 3, 3, 3])
+  prox = lambda p, anchor: 0.5 * 99.0 * (p["w"] - anchor["w"]) ** 2
+  free = local.make_local_update(loss, optax.sgd(0.01), batch_size=2, steps=5)
+  held = local.make_local_update(loss, optax.sgd(0.01), batch_size=2, steps=5, regularizer=prox)
+  a = free(params, x, y, jnp.int32(4), jax.random.key(0), params)
+  b = held(params, x, y, jnp.int32(4), jax.random.key(0), {"w": jnp.array(0.0)})
+  assert float(a.delta["w"]) == pytest.approx(3 * (1 - 0.99**5), rel=1e-5)
+  assert float(b.delta["w"]) == pytest.approx(0.03, rel=1e-5)
+  # A straggler's step budget: 2 of the 5 steps, masked like padding afterwards.
+  c = free(params, x, y, jnp.int32(4), jax.random.key(0), None, jnp.int32(2))
+  assert int(c.num_steps) == 2 and float(c.num_trained) == 4
+  assert float(c.delta["w"]) == pytest.approx(3 * (1 - 0.99**2), rel=1e-5)
+  assert int(a.num_steps) == 5

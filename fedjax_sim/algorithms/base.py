@@ -17,10 +17,22 @@ Params = Any
 
 
 class ServerState(NamedTuple):
+  """The whole state of a simulation between rounds (a pytree).
+
+  `client_states` holds per-client arrays with a leading axis over all clients
+  (SCAFFOLD's control variates, FedDyn's gradients, error feedback...): a round
+  gathers the sampled clients' rows and scatters them back. `algorithm_state` and
+  `aggregator_state` hold server-side extras (a server control variate, an
+  adaptive clipping norm...).
+  """
+
   params: Params
   opt_state: optax.OptState
   round: jax.Array
   key: jax.Array
+  client_states: Any = None
+  algorithm_state: Any = None
+  aggregator_state: Any = None
 
 
 class FederatedAlgorithm(NamedTuple):
@@ -48,6 +60,31 @@ def client_key(train_key: jax.Array, client_id: jax.Array) -> jax.Array:
   return jax.random.fold_in(train_key, client_id)
 
 
+def check_clients_per_round(clients_per_round: int, data: FederatedData) -> None:
+  if clients_per_round > data.num_clients:
+    raise ValueError(f"clients_per_round={clients_per_round} but the data has only "
+                     f"{data.num_clients} clients")
+
+
+def map_clients(fn: Callable, args: Any, chunk_size: int | None = None) -> Any:
+  """Maps `fn` over the leading client axis of `args`: one vmap, or `chunk_size`
+  clients at a time (a lax.map of vmaps) to bound the memory of training."""
+  num = jax.tree_util.tree_leaves(args)[0].shape[0]
+  if chunk_size is None or chunk_size >= num:
+    return jax.vmap(fn)(args)
+  return jax.lax.map(fn, args, batch_size=chunk_size)
+
+
+def gather_rows(tree: Any, ids: jax.Array) -> Any:
+  """The rows `ids` of every leaf (per-client state of the sampled clients)."""
+  return jax.tree_util.tree_map(lambda a: a[ids], tree)
+
+
+def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
+  """`tree` with the rows `ids` of every leaf replaced by `rows`."""
+  return jax.tree_util.tree_map(lambda a, r: a.at[ids].set(r), tree, rows)
+
+
 def weighted_sum(weights: jax.Array, stacked: Params) -> Params:
   """sum_c weights[c] * stacked[c] over the leading client axis of every leaf."""
   return jax.tree_util.tree_map(lambda d: jnp.tensordot(weights, d, axes=1), stacked)
@@ -59,7 +96,9 @@ def check_labels(apply, params, data: FederatedData) -> None:
   num_classes = logits.shape[-1]
   y, counts = np.asarray(data.y), np.asarray(data.counts)
   real = np.arange(data.max_examples) < counts[:, None]
-  bad = real.reshape(*real.shape, *([1] * (y.ndim - 2))) & ((y < 0) | (y >= num_classes))
+  # Per-token labels (extra axes) may hold IGNORE_LABEL (-1) at padded positions.
+  lowest = -1 if y.ndim > 2 else 0
+  bad = real.reshape(*real.shape, *([1] * (y.ndim - 2))) & ((y < lowest) | (y >= num_classes))
   if bad.any():
     i = int(np.argwhere(bad)[0, 0])
     labels = y[i, :counts[i]]

@@ -14,17 +14,21 @@ optimizer, all inside one traceable function that the runner scans over rounds.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
-from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_labels,
-                                       client_key, round_keys, sample_clients, weighted_sum)
+from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_clients_per_round,
+                                       check_labels, client_key, round_keys, sample_clients,
+                                       weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
+
+if TYPE_CHECKING:
+  from fedjax_sim.aggregators import Aggregator
 
 Params = Any
 
@@ -41,6 +45,8 @@ def fedavg(
     weighting: str = "examples",
     client_chunk_size: int | None = None,
     loss: local.PerExampleLoss | None = None,
+    regularizer: local.Regularizer | None = None,
+    aggregator: Aggregator | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg / FedOpt.
 
@@ -57,6 +63,11 @@ def fedavg(
     client_chunk_size: train this many clients at a time (a divisor of
       clients_per_round) to bound memory; None trains all at once.
     loss: per-example loss; default softmax cross-entropy on integer labels.
+    regularizer: `regularizer(params, global_params)` added to every local step's
+      objective (FedProx's proximal term is one).
+    aggregator: how client deltas are combined (see `fedjax_sim.aggregators`);
+      None is the example- or uniform-weighted mean, fused so that chunked
+      rounds never hold all clients' deltas at once.
 
   Returns:
     FederatedAlgorithm(init, round, validate).
@@ -73,45 +84,63 @@ def fedavg(
   server_optimizer = server_optimizer or optax.sgd(1.0)
   loss = loss or cross_entropy(apply)
   local_update = local.make_local_update(loss, client_optimizer, batch_size=batch_size,
-                                         epochs=epochs, steps=steps)
-  train_clients = jax.vmap(local_update, in_axes=(None, 0, 0, 0, 0))
+                                         epochs=epochs, steps=steps, regularizer=regularizer)
 
-  def init(params: Params, key: jax.Array) -> ServerState:
-    return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), key)
+  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
+    """`num_clients` is needed only by aggregators that keep per-client state."""
+    agg_state = None if aggregator is None else aggregator.init(params, num_clients)
+    return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), key,
+                       aggregator_state=agg_state)
 
   def validate(state: ServerState, data: FederatedData) -> None:
-    if clients_per_round > data.num_clients:
-      raise ValueError(f"clients_per_round={clients_per_round} but the data has only "
-                       f"{data.num_clients} clients")
+    check_clients_per_round(clients_per_round, data)
     check_labels(apply, state.params, data)
 
-  def train_chunk(params, data, ids, train_key):
-    """Trains the clients `ids`; returns their weighted delta sum and per-client stats."""
-    counts = data.counts[ids]
-    keys = jax.vmap(client_key, in_axes=(None, 0))(train_key, ids)
-    result = train_clients(params, data.x[ids], data.y[ids], counts, keys)
-    weights = counts.astype(jnp.float32) if weighting == "examples" else jnp.ones(len(ids))
-    return weighted_sum(weights, result.delta), weights.sum(), result.loss_sum, result.num_trained
+  def train_clients(params, data, ids, train_key):
+    """Trains the clients `ids` (vmapped) and returns their stacked LocalResults."""
+    def one(client_id):
+      return local_update(params, data.x[client_id], data.y[client_id], data.counts[client_id],
+                          client_key(train_key, client_id), params)
+    return jax.vmap(one)(ids)
+
+  def client_weights(data, ids):
+    return (data.counts[ids].astype(jnp.float32) if weighting == "examples"
+            else jnp.ones(ids.shape, jnp.float32))
+
+  def mean_delta(params, data, ids, train_key):
+    """Fused weighted mean: a scan over chunks keeps one chunk of client models alive."""
+    def body(acc, chunk_ids):
+      result = train_clients(params, data, chunk_ids, train_key)
+      w = client_weights(data, chunk_ids)
+      acc = (jax.tree_util.tree_map(jnp.add, acc[0], weighted_sum(w, result.delta)),
+             acc[1] + w.sum())
+      return acc, (result.loss_sum, result.num_trained)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (total, weight), (loss_sum, num_trained) = jax.lax.scan(
+        body, (zeros, jnp.zeros(())), ids.reshape(-1, chunk))
+    delta = jax.tree_util.tree_map(lambda d: d / weight, total)
+    return delta, loss_sum.reshape(-1), num_trained.reshape(-1), {}
+
+  def aggregated_delta(state, data, ids, train_key, agg_key):
+    results = jax.lax.map(lambda i: train_clients(state.params, data, i, train_key),
+                          ids.reshape(-1, chunk))
+    results = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), results)
+    delta, agg_state, metrics = aggregator.aggregate(
+        state.aggregator_state, results.delta, client_weights(data, ids), ids, agg_key)
+    return delta, results.loss_sum, results.num_trained, metrics, agg_state
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    if clients_per_round > data.num_clients:
-      raise ValueError(f"clients_per_round={clients_per_round} but the data has only "
-                       f"{data.num_clients} clients")
+    check_clients_per_round(clients_per_round, data)
     next_key, sample_key, train_key = round_keys(state.key)
     ids = sample_clients(sample_key, data.num_clients, clients_per_round)
-    if chunk == clients_per_round:
-      delta_sum, weight_sum, loss_sum, num_trained = train_chunk(state.params, data, ids, train_key)
+    agg_state = state.aggregator_state
+    if aggregator is None:
+      delta, loss_sum, num_trained, agg_metrics = mean_delta(state.params, data, ids, train_key)
     else:
-      # A scan over chunks keeps only one chunk of client models alive at a time.
-      def body(acc, chunk_ids):
-        d, w, l, n = train_chunk(state.params, data, chunk_ids, train_key)
-        return (jax.tree_util.tree_map(jnp.add, acc[0], d), acc[1] + w), (l, n)
-
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      (delta_sum, weight_sum), (loss_sum, num_trained) = jax.lax.scan(
-          body, (zeros, jnp.zeros(())), ids.reshape(-1, chunk))
-      loss_sum, num_trained = loss_sum.reshape(-1), num_trained.reshape(-1)
-    delta = jax.tree_util.tree_map(lambda d: d / weight_sum, delta_sum)
+      agg_key = jax.random.fold_in(sample_key, 1)  # independent of every client's key
+      delta, loss_sum, num_trained, agg_metrics, agg_state = aggregated_delta(
+          state, data, ids, train_key, agg_key)
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -121,7 +150,10 @@ def fedavg(
         "num_examples": data.counts[ids].sum(),
         "client_ids": ids,
         "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+        **agg_metrics,
     }
-    return ServerState(params, opt_state, state.round + 1, next_key), metrics
+    new_state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
+                               key=next_key, aggregator_state=agg_state)
+    return new_state, metrics
 
   return FederatedAlgorithm(init, round, validate)
