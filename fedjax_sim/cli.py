@@ -14,8 +14,12 @@ import sys
 
 import jax
 
-from fedjax_sim import evaluation, optimizers, runner, tasks
+from fedjax_sim import evaluation, optimizers, partition, runner, tasks
 from fedjax_sim.algorithms import fedavg
+
+
+TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma", "max_examples",
+                "data_dir", "data_seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   run.add_argument("--task", default="synthetic", choices=tasks.task_names())
   run.add_argument("--model", default=None, help="model name (default: the task's)")
+  data = run.add_argument_group("task options", "passed to the task only when given")
+  data.add_argument("--partition", default=None, choices=partition.PARTITIONERS,
+                    help="how to split the data into clients (digits, mnist5k, TFDS tasks)")
+  data.add_argument("--alpha", type=float, default=None,
+                    help="Dirichlet concentration (synthetic: Synthetic's alpha)")
+  data.add_argument("--num-clients", type=int, default=None)
+  data.add_argument("--shards-per-client", type=int, default=None)
+  data.add_argument("--sigma", type=float, default=None, help="quantity skew: lognormal sigma")
+  data.add_argument("--max-examples", type=int, default=None,
+                    help="cap on training examples per client (drops the rest)")
+  data.add_argument("--data-dir", default=None, help="LEAF or TFDS data folder")
+  data.add_argument("--data-seed", type=int, default=None, help="seed of the data split")
   run.add_argument("--rounds", type=int, default=200)
   run.add_argument("--clients-per-round", type=int, default=10)
   schedule = run.add_mutually_exclusive_group()
@@ -50,7 +66,9 @@ def run_command(args: argparse.Namespace) -> dict:
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
   client_opt = optimizers.client_optimizer(args.client_optimizer, args.client_lr)
   server_opt = optimizers.server_optimizer(args.server_optimizer, args.server_lr)
-  task = tasks.load_task(args.task, seed=args.seed)
+  options = {name: getattr(args, name) for name in TASK_OPTIONS
+             if getattr(args, name) is not None}
+  task = tasks.load_task(args.task, seed=args.seed, **options)
   model = task.make_model(args.model or task.default_model, args.seed)
   algorithm = fedavg(
       model.apply, client_optimizer=client_opt, server_optimizer=server_opt,
@@ -86,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "run":
       run_command(args)
-  except (ValueError, FloatingPointError) as e:
+  except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
     print(f"fedjax-sim: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim.losses import IGNORE_LABEL
+
 
 class FederatedData(NamedTuple):
   """Padded per-client arrays plus per-client example counts (a pytree)."""
@@ -50,6 +52,7 @@ def from_clients(
     pad_to: int | None = None,
     x_dtype=np.float32,
     allow_empty: bool = False,
+    max_examples: int | None = None,
 ) -> FederatedData:
   """Builds `FederatedData` from one (x, y) pair of host arrays per client.
 
@@ -60,6 +63,12 @@ def from_clients(
     pad_to: pad every client to this many slots (default: the largest client).
     x_dtype: dtype of the stored inputs.
     allow_empty: accept clients with no examples (for per-client test splits).
+    max_examples: keep at most this many examples per client, to bound padding:
+      every client is padded to the largest, so one huge client makes every client
+      cost as much as it does. Capping DROPS the examples past the cap: each client
+      keeps its first `max_examples`, deterministically (the partitioners return
+      clients in a random order, so that is a random subset). `counts` then holds
+      the capped sizes; see `padding_efficiency` and `partition.summarize`.
 
   Returns:
     FederatedData on the default device.
@@ -71,8 +80,14 @@ def from_clients(
     raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
   if not xs:
     raise ValueError("federated data needs at least one client")
+  if max_examples is not None and (not isinstance(max_examples, (int, np.integer))
+                                   or max_examples <= 0):
+    raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
   xs = [np.asarray(x) for x in xs]
   ys = [np.asarray(y) for y in ys]
+  if max_examples is not None:
+    xs = [x[:max_examples] if x.ndim else x for x in xs]
+    ys = [y[:max_examples] if y.ndim else y for y in ys]
   feature_shape, label_shape = xs[0].shape[1:], ys[0].shape[1:]
   for i, (x, y) in enumerate(zip(xs, ys)):
     if x.ndim == 0 or y.ndim == 0:
@@ -87,7 +102,9 @@ def from_clients(
       raise ValueError(f"client {i}: labels of shape {y.shape[1:]}, client 0 has {label_shape}")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
-    if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
+    # Per-token labels (extra axes) may hold IGNORE_LABEL at padded positions.
+    lowest = IGNORE_LABEL if y.ndim > 1 else 0
+    if num_classes is not None and len(y) and (y.min() < lowest or y.max() >= num_classes):
       raise ValueError(
           f"client {i}: labels must lie in [0, {num_classes}), found {y.min()}..{y.max()}")
   counts = np.array([len(x) for x in xs], dtype=np.int32)

@@ -10,17 +10,18 @@ import numpy as np
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
-from fedjax_sim.losses import correct
-import optax
+from fedjax_sim.losses import label_sums
 
 
 def _sums(apply, params, x, y, mask):
-  """Summed loss, summed correct, and count over the real examples of one batch."""
-  logits = apply(params, x)
-  per_label = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-  loss = per_label.reshape(per_label.shape[0], -1).mean(axis=1)
+  """Summed loss, summed correct, and number of labels over the real examples of a batch.
+
+  Sums are over labels (tokens), so sequence metrics are per token, padding
+  tokens excluded; with one label per example they are per example.
+  """
+  loss, hits, count = label_sums(apply(params, x), y)
   mask = mask.astype(jnp.float32)
-  return jnp.sum(loss * mask), jnp.sum(correct(logits, y) * mask), jnp.sum(mask)
+  return jnp.sum(loss * mask), jnp.sum(hits * mask), jnp.sum(count * mask)
 
 
 def make_evaluator(

@@ -1,4 +1,12 @@
-"""Per-example losses and accuracy for classification, by integer label."""
+"""Per-example losses and accuracy for classification, by integer label.
+
+Labels may have extra axes (one label per token, as in next-character prediction);
+positions labelled `IGNORE_LABEL` (padding past the end of a text) count for
+nothing: a per-example value is the mean over that example's other labels. With
+one label per example this is plain softmax cross-entropy and 0/1 accuracy.
+Training (`cross_entropy`) and evaluation (`evaluation.make_evaluator`) both build
+on `label_sums`, so they share one definition of the loss.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +14,42 @@ import jax
 import jax.numpy as jnp
 import optax
 
+IGNORE_LABEL = -1  # a per-token label that is padding, not a target
+
+
+def label_sums(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-example sums over the labels that are not `IGNORE_LABEL`.
+
+  Args:
+    logits: `[batch, ..., num_classes]`.
+    y: integer labels `[batch, ...]`.
+
+  Returns:
+    (summed cross-entropy, number predicted right, number of labels), each `[batch]`.
+  """
+  valid = y != IGNORE_LABEL
+  safe = jnp.where(valid, y, 0)  # a real class index, so no NaN reaches the gradient
+  per_label = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  hits = jnp.argmax(logits, axis=-1) == safe
+  flat = lambda a: jnp.where(valid, a, 0).astype(jnp.float32).reshape(a.shape[0], -1).sum(axis=1)
+  return flat(per_label), flat(hits), flat(jnp.ones_like(per_label))
+
 
 def cross_entropy(apply):
   """Per-example softmax cross-entropy of `apply(params, x)` against integer labels.
 
-  Labels with extra axes (one label per token) are averaged over those axes.
+  Labels with extra axes (one label per token) are averaged over those axes,
+  skipping `IGNORE_LABEL` positions.
   """
 
   def loss(params, x, y):
-    per_label = optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y)
-    return per_label.reshape(per_label.shape[0], -1).mean(axis=1)
+    loss_sum, _, count = label_sums(apply(params, x), y)
+    return loss_sum / jnp.maximum(count, 1.0)
 
   return loss
 
 
 def correct(logits: jax.Array, y: jax.Array) -> jax.Array:
   """Per-example fraction of labels predicted right (1 or 0 for one label)."""
-  hits = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-  return hits.reshape(hits.shape[0], -1).mean(axis=1)
+  _, hits, count = label_sums(logits, y)
+  return hits / jnp.maximum(count, 1.0)
