@@ -1,13 +1,13 @@
 """fedjax_sim: federated learning simulation where a whole round is one XLA program."""
 
-from fedjax_sim import aggregators
+from fedjax_sim import aggregators, datasets, partition
 from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
-from fedjax_sim.losses import cross_entropy
-from fedjax_sim.models import (CNN, MLP, LogisticRegression, Model, cnn, from_nnx,
-                               logistic_regression, mlp, num_params)
+from fedjax_sim.losses import IGNORE_LABEL, cross_entropy
+from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, char_rnn, cnn,
+                               from_nnx, logistic_regression, mlp, num_params)
 from fedjax_sim.optimizers import client_optimizer, server_optimizer
 from fedjax_sim.reference import ReferenceFedAvg
 from fedjax_sim.runner import History, run
@@ -22,4 +22,5 @@ __all__ = [
     "epoch_order", "fedavg", "from_clients", "from_nnx", "load_task", "make_evaluator",
     "make_local_update", "num_params", "register_task", "run", "sample_clients",
     "server_optimizer", "split_clients", "synthetic", "task_names",
+    "CharRNN", "IGNORE_LABEL", "char_rnn", "datasets", "partition",
 ]
