@@ -31,6 +31,11 @@ NOTEBOOKS = {
         {"ROUNDS": 4, "EVAL_EVERY": 2, "CLIENTS_PER_ROUND": 2},
         ["4 rounds in", "round 4: train loss", "after round 4", "FedAvg (SGD, lr 1)",
          "FedAdam (lr 0.03)"]),
+    "non_iid.ipynb": (
+        {"ALPHAS": [100.0, 0.1], "NUM_CLIENTS": 10, "ROUNDS": 2, "EVAL_EVERY": 2,
+         "CLIENTS_PER_ROUND": 2, "LOCAL_EPOCHS": 1},
+        ["alpha=100: 10 clients", "alpha=0.1: test accuracy", "after 2 rounds",
+         "labels per client", "shards:", "padding efficiency"]),
 }
 
 
