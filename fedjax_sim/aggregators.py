@@ -8,7 +8,25 @@ An `Aggregator` is a pair of pure functions, as an optax transformation is:
 their client ids (for per-client state such as error feedback). `fedavg` without
 an aggregator uses the weighted mean below through a fused path that never stacks
 all C updates (so chunked rounds keep only one chunk alive); any other aggregator
-sees the stacked updates.
+sees the stacked updates. An optional `validate(clients_per_round, num_clients)`
+raises ValueError for a configuration that cannot work (Krum with too few
+clients...); `fedavg` calls it before anything compiles.
+
+Aggregators compose with `chain(*stages)`, in the order a round runs them:
+
+- per-client transforms (`ClientTransform`): stacked updates in, stacked updates
+  out: attacks, clipping, norm bounding, compression;
+- one reducer (an `Aggregator`): `mean()`, `privacy.dp_mean`, a robust one from
+  `robust`, or `secure_aggregation.secure_mean`;
+- server-side transforms (`ServerTransform`): one update in, one out (noise).
+
+For example `chain(attacks.sign_flip(malicious), compression.quantize(8),
+robust.coordinate_median())`. Each stage gets its own key, split from the round's
+aggregation key; a per-client transform derives each client's key from it by the
+client's id (`client_keys`), so a loop over clients can draw the same numbers and
+chunking cannot change them. Metrics of all stages are merged; a later stage's
+metric of the same name replaces an earlier one's (so the last encoder's
+`uplink_bytes` is what is reported as sent).
 """
 
 from __future__ import annotations
@@ -18,28 +36,135 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.algorithms.base import weighted_sum
 
 Params = Any
+# validate(clients_per_round, num_clients or None) -> None, raising ValueError.
+Validate = Callable[[int, "int | None"], None]
 
 
 class Aggregator(NamedTuple):
+  """A reducer: `aggregate(state, deltas [C, ...], weights [C], ids [C], key)
+  -> (delta, state, metrics)`."""
+
   init: Callable[[Params, int], Any]
   aggregate: Callable[[Any, Params, jax.Array, jax.Array, jax.Array],
                       tuple[Params, Any, dict]]
+  validate: Validate | None = None
+
+
+class ClientTransform(NamedTuple):
+  """A per-client stage: `apply(state, deltas [C, ...], weights [C], ids [C], key)
+  -> (deltas, weights, state, metrics)`."""
+
+  init: Callable[[Params, int], Any]
+  apply: Callable[[Any, Params, jax.Array, jax.Array, jax.Array],
+                  tuple[Params, jax.Array, Any, dict]]
+  validate: Validate | None = None
+
+
+class ServerTransform(NamedTuple):
+  """A server-side stage on the reduced update: `apply(state, delta, key)
+  -> (delta, state, metrics)`."""
+
+  init: Callable[[Params, int], Any]
+  apply: Callable[[Any, Params, jax.Array], tuple[Params, Any, dict]]
+  validate: Validate | None = None
+
+
+def no_state(params, num_clients):
+  """`init` of a stateless stage."""
+  del params, num_clients
+  return None
+
+
+def check(stage, clients_per_round: int, num_clients: int | None = None) -> None:
+  """Runs a stage's `validate`, if it has one (ValueError on a bad configuration)."""
+  validate = getattr(stage, "validate", None)
+  if validate is not None:
+    validate(clients_per_round, num_clients)
 
 
 def mean() -> Aggregator:
   """The weighted mean sum_c w_c delta_c / sum_c w_c (FedAvg's aggregation)."""
-
-  def init(params, num_clients):
-    del params, num_clients
-    return None
 
   def aggregate(state, deltas, weights, ids, key):
     del ids, key
     total = weighted_sum(weights, deltas)
     return jax.tree_util.tree_map(lambda d: d / jnp.sum(weights), total), state, {}
 
-  return Aggregator(init, aggregate)
+  return Aggregator(no_state, aggregate)
+
+
+def chain(*stages) -> Aggregator:
+  """Composes per-client transforms, one reducer and server transforms into one Aggregator.
+
+  Args:
+    *stages: zero or more `ClientTransform`s, then exactly one `Aggregator`,
+      then zero or more `ServerTransform`s.
+
+  Returns:
+    An Aggregator whose state is the tuple of the stages' states.
+  """
+  kinds = [type(s) for s in stages]
+  reducers = [i for i, k in enumerate(kinds) if k is Aggregator]
+  if len(reducers) != 1:
+    raise ValueError(f"chain needs exactly one reducer (an Aggregator such as mean()), "
+                     f"got {len(reducers)} among {[k.__name__ for k in kinds]}")
+  r = reducers[0]
+  for i, kind in enumerate(kinds):
+    expected = ClientTransform if i < r else (ServerTransform if i > r else Aggregator)
+    if kind is not expected:
+      raise ValueError(f"chain stage {i} is a {kind.__name__}; per-client transforms come "
+                       f"before the reducer and server transforms after it")
+
+  def init(params, num_clients):
+    return tuple(s.init(params, num_clients) for s in stages)
+
+  def aggregate(state, deltas, weights, ids, key):
+    keys = jax.random.split(key, len(stages))
+    new_state, metrics = list(state), {}
+    for i in range(r):
+      deltas, weights, new_state[i], m = stages[i].apply(state[i], deltas, weights, ids, keys[i])
+      metrics.update(m)
+    delta, new_state[r], m = stages[r].aggregate(state[r], deltas, weights, ids, keys[r])
+    metrics.update(m)
+    for i in range(r + 1, len(stages)):
+      delta, new_state[i], m = stages[i].apply(state[i], delta, keys[i])
+      metrics.update(m)
+    return delta, tuple(new_state), metrics
+
+  def validate(clients_per_round, num_clients=None):
+    for stage in stages:
+      check(stage, clients_per_round, num_clients)
+
+  return Aggregator(init, aggregate, validate)
+
+
+def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """One key per client, from its id (not its position in the round)."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def ravel_clients(deltas: Params) -> tuple[jax.Array, Callable[[jax.Array], Params]]:
+  """Flattens stacked updates to `[C, d]` (leaves in tree order), with the inverse.
+
+  Compressors and robust aggregators work on each client's update as one vector,
+  as the papers define them.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(deltas)
+  num = leaves[0].shape[0]
+  shapes = [leaf.shape[1:] for leaf in leaves]
+  sizes = [int(np.prod(s)) for s in shapes]
+  flat = jnp.concatenate([leaf.reshape(num, -1).astype(jnp.float32) for leaf in leaves], axis=1)
+
+  def unravel(x: jax.Array) -> Params:
+    """`[C, d] -> stacked pytree`, or `[d] -> one update`."""
+    lead = x.shape[:-1]
+    parts = jnp.split(x, np.cumsum(sizes)[:-1], axis=-1)
+    out = [p.reshape(*lead, *s).astype(leaf.dtype) for p, s, leaf in zip(parts, shapes, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return flat, unravel

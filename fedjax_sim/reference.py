@@ -20,7 +20,8 @@ import optax
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import local
 from fedjax_sim.data import FederatedData
-from fedjax_sim.algorithms.base import ServerState, client_key, round_keys, sample_clients
+from fedjax_sim.algorithms.base import (ServerState, aggregation_key, client_data_key, client_key,
+                                       round_keys, sample_clients)
 from fedjax_sim.losses import cross_entropy
 
 Params = Any
@@ -30,15 +31,22 @@ class ReferenceFedAvg:
   """FedAvg/FedOpt with a Python loop over clients and over local batches.
 
   Mirrors `fedavg(...)`: the same arguments (but no chunking) and the same
-  `init(params, key)`; `round(state, data)` runs on the host.
+  `init(params, key)`; `round(state, data)` runs on the host. `aggregator`, if
+  given, is a host-side `aggregate(deltas: list of pytrees, weights [C], ids [C],
+  key) -> delta` in place of the weighted mean (a loop implementation of the
+  vectorized aggregator, drawing from the same key); `client_data_transform` is
+  the same function `fedavg` takes, applied to each client's unpadded data.
   """
 
   def __init__(self, apply: Callable, *, client_optimizer: optax.GradientTransformation,
                server_optimizer: optax.GradientTransformation | None = None,
                clients_per_round: int, batch_size: int, epochs: int | None = None,
                steps: int | None = None, weighting: str = "examples",
-               loss: local.PerExampleLoss | None = None):
+               loss: local.PerExampleLoss | None = None,
+               aggregator: Callable | None = None,
+               client_data_transform: Callable | None = None):
     local.check_schedule(batch_size, epochs, steps)
+    self.aggregator, self.client_data_transform = aggregator, client_data_transform
     self.client_optimizer = client_optimizer
     self.server_optimizer = server_optimizer or optax.sgd(1.0)
     self.clients_per_round = clients_per_round
@@ -92,12 +100,19 @@ class ReferenceFedAvg:
     deltas, weights, loss_sum, count = [], [], 0.0, 0
     for i in ids:
       x, y = data.client(int(i))
+      if self.client_data_transform is not None:
+        x, y, n = self.client_data_transform(jnp.asarray(x), jnp.asarray(y), jnp.int32(len(x)),
+                                             jnp.int32(i), client_data_key(train_key, int(i)))
+        x, y = np.asarray(x)[:int(n)], np.asarray(y)[:int(n)]
       delta, l, c = self.client_update(state.params, x, y, client_key(train_key, int(i)))
       deltas.append(jax.tree_util.tree_map(np.asarray, delta))
       weights.append(float(len(x)) if self.weighting == "examples" else 1.0)
       loss_sum, count = loss_sum + l, count + c
-    w = np.array(weights) / np.sum(weights)
-    mean = jax.tree_util.tree_map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
+    if self.aggregator is not None:
+      mean = self.aggregator(deltas, np.array(weights), ids, aggregation_key(sample_key))
+    else:
+      w = np.array(weights) / np.sum(weights)
+      mean = jax.tree_util.tree_map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
     params, opt_state = self._server_step(state.params, state.opt_state, mean)
     metrics = {"train_loss": loss_sum / count, "client_ids": ids}
     return ServerState(params, opt_state, state.round + 1, next_key), metrics

@@ -71,6 +71,7 @@ def run(
     metrics_path: str | os.PathLike | None = None,
     summary_path: str | os.PathLike | None = None,
     progress: bool = True,
+    round_metrics: Callable[[int], dict[str, float]] | None = None,
 ) -> tuple[ServerState, History]:
   """Runs `rounds` rounds of `algorithm` from `state` on `data`.
 
@@ -84,6 +85,8 @@ def run(
     metrics_path: JSON-lines file, one line per round, written as rounds finish.
     summary_path: JSON file with the final metrics and timings.
     progress: show a tqdm progress bar.
+    round_metrics: host-side `round -> dict` added to every round's row (the round
+      counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far).
 
   Returns:
     (final state, History of per-round metric rows).
@@ -116,6 +119,9 @@ def run(
       state, metrics = make_chunk(algorithm, length)(state, data)
       metrics = jax.device_get(metrics)
       rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
+      if round_metrics is not None:
+        for row in rows:
+          row.update(round_metrics(row["round"]))
       bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
       if bad is None and evaluate is not None:
         rows[-1].update(evaluate(state.params))

@@ -60,6 +60,20 @@ def client_key(train_key: jax.Array, client_id: jax.Array) -> jax.Array:
   return jax.random.fold_in(train_key, client_id)
 
 
+# Local training folds small epoch numbers into a client's key; this one is out of their way.
+_DATA_FOLD = 0x7FFFFFFF
+
+
+def client_data_key(train_key: jax.Array, client_id: jax.Array) -> jax.Array:
+  """The key a `client_data_transform` (e.g. a data-poisoning attack) gets for a client."""
+  return jax.random.fold_in(client_key(train_key, client_id), _DATA_FOLD)
+
+
+def aggregation_key(sample_key: jax.Array) -> jax.Array:
+  """The aggregator's key for a round, independent of every client's training key."""
+  return jax.random.fold_in(sample_key, 1)
+
+
 def check_clients_per_round(clients_per_round: int, data: FederatedData) -> None:
   if clients_per_round > data.num_clients:
     raise ValueError(f"clients_per_round={clients_per_round} but the data has only "
@@ -83,6 +97,13 @@ def gather_rows(tree: Any, ids: jax.Array) -> Any:
 def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
   """`tree` with the rows `ids` of every leaf replaced by `rows`."""
   return jax.tree_util.tree_map(lambda a, r: a.at[ids].set(r), tree, rows)
+
+
+def model_bytes(params: Params) -> int:
+  """Bytes of one model or update as stored (4 per float32 parameter): what goes on the
+  wire each way per client when nothing is compressed."""
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(params))
 
 
 def weighted_sum(weights: jax.Array, stacked: Params) -> Params:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
-from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_clients_per_round,
-                                       check_labels, client_key, round_keys, sample_clients,
+from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, aggregation_key,
+                                       check_clients_per_round, check_labels, client_data_key,
+                                       client_key, model_bytes, round_keys, sample_clients,
                                        weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
   from fedjax_sim.aggregators import Aggregator
 
 Params = Any
+# client_data_transform(x, y, n, client_id, key) -> (x, y, n): a sampled client's padded data
+# before local training (data poisoning: label flipping, backdoors; see `attacks`).
+ClientDataTransform = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                               tuple[jax.Array, jax.Array, jax.Array]]
 
 
 def fedavg(
@@ -47,6 +52,7 @@ def fedavg(
     loss: local.PerExampleLoss | None = None,
     regularizer: local.Regularizer | None = None,
     aggregator: Aggregator | None = None,
+    client_data_transform: ClientDataTransform | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg / FedOpt.
 
@@ -68,6 +74,8 @@ def fedavg(
     aggregator: how client deltas are combined (see `fedjax_sim.aggregators`);
       None is the example- or uniform-weighted mean, fused so that chunked
       rounds never hold all clients' deltas at once.
+    client_data_transform: optional `(x, y, n, client_id, key) -> (x, y, n)`
+      applied to each sampled client's padded data before local training.
 
   Returns:
     FederatedAlgorithm(init, round, validate).
@@ -81,6 +89,8 @@ def fedavg(
   if not isinstance(chunk, int) or chunk <= 0 or clients_per_round % chunk:
     raise ValueError(f"client_chunk_size={client_chunk_size!r} must be a positive divisor of "
                      f"clients_per_round={clients_per_round}")
+  if getattr(aggregator, "validate", None) is not None:
+    aggregator.validate(clients_per_round, None)
   server_optimizer = server_optimizer or optax.sgd(1.0)
   loss = loss or cross_entropy(apply)
   local_update = local.make_local_update(loss, client_optimizer, batch_size=batch_size,
@@ -95,12 +105,16 @@ def fedavg(
   def validate(state: ServerState, data: FederatedData) -> None:
     check_clients_per_round(clients_per_round, data)
     check_labels(apply, state.params, data)
+    if getattr(aggregator, "validate", None) is not None:
+      aggregator.validate(clients_per_round, data.num_clients)
 
   def train_clients(params, data, ids, train_key):
     """Trains the clients `ids` (vmapped) and returns their stacked LocalResults."""
     def one(client_id):
-      return local_update(params, data.x[client_id], data.y[client_id], data.counts[client_id],
-                          client_key(train_key, client_id), params)
+      x, y, n = data.x[client_id], data.y[client_id], data.counts[client_id]
+      if client_data_transform is not None:
+        x, y, n = client_data_transform(x, y, n, client_id, client_data_key(train_key, client_id))
+      return local_update(params, x, y, n, client_key(train_key, client_id), params)
     return jax.vmap(one)(ids)
 
   def client_weights(data, ids):
@@ -138,9 +152,8 @@ def fedavg(
     if aggregator is None:
       delta, loss_sum, num_trained, agg_metrics = mean_delta(state.params, data, ids, train_key)
     else:
-      agg_key = jax.random.fold_in(sample_key, 1)  # independent of every client's key
       delta, loss_sum, num_trained, agg_metrics, agg_state = aggregated_delta(
-          state, data, ids, train_key, agg_key)
+          state, data, ids, train_key, aggregation_key(sample_key))
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
     updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -150,6 +163,9 @@ def fedavg(
         "num_examples": data.counts[ids].sum(),
         "client_ids": ids,
         "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+        # float32 model both ways unless a compressor (in agg_metrics) says otherwise
+        "uplink_bytes": jnp.float32(clients_per_round * model_bytes(state.params)),
+        "downlink_bytes": jnp.float32(clients_per_round * model_bytes(state.params)),
         **agg_metrics,
     }
     new_state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,

@@ -1,0 +1,183 @@
+"""Attacks by a fixed set of malicious clients, inside the vectorized round.
+
+The malicious clients are a fixed subset of client ids (`choose_malicious`), sampled
+like everyone else, so a round holds however many of them were drawn (reported as
+`malicious_sampled`). Model poisoning is a per-client transform that goes first in
+an aggregator chain; data poisoning is a `client_data_transform` for `fedavg`, so
+malicious clients really train on poisoned data.
+
+- Sign flipping: a malicious client sends -scale x its update (the sign-flipping
+  attack of Li, Xu, Chen, Giannakis, Ling 2019, "RSA: Byzantine-Robust Stochastic
+  Aggregation Methods for Distributed Learning from Heterogeneous Datasets").
+- Scaling: factor x its update (explicit boosting: Bhagoji, Chakraborty, Mittal,
+  Calo 2019, "Analyzing Federated Learning through an Adversarial Lens").
+- Label flipping: label y becomes K - 1 - y (Tolpegin, Truex, Gursoy, Liu 2020,
+  "Data Poisoning Attacks Against Federated Learning Systems").
+- Model replacement backdoor: Bagdasaryan, Veit, Hua, Estrin, Shmatikov 2020, "How To
+  Backdoor Federated Learning": the attacker trains on its data with a fraction of
+  examples carrying a trigger and the target label, then scales its update by
+  gamma = (sum of the round's weights) / (server lr x its weight), so that the
+  averaged model is replaced by its own. `backdoor_evaluator` measures backdoor
+  accuracy: the fraction of triggered test examples (not of the target class)
+  classified as the target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.aggregators import ClientTransform, no_state
+from fedjax_sim.evaluation import make_evaluator
+
+
+def choose_malicious(num_clients: int, fraction: float | None = None, *, count: int | None = None,
+                     seed: int = 0) -> np.ndarray:
+  """A boolean mask [num_clients] marking round(fraction * num_clients) (or `count`)
+  clients, chosen at random by `seed`, as malicious."""
+  if not (isinstance(num_clients, int) and num_clients > 0):
+    raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+  if (fraction is None) == (count is None):
+    raise ValueError("choose_malicious: give exactly one of fraction= or count=")
+  if fraction is not None:
+    if not 0.0 <= fraction <= 1.0:
+      raise ValueError(f"malicious fraction must lie in [0, 1], got {fraction!r}")
+    count = round(fraction * num_clients)
+  if not (isinstance(count, (int, np.integer)) and count >= 0):
+    raise ValueError(f"malicious count must be an integer >= 0, got {count!r}")
+  if count > num_clients:
+    raise ValueError(f"more malicious clients ({count}) than clients ({num_clients})")
+  mask = np.zeros(num_clients, bool)
+  mask[np.random.default_rng(seed).permutation(num_clients)[:count]] = True
+  return mask
+
+
+def _validator(malicious: np.ndarray):
+  def validate(clients_per_round, num_clients=None):
+    if num_clients is not None and len(malicious) != num_clients:
+      raise ValueError(f"the malicious-client mask covers {len(malicious)} clients but the data "
+                       f"has {num_clients}")
+  return validate
+
+
+def _check_mask(malicious) -> jax.Array:
+  mask = np.asarray(malicious)
+  if mask.dtype != bool or mask.ndim != 1:
+    raise ValueError("malicious must be a 1-D boolean mask over clients (see choose_malicious)")
+  return mask
+
+
+def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
+  """Multiplies malicious clients' updates by scale_fn(is_malicious [C], weights [C])."""
+  mask = _check_mask(malicious)
+
+  def apply(state, deltas, weights, ids, key):
+    del key
+    bad = jnp.asarray(mask)[ids]
+    factor = jnp.where(bad, scale_fn(bad, weights), 1.0)
+    scaled = jax.tree_util.tree_map(
+        lambda d: d * factor.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype), deltas)
+    return scaled, weights, state, {"malicious_sampled": jnp.sum(bad)}
+
+  return ClientTransform(no_state, apply, _validator(mask))
+
+
+def sign_flip(malicious, scale: float = 1.0) -> ClientTransform:
+  """Malicious clients send -scale x their update."""
+  return _model_attack(malicious, lambda bad, w: -float(scale))
+
+
+def scaling(malicious, factor: float) -> ClientTransform:
+  """Malicious clients send factor x their update."""
+  return _model_attack(malicious, lambda bad, w: float(factor))
+
+
+def model_replacement(malicious, server_learning_rate: float = 1.0,
+                      boost: float | None = None) -> ClientTransform:
+  """Malicious clients scale their update so the round's mean becomes theirs
+  (Bagdasaryan et al. 2020): by `boost`, or by sum(w) / (lr x sum of the malicious w)."""
+  if not server_learning_rate > 0:
+    raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate!r}")
+
+  def gamma(bad, w):
+    if boost is not None:
+      return float(boost)
+    return jnp.sum(w) / (server_learning_rate * jnp.maximum(jnp.sum(jnp.where(bad, w, 0.0)),
+                                                            1e-12))
+
+  return _model_attack(malicious, gamma)
+
+
+def label_flip(malicious, num_classes: int):
+  """A client_data_transform: malicious clients' labels y become num_classes - 1 - y."""
+  mask = _check_mask(malicious)
+
+  def transform(x, y, n, client_id, key):
+    del key
+    flipped = jnp.where(y >= 0, num_classes - 1 - y, y)  # keep ignored (-1) token labels
+    return x, jnp.where(jnp.asarray(mask)[client_id], flipped, y), n
+
+  return transform
+
+
+class Backdoor(NamedTuple):
+  """A trigger: set input features `features` (indices into the flattened example)
+  to `value`; triggered examples are labelled `target`."""
+
+  features: Sequence[int]
+  value: float
+  target: int
+  poison_fraction: float = 0.5  # of a malicious client's examples, poisoned each round
+
+
+def apply_trigger(x: jax.Array, backdoor: Backdoor) -> jax.Array:
+  """x [n, ...] with the trigger stamped on every example."""
+  flat = x.reshape(x.shape[0], -1)
+  flat = flat.at[:, jnp.asarray(backdoor.features)].set(backdoor.value)
+  return flat.reshape(x.shape)
+
+
+def backdoor_data(malicious, backdoor: Backdoor):
+  """A client_data_transform: each malicious client stamps the trigger on a random
+  `poison_fraction` of its examples (fresh each round) and labels them `target`."""
+  mask = _check_mask(malicious)
+  if not 0.0 < backdoor.poison_fraction <= 1.0:
+    raise ValueError(f"poison_fraction must lie in (0, 1], got {backdoor.poison_fraction!r}")
+
+  def transform(x, y, n, client_id, key):
+    # One draw per example index, so padding cannot change which examples are poisoned.
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(x.shape[0]))
+    poison = (u < backdoor.poison_fraction) & jnp.asarray(mask)[client_id]
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    x = jnp.where(poison.reshape(shape), apply_trigger(x, backdoor), x)
+    y = jnp.where(poison.reshape((-1,) + (1,) * (y.ndim - 1)), backdoor.target, y)
+    return x, y, n
+
+  return transform
+
+
+def compose_data(*transforms):
+  """One client_data_transform applying `transforms` in order (each with its own key)."""
+  def transform(x, y, n, client_id, key):
+    for i, t in enumerate(transforms):
+      x, y, n = t(x, y, n, client_id, jax.random.fold_in(key, i))
+    return x, y, n
+  return transform
+
+
+def backdoor_evaluator(apply, x: np.ndarray, y: np.ndarray, backdoor: Backdoor,
+                       batch_size: int = 1024) -> Callable[..., dict[str, float]]:
+  """`evaluate(params) -> {'backdoor_accuracy': ...}` on the test examples whose label
+  is not the target, with the trigger stamped on."""
+  x, y = np.asarray(x), np.asarray(y)
+  keep = y != backdoor.target
+  if not keep.any():
+    raise ValueError("backdoor_evaluator: every test example already has the target label")
+  triggered = np.asarray(apply_trigger(jnp.asarray(x[keep]), backdoor))
+  target = np.full(int(keep.sum()), backdoor.target, y.dtype)
+  evaluate = make_evaluator(apply, test=(triggered, target), batch_size=batch_size)
+  return lambda params: {"backdoor_accuracy": evaluate(params)["test_accuracy"]}

@@ -1,0 +1,357 @@
+"""User-level differential privacy for FedAvg: clipping, Gaussian noise, adaptive
+clipping, and accounting of the sampling the simulation really does.
+
+McMahan, Ramage, Talwar, Zhang 2018, "Learning Differentially Private Recurrent
+Language Models" (DP-FedAvg: clip each client's update to L2 norm C, add Gaussian
+noise of standard deviation z*C to the sum, divide by the number of clients).
+Andrew, Thakkar, McMahan, Ramaswamy 2021, "Differentially Private Learning with
+Adaptive Clipping" (C follows a private estimate of a quantile of update norms).
+
+Accounting uses Google's dp-accounting library. The simulation samples a fixed
+number m of the N clients each round, uniformly without replacement, so the
+neighbouring relation under which that sampling amplifies privacy is "replace one
+client" (Wang, Balle, Kasiviswanathan 2019, "Subsampled Renyi Differential Privacy
+and Analytical Moments Accountant"): dp-accounting's RDP accountant has that event
+(`SampledWithoutReplacementDpEvent`, `NeighboringRelation.REPLACE_ONE`). Replacing
+one client's clipped update moves the sum by up to 2C, so the Gaussian event of
+that accountant gets noise multiplier z/2. Its PLD accountant has no event for
+fixed-size sampling; `accountant="pld"` composes the Gaussian mechanism without
+amplification by sampling (it doubles the sensitivity for REPLACE_ONE itself):
+exact when every client takes part each round (m = N), an upper bound otherwise.
+
+Weights: the DP mean is the unweighted mean over the m sampled clients (the
+fixed-denominator estimator of McMahan et al. with equal weights); example-count
+weights would make the sensitivity depend on the largest client.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.aggregators import Aggregator, ClientTransform, ServerTransform, no_state
+
+ACCOUNTANTS = ("rdp", "pld")
+
+
+def _check_clip(clip_norm) -> None:
+  if not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
+    raise ValueError(f"clipping norm must be a positive number, got {clip_norm!r}")
+
+
+def _check_noise(noise_multiplier) -> None:
+  if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
+          and noise_multiplier >= 0):
+    raise ValueError(f"noise multiplier must be a number >= 0, got {noise_multiplier!r}")
+
+
+def clip_updates(deltas, clip_norm):
+  """Scales each client's update (stacked, leading axis) to L2 norm at most `clip_norm`.
+
+  Returns:
+    (clipped deltas, norms [C] before clipping).
+  """
+  clip = optax.clip_by_global_norm(clip_norm)
+  clipped = jax.vmap(lambda d: clip.update(d, optax.EmptyState())[0])(deltas)
+  return clipped, jax.vmap(optax.tree.norm)(deltas)
+
+
+def clip(clip_norm: float) -> ClientTransform:
+  """Per-client L2 clipping of updates to norm `clip_norm` (optax's global-norm clip).
+
+  Also the norm bounding defence against model poisoning (Sun et al. 2019,
+  `robust.norm_bound`). Metrics: `clipped_fraction`, `mean_client_norm` (before).
+  """
+  _check_clip(clip_norm)
+
+  def apply(state, deltas, weights, ids, key):
+    del ids, key
+    clipped, norms = clip_updates(deltas, clip_norm)
+    metrics = {"clipped_fraction": jnp.mean(norms > clip_norm),
+               "mean_client_norm": jnp.mean(norms)}
+    return clipped, weights, state, metrics
+
+  return ClientTransform(no_state, apply)
+
+
+def normal_like(key: jax.Array, tree):
+  """Standard normal noise shaped like `tree`: one draw of all its coordinates, split
+  over the leaves in tree order. (optax.tree.random_like draws per leaf; on XLA:CPU
+  every random op adds about half a second of compile time.)"""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  sizes = [int(np.prod(leaf.shape)) for leaf in leaves]
+  draw = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  parts = jnp.split(draw, np.cumsum(sizes)[:-1])
+  return jax.tree_util.tree_unflatten(
+      treedef, [p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(parts, leaves)])
+
+
+def gaussian_noise(stddev: float) -> ServerTransform:
+  """Adds N(0, stddev^2) to every coordinate of the aggregated update.
+
+  Not DP by itself (the sensitivity depends on what came before); with norm
+  bounding it is the "weak DP" defence of Sun et al. 2019. For DP-FedAvg use
+  `dp_mean`, which ties the noise to the clipping norm.
+  """
+  _check_noise(stddev)
+
+  def apply(state, delta, key):
+    noise = normal_like(key, delta)
+    return jax.tree_util.tree_map(lambda d, n: d + stddev * n, delta, noise), state, {}
+
+  return ServerTransform(no_state, apply)
+
+
+class AdaptiveClipping(NamedTuple):
+  """Andrew et al. 2021: C <- C * exp(-learning_rate * (b - target_quantile)), where b is
+  the noisy fraction of clients whose update norm was at most C.
+
+  count_stddev: std of the noise on the count of unclipped clients; None is the
+  paper's clients_per_round / 20.
+  """
+
+  target_quantile: float = 0.5
+  learning_rate: float = 0.2
+  count_stddev: float | None = None
+
+
+def count_stddev(adaptive: AdaptiveClipping, clients_per_round: int) -> float:
+  return (adaptive.count_stddev if adaptive.count_stddev is not None
+          else clients_per_round / 20.0)
+
+
+def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> float:
+  """Andrew et al. 2021, Thm. 1: the update's share z_delta of a total multiplier z
+  when the count of unclipped clients gets noise `count_noise`:
+  z_delta = (z^-2 - (2 count_noise)^-2)^(-1/2), so that together they spend z."""
+  if noise_multiplier == 0:
+    return 0.0
+  rest = noise_multiplier ** -2 - (2.0 * count_noise) ** -2
+  if rest <= 0:
+    raise ValueError(
+        f"adaptive clipping: the count noise (stddev {count_noise:g}) must exceed "
+        f"noise_multiplier / 2 = {noise_multiplier / 2:g}, or it alone spends more privacy "
+        f"than the total; raise count_stddev or clients_per_round")
+  return rest ** -0.5
+
+
+class DPState(NamedTuple):
+  clip_norm: jax.Array  # the clipping norm the next round uses
+
+
+def dp_mean(clip_norm: float, noise_multiplier: float, *,
+            adaptive: AdaptiveClipping | None = None) -> Aggregator:
+  """DP-FedAvg's reducer: clip each update, sum, add N(0, (z C)^2), divide by m.
+
+  Args:
+    clip_norm: C, the L2 clipping norm (the initial one with adaptive clipping).
+    noise_multiplier: z, noise standard deviation over C; 0 clips without noise.
+      With adaptive clipping it is the total: the update gets z_delta (see
+      `update_noise_multiplier`) and the count of unclipped clients the rest.
+    adaptive: AdaptiveClipping to track a quantile of the update norms.
+
+  Returns:
+    An Aggregator (ignoring the example weights: see the module docstring) with
+    metrics `clip_norm` (used this round), `clipped_fraction` and
+    `noise_stddev` (of the mean's coordinates).
+  """
+  _check_clip(clip_norm)
+  _check_noise(noise_multiplier)
+  if adaptive is not None:
+    if not 0.0 < adaptive.target_quantile < 1.0:
+      raise ValueError(f"adaptive target_quantile must lie in (0, 1), got "
+                       f"{adaptive.target_quantile!r}")
+    if not adaptive.learning_rate > 0:
+      raise ValueError(f"adaptive learning_rate must be > 0, got {adaptive.learning_rate!r}")
+    if adaptive.count_stddev is not None:
+      _check_noise(adaptive.count_stddev)
+
+  def init(params, num_clients):
+    del params, num_clients
+    return DPState(jnp.float32(clip_norm))
+
+  def validate(clients_per_round, num_clients=None):
+    if adaptive is not None and noise_multiplier > 0:
+      update_noise_multiplier(noise_multiplier, count_stddev(adaptive, clients_per_round))
+
+  def aggregate(state, deltas, weights, ids, key):
+    del weights, ids
+    m = jax.tree_util.tree_leaves(deltas)[0].shape[0]
+    c = state.clip_norm
+    z = noise_multiplier
+    if adaptive is not None:
+      z = update_noise_multiplier(noise_multiplier, count_stddev(adaptive, m))
+    noise_key, count_key = jax.random.split(key)
+    clipped, norms = clip_updates(deltas, c)
+    total = jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), clipped)
+    noise = normal_like(noise_key, total)
+    delta = jax.tree_util.tree_map(lambda s, n: (s + z * c * n) / m, total, noise)
+    new_state = state
+    if adaptive is not None:
+      unclipped = jnp.sum(norms <= c) + count_stddev(adaptive, m) * jax.random.normal(count_key)
+      fraction = unclipped / m
+      new_state = DPState(c * jnp.exp(-adaptive.learning_rate
+                                      * (fraction - adaptive.target_quantile)))
+    metrics = {"clip_norm": c, "clipped_fraction": jnp.mean(norms > c),
+               "noise_stddev": z * c / m}
+    return delta, new_state, metrics
+
+  return Aggregator(init, aggregate, validate)
+
+
+# ---------------------------------------------------------------------------------------
+# Accounting (host side, with dp-accounting).
+
+
+def _dp_accounting():
+  try:
+    import dp_accounting  # pylint: disable=import-outside-toplevel
+  except ImportError as e:  # an optional dependency
+    raise ImportError("privacy accounting needs dp-accounting: pip install "
+                      "'fedjax_sim[privacy]' (or dp-accounting)") from e
+  return dp_accounting
+
+
+def _check_accounting(noise_multiplier, clients_per_round, num_clients, delta, accountant):
+  _check_noise(noise_multiplier)
+  if not (isinstance(num_clients, int) and num_clients > 0):
+    raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
+  if not (isinstance(clients_per_round, int) and 0 < clients_per_round <= num_clients):
+    raise ValueError(f"clients_per_round must be an integer in [1, num_clients={num_clients}], "
+                     f"got {clients_per_round!r}")
+  if not 0.0 < delta < 1.0:
+    raise ValueError(f"delta must lie in (0, 1), got {delta!r}")
+  if accountant not in ACCOUNTANTS:
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+
+
+def round_event(noise_multiplier: float, clients_per_round: int, num_clients: int,
+                accountant: str = "rdp"):
+  """The dp-accounting event of one DP-FedAvg round, for `accountant`.
+
+  rdp: `SampledWithoutReplacementDpEvent(N, m, GaussianDpEvent(z / 2))`
+  (REPLACE_ONE; sensitivity 2C). pld: `GaussianDpEvent(z)` (its REPLACE_ONE
+  accounts for the doubled sensitivity; no amplification by sampling).
+  """
+  dpa = _dp_accounting()
+  if accountant == "pld":
+    return dpa.GaussianDpEvent(noise_multiplier)
+  return dpa.SampledWithoutReplacementDpEvent(
+      num_clients, clients_per_round, dpa.GaussianDpEvent(noise_multiplier / 2.0))
+
+
+def make_accountant(accountant: str = "rdp", *, orders=None, pld_discretization: float = 1e-3):
+  """A fresh dp-accounting accountant with the REPLACE_ONE relation.
+
+  Args:
+    accountant: 'rdp' or 'pld'.
+    orders: RDP orders (None: dp-accounting's defaults; fewer orders are faster and
+      give a slightly larger epsilon).
+    pld_discretization: the PLD's value discretization interval (an upper bound on
+      epsilon either way; smaller is slower).
+  """
+  dpa = _dp_accounting()
+  relation = dpa.NeighboringRelation.REPLACE_ONE
+  if accountant == "pld":
+    return dpa.pld.PLDAccountant(relation, value_discretization_interval=pld_discretization)
+  return dpa.rdp.RdpAccountant(orders, neighboring_relation=relation)
+
+
+class DPAccountant:
+  """The privacy spent by DP-FedAvg after each round, at a fixed delta.
+
+  Use `epsilon(rounds)`, or pass the object to `runner.run(..., round_metrics=...)`
+  to get `epsilon` in every round's metrics.
+
+  Args:
+    noise_multiplier: z (the total, with adaptive clipping).
+    clients_per_round: m, sampled uniformly without replacement each round.
+    num_clients: N.
+    delta: the target delta (e.g. below 1 / N).
+    accountant: 'rdp' (amplification by sampling; default) or 'pld' (see the
+      module docstring).
+    orders: RDP orders (None: dp-accounting's defaults).
+  """
+
+  def __init__(self, noise_multiplier: float, clients_per_round: int, num_clients: int,
+               delta: float, accountant: str = "rdp", orders=None):
+    _check_accounting(noise_multiplier, clients_per_round, num_clients, delta, accountant)
+    self.noise_multiplier, self.delta, self.accountant = noise_multiplier, delta, accountant
+    self.orders = orders
+    self.clients_per_round, self.num_clients = clients_per_round, num_clients
+    self._event = round_event(noise_multiplier, clients_per_round, num_clients, accountant)
+    self._rdp_one_round = None
+
+  def epsilon(self, rounds: int) -> float:
+    """Epsilon at `self.delta` after `rounds` rounds."""
+    if rounds <= 0:
+      return 0.0
+    if self.noise_multiplier == 0:
+      return math.inf
+    if self.accountant == "rdp":
+      return self._rdp_epsilon(rounds)
+    return self._pld_epsilon(rounds)
+
+  def _rdp_epsilon(self, rounds: int) -> float:
+    # RDP composes by addition: compose one round once, then scale (what the accountant's
+    # own compose(event, count) does), instead of recomputing the subsampled RDP per round.
+    dpa = _dp_accounting()
+    if self._rdp_one_round is None:
+      acc = make_accountant("rdp", orders=self.orders)
+      acc.compose(self._event)
+      self._rdp_one_round = (np.asarray(acc.orders), np.asarray(acc.rdp))
+    orders, rdp = self._rdp_one_round
+    return float(dpa.rdp.compute_epsilon(orders, rounds * rdp, self.delta)[0])
+
+  @functools.lru_cache(maxsize=None)
+  def _pld_epsilon(self, rounds: int) -> float:
+    acc = make_accountant("pld")
+    acc.compose(self._event, rounds)
+    return float(acc.get_epsilon(self.delta))
+
+  def __call__(self, round_number: int) -> dict[str, float]:
+    """Metrics of round `round_number` (rounds done so far): {'epsilon': ...}."""
+    return {"epsilon": self.epsilon(round_number)}
+
+  def max_rounds(self, target_epsilon: float, limit: int = 100_000) -> int:
+    """The most rounds whose epsilon stays within `target_epsilon` (up to `limit`)."""
+    if not target_epsilon > 0:
+      raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
+    if self.epsilon(1) > target_epsilon:
+      return 0
+    lo, hi = 1, limit  # epsilon(lo) <= target; find the last such round by bisection
+    if self.epsilon(hi) <= target_epsilon:
+      return hi
+    while hi - lo > 1:
+      mid = (lo + hi) // 2
+      lo, hi = (mid, hi) if self.epsilon(mid) <= target_epsilon else (lo, mid)
+    return lo
+
+
+def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, clients_per_round: int,
+                               num_clients: int, delta: float, accountant: str = "rdp",
+                               orders=None, tol: float = 1e-3) -> float:
+  """The noise multiplier z whose epsilon after `rounds` rounds is at most
+  `target_epsilon`, within `tol` of the smallest such (dp-accounting's
+  `calibrate_dp_mechanism`)."""
+  _check_accounting(1.0, clients_per_round, num_clients, delta, accountant)
+  if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
+    raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
+  if not (isinstance(rounds, int) and rounds > 0):
+    raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+  dpa = _dp_accounting()
+
+  def event(z):
+    return dpa.SelfComposedDpEvent(
+        round_event(z, clients_per_round, num_clients, accountant), rounds)
+
+  # It returns a point within tol of the boundary, on its private side.
+  return float(dpa.calibrate_dp_mechanism(
+      lambda: make_accountant(accountant, orders=orders), event, target_epsilon, delta,
+      bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=tol))

@@ -1,0 +1,175 @@
+"""Byzantine-robust aggregation of the stacked client updates.
+
+- Coordinate-wise median and trimmed mean: Yin, Chen, Ramchandran, Bartlett 2018,
+  "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates".
+- Krum and Multi-Krum: Blanchard, El Mhamdi, Guerraoui, Stainer 2017, "Machine
+  Learning with Adversaries: Byzantine Tolerant Gradient Descent".
+- Geometric median by the smoothed Weiszfeld algorithm (RFA): Pillutla, Kakade,
+  Harchaoui 2022, "Robust Aggregation for Federated Learning".
+- Norm bounding (clip each update to a norm, a per-client transform): Sun, Kairouz,
+  Suresh, McMahan 2019, "Can You Really Backdoor Federated Learning?".
+
+The median, trimmed mean and Krum ignore the example weights (each client counts
+once, as in the papers' analyses); the geometric median uses them, as RFA does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.aggregators import Aggregator, ClientTransform, no_state, ravel_clients
+from fedjax_sim import privacy
+
+
+def coordinate_median() -> Aggregator:
+  """The median over clients of every coordinate (the mean of the two middle ones
+  when the number of clients is even)."""
+
+  def aggregate(state, deltas, weights, ids, key):
+    del weights, ids, key
+    return jax.tree_util.tree_map(lambda d: jnp.median(d, axis=0), deltas), state, {}
+
+  return Aggregator(no_state, aggregate)
+
+
+def _num_trimmed(clients: int, trim_fraction: float | None, num_trim: int | None) -> int:
+  return num_trim if num_trim is not None else int(trim_fraction * clients)
+
+
+def trimmed_mean(trim_fraction: float | None = 0.1, *, num_trim: int | None = None) -> Aggregator:
+  """Per coordinate, drops the k largest and k smallest client values and averages the rest.
+
+  Args:
+    trim_fraction: beta; k = floor(beta * clients_per_round). Or
+    num_trim: k directly (overrides trim_fraction).
+  """
+  if num_trim is not None:
+    if not (isinstance(num_trim, int) and num_trim >= 0):
+      raise ValueError(f"trimmed_mean: num_trim must be an integer >= 0, got {num_trim!r}")
+  elif not (isinstance(trim_fraction, (int, float)) and 0.0 <= trim_fraction < 0.5):
+    raise ValueError(f"trimmed_mean: trim_fraction must lie in [0, 0.5), got {trim_fraction!r}")
+
+  def validate(clients_per_round, num_clients=None):
+    k = _num_trimmed(clients_per_round, trim_fraction, num_trim)
+    if 2 * k >= clients_per_round:
+      raise ValueError(f"trimmed_mean drops {k} clients from each end, which leaves none of "
+                       f"the {clients_per_round} clients per round")
+
+  def aggregate(state, deltas, weights, ids, key):
+    del weights, ids, key
+    m = jax.tree_util.tree_leaves(deltas)[0].shape[0]
+    k = _num_trimmed(m, trim_fraction, num_trim)
+    trim = lambda d: jnp.mean(jnp.sort(d, axis=0)[k:m - k], axis=0)
+    return jax.tree_util.tree_map(trim, deltas), state, {}
+
+  return Aggregator(no_state, aggregate, validate)
+
+
+def pairwise_sq_distances(flat: jax.Array) -> jax.Array:
+  """||x_i - x_j||^2 for all pairs of rows of [m, d], one row at a time (memory m * d;
+  differences rather than a Gram matrix, which loses precision for close updates)."""
+  return jax.lax.map(lambda row: jnp.sum((flat - row) ** 2, axis=1), flat)
+
+
+def krum_scores(flat: jax.Array, num_byzantine: int) -> jax.Array:
+  """Each update's sum of squared distances to its m - f - 2 nearest other updates."""
+  m = flat.shape[0]
+  dist = pairwise_sq_distances(flat) + jnp.diag(jnp.full((m,), jnp.inf))
+  return jnp.sum(jnp.sort(dist, axis=1)[:, :m - num_byzantine - 2], axis=1)
+
+
+def krum(num_byzantine: int, *, num_selected: int = 1) -> Aggregator:
+  """Krum (num_selected=1): the update with the lowest Krum score; Multi-Krum: the
+  mean of the num_selected updates with the lowest scores.
+
+  Args:
+    num_byzantine: f, the number of Byzantine clients per round it must tolerate;
+      needs clients_per_round >= 2 f + 3.
+    num_selected: updates averaged (1 is Krum); at most clients_per_round - f.
+
+  Returns:
+    An Aggregator; metric `krum_selected` (per client: chosen or not).
+  """
+  if not (isinstance(num_byzantine, int) and num_byzantine >= 0):
+    raise ValueError(f"krum: num_byzantine must be an integer >= 0, got {num_byzantine!r}")
+  if not (isinstance(num_selected, int) and num_selected >= 1):
+    raise ValueError(f"krum: num_selected must be a positive integer, got {num_selected!r}")
+
+  def validate(clients_per_round, num_clients=None):
+    if clients_per_round < 2 * num_byzantine + 3:
+      raise ValueError(
+          f"krum with num_byzantine={num_byzantine} needs at least 2*{num_byzantine}+3 = "
+          f"{2 * num_byzantine + 3} clients per round, got {clients_per_round}")
+    if num_selected > clients_per_round - num_byzantine:
+      raise ValueError(f"multi-krum: num_selected={num_selected} exceeds clients_per_round - "
+                       f"num_byzantine = {clients_per_round - num_byzantine}")
+
+  def aggregate(state, deltas, weights, ids, key):
+    del weights, ids, key
+    flat, unravel = ravel_clients(deltas)
+    validate(flat.shape[0])
+    scores = krum_scores(flat, num_byzantine)
+    chosen = jnp.argsort(scores)[:num_selected]
+    delta = unravel(jnp.mean(flat[chosen], axis=0))
+    selected = jnp.zeros(flat.shape[0], bool).at[chosen].set(True)
+    return delta, state, {"krum_selected": selected}
+
+  return Aggregator(no_state, aggregate, validate)
+
+
+def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregator:
+  """Multi-Krum; num_selected None averages clients_per_round - num_byzantine updates."""
+  if num_selected is not None:
+    return krum(num_byzantine, num_selected=num_selected)
+  base = krum(num_byzantine)  # for its argument checks
+
+  def validate(clients_per_round, num_clients=None):
+    base.validate(clients_per_round, num_clients)
+
+  def aggregate(state, deltas, weights, ids, key):
+    m = jax.tree_util.tree_leaves(deltas)[0].shape[0]
+    return krum(num_byzantine, num_selected=m - num_byzantine).aggregate(
+        state, deltas, weights, ids, key)
+
+  return Aggregator(no_state, aggregate, validate)
+
+
+def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
+              smoothing: float) -> jax.Array:
+  """The smoothed Weiszfeld iteration from the weighted mean (RFA, Algorithm 2):
+  v <- sum_i b_i x_i / sum_i b_i with b_i = a_i / max(smoothing, ||v - x_i||)."""
+  alpha = weights / jnp.sum(weights)
+
+  def step(_, v):
+    beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(flat - v, axis=1))
+    return beta @ flat / jnp.sum(beta)
+
+  return jax.lax.fori_loop(0, num_iterations, step, alpha @ flat)
+
+
+def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggregator:
+  """The weighted geometric median of the updates (RFA), by smoothed Weiszfeld.
+
+  Args:
+    num_iterations: Weiszfeld steps from the weighted mean (fixed, so every round
+      costs the same; RFA reports a few suffice).
+    smoothing: nu, the floor on distances that keeps the steps finite.
+  """
+  if not (isinstance(num_iterations, int) and num_iterations >= 1):
+    raise ValueError(f"geometric_median: num_iterations must be a positive integer, "
+                     f"got {num_iterations!r}")
+  if not smoothing > 0:
+    raise ValueError(f"geometric_median: smoothing must be > 0, got {smoothing!r}")
+
+  def aggregate(state, deltas, weights, ids, key):
+    del ids, key
+    flat, unravel = ravel_clients(deltas)
+    return unravel(weiszfeld(flat, weights, num_iterations, smoothing)), state, {}
+
+  return Aggregator(no_state, aggregate)
+
+
+def norm_bound(max_norm: float) -> ClientTransform:
+  """Clips every update to L2 norm `max_norm` before aggregation (Sun et al. 2019)."""
+  return privacy.clip(max_norm)

@@ -1,0 +1,189 @@
+"""DP-FedAvg: clipping bounds every update, noise has the stated std, adaptive clipping
+tracks its quantile, the loop reference agrees, and epsilon is dp-accounting's."""
+
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import aggregators, privacy
+import aggregation_reference as ref
+
+SMALL_ORDERS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # fast RDP for tests
+
+
+def stacked(seed, num_clients=7, scales=None):
+  """Stacked updates {'w': [C, 3, 4], 'b': [C, 4]} with per-client norms spread widely."""
+  rng = np.random.default_rng(seed)
+  scales = np.geomspace(0.01, 100.0, num_clients) if scales is None else np.asarray(scales)
+  w = rng.normal(size=(num_clients, 3, 4)) * scales[:, None, None]
+  b = rng.normal(size=(num_clients, 4)) * scales[:, None]
+  return {"b": jnp.asarray(b, jnp.float32), "w": jnp.asarray(w, jnp.float32)}
+
+
+def unstack(tree, num):
+  return [jax.tree_util.tree_map(lambda a: np.asarray(a[i]), tree) for i in range(num)]
+
+
+def norms(tree):
+  return np.asarray(jax.vmap(optax.tree.norm)(tree))
+
+
+def test_clip_bounds_every_update_and_matches_loop(count_compiles):
+  deltas = stacked(0)
+  before = norms(deltas)
+  stage = privacy.clip(1.5)
+  clipped, _, _, metrics = jax.jit(stage.apply)(None, deltas, jnp.ones(7), jnp.arange(7),
+                                                jax.random.key(0))
+  after = norms(clipped)
+  assert np.all(after <= 1.5 * (1 + 1e-6))
+  small = before <= 1.5
+  assert small.any() and (~small).any()
+  np.testing.assert_allclose(after[~small], 1.5, rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(clipped["w"])[small], np.asarray(deltas["w"])[small])
+  assert float(metrics["clipped_fraction"]) == pytest.approx((~small).mean())
+  expected, _ = ref.Clip(1.5)(unstack(deltas, 7), np.ones(7), np.arange(7), None)
+  for i, e in enumerate(expected):
+    np.testing.assert_allclose(np.asarray(clipped["w"][i]), e["w"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("adaptive", [None, privacy.AdaptiveClipping(count_stddev=2.0)],
+                         ids=["fixed", "adaptive"])
+def test_dp_noise_has_the_stated_stddev(adaptive):
+  # Zero updates: the output is pure noise, N(0, (z_delta C / m)^2) per coordinate.
+  m, d, c, z = 4, 200_000, 0.7, 1.3
+  agg = privacy.dp_mean(c, z, adaptive=adaptive)
+  deltas = {"v": jnp.zeros((m, d))}
+  out, _, metrics = jax.jit(agg.aggregate)(agg.init(None, None), deltas, jnp.ones(m),
+                                           jnp.arange(m), jax.random.key(1))
+  z_delta = z if adaptive is None else (z ** -2 - (2 * 2.0) ** -2) ** -0.5
+  expected = z_delta * c / m
+  sample = np.asarray(out["v"], np.float64)
+  # Sample std of 2e5 normals: relative standard error 1/sqrt(2 d) = 0.16%.
+  assert sample.std() == pytest.approx(expected, rel=0.01)
+  assert abs(sample.mean()) < 5 * expected / math.sqrt(d)
+  assert float(metrics["noise_stddev"]) == pytest.approx(expected, rel=1e-6)
+  if adaptive is not None:
+    assert z_delta > z  # the update's share is noisier than the total multiplier
+
+
+def test_dp_mean_matches_loop_reference_over_rounds():
+  # Fixed and adaptive clipping over 4 rounds, the clipping norm carried in the state.
+  for adaptive in (None, privacy.AdaptiveClipping(0.3, 0.5, count_stddev=1.0)):
+    agg = privacy.dp_mean(1.0, 0.8, adaptive=adaptive)
+    loop = ref.DPMean(1.0, 0.8, *(() if adaptive is None else (0.3, 0.5, 1.0)))
+    step = jax.jit(agg.aggregate)
+    state = agg.init(None, None)
+    for r in range(4):
+      deltas, ids, key = stacked(r), jnp.arange(7) + 10 * r, jax.random.key(r)
+      out, state, metrics = step(state, deltas, jnp.ones(7), ids, key)
+      expected = loop(unstack(deltas, 7), np.ones(7), np.asarray(ids), key)
+      for leaf in ("b", "w"):
+        np.testing.assert_allclose(np.asarray(out[leaf]), expected[leaf], rtol=1e-5, atol=1e-6)
+      assert float(state.clip_norm) == pytest.approx(loop.clip_norm, rel=1e-5)
+    if adaptive is not None:
+      assert float(state.clip_norm) != 1.0
+
+
+def test_adaptive_clipping_tracks_the_target_quantile():
+  # Norms 1..9 every round, no noise: the clipping norm settles where a fraction
+  # `target_quantile` of them is at most C (between the 3rd and 4th norm for 0.35).
+  agg = privacy.dp_mean(0.1, 0.0, adaptive=privacy.AdaptiveClipping(0.35, 0.1, count_stddev=0.0))
+  deltas = {"v": jnp.diag(jnp.arange(1.0, 10.0))}
+
+  def body(state, key):
+    _, state, metrics = agg.aggregate(state, deltas, jnp.ones(9), jnp.arange(9), key)
+    return state, metrics["clip_norm"]
+
+  _, path = jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(0), 400)))(
+      agg.init(None, None))
+  assert np.all((np.asarray(path[-50:]) >= 3.0 * 0.9) & (np.asarray(path[-50:]) <= 4.0 * 1.1))
+
+
+def test_epsilon_equals_dp_accounting_for_the_simulated_sampling(ragged, small_mlp):
+  z, m, n, delta = 1.1, 3, 6, 1e-3
+  accountant = privacy.DPAccountant(z, m, n, delta, orders=SMALL_ORDERS)
+  for rounds in (1, 5, 40):
+    direct = dp_accounting.rdp.RdpAccountant(
+        SMALL_ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    direct.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        n, m, dp_accounting.GaussianDpEvent(z / 2)), rounds)
+    assert accountant.epsilon(rounds) == pytest.approx(direct.get_epsilon(delta), rel=1e-12)
+  # Every round's metrics carry it, through the runner's host-side hook.
+  _, _, train = ragged
+  algorithm = fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=m,
+                        batch_size=4, steps=1, aggregator=privacy.dp_mean(1.0, z))
+  _, history = fs.run(algorithm, algorithm.init(small_mlp.params, jax.random.key(0)), train,
+                      rounds=2, rounds_per_chunk=2, progress=False, round_metrics=accountant)
+  assert [r["epsilon"] for r in history] == [accountant.epsilon(r) for r in (1, 2)]
+  assert history[0]["epsilon"] < history[1]["epsilon"]
+
+
+def test_pld_with_everyone_sampled_is_the_analytic_gaussian_with_sensitivity_2c():
+  # Replacing one client moves the clipped sum by up to 2C, so T rounds of noise z C compose
+  # to one Gaussian mechanism with noise / sensitivity = z / (2 sqrt(T)) (Balle & Wang 2018).
+  z, n, delta, rounds = 4.0, 20, 1e-5, 10
+  pld = privacy.DPAccountant(z, n, n, delta, accountant="pld").epsilon(rounds)
+  analytic = dp_accounting.get_epsilon_gaussian(z / 2 / math.sqrt(rounds), delta)
+  assert pld == pytest.approx(analytic, rel=1e-3)
+  rdp = privacy.DPAccountant(z, n, n, delta, orders=SMALL_ORDERS).epsilon(rounds)
+  assert rdp > pld  # RDP's conversion is looser; both account for the same mechanism
+  # Sampling fewer clients lowers RDP's epsilon (amplification), not the PLD bound's.
+  assert privacy.DPAccountant(z, 5, n, delta, orders=SMALL_ORDERS).epsilon(rounds) < rdp
+  assert privacy.DPAccountant(z, 5, n, delta, accountant="pld").epsilon(rounds) == pld
+
+
+def test_target_epsilon_calibrates_noise_or_bounds_rounds():
+  kwargs = dict(rounds=20, clients_per_round=10, num_clients=200, delta=1e-4,
+                orders=SMALL_ORDERS)
+  z = privacy.calibrate_noise_multiplier(3.0, tol=1e-3, **kwargs)
+  eps = lambda z: privacy.DPAccountant(z, 10, 200, 1e-4, orders=SMALL_ORDERS).epsilon(20)
+  assert eps(z) <= 3.0 < eps(z - 2e-3)
+  accountant = privacy.DPAccountant(2.0, 10, 200, 1e-4, orders=SMALL_ORDERS)
+  last = accountant.max_rounds(3.0)
+  assert 0 < last and accountant.epsilon(last) <= 3.0 < accountant.epsilon(last + 1)
+  assert accountant.epsilon(0) == 0.0
+  assert privacy.DPAccountant(0.0, 10, 200, 1e-4).epsilon(1) == math.inf
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: privacy.dp_mean(0.0, 1.0), "clipping norm must be a positive number"),
+    (lambda: privacy.dp_mean(-1.0, 1.0), "clipping norm must be a positive number"),
+    (lambda: privacy.clip(float("nan")), "clipping norm must be a positive number"),
+    (lambda: privacy.dp_mean(1.0, -0.5), "noise multiplier must be a number >= 0"),
+    (lambda: privacy.gaussian_noise(-1.0), "noise multiplier must be a number >= 0"),
+    (lambda: privacy.dp_mean(1.0, 1.0, adaptive=privacy.AdaptiveClipping(1.5)),
+     "target_quantile must lie in"),
+    (lambda: privacy.DPAccountant(1.0, 10, 5, 1e-5), "clients_per_round must be an integer"),
+    (lambda: privacy.DPAccountant(1.0, 2, 5, 0.0), "delta must lie in"),
+    (lambda: privacy.DPAccountant(1.0, 2, 5, 1e-5, accountant="gdp"), "accountant must be"),
+    (lambda: privacy.calibrate_noise_multiplier(-1.0, rounds=5, clients_per_round=2,
+                                                num_clients=5, delta=1e-5),
+     "target epsilon must be > 0"),
+])
+def test_bad_privacy_configurations(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_adaptive_count_noise_too_small_errors_before_compiling(small_mlp, count_compiles):
+  # With 10 clients the paper's count noise is 10 / 20 = 0.5 <= z / 2: it alone would
+  # spend more than the whole budget.
+  before = count_compiles()
+  with pytest.raises(ValueError, match="count noise"):
+    fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=10,
+              batch_size=4, epochs=1,
+              aggregator=privacy.dp_mean(1.0, 2.0, adaptive=privacy.AdaptiveClipping()))
+  assert count_compiles() == before
+
+
+def test_chain_rejects_misordered_stages():
+  with pytest.raises(ValueError, match="exactly one reducer"):
+    aggregators.chain(privacy.clip(1.0))
+  with pytest.raises(ValueError, match="per-client transforms come before the reducer"):
+    aggregators.chain(aggregators.mean(), privacy.clip(1.0))
