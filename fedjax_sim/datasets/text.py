@@ -73,6 +73,9 @@ def leaf_shakespeare_examples(xs, ys, chars: str = SHAKESPEARE_CHARS
   """
   if not len(xs):
     return np.zeros((0, 0), np.int32), np.zeros((0, 0), np.int32)
+  lengths = {len(s) for s in xs}
+  if len(lengths) > 1:
+    raise ValueError(f"LEAF Shakespeare inputs must have one length, found {sorted(lengths)}")
   x = np.stack([encode(s, chars) for s in xs])
   y = np.stack([encode(s[1:] + t, chars) for s, t in zip(xs, ys)])
   return x, y
