@@ -35,7 +35,8 @@ class ReferenceFedAvg:
   given, is a host-side `aggregate(deltas: list of pytrees, weights [C], ids [C],
   key) -> delta` in place of the weighted mean (a loop implementation of the
   vectorized aggregator, drawing from the same key); `client_data_transform` is
-  the same function `fedavg` takes, applied to each client's unpadded data.
+  the same function `fedavg` takes, applied (jitted) to each client's padded data
+  as there, then the padding is dropped.
   """
 
   def __init__(self, apply: Callable, *, client_optimizer: optax.GradientTransformation,
@@ -46,7 +47,9 @@ class ReferenceFedAvg:
                aggregator: Callable | None = None,
                client_data_transform: Callable | None = None):
     local.check_schedule(batch_size, epochs, steps)
-    self.aggregator, self.client_data_transform = aggregator, client_data_transform
+    self.aggregator = aggregator
+    self.client_data_transform = (None if client_data_transform is None
+                                  else jax.jit(client_data_transform))
     self.client_optimizer = client_optimizer
     self.server_optimizer = server_optimizer or optax.sgd(1.0)
     self.clients_per_round = clients_per_round
@@ -101,8 +104,8 @@ class ReferenceFedAvg:
     for i in ids:
       x, y = data.client(int(i))
       if self.client_data_transform is not None:
-        x, y, n = self.client_data_transform(jnp.asarray(x), jnp.asarray(y), jnp.int32(len(x)),
-                                             jnp.int32(i), client_data_key(train_key, int(i)))
+        x, y, n = self.client_data_transform(data.x[i], data.y[i], data.counts[i], jnp.int32(i),
+                                             client_data_key(train_key, int(i)))
         x, y = np.asarray(x)[:int(n)], np.asarray(y)[:int(n)]
       delta, l, c = self.client_update(state.params, x, y, client_key(train_key, int(i)))
       deltas.append(jax.tree_util.tree_map(np.asarray, delta))

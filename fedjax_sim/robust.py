@@ -137,23 +137,29 @@ def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregato
 
 def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
               smoothing: float) -> jax.Array:
-  """The smoothed Weiszfeld iteration from the weighted mean (RFA, Algorithm 2):
-  v <- sum_i b_i x_i / sum_i b_i with b_i = a_i / max(smoothing, ||v - x_i||)."""
+  """The smoothed Weiszfeld iteration (RFA, Algorithm 2):
+  v <- sum_i b_i x_i / sum_i b_i with b_i = a_i / max(smoothing, ||v - x_i||).
+
+  It starts from the coordinate-wise median rather than the mean: from the mean, f
+  far outliers out of m lose only about a factor (m - f) / f of their pull per step
+  (40 steps for outliers of size 1e12 with a third of the clients), while from a
+  robust start a few steps converge whatever their size.
+  """
   alpha = weights / jnp.sum(weights)
 
   def step(_, v):
     beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(flat - v, axis=1))
     return beta @ flat / jnp.sum(beta)
 
-  return jax.lax.fori_loop(0, num_iterations, step, alpha @ flat)
+  return jax.lax.fori_loop(0, num_iterations, step, jnp.median(flat, axis=0))
 
 
 def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggregator:
   """The weighted geometric median of the updates (RFA), by smoothed Weiszfeld.
 
   Args:
-    num_iterations: Weiszfeld steps from the weighted mean (fixed, so every round
-      costs the same; RFA reports a few suffice).
+    num_iterations: Weiszfeld steps from the coordinate-wise median (fixed, so
+      every round costs the same; RFA reports a few suffice).
     smoothing: nu, the floor on distances that keeps the steps finite.
   """
   if not (isinstance(num_iterations, int) and num_iterations >= 1):

@@ -235,7 +235,7 @@ class GeometricMedian:
   def __call__(self, deltas, weights, ids, key):
     x = np.stack([flat(d) for d in deltas])
     alpha = weights / weights.sum()
-    v = alpha @ x
+    v = np.median(x, axis=0)
     for _ in range(self.iterations):
       beta = alpha / np.maximum(self.nu, np.linalg.norm(x - v, axis=1))
       v = beta @ x / beta.sum()

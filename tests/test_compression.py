@@ -1,0 +1,116 @@
+"""Compression: quantization is unbiased and on its grid, the rotation is an orthogonal
+Hadamard transform, top-k keeps exactly k entries and error feedback loses nothing;
+each agrees with its loop reference; wire bytes are reported."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+from fedjax_sim import compression
+import aggregation_reference as ref
+from test_privacy import stacked, unstack
+
+
+def test_hadamard_is_the_orthonormal_walsh_hadamard_matrix():
+  x = np.random.default_rng(0).normal(size=(3, 16)).astype(np.float32)
+  h = scipy.linalg.hadamard(16) / 4.0
+  y = np.asarray(compression.hadamard(jnp.asarray(x)))
+  np.testing.assert_allclose(y, x @ h.T, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(compression.hadamard(jnp.asarray(y))), x, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(y, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+  with pytest.raises(ValueError, match="power-of-two"):
+    compression.hadamard(jnp.zeros(12))
+
+
+@pytest.mark.parametrize("bits", [1, 3])
+def test_stochastic_quantization_is_unbiased_and_on_its_grid(bits):
+  v = jnp.asarray(np.random.default_rng(1).normal(size=64), jnp.float32)
+  draws = 4000
+  q = np.asarray(jax.jit(jax.vmap(lambda k: compression.stochastic_quantize(v, bits, k)))(
+      jax.random.split(jax.random.key(2), draws)), np.float64)
+  lo, hi = float(v.min()), float(v.max())
+  step = (hi - lo) / (2 ** bits - 1)
+  # Every value is one of the 2^bits levels, and the neighbours of the input.
+  levels = (q - lo) / step
+  np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+  assert np.all(np.abs(q - np.asarray(v)) <= step * (1 + 1e-5))
+  # Unbiased: each coordinate's variance is at most step^2 / 4, so the mean of the draws
+  # is within 5 standard errors of the input.
+  bound = 5 * (step / 2) / np.sqrt(draws)
+  assert np.max(np.abs(q.mean(axis=0) - np.asarray(v))) < bound
+
+
+def test_rotated_quantization_is_unbiased():
+  deltas = {"v": jnp.asarray(np.random.default_rng(3).normal(size=(1, 20)), jnp.float32)}
+  stage = compression.quantize(2, rotation=True)
+  decode = jax.jit(jax.vmap(lambda k: stage.apply(None, deltas, jnp.ones(1), jnp.arange(1), k)[0]))
+  q = np.asarray(decode(jax.random.split(jax.random.key(4), 4000))["v"][:, 0], np.float64)
+  spread = np.abs(q - np.asarray(deltas["v"][0])).max()
+  assert spread > 0.1  # it is really quantized...
+  assert np.max(np.abs(q.mean(axis=0) - np.asarray(deltas["v"][0]))) < 5 * spread / np.sqrt(4000)
+
+
+@pytest.mark.parametrize("rotation", [False, True], ids=["plain", "rotated"])
+def test_quantize_matches_loop_reference_and_reports_bytes(rotation):
+  deltas = stacked(5, scales=np.ones(7))
+  ids, key = jnp.array([4, 0, 9, 2, 7, 1, 3]), jax.random.key(6)
+  out, _, _, metrics = jax.jit(compression.quantize(4, rotation=rotation).apply)(
+      None, deltas, jnp.ones(7), ids, key)
+  expected, _ = ref.Quantize(4, rotation)(unstack(deltas, 7), np.ones(7), np.asarray(ids), key)
+  for i, e in enumerate(expected):
+    for leaf in ("b", "w"):
+      np.testing.assert_allclose(np.asarray(out[leaf][i]), e[leaf], rtol=1e-4, atol=1e-5)
+  d = 16  # 12 + 4 coordinates, a power of two already
+  assert float(metrics["uplink_bytes"]) == 7 * (4 * d + 64) / 8
+  assert float(metrics["bits_per_parameter"]) == pytest.approx((4 * d + 64) / d)
+
+
+def test_top_k_keeps_exactly_k_and_error_feedback_loses_nothing():
+  # Three rounds over overlapping subsets of 5 clients; each client's sent updates plus
+  # its final residual add up to everything it was asked to send.
+  k, num_clients = 3, 5
+  stage = compression.top_k(k)
+  loop = ref.TopK(k)
+  apply = jax.jit(stage.apply)
+  state = stage.init({"b": jnp.zeros(4), "w": jnp.zeros((3, 4))}, num_clients)
+  owed = np.zeros((num_clients, 16))
+  sent_total = np.zeros((num_clients, 16))
+  for r, ids in enumerate([[0, 1, 2], [2, 3, 4], [4, 0, 2]]):
+    deltas = stacked(10 + r, num_clients=3, scales=np.ones(3))
+    out, _, state, metrics = apply(state, deltas, jnp.ones(3), jnp.array(ids), jax.random.key(r))
+    expected, _ = loop(unstack(deltas, 3), np.ones(3), np.array(ids), None)
+    for c, i in enumerate(ids):
+      sent = ref.flat(jax.tree_util.tree_map(lambda a: a[c], out))
+      assert np.count_nonzero(sent) == k
+      np.testing.assert_allclose(sent, ref.flat(expected[c]), rtol=1e-6)
+      owed[i] += ref.flat(jax.tree_util.tree_map(lambda a: a[c], deltas))
+      sent_total[i] += sent
+    assert float(metrics["uplink_bytes"]) == 3 * k * 8
+  residual = np.asarray(state.residual)
+  np.testing.assert_allclose(sent_total + residual, owed, rtol=1e-5, atol=1e-6)
+  for i, row in loop.residual.items():
+    np.testing.assert_allclose(residual[i], row, rtol=1e-5, atol=1e-6)
+
+
+def test_top_k_without_error_feedback_keeps_the_largest():
+  deltas = {"v": jnp.array([[0.1, -5.0, 2.0, 0.3, -0.2]])}
+  out, _, state, _ = compression.top_k(fraction=0.4, error_feedback=False).apply(
+      None, deltas, jnp.ones(1), jnp.arange(1), jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out["v"]), [[0.0, -5.0, 2.0, 0.0, 0.0]])
+  assert state is None
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: compression.quantize(0), "bits must be an integer in"),
+    (lambda: compression.quantize(17), "bits must be an integer in"),
+    (lambda: compression.top_k(), "exactly one of k= or fraction="),
+    (lambda: compression.top_k(0), "k must be a positive integer"),
+    (lambda: compression.top_k(fraction=1.5), "fraction must lie in"),
+    (lambda: compression.top_k(20).init({"v": jnp.zeros(5)}, 3), "only 5 coordinates"),
+    (lambda: compression.top_k(2).init({"v": jnp.zeros(5)}, None), "pass num_clients"),
+])
+def test_bad_compression_configurations(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()

@@ -1,0 +1,107 @@
+"""Robust aggregators ignore a minority of arbitrarily large updates, agree with their
+loop references, and reject configurations they cannot honour before compiling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import robust
+import aggregation_reference as ref
+from test_privacy import stacked, unstack
+
+HONEST, BAD = 6, 3  # 9 clients per round, 3 of them Byzantine
+
+AGGREGATORS = {
+    "median": (robust.coordinate_median, ref.Median),
+    "trimmed_mean": (lambda: robust.trimmed_mean(num_trim=BAD), lambda: ref.TrimmedMean(BAD)),
+    "krum": (lambda: robust.krum(BAD), lambda: ref.Krum(BAD)),
+    "multi_krum": (lambda: robust.multi_krum(BAD), lambda: ref.Krum(BAD, HONEST)),
+    "geometric_median": (robust.geometric_median, ref.GeometricMedian),
+}
+
+
+def with_attackers(magnitude):
+  """6 honest updates near 1, then 3 Byzantine ones of the given magnitude."""
+  honest = stacked(0, num_clients=HONEST, scales=np.full(HONEST, 0.1))
+  honest = jax.tree_util.tree_map(lambda a: a + 1.0, honest)
+  bad = jax.tree_util.tree_map(lambda a: jnp.full((BAD, *a.shape[1:]), magnitude, a.dtype), honest)
+  return jax.tree_util.tree_map(lambda h, b: jnp.concatenate([h, b]), honest, bad), honest
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  """Each aggregator jitted once for the 9-client shapes."""
+  return {name: (make(), jax.jit(make().aggregate)) for name, (make, _) in AGGREGATORS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_ignores_a_minority_of_arbitrarily_large_updates(compiled, name):
+  agg, aggregate = compiled[name]
+  outs = []
+  for magnitude in (1e3, 1e12):
+    deltas, honest = with_attackers(magnitude)
+    out, _, _ = aggregate(agg.init(None, None), deltas, jnp.ones(9), jnp.arange(9),
+                          jax.random.key(0))
+    outs.append(ref.flat(out))
+    lo, hi = ref.flat(jax.tree_util.tree_map(lambda a: a.min(0), honest)), ref.flat(
+        jax.tree_util.tree_map(lambda a: a.max(0), honest))
+    if name == "geometric_median":  # a point of the honest updates' neighbourhood
+      assert np.linalg.norm(outs[-1] - (lo + hi) / 2) < np.linalg.norm(hi - lo)
+    else:  # coordinate-wise within the honest range
+      assert np.all(outs[-1] >= lo - 1e-6) and np.all(outs[-1] <= hi + 1e-6)
+  if name == "geometric_median":  # it moves by at most the smoothing's effect
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-3)
+  else:  # exactly unaffected by how large the outliers are
+    np.testing.assert_array_equal(outs[0], outs[1])
+  # The mean is dragged away by the same attackers.
+  mean = ref.Mean()(unstack(with_attackers(1e3)[0], 9), np.ones(9), None, None)
+  assert np.abs(ref.flat(mean)).max() > 100
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_agrees_with_loop_reference(compiled, name):
+  agg, aggregate = compiled[name]
+  deltas = stacked(7, num_clients=9)
+  weights = jnp.asarray(np.arange(1.0, 10.0), jnp.float32)
+  out, _, metrics = aggregate(agg.init(None, None), deltas, weights, jnp.arange(9),
+                              jax.random.key(0))
+  expected = AGGREGATORS[name][1]()(unstack(deltas, 9), np.asarray(weights), np.arange(9), None)
+  np.testing.assert_allclose(ref.flat(out), ref.flat(expected), rtol=2e-5, atol=1e-5)
+  if "krum" in name:
+    assert int(np.sum(metrics["krum_selected"])) == (1 if name == "krum" else HONEST)
+
+
+def test_krum_picks_honest_updates(compiled):
+  deltas, _ = with_attackers(50.0)
+  for name in ("krum", "multi_krum"):
+    agg, aggregate = compiled[name]
+    _, _, metrics = aggregate(None, deltas, jnp.ones(9), jnp.arange(9), jax.random.key(0))
+    assert not np.any(np.asarray(metrics["krum_selected"])[HONEST:])
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: robust.krum(3), "needs at least 2\\*3\\+3 = 9 clients per round, got 8"),
+    (lambda: robust.krum(1, num_selected=8), "num_selected=8 exceeds"),
+    (lambda: robust.trimmed_mean(num_trim=4), "leaves none of the 8 clients"),
+])
+def test_impossible_robust_configurations_error_before_compiling(small_mlp, count_compiles,
+                                                                  make, match):
+  before = count_compiles()
+  with pytest.raises(ValueError, match=match):
+    fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=8,
+              batch_size=4, epochs=1, aggregator=make())
+  assert count_compiles() == before
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: robust.trimmed_mean(0.5), "trim_fraction must lie in"),
+    (lambda: robust.krum(-1), "num_byzantine must be an integer"),
+    (lambda: robust.geometric_median(0), "num_iterations must be a positive integer"),
+    (lambda: robust.norm_bound(0.0), "clipping norm must be a positive number"),
+])
+def test_bad_robust_arguments(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
