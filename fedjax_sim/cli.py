@@ -14,7 +14,7 @@ import sys
 
 import jax
 
-from fedjax_sim import evaluation, optimizers, partition, runner, tasks
+from fedjax_sim import aggregation_options, evaluation, optimizers, partition, runner, tasks
 from fedjax_sim.algorithms import fedavg
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--seed", type=int, default=0)
   run.add_argument("--output", default=None, help="output directory")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  aggregation_options.add_flags(run)
   return parser
 
 
@@ -70,25 +71,34 @@ def run_command(args: argparse.Namespace) -> dict:
              if getattr(args, name) is not None}
   task = tasks.load_task(args.task, seed=args.seed, **options)
   model = task.make_model(args.model or task.default_model, args.seed)
+  setup = aggregation_options.build(args, num_clients=task.train.num_clients,
+                                    num_classes=task.num_classes, train_x=task.train.x,
+                                    rounds=args.rounds)
   algorithm = fedavg(
       model.apply, client_optimizer=client_opt, server_optimizer=server_opt,
       clients_per_round=args.clients_per_round, batch_size=args.batch_size,
       epochs=epochs, steps=args.steps, weighting=args.weighting,
-      client_chunk_size=args.client_chunk_size)
-  evaluate = evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test)
+      client_chunk_size=args.client_chunk_size, aggregator=setup.aggregator,
+      client_data_transform=setup.client_data_transform)
+  evaluate = aggregation_options.with_backdoor(
+      evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test),
+      model.apply, task.test, setup.backdoor)
+  for note in setup.notes:
+    print(f"fedjax-sim: {note}")
   output = args.output or os.path.join(
       "runs", f"{args.task}-{args.server_optimizer}-seed{args.seed}")
   os.makedirs(output, exist_ok=True)
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
-                device=str(jax.devices()[0]))
+                device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier)
   with open(os.path.join(output, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  state = algorithm.init(model.params, jax.random.key(args.seed))
+  state = algorithm.init(model.params, jax.random.key(args.seed), task.train.num_clients)
   summary_path = os.path.join(output, "summary.json")
-  runner.run(algorithm, state, task.train, rounds=args.rounds, rounds_per_chunk=args.eval_every,
+  runner.run(algorithm, state, task.train, rounds=setup.rounds, rounds_per_chunk=args.eval_every,
              evaluate=evaluate, metrics_path=os.path.join(output, "metrics.jsonl"),
-             summary_path=summary_path, progress=not args.no_progress)
+             summary_path=summary_path, progress=not args.no_progress,
+             round_metrics=setup.accountant)
   with open(summary_path) as f:
     summary = json.load(f)
   final = summary.get("final", {})

@@ -325,9 +325,15 @@ class DPAccountant:
       raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
     if self.epsilon(1) > target_epsilon:
       return 0
-    lo, hi = 1, limit  # epsilon(lo) <= target; find the last such round by bisection
-    if self.epsilon(hi) <= target_epsilon:
-      return hi
+    # Doubling then bisection: epsilon(lo) <= target < epsilon(hi). Large round counts
+    # are expensive for the PLD accountant, so never ask for more than needed.
+    lo, hi = 1, 2
+    while hi <= limit and self.epsilon(hi) <= target_epsilon:
+      lo, hi = hi, 2 * hi
+    if hi > limit:
+      if self.epsilon(limit) <= target_epsilon:
+        return limit
+      hi = limit
     while hi - lo > 1:
       mid = (lo + hi) // 2
       lo, hi = (mid, hi) if self.epsilon(mid) <= target_epsilon else (lo, mid)
@@ -351,7 +357,21 @@ def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, clients_pe
     return dpa.SelfComposedDpEvent(
         round_event(z, clients_per_round, num_clients, accountant), rounds)
 
+  def epsilon(z):
+    acc = make_accountant(accountant, orders=orders)
+    acc.compose(event(z))
+    return acc.get_epsilon(delta)
+
+  # Bracket the answer by doubling or halving from 1: tiny multipliers would make the
+  # PLD accountant build enormous distributions (as its own bracket search does).
+  lo, hi = 1.0, 1.0
+  if epsilon(1.0) > target_epsilon:
+    while epsilon(hi) > target_epsilon:
+      lo, hi = hi, 2 * hi
+  else:
+    while epsilon(lo) <= target_epsilon:
+      lo, hi = lo / 2, lo
   # It returns a point within tol of the boundary, on its private side.
   return float(dpa.calibrate_dp_mechanism(
       lambda: make_accountant(accountant, orders=orders), event, target_epsilon, delta,
-      bracket_interval=dpa.LowerEndpointAndGuess(1e-3, 1.0), tol=tol))
+      bracket_interval=dpa.ExplicitBracketInterval(lo, hi), tol=tol))

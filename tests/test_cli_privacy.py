@@ -1,0 +1,77 @@
+"""`fedjax-sim run` with privacy, compression, robustness and attack flags."""
+
+import json
+import re
+
+import pytest
+
+from fedjax_sim import aggregation_options, cli, privacy
+
+
+def rows(out):
+  return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dp_run_reports_epsilon_and_stops_at_the_target(tmp_path, capsys):
+  # 30 clients, 5 per round, delta 0.1 / 30; the PLD bound (no amplification) is quick.
+  accountant = privacy.DPAccountant(3.0, 5, 30, 0.1 / 30, accountant="pld")
+  last = accountant.max_rounds(3.5)
+  assert last == 3
+  out = tmp_path / "dp"
+  code = cli.main(["run", "--rounds", "6", "--eval-every", "3", "--clients-per-round", "5",
+                   "--clip", "0.5", "--noise-multiplier", "3", "--target-epsilon", "3.5",
+                   "--accountant", "pld", "--attack", "label_flip", "--malicious-fraction", "0.2",
+                   "--top-k-fraction", "0.5", "--output", str(out), "--no-progress"])
+  assert code == 0
+  got = rows(out)
+  assert [r["round"] for r in got] == list(range(1, last + 1))
+  assert [r["epsilon"] for r in got] == [accountant.epsilon(r) for r in range(1, last + 1)]
+  assert got[-1]["epsilon"] <= 3.5
+  assert all(r["clip_norm"] == 0.5 and r["bits_per_parameter"] == 32.0 for r in got)
+  printed = capsys.readouterr().out
+  assert f"is spent after {last} rounds: stopping there" in printed
+  assert "6 of 30 clients are malicious (label_flip)" in printed
+
+
+def test_attack_with_robust_aggregation_and_quantization(tmp_path):
+  out = tmp_path / "robust"
+  code = cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "6",
+                   "--attack", "backdoor", "--malicious-fraction", "0.2", "--aggregator", "median",
+                   "--quantize-bits", "8", "--rotate", "--output", str(out), "--no-progress"])
+  assert code == 0
+  got = rows(out)
+  assert 0.0 <= got[-1]["backdoor_accuracy"] <= 1.0
+  d = 60 * 10 + 10  # logistic regression on Synthetic: padded to 1024 by the rotation
+  assert got[0]["uplink_bytes"] == 6 * (8 * 1024 + 64) / 8
+  assert got[0]["downlink_bytes"] == 6 * d * 4
+  config = json.loads((out / "config.json").read_text())
+  assert config["aggregator"] == "median" and config["attack"] == "backdoor"
+
+
+def test_target_epsilon_alone_calibrates_the_noise():
+  args = cli.build_parser().parse_args(
+      ["run", "--rounds", "20", "--clients-per-round", "30", "--clip", "1", "--target-epsilon",
+       "4", "--accountant", "pld"])
+  setup = aggregation_options.build(args, num_clients=30, num_classes=10, train_x=[0.0],
+                                    rounds=20)
+  assert setup.rounds == 20 and "reaches epsilon 4.0" in setup.notes[0]
+  assert setup.accountant.epsilon(20) <= 4.0 < privacy.DPAccountant(
+      setup.noise_multiplier - 0.01, 30, 30, 0.1 / 30, "pld").epsilon(20)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--noise-multiplier", "1"], "needs a clipping norm: give --clip"),
+    (["--noise-multiplier", "-1", "--clip", "1"], "noise multiplier must be a number >= 0"),
+    (["--noise-multiplier", "1", "--clip", "0"], "clipping norm must be a positive number"),
+    (["--clip", "1", "--noise-multiplier", "1", "--aggregator", "median"], "calibrated to the mean"),
+    (["--attack", "sign_flip", "--malicious-fraction", "0.4", "--aggregator", "krum"],
+     "krum with num_byzantine=4 needs at least 2\\*4\\+3 = 11 clients per round, got 10"),
+    (["--attack", "sign_flip"], "needs --malicious-fraction in \\(0, 1\\)"),
+    (["--malicious-fraction", "0.2"], "needs an --attack"),
+    (["--rotate"], "--rotate applies to --quantize-bits"),
+])
+def test_bad_flag_combinations_are_clear_errors(tmp_path, capsys, flags, match):
+  code = cli.main(["run", "--rounds", "2", "--output", str(tmp_path / "x"), "--no-progress",
+                   *flags])
+  assert code == 2
+  assert re.search(match, capsys.readouterr().err)
