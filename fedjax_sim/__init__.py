@@ -1,6 +1,8 @@
 """fedjax_sim: federated learning simulation where a whole round is one XLA program."""
 
 from fedjax_sim import aggregators, datasets, partition
+# Privacy, communication and security: modules of aggregator transforms (see aggregators.chain).
+from fedjax_sim import attacks, compression, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
