@@ -72,18 +72,26 @@ def _check_mask(malicious) -> jax.Array:
 
 
 def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
-  """Multiplies malicious clients' updates by scale_fn(is_malicious [C], weights [C])."""
+  """Multiplies malicious clients' updates by scale_fn(is_malicious [C], weights [C]).
+
+  The mask is the stage's state, so a sweep can swap the malicious set in the
+  ServerState without recompiling.
+  """
   mask = _check_mask(malicious)
+
+  def init(params, num_clients):
+    del params, num_clients
+    return jnp.asarray(mask)
 
   def apply(state, deltas, weights, ids, key):
     del key
-    bad = jnp.asarray(mask)[ids]
+    bad = state[ids]
     factor = jnp.where(bad, scale_fn(bad, weights), 1.0)
     scaled = jax.tree_util.tree_map(
         lambda d: d * factor.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype), deltas)
     return scaled, weights, state, {"malicious_sampled": jnp.sum(bad)}
 
-  return ClientTransform(no_state, apply, _validator(mask))
+  return ClientTransform(init, apply, _validator(mask))
 
 
 def sign_flip(malicious, scale: float = 1.0) -> ClientTransform:

@@ -142,7 +142,10 @@ def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> floa
 
 
 class DPState(NamedTuple):
-  clip_norm: jax.Array  # the clipping norm the next round uses
+  """Arrays, so that a sweep can set them in the ServerState without recompiling."""
+
+  clip_norm: jax.Array         # the clipping norm the next round uses
+  noise_multiplier: jax.Array  # z (the total, with adaptive clipping)
 
 
 def dp_mean(clip_norm: float, noise_multiplier: float, *,
@@ -174,7 +177,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
 
   def init(params, num_clients):
     del params, num_clients
-    return DPState(jnp.float32(clip_norm))
+    return DPState(jnp.float32(clip_norm), jnp.float32(noise_multiplier))
 
   def validate(clients_per_round, num_clients=None):
     if adaptive is not None and noise_multiplier > 0:
@@ -183,10 +186,11 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
   def aggregate(state, deltas, weights, ids, key):
     del weights, ids
     m = jax.tree_util.tree_leaves(deltas)[0].shape[0]
-    c = state.clip_norm
-    z = noise_multiplier
-    if adaptive is not None:
-      z = update_noise_multiplier(noise_multiplier, count_stddev(adaptive, m))
+    c, z = state.clip_norm, state.noise_multiplier
+    if adaptive is not None:  # update_noise_multiplier, on arrays
+      sigma_b = count_stddev(adaptive, m)
+      rest = jnp.maximum(z, 1e-30) ** -2 - ((2.0 * sigma_b) ** -2 if sigma_b > 0 else math.inf)
+      z = jnp.where(z > 0, jnp.where(rest > 0, rest, jnp.nan) ** -0.5, 0.0)
     noise_key, count_key = jax.random.split(key)
     clipped, norms = clip_updates(deltas, c)
     total = jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), clipped)
@@ -196,8 +200,8 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
     if adaptive is not None:
       unclipped = jnp.sum(norms <= c) + count_stddev(adaptive, m) * jax.random.normal(count_key)
       fraction = unclipped / m
-      new_state = DPState(c * jnp.exp(-adaptive.learning_rate
-                                      * (fraction - adaptive.target_quantile)))
+      new_state = state._replace(clip_norm=c * jnp.exp(
+          -adaptive.learning_rate * (fraction - adaptive.target_quantile)))
     metrics = {"clip_norm": c, "clipped_fraction": jnp.mean(norms > c),
                "noise_stddev": z * c / m}
     return delta, new_state, metrics

@@ -60,7 +60,8 @@ def test_model_poisoning_matches_loop_reference(name):
   }[name]
   deltas, ids = stacked(1, num_clients=4), jnp.array([0, 3, 5, 2])
   weights = jnp.array([3.0, 1.0, 2.0, 4.0])
-  out, _, _, metrics = stage.apply(None, deltas, weights, ids, jax.random.key(0))
+  out, _, _, metrics = stage.apply(stage.init(None, None), deltas, weights, ids,
+                                  jax.random.key(0))
   expected, _ = loop(unstack(deltas, 4), np.asarray(weights), np.asarray(ids), None)
   for i in range(4):
     np.testing.assert_allclose(ref.flat(jax.tree_util.tree_map(lambda a: a[i], out)),
