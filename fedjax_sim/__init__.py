@@ -4,8 +4,10 @@ from fedjax_sim import aggregators, datasets, partition
 # Privacy, communication and security: modules of aggregator transforms (see aggregators.chain).
 from fedjax_sim import attacks, compression, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
-from fedjax_sim.evaluation import make_evaluator
+from fedjax_sim.evaluation import make_evaluator, make_personalized_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
+from fedjax_sim.algorithms import (ALGORITHMS, build_algorithm, client_state_bytes, ditto, feddyn,
+                                   fednova, fedprox, mimelite, qffl, scaffold)
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
 from fedjax_sim.losses import IGNORE_LABEL, cross_entropy
 from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, char_rnn, cnn,
@@ -25,4 +27,6 @@ __all__ = [
     "make_local_update", "num_params", "register_task", "run", "sample_clients",
     "server_optimizer", "split_clients", "synthetic", "task_names",
     "CharRNN", "IGNORE_LABEL", "char_rnn", "datasets", "partition",
+    "ALGORITHMS", "build_algorithm", "client_state_bytes", "ditto", "feddyn", "fednova",
+    "fedprox", "make_personalized_evaluator", "mimelite", "qffl", "scaffold",
 ]

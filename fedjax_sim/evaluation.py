@@ -83,11 +83,50 @@ def make_evaluator(
       loss, acc = central(params, *central_data)
       out["test_loss"], out["test_accuracy"] = float(loss), float(acc)
     if per_client is not None:
-      loss, hits, count = (np.asarray(a) for a in per_client(params, client_test))
-      has = count > 0
-      out["client_test_loss"] = float(loss.sum() / count.sum())
-      out["client_test_accuracy"] = float(hits.sum() / count.sum())
-      out["client_test_accuracy_p10"] = float(np.percentile(hits[has] / count[has], 10))
+      out.update(_client_metrics("client_test", *per_client(params, client_test)))
     return out
+
+  return evaluate
+
+
+def _client_metrics(prefix: str, loss, hits, count) -> dict[str, float]:
+  """Example-weighted loss and accuracy, and the 10th percentile of accuracy over the
+  clients with test data, from per-client sums."""
+  loss, hits, count = (np.asarray(a) for a in (loss, hits, count))
+  has = count > 0
+  return {f"{prefix}_loss": float(loss.sum() / count.sum()),
+          f"{prefix}_accuracy": float(hits.sum() / count.sum()),
+          f"{prefix}_accuracy_p10": float(np.percentile(hits[has] / count[has], 10))}
+
+
+def make_personalized_evaluator(
+    apply: Callable, client_test: FederatedData) -> Callable[..., dict[str, float]]:
+  """Builds `evaluate(client_params) -> metrics`: each client's own model on its own
+  test split (Ditto's personalized models).
+
+  Args:
+    apply: the model's pure apply function.
+    client_test: per-client test splits; row i is client i's.
+
+  Returns:
+    evaluate(client_params), where every leaf of `client_params` has a leading
+    axis over the clients of `client_test` (as `ServerState.client_states` of
+    `ditto`), -> {"personal_client_test_loss", "personal_client_test_accuracy",
+    "personal_client_test_accuracy_p10"}, aggregated as `make_evaluator` does.
+  """
+
+  @compile_lib.jit
+  def per_client(client_params, data: FederatedData):
+    def one(args):
+      params, x, y, n = args
+      return _sums(apply, params, x, y, jnp.arange(x.shape[0]) < n)
+    return jax.lax.map(one, (client_params, data.x, data.y, data.counts), batch_size=64)
+
+  def evaluate(client_params) -> dict[str, float]:
+    rows = {a.shape[0] for a in jax.tree_util.tree_leaves(client_params)}
+    if rows != {client_test.num_clients}:
+      raise ValueError(f"client_params has models for {sorted(rows)} clients but the test "
+                       f"splits have {client_test.num_clients}")
+    return _client_metrics("personal_client_test", *per_client(client_params, client_test))
 
   return evaluate

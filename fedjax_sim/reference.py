@@ -9,6 +9,7 @@ oracle for the tests and the baseline for the benchmarks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,11 +28,73 @@ from fedjax_sim.losses import cross_entropy
 Params = Any
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _padded_epoch_order(key, n, slots):
+  return local.epoch_order(key, n, slots)
+
+
+def _epoch_order(key: jax.Array, n: int) -> np.ndarray:
+  """`local.epoch_order(key, n, n)`, computed in at least 64 slots: the order of the
+  real examples does not depend on the padding, and one compile then serves every
+  small client."""
+  slots = max(64, 1 << (n - 1).bit_length())
+  return np.asarray(_padded_epoch_order(key, n, slots))[:n]
+
+
+class LoopTrainer:
+  """One client's local training from Python: a jitted step per minibatch.
+
+  The loop counterpart of `local.make_local_update`: the same schedule (epochs of
+  `epoch_order`, or a fixed number of steps cycling through epochs), on the
+  client's unpadded examples, with the last batch of an epoch smaller.
+  """
+
+  def __init__(self, loss: local.PerExampleLoss, optimizer: optax.GradientTransformation, *,
+               batch_size: int, epochs: int | None = None, steps: int | None = None,
+               regularizer: local.Regularizer | None = None):
+    local.check_schedule(batch_size, epochs, steps)
+    self.optimizer = optimizer
+    self.batch_size, self.epochs, self.steps = batch_size, epochs, steps
+
+    def objective(params, x, y, context):
+      data_loss = jnp.mean(loss(params, x, y))
+      reg = 0.0 if regularizer is None else regularizer(params, context)
+      return data_loss + reg, data_loss
+
+    @compile_lib.jit
+    def train_step(params, opt_state, x, y, context):
+      (_, value), grads = jax.value_and_grad(objective, has_aux=True)(params, x, y, context)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state, value
+
+    self._train_step = train_step
+
+  def train(self, params: Params, x: np.ndarray, y: np.ndarray, key: jax.Array,
+            context: Any = None) -> tuple[Params, float, int, int]:
+    """Trains from `params` on (x, y); returns (delta, summed loss, examples, steps)."""
+    n, b = len(x), self.batch_size
+    spe = local.steps_per_epoch(n, b)
+    total = self.epochs * spe if self.epochs is not None else self.steps
+    start, opt_state = params, self.optimizer.init(params)
+    loss_sum, count, order = 0.0, 0, None
+    for s in range(total):
+      epoch, batch = divmod(s, spe)
+      if batch == 0:
+        order = _epoch_order(jax.random.fold_in(key, epoch), n)
+      index = order[batch * b:(batch + 1) * b]
+      params, opt_state, value = self._train_step(params, opt_state, x[index], y[index], context)
+      loss_sum += float(value) * len(index)
+      count += len(index)
+    delta = jax.tree_util.tree_map(jnp.subtract, params, start)
+    return delta, loss_sum, count, total
+
+
 class ReferenceFedAvg:
   """FedAvg/FedOpt with a Python loop over clients and over local batches.
 
   Mirrors `fedavg(...)`: the same arguments (but no chunking) and the same
-  `init(params, key)`; `round(state, data)` runs on the host. `aggregator`, if
+  `init(params, key)`; `round(state, data)` runs on the host. A `regularizer`
+  gets the global params as its context, as in `fedavg` (FedProx). `aggregator`, if
   given, is a host-side `aggregate(deltas: list of pytrees, weights [C], ids [C],
   key) -> delta` in place of the weighted mean (a loop implementation of the
   vectorized aggregator, drawing from the same key); `client_data_transform` is
@@ -44,27 +107,18 @@ class ReferenceFedAvg:
                clients_per_round: int, batch_size: int, epochs: int | None = None,
                steps: int | None = None, weighting: str = "examples",
                loss: local.PerExampleLoss | None = None,
+               regularizer: local.Regularizer | None = None,
                aggregator: Callable | None = None,
                client_data_transform: Callable | None = None):
-    local.check_schedule(batch_size, epochs, steps)
     self.aggregator = aggregator
     self.client_data_transform = (None if client_data_transform is None
                                   else jax.jit(client_data_transform))
-    self.client_optimizer = client_optimizer
+    self.trainer = LoopTrainer(loss or cross_entropy(apply), client_optimizer,
+                               batch_size=batch_size, epochs=epochs, steps=steps,
+                               regularizer=regularizer)
     self.server_optimizer = server_optimizer or optax.sgd(1.0)
     self.clients_per_round = clients_per_round
-    self.batch_size, self.epochs, self.steps = batch_size, epochs, steps
     self.weighting = weighting
-    loss = loss or cross_entropy(apply)
-
-    def batch_loss(params, x, y):
-      return jnp.mean(loss(params, x, y))
-
-    @compile_lib.jit
-    def train_step(params, opt_state, x, y):
-      value, grads = jax.value_and_grad(batch_loss)(params, x, y)
-      updates, opt_state = client_optimizer.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, value
 
     @compile_lib.jit
     def server_step(params, opt_state, delta):
@@ -72,8 +126,7 @@ class ReferenceFedAvg:
       updates, opt_state = self.server_optimizer.update(pseudo_grad, opt_state, params)
       return optax.apply_updates(params, updates), opt_state
 
-    self._train_step, self._server_step = train_step, server_step
-    self._order = jax.jit(local.epoch_order, static_argnums=2)
+    self._server_step = server_step
 
   def init(self, params: Params, key: jax.Array) -> ServerState:
     return ServerState(params, self.server_optimizer.init(params), jnp.zeros((), jnp.int32), key)
@@ -81,20 +134,7 @@ class ReferenceFedAvg:
   def client_update(self, params: Params, x: np.ndarray, y: np.ndarray,
                     key: jax.Array) -> tuple[Params, float, int]:
     """Trains one client alone; returns (delta, summed training loss, examples trained)."""
-    n, b = len(x), self.batch_size
-    spe = local.steps_per_epoch(n, b)
-    total = self.epochs * spe if self.epochs is not None else self.steps
-    start, opt_state = params, self.client_optimizer.init(params)
-    loss_sum, count, order = 0.0, 0, None
-    for s in range(total):
-      epoch, batch = divmod(s, spe)
-      if batch == 0:
-        order = np.asarray(self._order(jax.random.fold_in(key, epoch), n, n))
-      index = order[batch * b:(batch + 1) * b]
-      params, opt_state, value = self._train_step(params, opt_state, x[index], y[index])
-      loss_sum += float(value) * len(index)
-      count += len(index)
-    delta = jax.tree_util.tree_map(jnp.subtract, params, start)
+    delta, loss_sum, count, _ = self.trainer.train(params, x, y, key, params)
     return delta, loss_sum, count
 
   def round(self, state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:

@@ -11,7 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import local
 from fedjax_sim.data import FederatedData
+from fedjax_sim.local import LocalResult
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
 
@@ -36,10 +39,11 @@ class ServerState(NamedTuple):
 
 
 class FederatedAlgorithm(NamedTuple):
-  """`init(params, key) -> state`; `round(state, data) -> (state, metrics)`;
-  `validate(state, data)` raises ValueError on the host, before anything compiles."""
+  """`init(params, key, num_clients=None) -> state` (algorithms with per-client state
+  need `num_clients`); `round(state, data) -> (state, metrics)`; `validate(state, data)`
+  raises ValueError on the host, before anything compiles."""
 
-  init: Callable[[Params, jax.Array], ServerState]
+  init: Callable[..., ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, dict]]
   validate: Callable[[ServerState, FederatedData], None]
 
@@ -125,3 +129,176 @@ def check_labels(apply, params, data: FederatedData) -> None:
     labels = y[i, :counts[i]]
     raise ValueError(f"client {i}: labels must lie in [0, {num_classes}) for this model, "
                      f"found {labels.min()}..{labels.max()}")
+
+
+# --- Pieces shared by the algorithms' rounds (fedprox ... qffl build on these). ---
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+def check_round_args(clients_per_round: int, weighting: str,
+                     client_chunk_size: int | None) -> None:
+  """Raises ValueError for a bad value of the arguments every algorithm factory shares."""
+  if not isinstance(clients_per_round, int) or clients_per_round <= 0:
+    raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
+  if weighting not in WEIGHTINGS:
+    raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+  if client_chunk_size is not None and (not isinstance(client_chunk_size, int)
+                                        or client_chunk_size <= 0):
+    raise ValueError(f"client_chunk_size must be a positive integer, got {client_chunk_size!r}")
+
+
+def local_training(apply: Callable, optimizer: optax.GradientTransformation, *,
+                   clients_per_round: int, batch_size: int, epochs: int | None,
+                   steps: int | None, weighting: str, client_chunk_size: int | None,
+                   loss: Callable | None = None,
+                   regularizer: Callable | None = None) -> tuple[Callable, Callable]:
+  """Checks a factory's shared arguments; returns (loss, local_update).
+
+  `loss` defaults to softmax cross-entropy of `apply`; `local_update` is
+  `local.make_local_update(loss, optimizer, ...)` with the given regularizer.
+  """
+  check_round_args(clients_per_round, weighting, client_chunk_size)
+  local.check_schedule(batch_size, epochs, steps)
+  loss = loss or cross_entropy(apply)
+  return loss, local.make_local_update(loss, optimizer, batch_size=batch_size, epochs=epochs,
+                                       steps=steps, regularizer=regularizer)
+
+
+def make_validate(apply: Callable, clients_per_round: int,
+                  stateful: bool = False) -> Callable[[ServerState, FederatedData], None]:
+  """A FederatedAlgorithm's `validate`: enough clients, labels in range, and for
+  algorithms with per-client state, state for exactly the data's clients."""
+
+  def validate(state: ServerState, data: FederatedData) -> None:
+    check_clients_per_round(clients_per_round, data)
+    check_labels(apply, state.params, data)
+    if stateful:
+      check_client_states(state, data)
+
+  return validate
+
+
+class RoundDraws(NamedTuple):
+  """A round's random draws: the next state key, the sampled ids, the keys they came from."""
+
+  next_key: jax.Array
+  ids: jax.Array
+  sample_key: jax.Array
+  train_key: jax.Array
+
+
+def start_round(state: ServerState, data: FederatedData, clients_per_round: int) -> RoundDraws:
+  """Splits the round's key and samples its clients, as `fedavg` does."""
+  check_clients_per_round(clients_per_round, data)
+  next_key, sample_key, train_key = round_keys(state.key)
+  ids = sample_clients(sample_key, data.num_clients, clients_per_round)
+  return RoundDraws(next_key, ids, sample_key, train_key)
+
+
+def client_weights(weighting: str, data: FederatedData, ids: jax.Array) -> jax.Array:
+  """Aggregation weights of clients `ids`: their example counts, or ones."""
+  if weighting == "examples":
+    return data.counts[ids].astype(jnp.float32)
+  return jnp.ones(ids.shape, jnp.float32)
+
+
+def weighted_mean(weights: jax.Array, stacked: Params) -> Params:
+  """sum_c w_c stacked[c] / sum_c w_c over the leading client axis."""
+  total = jnp.sum(weights)
+  return jax.tree_util.tree_map(lambda t: t / total, weighted_sum(weights, stacked))
+
+
+def scale_rows(scale: jax.Array, stacked: Params) -> Params:
+  """Multiplies row c of every leaf by `scale[c]`."""
+  return jax.tree_util.tree_map(
+      lambda a: a * scale.reshape(-1, *([1] * (a.ndim - 1))).astype(a.dtype), stacked)
+
+
+def train_sampled(local_update: Callable, data: FederatedData, ids: jax.Array,
+                  train_key: jax.Array, setup: Callable[[Any], tuple[Params, Any]],
+                  rows: Any = None, chunk_size: int | None = None) -> LocalResult:
+  """Trains the clients `ids` together (one vmap, or `chunk_size` at a time).
+
+  Args:
+    local_update: from `local.make_local_update`.
+    data: the training data; client i's padded rows are gathered here.
+    ids: sampled client ids [C].
+    train_key: the round's training key (each client's key is folded from its id).
+    setup: `setup(row) -> (start params, regularizer context)` for one client,
+      given its row of `rows` (closed-over values are shared by all clients).
+    rows: per-client inputs with a leading axis over `ids` (gathered client
+      state), or None.
+    chunk_size: clients trained at a time; None trains all at once.
+
+  Returns:
+    The stacked LocalResult, leading axis over `ids`.
+  """
+  def one(args):
+    i, row = args
+    start, context = setup(row)
+    return local_update(start, data.x[i], data.y[i], data.counts[i], client_key(train_key, i),
+                        context)
+  return map_clients(one, (ids, rows), chunk_size)
+
+
+def full_batch_loss(loss: Callable, params: Params, x: jax.Array, y: jax.Array,
+                    n: jax.Array) -> jax.Array:
+  """A padded client's local objective: the mean of `loss` over its `n` real examples."""
+  mask = (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
+  return jnp.sum(loss(params, x, y) * mask) / jnp.maximum(n, 1).astype(jnp.float32)
+
+
+def server_step(optimizer: optax.GradientTransformation, state: ServerState,
+                delta: Params) -> tuple[Params, optax.OptState]:
+  """FedOpt's server update: `optimizer` applied to the pseudo-gradient -delta."""
+  pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
+  updates, opt_state = optimizer.update(pseudo_grad, state.opt_state, state.params)
+  return optax.apply_updates(state.params, updates), opt_state
+
+
+def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
+                  data: FederatedData, ids: jax.Array, models_up: int = 1,
+                  models_down: int = 1) -> dict:
+  """The metrics every algorithm reports, from the clients' LocalResult sums [C] and
+  the round's update.
+
+  `models_up`/`models_down` count the model-sized float32 vectors each client sends
+  and receives per round (SCAFFOLD: 2 each way), for `uplink_bytes`/`downlink_bytes`.
+  """
+  per_model = ids.shape[0] * model_bytes(delta)
+  return {
+      "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
+      "update_norm": optax.tree.norm(delta),
+      "num_examples": data.counts[ids].sum(),
+      "client_ids": ids,
+      "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+      "uplink_bytes": jnp.float32(models_up * per_model),
+      "downlink_bytes": jnp.float32(models_down * per_model),
+  }
+
+
+def init_client_states(tree: Params, num_clients: int | None, algorithm: str) -> Params:
+  """`tree` repeated on a new leading axis over all `num_clients` clients."""
+  if not isinstance(num_clients, int) or num_clients <= 0:
+    raise ValueError(f"{algorithm} keeps state per client: call init(params, key, num_clients) "
+                     f"with the number of clients in the data, got num_clients={num_clients!r}")
+  return jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(a, (num_clients, *jnp.shape(a))).copy(), tree)
+
+
+def check_client_states(state: ServerState, data: FederatedData) -> None:
+  """Raises ValueError if the per-client state was made for another number of clients."""
+  leaves = jax.tree_util.tree_leaves(state.client_states)
+  if not leaves:
+    raise ValueError("this algorithm keeps state per client but the state has none; "
+                     f"init with num_clients={data.num_clients}")
+  if leaves[0].shape[0] != data.num_clients:
+    raise ValueError(f"the state holds per-client state for {leaves[0].shape[0]} clients but "
+                     f"the data has {data.num_clients}; init with num_clients={data.num_clients}")
+
+
+def client_state_bytes(state: ServerState) -> int:
+  """Device memory of the per-client state (all clients): e.g. SCAFFOLD's control
+  variates, num_clients x the model's bytes."""
+  return model_bytes(state.client_states)

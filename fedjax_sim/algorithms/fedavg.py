@@ -22,9 +22,9 @@ import optax
 
 from fedjax_sim import local
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, aggregation_key,
-                                       check_clients_per_round, check_labels, client_data_key,
-                                       client_key, model_bytes, round_keys, sample_clients,
-                                       weighted_sum)
+                                       check_clients_per_round, check_labels, check_round_args,
+                                       client_data_key, client_key, client_weights, round_metrics,
+                                       server_step, start_round, weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
 
@@ -81,10 +81,7 @@ def fedavg(
     FederatedAlgorithm(init, round, validate).
   """
   local.check_schedule(batch_size, epochs, steps)
-  if not isinstance(clients_per_round, int) or clients_per_round <= 0:
-    raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
-  if weighting not in ("examples", "uniform"):
-    raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
+  check_round_args(clients_per_round, weighting, client_chunk_size)
   chunk = clients_per_round if client_chunk_size is None else client_chunk_size
   if not isinstance(chunk, int) or chunk <= 0 or clients_per_round % chunk:
     raise ValueError(f"client_chunk_size={client_chunk_size!r} must be a positive divisor of "
@@ -117,15 +114,11 @@ def fedavg(
       return local_update(params, x, y, n, client_key(train_key, client_id), params)
     return jax.vmap(one)(ids)
 
-  def client_weights(data, ids):
-    return (data.counts[ids].astype(jnp.float32) if weighting == "examples"
-            else jnp.ones(ids.shape, jnp.float32))
-
   def mean_delta(params, data, ids, train_key):
     """Fused weighted mean: a scan over chunks keeps one chunk of client models alive."""
     def body(acc, chunk_ids):
       result = train_clients(params, data, chunk_ids, train_key)
-      w = client_weights(data, chunk_ids)
+      w = client_weights(weighting, data, chunk_ids)
       acc = (jax.tree_util.tree_map(jnp.add, acc[0], weighted_sum(w, result.delta)),
              acc[1] + w.sum())
       return acc, (result.loss_sum, result.num_trained)
@@ -141,33 +134,20 @@ def fedavg(
                           ids.reshape(-1, chunk))
     results = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), results)
     delta, agg_state, metrics = aggregator.aggregate(
-        state.aggregator_state, results.delta, client_weights(data, ids), ids, agg_key)
+        state.aggregator_state, results.delta, client_weights(weighting, data, ids), ids, agg_key)
     return delta, results.loss_sum, results.num_trained, metrics, agg_state
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    check_clients_per_round(clients_per_round, data)
-    next_key, sample_key, train_key = round_keys(state.key)
-    ids = sample_clients(sample_key, data.num_clients, clients_per_round)
+    next_key, ids, sample_key, train_key = start_round(state, data, clients_per_round)
     agg_state = state.aggregator_state
     if aggregator is None:
       delta, loss_sum, num_trained, agg_metrics = mean_delta(state.params, data, ids, train_key)
     else:
       delta, loss_sum, num_trained, agg_metrics, agg_state = aggregated_delta(
           state, data, ids, train_key, aggregation_key(sample_key))
-    pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
-    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
-        "update_norm": optax.tree.norm(delta),
-        "num_examples": data.counts[ids].sum(),
-        "client_ids": ids,
-        "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
-        # float32 model both ways unless a compressor (in agg_metrics) says otherwise
-        "uplink_bytes": jnp.float32(clients_per_round * model_bytes(state.params)),
-        "downlink_bytes": jnp.float32(clients_per_round * model_bytes(state.params)),
-        **agg_metrics,
-    }
+    params, opt_state = server_step(server_optimizer, state, delta)
+    # float32 model both ways unless a compressor (in agg_metrics) says otherwise
+    metrics = {**round_metrics(loss_sum, num_trained, delta, data, ids), **agg_metrics}
     new_state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
                                key=next_key, aggregator_state=agg_state)
     return new_state, metrics
