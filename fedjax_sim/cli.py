@@ -15,7 +15,7 @@ import sys
 import jax
 
 from fedjax_sim import aggregation_options, evaluation, optimizers, partition, runner, tasks
-from fedjax_sim.algorithms import fedavg
+from fedjax_sim.algorithms import ALGORITHMS, build_algorithm
 
 
 TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma", "max_examples",
@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cap on training examples per client (drops the rest)")
   data.add_argument("--data-dir", default=None, help="LEAF or TFDS data folder")
   data.add_argument("--data-seed", type=int, default=None, help="seed of the data split")
+  run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS)
+  hyper = run.add_argument_group("algorithm hyperparameters", "used by the algorithm named")
+  hyper.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
+  hyper.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn alpha")
+  hyper.add_argument("--mime-momentum", type=float, default=0.9, help="MimeLite beta")
+  hyper.add_argument("--ditto-lambda", type=float, default=0.1, help="Ditto lambda")
+  hyper.add_argument("--q", type=float, default=1.0, help="q-FFL exponent")
   run.add_argument("--rounds", type=int, default=200)
   run.add_argument("--clients-per-round", type=int, default=10)
   schedule = run.add_mutually_exclusive_group()
@@ -65,8 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> dict:
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
-  client_opt = optimizers.client_optimizer(args.client_optimizer, args.client_lr)
-  server_opt = optimizers.server_optimizer(args.server_optimizer, args.server_lr)
   options = {name: getattr(args, name) for name in TASK_OPTIONS
              if getattr(args, name) is not None}
   task = tasks.load_task(args.task, seed=args.seed, **options)
@@ -74,19 +79,22 @@ def run_command(args: argparse.Namespace) -> dict:
   setup = aggregation_options.build(args, num_clients=task.train.num_clients,
                                     num_classes=task.num_classes, train_x=task.train.x,
                                     rounds=args.rounds)
-  algorithm = fedavg(
-      model.apply, client_optimizer=client_opt, server_optimizer=server_opt,
+  algorithm = build_algorithm(
+      args.algorithm, model.apply, client_optimizer=args.client_optimizer,
+      client_lr=args.client_lr, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
       clients_per_round=args.clients_per_round, batch_size=args.batch_size,
       epochs=epochs, steps=args.steps, weighting=args.weighting,
       client_chunk_size=args.client_chunk_size, aggregator=setup.aggregator,
-      client_data_transform=setup.client_data_transform)
+      client_data_transform=setup.client_data_transform, mu=args.mu,
+      feddyn_alpha=args.feddyn_alpha, mime_momentum=args.mime_momentum,
+      ditto_lambda=args.ditto_lambda, q=args.q)
   evaluate = aggregation_options.with_backdoor(
       evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test),
       model.apply, task.test, setup.backdoor)
   for note in setup.notes:
     print(f"fedjax-sim: {note}")
-  output = args.output or os.path.join(
-      "runs", f"{args.task}-{args.server_optimizer}-seed{args.seed}")
+  name = args.server_optimizer if args.algorithm == "fedavg" else args.algorithm
+  output = args.output or os.path.join("runs", f"{args.task}-{name}-seed{args.seed}")
   os.makedirs(output, exist_ok=True)
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
@@ -95,12 +103,19 @@ def run_command(args: argparse.Namespace) -> dict:
     json.dump(config, f, indent=2)
   state = algorithm.init(model.params, jax.random.key(args.seed), task.train.num_clients)
   summary_path = os.path.join(output, "summary.json")
-  runner.run(algorithm, state, task.train, rounds=setup.rounds, rounds_per_chunk=args.eval_every,
+  state, _ = runner.run(algorithm, state, task.train, rounds=setup.rounds, rounds_per_chunk=args.eval_every,
              evaluate=evaluate, metrics_path=os.path.join(output, "metrics.jsonl"),
              summary_path=summary_path, progress=not args.no_progress,
              round_metrics=setup.accountant)
   with open(summary_path) as f:
     summary = json.load(f)
+  if args.algorithm == "ditto" and task.client_test is not None:
+    summary["personalized"] = evaluation.make_personalized_evaluator(
+        model.apply, task.client_test)(state.client_states)
+    with open(summary_path, "w") as f:
+      json.dump(summary, f, indent=2)
+    print("ditto's personalized models: client test accuracy "
+          f"{summary['personalized']['personal_client_test_accuracy']:.4f}")
   final = summary.get("final", {})
   print(f"done: {summary['rounds']} rounds in {summary['seconds']:.1f} s; "
         f"train loss {final.get('train_loss', float('nan')):.4f}, "

@@ -2,6 +2,8 @@
 reference on the same keys, and each against its defining behaviour on a problem whose
 answer is known in closed form (heterogeneous quadratic clients) or by construction."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,3 +303,19 @@ def test_bad_hyperparameters_are_rejected_before_compiling(small_mlp):
     algorithms.build_algorithm("feddyn", small_mlp.apply, server_optimizer="fedadam", **kwargs)
   with pytest.raises(ValueError, match="unknown algorithm"):
     algorithms.build_algorithm("fedsgd", small_mlp.apply, **kwargs)
+
+
+def test_cli_runs_an_algorithm_with_per_client_state(tmp_path, capsys):
+  from fedjax_sim import cli
+  out = tmp_path / "ditto"
+  code = cli.main(["run", "--algorithm", "ditto", "--ditto-lambda", "0.5", "--rounds", "2",
+                   "--eval-every", "2", "--output", str(out), "--no-progress"])
+  assert code == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["status"] == "completed"
+  assert 0.0 <= summary["personalized"]["personal_client_test_accuracy"] <= 1.0
+  assert json.loads((out / "config.json").read_text())["algorithm"] == "ditto"
+  assert "personalized models" in capsys.readouterr().out
+  assert cli.main(["run", "--algorithm", "mimelite", "--server-optimizer", "fedyogi",
+                   "--no-progress", "--output", str(tmp_path / "x")]) == 2
+  assert "mimelite has its own server update" in capsys.readouterr().err
