@@ -280,11 +280,11 @@ def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
 
 def init_client_states(tree: Params, num_clients: int | None, algorithm: str) -> Params:
   """`tree` repeated on a new leading axis over all `num_clients` clients."""
-  if not isinstance(num_clients, int) or num_clients <= 0:
+  if not isinstance(num_clients, (int, np.integer)) or num_clients <= 0:
     raise ValueError(f"{algorithm} keeps state per client: call init(params, key, num_clients) "
                      f"with the number of clients in the data, got num_clients={num_clients!r}")
   return jax.tree_util.tree_map(
-      lambda a: jnp.broadcast_to(a, (num_clients, *jnp.shape(a))).copy(), tree)
+      lambda a: jnp.broadcast_to(a, (int(num_clients), *jnp.shape(a))).copy(), tree)
 
 
 def check_client_states(state: ServerState, data: FederatedData) -> None:
