@@ -13,8 +13,9 @@
   `[num_clients, d]` in the aggregator state, gathered and scattered by client id.
   Wire: k float32 values and k int32 indices.
 
-Each compressor reports `uplink_bytes` (all sampled clients, this round) and
-`bits_per_parameter`; `fedavg` reports the float32 sizes when nothing compresses,
+Each compressor reports `uplink_bytes` (all sampled clients, this round),
+`bits_per_parameter` and `compression_error` (the mean over clients of
+||decoded - input||^2 / ||input||^2); `fedavg` reports the float32 sizes when nothing compresses,
 and `downlink_bytes` (the float32 model sent to each sampled client). The
 compressors decode on the server, so the next stage sees the values it would
 reconstruct. Written here rather than taken from a library: optax has no
@@ -89,6 +90,12 @@ def stochastic_quantize(v: jax.Array, bits: int, key: jax.Array) -> jax.Array:
   return jnp.where(width > 0, lo + level * (width / levels), v)
 
 
+def relative_error(decoded: jax.Array, flat: jax.Array) -> jax.Array:
+  """Mean over clients (rows) of ||decoded - flat||^2 / ||flat||^2."""
+  err = jnp.sum((decoded - flat) ** 2, axis=1) / jnp.maximum(jnp.sum(flat ** 2, axis=1), 1e-30)
+  return jnp.mean(err)
+
+
 def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
   """Stochastic uniform quantization of each client's flattened update to `bits` bits.
 
@@ -98,7 +105,8 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
       and rotate back on the server; pads d to a power of two.
 
   Returns:
-    A ClientTransform; metrics `uplink_bytes`, `bits_per_parameter`.
+    A ClientTransform; metrics `uplink_bytes`, `bits_per_parameter`,
+    `compression_error`.
   """
   if not (isinstance(bits, int) and 1 <= bits <= 16):
     raise ValueError(f"quantization bits must be an integer in [1, 16], got {bits!r}")
@@ -117,7 +125,8 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
     sent = padded_length(d) if rotation else d
     bits_per_client = bits * sent + 64  # plus min and max as float32
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
-               "bits_per_parameter": jnp.float32(bits_per_client / d)}
+               "bits_per_parameter": jnp.float32(bits_per_client / d),
+               "compression_error": relative_error(decoded, flat)}
     return unravel(decoded), weights, state, metrics
 
   return ClientTransform(no_state, apply)
@@ -145,7 +154,8 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
       num_clients)`).
 
   Returns:
-    A ClientTransform; metrics `uplink_bytes`, `bits_per_parameter`.
+    A ClientTransform; metrics `uplink_bytes`, `bits_per_parameter`,
+    `compression_error` (of what it sends against update + residual).
   """
   if (k is None) == (fraction is None):
     raise ValueError("top_k: give exactly one of k= or fraction=")
@@ -180,7 +190,8 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     if state is not None:
       state = TopKState(scatter_rows(state.residual, ids, u - sent))
     metrics = {"uplink_bytes": jnp.float32(num * kk * 8),  # float32 value + int32 index
-               "bits_per_parameter": jnp.float32(64 * kk / d)}
+               "bits_per_parameter": jnp.float32(64 * kk / d),
+               "compression_error": relative_error(sent, u)}
     return unravel(sent), weights, state, metrics
 
   return ClientTransform(init, apply)

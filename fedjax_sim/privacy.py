@@ -145,7 +145,8 @@ class DPState(NamedTuple):
   """Arrays, so that a sweep can set them in the ServerState without recompiling."""
 
   clip_norm: jax.Array         # the clipping norm the next round uses
-  noise_multiplier: jax.Array  # z (the total, with adaptive clipping)
+  noise_multiplier: jax.Array  # z (the total with adaptive clipping, where it must stay
+                               # below 2 x the count noise: checked only at construction)
 
 
 def dp_mean(clip_norm: float, noise_multiplier: float, *,

@@ -62,6 +62,10 @@ def test_quantize_matches_loop_reference_and_reports_bytes(rotation):
   for i, e in enumerate(expected):
     for leaf in ("b", "w"):
       np.testing.assert_allclose(np.asarray(out[leaf][i]), e[leaf], rtol=1e-4, atol=1e-5)
+  errors = [np.sum((ref.flat(e) - ref.flat(jax.tree_util.tree_map(lambda a: a[i], deltas))) ** 2)
+            / np.sum(ref.flat(jax.tree_util.tree_map(lambda a: a[i], deltas)) ** 2)
+            for i, e in enumerate(expected)]
+  assert float(metrics["compression_error"]) == pytest.approx(np.mean(errors), rel=1e-3)
   d = 16  # 12 + 4 coordinates, a power of two already
   assert float(metrics["uplink_bytes"]) == 7 * (4 * d + 64) / 8
   assert float(metrics["bits_per_parameter"]) == pytest.approx((4 * d + 64) / d)
