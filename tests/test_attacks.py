@@ -129,15 +129,24 @@ SCENARIOS = {
 }
 
 
+KWARGS = dict(client_optimizer=optax.sgd(0.5), clients_per_round=4, batch_size=4, steps=3)
+
+
+@pytest.fixture(scope="module")
+def reference(logreg):
+  """One loop reference for every scenario, so that its per-batch steps compile once;
+  each scenario sets its own aggregator and data hook."""
+  return fs.ReferenceFedAvg(logreg.apply, **KWARGS)
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_rounds_with_attacks_and_defences_equal_the_loop_reference(ragged, logreg, scenario):
+def test_rounds_with_attacks_and_defences_equal_the_loop_reference(ragged, logreg, reference,
+                                                                   scenario):
   _, _, train = ragged
   hook, make_agg, make_ref = SCENARIOS[scenario]
-  kwargs = dict(client_optimizer=optax.sgd(0.5), clients_per_round=4, batch_size=4, steps=3)
   algorithm = fs.fedavg(logreg.apply, aggregator=make_agg(), client_data_transform=hook(),
-                        **kwargs)
-  reference = fs.ReferenceFedAvg(logreg.apply, aggregator=make_ref(),
-                                 client_data_transform=hook(), **kwargs)
+                        **KWARGS)
+  reference.aggregator, reference.client_data_transform = make_ref(), jax.jit(hook())
   key = jax.random.key(11)
   dp = scenario == "privacy_compression"
   accountant = privacy.DPAccountant(0.2, 4, 6, 1e-3, orders=(2, 4, 8, 16)) if dp else None

@@ -12,7 +12,7 @@ def rows(out):
   return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_dp_run_reports_epsilon_and_stops_at_the_target(tmp_path, capsys):
+def test_dp_run_with_backdoor_and_quantization(tmp_path, capsys):
   # 30 clients, 5 per round, delta 0.1 / 30; the PLD bound (no amplification) is quick.
   accountant = privacy.DPAccountant(3.0, 5, 30, 0.1 / 30, accountant="pld")
   last = accountant.max_rounds(3.5)
@@ -20,32 +20,23 @@ def test_dp_run_reports_epsilon_and_stops_at_the_target(tmp_path, capsys):
   out = tmp_path / "dp"
   code = cli.main(["run", "--rounds", "6", "--eval-every", "3", "--clients-per-round", "5",
                    "--clip", "0.5", "--noise-multiplier", "3", "--target-epsilon", "3.5",
-                   "--accountant", "pld", "--attack", "label_flip", "--malicious-fraction", "0.2",
-                   "--top-k-fraction", "0.5", "--output", str(out), "--no-progress"])
-  assert code == 0
-  got = rows(out)
-  assert [r["round"] for r in got] == list(range(1, last + 1))
-  assert [r["epsilon"] for r in got] == [accountant.epsilon(r) for r in range(1, last + 1)]
-  assert got[-1]["epsilon"] <= 3.5
-  assert all(r["clip_norm"] == 0.5 and r["bits_per_parameter"] == 32.0 for r in got)
-  printed = capsys.readouterr().out
-  assert f"is spent after {last} rounds: stopping there" in printed
-  assert "6 of 30 clients are malicious (label_flip)" in printed
-
-
-def test_attack_with_robust_aggregation_and_quantization(tmp_path):
-  out = tmp_path / "robust"
-  code = cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "6",
-                   "--attack", "backdoor", "--malicious-fraction", "0.2", "--aggregator", "median",
+                   "--accountant", "pld", "--attack", "backdoor", "--malicious-fraction", "0.2",
                    "--quantize-bits", "8", "--rotate", "--output", str(out), "--no-progress"])
   assert code == 0
   got = rows(out)
+  # Stopped where the budget ends, with the epsilon spent in every row.
+  assert [r["round"] for r in got] == list(range(1, last + 1))
+  assert [r["epsilon"] for r in got] == [accountant.epsilon(r) for r in range(1, last + 1)]
+  assert got[-1]["epsilon"] <= 3.5 and all(r["clip_norm"] == 0.5 for r in got)
   assert 0.0 <= got[-1]["backdoor_accuracy"] <= 1.0
   d = 60 * 10 + 10  # logistic regression on Synthetic: padded to 1024 by the rotation
-  assert got[0]["uplink_bytes"] == 6 * (8 * 1024 + 64) / 8
-  assert got[0]["downlink_bytes"] == 6 * d * 4
+  assert got[0]["uplink_bytes"] == 5 * (8 * 1024 + 64) / 8
+  assert got[0]["downlink_bytes"] == 5 * d * 4
+  printed = capsys.readouterr().out
+  assert f"is spent after {last} rounds: stopping there" in printed
+  assert "6 of 30 clients are malicious (backdoor)" in printed
   config = json.loads((out / "config.json").read_text())
-  assert config["aggregator"] == "median" and config["attack"] == "backdoor"
+  assert config["attack"] == "backdoor" and config["noise_multiplier"] == 3.0
 
 
 def test_target_epsilon_alone_calibrates_the_noise():
