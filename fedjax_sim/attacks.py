@@ -1,8 +1,11 @@
 """Attacks by a fixed set of malicious clients, inside the vectorized round.
 
-The malicious clients are a fixed subset of client ids (`choose_malicious`), sampled
-like everyone else, so a round holds however many of them were drawn (reported as
-`malicious_sampled`). Model poisoning is a per-client transform that goes first in
+The malicious clients are a fixed subset of client ids (a boolean mask from
+`choose_malicious`), sampled like everyone else, so a round holds however many of
+them were drawn (reported as `malicious_sampled`). Model poisoning can instead take
+an integer k: the first k clients sampled each round are malicious (a uniformly
+random k of them, since sampling is uniform), the setting of the robust
+aggregators' analyses. Model poisoning is a per-client transform that goes first in
 an aggregator chain; data poisoning is a `client_data_transform` for `fedavg`, so
 malicious clients really train on poisoned data.
 
@@ -74,33 +77,47 @@ def _check_mask(malicious) -> jax.Array:
 def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
   """Multiplies malicious clients' updates by scale_fn(is_malicious [C], weights [C]).
 
-  The mask is the stage's state, so a sweep can swap the malicious set in the
-  ServerState without recompiling.
+  `malicious` is a mask over all clients, or an integer k: the first k sampled each
+  round. Either is the stage's state, so a sweep can swap it in the ServerState
+  without recompiling.
   """
-  mask = _check_mask(malicious)
+  if np.ndim(malicious) == 0:
+    per_round = malicious
+    if not (isinstance(per_round, (int, np.integer)) and per_round >= 0):
+      raise ValueError(f"malicious clients per round must be an integer >= 0, got {per_round!r}")
+
+    def validate(clients_per_round, num_clients=None):
+      if per_round > clients_per_round:
+        raise ValueError(f"more malicious clients per round ({per_round}) than clients "
+                         f"sampled per round ({clients_per_round})")
+
+    initial, is_bad = jnp.int32(per_round), lambda state, ids: jnp.arange(ids.shape[0]) < state
+  else:
+    mask = _check_mask(malicious)
+    initial, is_bad, validate = jnp.asarray(mask), lambda state, ids: state[ids], _validator(mask)
 
   def init(params, num_clients):
     del params, num_clients
-    return jnp.asarray(mask)
+    return initial
 
   def apply(state, deltas, weights, ids, key):
     del key
-    bad = state[ids]
+    bad = is_bad(state, ids)
     factor = jnp.where(bad, scale_fn(bad, weights), 1.0)
     scaled = jax.tree_util.tree_map(
         lambda d: d * factor.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype), deltas)
     return scaled, weights, state, {"malicious_sampled": jnp.sum(bad)}
 
-  return ClientTransform(init, apply, _validator(mask))
+  return ClientTransform(init, apply, validate)
 
 
 def sign_flip(malicious, scale: float = 1.0) -> ClientTransform:
-  """Malicious clients send -scale x their update."""
+  """Malicious clients (a mask over clients, or k per round) send -scale x their update."""
   return _model_attack(malicious, lambda bad, w: -float(scale))
 
 
 def scaling(malicious, factor: float) -> ClientTransform:
-  """Malicious clients send factor x their update."""
+  """Malicious clients (a mask over clients, or k per round) send factor x their update."""
   return _model_attack(malicious, lambda bad, w: float(factor))
 
 

@@ -145,7 +145,10 @@ class Scale:
     self.malicious, self.factor, self.lr = np.asarray(malicious), factor, server_learning_rate
 
   def __call__(self, deltas, weights, ids, key):
-    bad = self.malicious[np.asarray(ids)]
+    if self.malicious.ndim == 0:  # the first k sampled
+      bad = np.arange(len(deltas)) < int(self.malicious)
+    else:
+      bad = self.malicious[np.asarray(ids)]
     factor = self.factor
     if factor is None:
       factor = weights.sum() / (self.lr * weights[bad].sum()) if bad.any() else 1.0

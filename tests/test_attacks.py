@@ -50,6 +50,26 @@ def test_label_flip_and_backdoor_poison_only_malicious_clients():
   np.testing.assert_array_equal(qx[:30], px[:30]) and np.testing.assert_array_equal(qy[:30], py[:30])
 
 
+def test_malicious_per_round_are_the_first_k_sampled(small_mlp, count_compiles):
+  stage = attacks.scaling(2, 10.0)
+  deltas, ids = stacked(2, num_clients=4), jnp.array([5, 0, 3, 1])
+  out, _, _, metrics = stage.apply(stage.init(None, None), deltas, jnp.ones(4), ids, None)
+  expected, _ = ref.Scale(2, 10.0)(unstack(deltas, 4), np.ones(4), np.asarray(ids), None)
+  for i in range(4):
+    np.testing.assert_allclose(ref.flat(jax.tree_util.tree_map(lambda a: a[i], out)),
+                               ref.flat(expected[i]), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(out["w"][:2]), 10 * np.asarray(deltas["w"][:2]))
+  np.testing.assert_array_equal(np.asarray(out["w"][2:]), np.asarray(deltas["w"][2:]))
+  assert int(metrics["malicious_sampled"]) == 2
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"more malicious clients per round \(12\) than clients "
+                                       r"sampled per round \(10\)"):
+    fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=10,
+              batch_size=4, epochs=1,
+              aggregator=aggregators.chain(attacks.sign_flip(12), aggregators.mean()))
+  assert count_compiles() == before
+
+
 @pytest.mark.parametrize("name", ["sign_flip", "scaling", "model_replacement"])
 def test_model_poisoning_matches_loop_reference(name):
   stage, loop = {
