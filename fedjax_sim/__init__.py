@@ -15,6 +15,7 @@ from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, cha
 from fedjax_sim.optimizers import client_optimizer, server_optimizer
 from fedjax_sim.reference import ReferenceFedAvg
 from fedjax_sim.runner import History, run
+from fedjax_sim.sweep import SweepResult, sweep
 from fedjax_sim.synthetic import synthetic
 from fedjax_sim.tasks import Task, load_task, register_task, task_names
 
@@ -29,4 +30,5 @@ __all__ = [
     "CharRNN", "IGNORE_LABEL", "char_rnn", "datasets", "partition",
     "ALGORITHMS", "build_algorithm", "client_state_bytes", "ditto", "feddyn", "fednova",
     "fedprox", "make_personalized_evaluator", "mimelite", "qffl", "scaffold",
+    "SweepResult", "sweep",
 ]

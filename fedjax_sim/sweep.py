@@ -1,0 +1,226 @@
+"""Hyperparameter x seed sweeps as one compiled program per shape.
+
+The purejaxrl pattern (`make_train(config)` returning a pure `train(key)`): the user
+gives `make_algorithm(hparams)`, a function that builds a FederatedAlgorithm from a
+dict of hyperparameters. Traced hyperparameters (learning rates, mu, a noise
+multiplier...) arrive as scalar tracers, so the algorithm is built *inside* the
+vmapped program and every configuration shares one compilation; `optax.sgd(lr)`,
+`fs.fedavg(...)` and friends accept traced scalars as they are. Shape-changing
+settings (clients per round, local steps, batch size, model) go in `static`: each
+combination of them is its own compilation, run one after another.
+
+    result = fs.sweep(
+        lambda hp: fs.fedavg(apply, client_optimizer=optax.sgd(hp["client_lr"]),
+                             clients_per_round=hp["clients_per_round"], batch_size=10,
+                             epochs=1),
+        params, train, grid={"client_lr": [0.01, 0.1]}, seeds=[0, 1],
+        static={"clients_per_round": [5, 10]}, rounds=50, evaluate=evaluate)
+    result.rows        # one dict per configuration and seed: final and best metrics
+    result.curves      # metric -> [configurations, rounds]
+
+A configuration with seed s starts from `jax.random.key(s)`, exactly as
+`algorithm.init(params, jax.random.key(s))` does in a separate run, so each row
+equals the separate `fs.run` of that configuration (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import compile as compile_lib
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.data import FederatedData
+
+Hyperparams = dict[str, Any]
+
+
+@dataclasses.dataclass
+class SweepResult:
+  """What a sweep returns.
+
+  Attributes:
+    rows: one dict per configuration and seed: its hyperparameters, `seed`,
+      `final_<metric>` and `best_<metric>` (max for accuracies, min otherwise) of
+      `train_loss` and of every evaluation metric.
+    curves: per-round training metrics, name -> array [len(rows), rounds].
+    eval_rounds: the rounds at which `evaluate` ran (the end of each chunk).
+    eval_curves: evaluation metrics, name -> array [len(rows), len(eval_rounds)].
+    params: the final model parameters of each row, as a list of pytrees.
+    seconds: wall time per static group (compilation included), in group order.
+  """
+
+  rows: list[dict[str, Any]]
+  curves: dict[str, np.ndarray]
+  eval_rounds: np.ndarray
+  eval_curves: dict[str, np.ndarray]
+  params: list[Any]
+  seconds: list[float]
+
+  def column(self, name: str) -> np.ndarray:
+    """The values of `name` over the rows (NaN where a row lacks it)."""
+    return np.array([r.get(name, np.nan) for r in self.rows])
+
+  def plot(self, metric: str = "test_accuracy", ax=None):
+    """One curve per row of `metric` against rounds (needs matplotlib)."""
+    import matplotlib.pyplot as plt  # lazy: an optional extra
+
+    if ax is None:
+      _, ax = plt.subplots(figsize=(6, 4))
+    if metric in self.eval_curves:
+      x, ys = self.eval_rounds, self.eval_curves[metric]
+    else:
+      ys = self.curves[metric]
+      x = np.arange(1, ys.shape[1] + 1)
+    for row, y in zip(self.rows, ys):
+      label = ", ".join(f"{k}={v}" for k, v in row.items()
+                        if not k.startswith(("final_", "best_")))
+      ax.plot(x, y, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def _product(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  names = list(grid)
+  return [dict(zip(names, values)) for values in itertools.product(*(grid[n] for n in names))]
+
+
+def make_sweep_chunk(make_algorithm: Callable[[Hyperparams], FederatedAlgorithm],
+                     data: FederatedData, static: Hyperparams, length: int) -> Callable:
+  """jit(vmap(scan over `length` rounds)) over a leading configuration axis.
+
+  Args:
+    make_algorithm: `hparams -> FederatedAlgorithm`.
+    data: the training data (closed over: shared by every configuration).
+    static: the shape-changing hyperparameters of this compilation.
+    length: rounds per call.
+
+  Returns:
+    `(states, traced_hparams) -> (states, metrics)`, every leaf with a leading
+    configuration axis; the states are donated.
+  """
+
+  def one(state, hparams):
+    algorithm = make_algorithm({**hparams, **static})
+    return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
+
+  return compile_lib.jit(jax.vmap(one), donate_argnums=0)
+
+
+def _best(name: str, values: np.ndarray) -> float:
+  return float(np.max(values) if "accuracy" in name else np.min(values))
+
+
+def sweep(
+    make_algorithm: Callable[[Hyperparams], FederatedAlgorithm],
+    params: Any,
+    data: FederatedData,
+    *,
+    grid: Mapping[str, Sequence[float]],
+    seeds: Sequence[int] = (0,),
+    static: Mapping[str, Sequence[Any]] | None = None,
+    rounds: int,
+    rounds_per_chunk: int | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    num_clients: int | None = None,
+) -> SweepResult:
+  """Runs every configuration of `grid` x `seeds` (x `static`) for `rounds` rounds.
+
+  Args:
+    make_algorithm: `hparams -> FederatedAlgorithm`, called inside the program
+      with the traced values of `grid` (scalar tracers) and the Python values of
+      `static`; it must not branch on traced values in Python.
+    params: the initial model parameters, shared by every configuration.
+    data: the training FederatedData.
+    grid: traced hyperparameters, name -> values; their product is vmapped.
+    seeds: the seeds of `jax.random.key(seed)` for each configuration.
+    static: shape-changing hyperparameters, name -> values; each combination is
+      a separate compilation.
+    rounds: rounds per configuration.
+    rounds_per_chunk: rounds per compiled call (evaluation happens after each);
+      default all rounds in one call.
+    evaluate: `params -> dict` of held-out metrics, run on the host for each
+      configuration after each chunk.
+    num_clients: passed to `init` for algorithms with per-client state.
+
+  Returns:
+    A SweepResult: rows in the order static x grid x seeds.
+  """
+  if not isinstance(rounds, int) or rounds <= 0:
+    raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+  rounds_per_chunk = rounds_per_chunk or rounds
+  if not grid or any(len(v) == 0 for v in grid.values()):
+    raise ValueError("grid needs at least one hyperparameter with at least one value")
+  if not seeds:
+    raise ValueError("seeds must not be empty")
+  overlap = set(grid) & set(static or {})
+  if overlap:
+    raise ValueError(f"{sorted(overlap)} are both in grid and static")
+  traced = [{**config, "seed": seed} for config in _product(grid) for seed in seeds]
+  hparams = {name: jnp.asarray([c[name] for c in traced], jnp.float32) for name in grid}
+  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds * (len(traced) // len(seeds)), jnp.uint32))
+
+  rows, params_out, seconds = [], [], []
+  curves: dict[str, list] = {}
+  eval_curves: dict[str, list] = {}
+  eval_rounds: list[int] = []
+  for static_config in _product(static or {}) if static else [{}]:
+    start = time.perf_counter()
+    # Validate one configuration (with concrete values) before anything compiles.
+    probe = make_algorithm({**traced[0], **static_config})
+    init_args = () if num_clients is None else (num_clients,)
+    # jit: fresh output buffers, never aliases of `params` (the chunks donate them).
+    states = jax.jit(jax.vmap(lambda hp, key: make_algorithm({**hp, **static_config}).init(
+        params, key, *init_args)))(hparams, keys)
+    probe.validate(jax.tree_util.tree_map(lambda a: a[0], states), data)
+    group_metrics: list[dict] = []
+    group_evals: list[dict] = []
+    group_eval_rounds = []
+    chunks: dict[int, Callable] = {}  # one compilation per chunk length, as in `run`
+    done = 0
+    while done < rounds:
+      length = min(rounds_per_chunk, rounds - done)
+      if length not in chunks:
+        chunks[length] = make_sweep_chunk(make_algorithm, data, static_config, length)
+      states, metrics = chunks[length](states, hparams)
+      group_metrics.append(jax.device_get(metrics))
+      done += length
+      if evaluate is not None:
+        group_eval_rounds.append(done)
+        group_evals.append([evaluate(jax.tree_util.tree_map(lambda a, i=i: a[i], states.params))
+                            for i in range(len(traced))])
+    seconds.append(time.perf_counter() - start)
+    eval_rounds = group_eval_rounds
+    scalar_names = [n for n, v in group_metrics[0].items() if np.ndim(v) == 2]
+    group_curves = {n: np.concatenate([m[n] for m in group_metrics], axis=1) for n in scalar_names}
+    group_eval = {n: np.array([[e[i][n] for e in group_evals] for i in range(len(traced))])
+                  for n in (group_evals[0][0] if group_evals else {})}
+    for i, config in enumerate(traced):
+      row = {**static_config, **config}
+      # final/best of the training loss and of every evaluation metric; the rest
+      # (bytes, update norms) stay in `curves`.
+      summarized = {**{n: v for n, v in group_curves.items() if n == "train_loss"}, **group_eval}
+      for name, values in summarized.items():
+        row[f"final_{name}"] = float(values[i, -1])
+        row[f"best_{name}"] = _best(name, values[i])
+      rows.append(row)
+      params_out.append(jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), states.params))
+    for target, source in ((curves, group_curves), (eval_curves, group_eval)):
+      for name, values in source.items():
+        target.setdefault(name, []).append(values)
+  return SweepResult(
+      rows=rows,
+      curves={n: np.concatenate(v) for n, v in curves.items()},
+      eval_rounds=np.array(eval_rounds),
+      eval_curves={n: np.concatenate(v) for n, v in eval_curves.items()},
+      params=params_out,
+      seconds=seconds)

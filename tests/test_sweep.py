@@ -1,0 +1,74 @@
+"""Sweeps: one vmapped program per shape equals separate runs of each configuration."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from conftest import max_relative_error
+
+ROUNDS = 3
+
+
+def make_fedadam(apply):
+  """FedAdam with traced client and server learning rates."""
+  def make(hp):
+    return fs.fedavg(
+        apply, client_optimizer=optax.sgd(hp["client_lr"]),
+        server_optimizer=optax.chain(fs.optimizers.scale_by_reddi("adam"),
+                                     optax.scale(-hp["server_lr"])),
+        clients_per_round=hp["clients_per_round"], batch_size=4, steps=3)
+  return make
+
+
+@pytest.fixture(scope="module")
+def swept(ragged, small_mlp):
+  _, _, train = ragged
+  evaluate = fs.make_evaluator(small_mlp.apply, test=(np.asarray(train.x[:, 0]),
+                                                      np.asarray(train.y[:, 0])))
+  result = fs.sweep(make_fedadam(small_mlp.apply), small_mlp.params, train,
+                    grid={"client_lr": [0.05, 0.2], "server_lr": [0.05]}, seeds=[0, 1],
+                    static={"clients_per_round": [3]}, rounds=ROUNDS, evaluate=evaluate)
+  return result, evaluate
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_sweep_equals_separate_runs(ragged, small_mlp, swept, index):
+  _, _, train = ragged
+  result, evaluate = swept
+  row = result.rows[index]
+  algorithm = make_fedadam(small_mlp.apply)(
+      {"client_lr": row["client_lr"], "server_lr": row["server_lr"], "clients_per_round": 3})
+  state, history = fs.run(algorithm, algorithm.init(small_mlp.params, jax.random.key(row["seed"])),
+                          train, rounds=ROUNDS, rounds_per_chunk=ROUNDS, evaluate=evaluate,
+                          progress=False)
+  assert max_relative_error(result.params[index], state.params) < 1e-5
+  np.testing.assert_allclose(result.curves["train_loss"][index],
+                             [r["train_loss"] for r in history], rtol=1e-5)
+  assert row["final_test_accuracy"] == pytest.approx(history[-1]["test_accuracy"], abs=1e-6)
+  assert row["final_test_loss"] == pytest.approx(history[-1]["test_loss"], rel=1e-5)
+  assert max_relative_error(state.params, small_mlp.params) > 1e-2  # it trained
+
+
+def test_sweep_table(swept):
+  result, _ = swept
+  assert [(r["client_lr"], r["seed"]) for r in result.rows] == [
+      (0.05, 0), (0.05, 1), (0.2, 0), (0.2, 1)]
+  assert all(r["clients_per_round"] == 3 and r["server_lr"] == 0.05 for r in result.rows)
+  assert result.curves["train_loss"].shape == (4, ROUNDS)
+  assert list(result.eval_rounds) == [ROUNDS]
+  assert len(result.params) == 4 and len(result.seconds) == 1
+  assert result.rows[0]["best_train_loss"] <= result.rows[0]["final_train_loss"]
+  # Seeds differ, so rows with one configuration and two seeds differ.
+  assert result.rows[0]["final_train_loss"] != result.rows[1]["final_train_loss"]
+
+
+def test_sweep_rejects_bad_arguments(ragged, small_mlp):
+  _, _, train = ragged
+  make = make_fedadam(small_mlp.apply)
+  with pytest.raises(ValueError, match="both in grid and static"):
+    fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]},
+             static={"client_lr": [0.1]}, rounds=1)
+  with pytest.raises(ValueError, match="rounds"):
+    fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=0)
