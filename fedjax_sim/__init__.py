@@ -2,7 +2,7 @@
 
 from fedjax_sim import aggregators, datasets, partition
 # Privacy, communication and security: modules of aggregator transforms (see aggregators.chain).
-from fedjax_sim import attacks, compression, privacy, robust, secure_aggregation
+from fedjax_sim import attacks, compression, memory, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator, make_personalized_evaluator
 from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients

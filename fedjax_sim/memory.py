@@ -1,0 +1,156 @@
+"""Memory planning: bytes per client of a round, and the client chunk size that fits.
+
+A round holds every client of a chunk at once (its model copy, gradients, optimizer
+state, activations of a minibatch, its padded data), so its memory grows linearly
+with `client_chunk_size`, on top of a fixed part (the training data on the device,
+the server state, the metrics). Rather than model XLA's buffer assignment by hand,
+`measure_round` asks the compiler: it compiles the round (not run) with chunks of 1
+and of p clients (p the smallest divisor of clients_per_round above 1) and reads
+`compiled.memory_analysis()`, so activations, fusion and rematerialization are
+counted as they really are. The line through the two points is the plan:
+
+    memory = fs.memory.measure_round(
+        lambda chunk: fs.fedavg(..., clients_per_round=1000, client_chunk_size=chunk),
+        params, train, clients_per_round=1000)
+    chunk = fs.memory.plan_client_chunk(memory, 1000, fs.memory.device_budget())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.data import FederatedData
+
+MB = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundMemory:
+  """Compiled memory of one round as `fixed_bytes + chunk * per_client_bytes`.
+
+  Attributes:
+    fixed_bytes: arguments (the data on the device, the state), outputs and the
+      temporaries that do not grow with the chunk.
+    per_client_bytes: temporaries per client trained at once.
+    model_bytes: one copy of the parameters (a part of per_client_bytes).
+    data_bytes: one client's padded data (gathered per client; also a part).
+    argument_bytes: the round's inputs, of which the training data.
+  """
+
+  fixed_bytes: int
+  per_client_bytes: int
+  model_bytes: int
+  data_bytes: int
+  argument_bytes: int
+
+  def total_bytes(self, chunk: int) -> int:
+    """Predicted bytes of a round training `chunk` clients at a time."""
+    return self.fixed_bytes + chunk * self.per_client_bytes
+
+
+def _tree_bytes(tree: Any) -> int:
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def compiled_round_bytes(algorithm: FederatedAlgorithm, state: Any,
+                         data: FederatedData) -> tuple[int, int]:
+  """(total, argument) bytes of one compiled round, from XLA's memory analysis.
+
+  Compiles without running. Total counts arguments, outputs and temporaries,
+  less outputs that alias (donated) arguments.
+  """
+  analysis = jax.jit(algorithm.round).lower(state, data).compile().memory_analysis()
+  if analysis is None:
+    raise NotImplementedError(f"the {jax.default_backend()} backend reports no memory analysis")
+  total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+           + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+  return int(total), int(analysis.argument_size_in_bytes)
+
+
+def _smallest_divisor(n: int) -> int:
+  return next(d for d in range(2, n + 1) if n % d == 0)
+
+
+def measure_round(make_algorithm: Callable[[int], FederatedAlgorithm], params: Any,
+                  data: FederatedData, *, clients_per_round: int,
+                  num_clients: int | None = None) -> RoundMemory:
+  """Measures the memory of a round as a line in the client chunk size.
+
+  Args:
+    make_algorithm: `client_chunk_size -> FederatedAlgorithm` (everything else fixed).
+    params: the model parameters.
+    data: the training data the round will see.
+    clients_per_round: clients per round of the algorithm.
+    num_clients: passed to `init` for algorithms with per-client state.
+
+  Returns:
+    A RoundMemory. Two compilations (one when clients_per_round is 1).
+  """
+  key = jax.random.key(0)
+  init_args = () if num_clients is None else (num_clients,)
+
+  def measure(chunk):
+    algorithm = make_algorithm(chunk)
+    state = jax.eval_shape(lambda: algorithm.init(params, key, *init_args))
+    return compiled_round_bytes(algorithm, state, data)
+
+  one, arguments = measure(1)
+  if clients_per_round > 1:
+    p = _smallest_divisor(clients_per_round)
+    per_client = max(0, (measure(p)[0] - one) // (p - 1))
+  else:
+    per_client = one - arguments  # all temporaries and outputs: an upper bound
+  data_bytes = (data.x[0].size * data.x.dtype.itemsize + data.y[0].size * data.y.dtype.itemsize)
+  return RoundMemory(fixed_bytes=one - per_client, per_client_bytes=per_client,
+                     model_bytes=_tree_bytes(params), data_bytes=int(data_bytes),
+                     argument_bytes=arguments)
+
+
+def device_budget(device: jax.Device | None = None, fraction: float = 0.9) -> int | None:
+  """`fraction` of the device's memory limit, or None where it reports none (CPU)."""
+  device = device or jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats or "bytes_limit" not in stats:
+    return None
+  return int(stats["bytes_limit"] * fraction)
+
+
+def plan_client_chunk(memory: RoundMemory, clients_per_round: int, budget_bytes: int) -> int:
+  """The largest divisor of clients_per_round whose round fits `budget_bytes`.
+
+  Args:
+    memory: from `measure_round`.
+    clients_per_round: clients per round.
+    budget_bytes: device memory available to the round.
+
+  Returns:
+    The client chunk size to pass as `client_chunk_size`.
+
+  Raises:
+    MemoryError: when even one client at a time does not fit, saying what would help.
+  """
+  fitting = [c for c in range(1, clients_per_round + 1)
+             if clients_per_round % c == 0 and memory.total_bytes(c) <= budget_bytes]
+  if fitting:
+    return max(fitting)
+  need = memory.total_bytes(1)
+  if memory.fixed_bytes > budget_bytes:
+    what = (f"the fixed part alone, {memory.fixed_bytes / MB:.1f} MB (of which the round's "
+            f"inputs, the training data on the device and the server state, "
+            f"{memory.argument_bytes / MB:.1f} MB), exceeds the budget")
+  else:
+    what = (f"one client needs {memory.per_client_bytes / MB:.1f} MB (model copy "
+            f"{memory.model_bytes / MB:.1f} MB, padded data {memory.data_bytes / MB:.1f} MB, the rest "
+            f"gradients, optimizer state and activations) beside the fixed "
+            f"{memory.fixed_bytes / MB:.1f} MB")
+  raise MemoryError(
+      f"a round with one client at a time needs {need / MB:.1f} MB but the budget is "
+      f"{budget_bytes / MB:.1f} MB: {what}. What would help: a smaller batch_size "
+      f"(activations grow with it), a cap on padded examples (from_clients(max_examples=...)), "
+      f"a smaller model or bfloat16 parameters, sharding the clients over several devices, "
+      f"or a device with more memory.")
