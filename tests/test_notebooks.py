@@ -36,6 +36,14 @@ NOTEBOOKS = {
          "CLIENTS_PER_ROUND": 2, "LOCAL_EPOCHS": 1},
         ["alpha=100: 10 clients", "alpha=0.1: test accuracy", "after 2 rounds",
          "labels per client", "shards:", "padding efficiency"]),
+    "privacy_and_attacks.ipynb": (
+        {"DP_CLIENTS": 100, "DP_CLIENTS_PER_ROUND": 10, "DP_ROUNDS": 2, "NOISE_MULTIPLIERS": [2.0],
+         "RDP_ORDERS": [2, 4, 8, 16, 32], "ROUNDS": 2, "COMPARE_PLAIN": False, "BITS": [],
+         "ROTATED_BITS": [2], "TOP_K": [], "COMPRESSION_MODEL": "logreg",
+         "MALICIOUS_FRACTIONS": [0.2], "AGGREGATORS": ["median"], "DEFENCES": ["norm_bound"]},
+        ["needs noise multiplier z =", "the budget of 2.0 lasts", "z=2: epsilon",
+         "client 9 dropped:", "secure aggregation, 30% dropout: test accuracy", "2-bit rotated: 3.25", "MB uplink",
+         "median, 20% malicious: test accuracy", "defence norm_bound: test accuracy"]),
 }
 
 
