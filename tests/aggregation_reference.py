@@ -19,7 +19,8 @@ import scipy.linalg
 
 
 def flat(tree) -> np.ndarray:
-  return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(tree)])
+  leaves = jax.tree_util.tree_leaves(tree)
+  return np.concatenate([np.asarray(x, np.float64).ravel() for x in leaves])
 
 
 def unflat(vec: np.ndarray, like):

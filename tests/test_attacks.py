@@ -44,10 +44,12 @@ def test_label_flip_and_backdoor_poison_only_malicious_clients():
   np.testing.assert_array_equal(np.asarray(py)[hit], 0)
   np.testing.assert_array_equal(np.asarray(px)[~hit], np.asarray(x)[~hit])
   hx, hy, _ = poison(x, y, 40, 2, key)  # an honest client is untouched
-  np.testing.assert_array_equal(hx, x) and np.testing.assert_array_equal(hy, y)
+  np.testing.assert_array_equal(hx, x)
+  np.testing.assert_array_equal(hy, y)
   # Padding cannot change which real examples are poisoned.
   qx, qy, _ = poison(jnp.pad(x[:30], ((0, 20), (0, 0))), jnp.pad(y[:30], (0, 20)), 30, 3, key)
-  np.testing.assert_array_equal(qx[:30], px[:30]) and np.testing.assert_array_equal(qy[:30], py[:30])
+  np.testing.assert_array_equal(qx[:30], px[:30])
+  np.testing.assert_array_equal(qy[:30], py[:30])
 
 
 def test_malicious_per_round_are_the_first_k_sampled(small_mlp, count_compiles):

@@ -42,7 +42,8 @@ NOTEBOOKS = {
          "ROTATED_BITS": [2], "TOP_K": [], "COMPRESSION_MODEL": "logreg",
          "MALICIOUS_FRACTIONS": [0.2], "AGGREGATORS": ["median"], "DEFENCES": ["norm_bound"]},
         ["needs noise multiplier z =", "the budget of 2.0 lasts", "z=2: epsilon",
-         "client 9 dropped:", "secure aggregation, 30% dropout: test accuracy", "2-bit rotated: 3.25", "MB uplink",
+         "client 9 dropped:", "secure aggregation, 30% dropout: test accuracy",
+         "2-bit rotated: 3.25", "MB uplink",
          "median, 20% malicious: test accuracy", "defence norm_bound: test accuracy"]),
 }
 
