@@ -163,7 +163,7 @@ def reference(logreg):
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_rounds_with_attacks_and_defences_equal_the_loop_reference(ragged, logreg, reference,
-                                                                   scenario):
+                                                                   scenario, count_compiles):
   _, _, train = ragged
   hook, make_agg, make_ref = SCENARIOS[scenario]
   algorithm = fs.fedavg(logreg.apply, aggregator=make_agg(), client_data_transform=hook(),
@@ -189,3 +189,13 @@ def test_rounds_with_attacks_and_defences_equal_the_loop_reference(ragged, logre
     assert history[0]["uplink_bytes"] == 4 * (6 * 32 + 64) / 8
   else:  # 32-bit ring elements from each survivor
     assert all(r["uplink_bytes"] == r["secagg_survivors"] * d * 4 for r in history)
+  if dp:
+    # A sweep swaps the malicious set and the noise multiplier in the state: the compiled
+    # round is reused, and the attack and the noise really changed.
+    first, *middle, last = state.aggregator_state
+    swept = state._replace(aggregator_state=(
+        jnp.zeros_like(first), *middle, last._replace(noise_multiplier=jnp.float32(0.0))))
+    before = count_compiles()
+    _, again = fs.run(algorithm, swept, train, rounds=3, rounds_per_chunk=3, progress=False)
+    assert count_compiles() == before
+    assert all(r["malicious_sampled"] == 0 and r["noise_stddev"] == 0 for r in again)
