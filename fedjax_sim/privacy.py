@@ -163,7 +163,8 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
   Returns:
     An Aggregator (ignoring the example weights: see the module docstring) with
     metrics `clip_norm` (used this round), `clipped_fraction` and
-    `noise_stddev` (of the mean's coordinates).
+    `noise_stddev` (of the mean's coordinates). `clipped_fraction` is a diagnostic
+    of the simulation: a real server sees only the noisy count.
   """
   _check_clip(clip_norm)
   _check_noise(noise_multiplier)
