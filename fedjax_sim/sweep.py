@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import compile as compile_lib
+from fedjax_sim import sharding
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.data import FederatedData
 
@@ -95,25 +96,25 @@ def _product(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def make_sweep_chunk(make_algorithm: Callable[[Hyperparams], FederatedAlgorithm],
-                     data: FederatedData, static: Hyperparams, length: int) -> Callable:
+                     static: Hyperparams, length: int) -> Callable:
   """jit(vmap(scan over `length` rounds)) over a leading configuration axis.
 
   Args:
     make_algorithm: `hparams -> FederatedAlgorithm`.
-    data: the training data (closed over: shared by every configuration).
     static: the shape-changing hyperparameters of this compilation.
     length: rounds per call.
 
   Returns:
-    `(states, traced_hparams) -> (states, metrics)`, every leaf with a leading
-    configuration axis; the states are donated.
+    `(states, traced_hparams, data) -> (states, metrics)`: states, hparams and
+    metrics with a leading configuration axis, the data shared (an argument, not
+    a constant baked into the program); the states are donated.
   """
 
-  def one(state, hparams):
+  def one(state, hparams, data):
     algorithm = make_algorithm({**hparams, **static})
     return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
 
-  return compile_lib.jit(jax.vmap(one), donate_argnums=0)
+  return compile_lib.jit(jax.vmap(one, in_axes=(0, 0, None)), donate_argnums=0)
 
 
 def _best(name: str, values: np.ndarray) -> float:
@@ -132,6 +133,7 @@ def sweep(
     rounds_per_chunk: int | None = None,
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     num_clients: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SweepResult:
   """Runs every configuration of `grid` x `seeds` (x `static`) for `rounds` rounds.
 
@@ -151,6 +153,8 @@ def sweep(
     evaluate: `params -> dict` of held-out metrics, run on the host for each
       configuration after each chunk.
     num_clients: passed to `init` for algorithms with per-client state.
+    mesh: split the configurations over this mesh's first axis (their number a
+      multiple of its size); the data is replicated on it.
 
   Returns:
     A SweepResult: rows in the order static x grid x seeds.
@@ -167,8 +171,14 @@ def sweep(
     raise ValueError(f"{sorted(overlap)} are both in grid and static")
   traced = [{**config, "seed": seed} for config in _product(grid) for seed in seeds]
   hparams = {name: jnp.asarray([c[name] for c in traced], jnp.float32) for name in grid}
-  keys = jax.vmap(jax.random.key)(jnp.asarray(seeds * (len(traced) // len(seeds)), jnp.uint32))
+  keys = jax.vmap(jax.random.key)(jnp.asarray(list(seeds) * (len(traced) // len(seeds)), jnp.uint32))
 
+  if mesh is not None:
+    size = mesh.shape[mesh.axis_names[0]]
+    if len(traced) % size:
+      raise ValueError(f"{len(traced)} configurations do not split over {size} devices")
+    hparams = sharding.shard_leading(hparams, mesh)
+    data = sharding.replicate(data, mesh)
   rows, params_out, seconds = [], [], []
   curves: dict[str, list] = {}
   eval_curves: dict[str, list] = {}
@@ -182,6 +192,8 @@ def sweep(
     states = jax.jit(jax.vmap(lambda hp, key: make_algorithm({**hp, **static_config}).init(
         params, key, *init_args)))(hparams, keys)
     probe.validate(jax.tree_util.tree_map(lambda a: a[0], states), data)
+    if mesh is not None:
+      states = sharding.shard_leading(states, mesh)
     group_metrics: list[dict] = []
     group_evals: list[dict] = []
     group_eval_rounds = []
@@ -190,8 +202,8 @@ def sweep(
     while done < rounds:
       length = min(rounds_per_chunk, rounds - done)
       if length not in chunks:
-        chunks[length] = make_sweep_chunk(make_algorithm, data, static_config, length)
-      states, metrics = chunks[length](states, hparams)
+        chunks[length] = make_sweep_chunk(make_algorithm, static_config, length)
+      states, metrics = chunks[length](states, hparams, data)
       group_metrics.append(jax.device_get(metrics))
       done += length
       if evaluate is not None:

@@ -33,7 +33,7 @@ def swept(ragged, small_mlp):
   return result, evaluate
 
 
-@pytest.mark.parametrize("index", [1, 2])
+@pytest.mark.parametrize("index", [3])
 def test_sweep_equals_separate_runs(ragged, small_mlp, swept, index):
   _, _, train = ragged
   result, evaluate = swept

@@ -53,6 +53,7 @@ def fedavg(
     regularizer: local.Regularizer | None = None,
     aggregator: Aggregator | None = None,
     client_data_transform: ClientDataTransform | None = None,
+    client_sharding: jax.sharding.Sharding | None = None,
 ) -> FederatedAlgorithm:
   """FedAvg / FedOpt.
 
@@ -76,6 +77,10 @@ def fedavg(
       rounds never hold all clients' deltas at once.
     client_data_transform: optional `(x, y, n, client_id, key) -> (x, y, n)`
       applied to each sampled client's padded data before local training.
+    client_sharding: a sharding for arrays with a leading client axis, e.g.
+      `NamedSharding(mesh, P("clients"))` (see `fedjax_sim.sharding`): each device
+      trains its share of a chunk's clients and the weighted mean becomes a
+      cross-device reduction. State and data must live on the same mesh.
 
   Returns:
     FederatedAlgorithm(init, round, validate).
@@ -112,7 +117,12 @@ def fedavg(
       if client_data_transform is not None:
         x, y, n = client_data_transform(x, y, n, client_id, client_data_key(train_key, client_id))
       return local_update(params, x, y, n, client_key(train_key, client_id), params)
-    return jax.vmap(one)(ids)
+    if client_sharding is None:
+      return jax.vmap(one)(ids)
+    # Constraining the ids and the results to the client axis makes GSPMD split the
+    # vmapped local training over devices; reductions over it become all-reduces.
+    constrain = lambda a: jax.lax.with_sharding_constraint(a, client_sharding)
+    return jax.tree_util.tree_map(constrain, jax.vmap(one)(constrain(ids)))
 
   def mean_delta(params, data, ids, train_key):
     """Fused weighted mean: a scan over chunks keeps one chunk of client models alive."""
