@@ -1,0 +1,426 @@
+"""Peers side by side: fedjax_sim, FedJAX 0.0.17 and Flower 1.42 on the same FedAvg task.
+
+Each simulator runs in its own process (FedJAX and Flower in their own virtual
+environments, see benchmarks/README.md), started one after another and interleaved
+(A, B, C, A, B, C, ...) for `--repeats` repetitions, so that load from other work on
+the machine falls on all of them alike; the tables report medians over repetitions.
+
+The task (common.py): the 2NN MLP or the FedAvg CNN on MNIST-shaped synthetic data,
+`--num-clients` clients of `examples-per-client` examples, `--clients-per-round`
+sampled per round, `--epochs` local epochs of batch `--batch-size`, client SGD
+`--client-lr`, server FedAvg (learning rate 1). Every simulator trains its own model
+from its own initialization on exactly the same per-client examples.
+
+Per run it records seconds per round after warm-up (median over rounds 2..R), the first
+round (compilation, actor start-up), and end to end: from the launch of the process to
+the end of round R, interpreter start, imports, data, model and compilation included.
+
+Run from the repository root with the package installed (`pip install -e .`):
+
+  FEDJAX_PYTHON=~/.venvs/fedjax/bin/python FLOWER_PYTHON=~/.venvs/flower/bin/python \\
+      python benchmarks/peers/run_all.py --repeats 3
+
+It writes `--output` (default benchmarks/results/peers_cpu.json), a markdown table
+next to it (.md) and, where matplotlib is installed, a plot (.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+# Cases: the task variants; rounds are fewer for the CNN, whose local training is
+# ~100x the MLP's FLOPs and takes seconds per round on a small CPU.
+# The CNN's compute-bound rounds gain nothing from more rounds per call or an
+# epoch-jitted Flower client, so those rows are skipped for it.
+CASES = {
+    "mlp600": dict(model="mlp", examples_per_client=600, rounds=20),
+    "mlp100": dict(model="mlp", examples_per_client=100, rounds=20),
+    "cnn100": dict(model="cnn", examples_per_client=100, rounds=6,
+                   skip=["fedjax_sim_scan", "flower_epoch"]),
+}
+CASE_NAMES = {
+    "mlp": "2NN MLP 784-200-200-10 (199,210 parameters)",
+    "cnn": "FedAvg CNN, 5x5 conv 32/64, 512 dense (1,663,370 parameters)",
+}
+# Simulators: (label, which python, worker script, extra worker flags).
+SIMULATORS = {
+    "fedjax_sim": ("fedjax_sim", "fedjax_sim", "run_fedjax_sim.py", []),
+    # Half the rounds per compiled call: the first call compiles, the second is timed.
+    "fedjax_sim_scan": ("fedjax_sim, R/2 rounds per call", "fedjax_sim", "run_fedjax_sim.py",
+                        lambda rounds: ["--rounds-per-call", str(rounds // 2)]),
+    "fedjax": ("FedJAX 0.0.17", "fedjax", "run_fedjax.py", []),
+    "flower": ("Flower 1.42", "flower", "run_flower.py", []),
+    "flower_epoch": ("Flower 1.42, epoch-jitted client", "flower", "run_flower.py",
+                     ["--client-loop", "epoch"]),
+}
+DEFAULT_SIMULATORS = ["fedjax_sim", "fedjax_sim_scan", "fedjax", "flower", "flower_epoch"]
+# The simulator that speedups are quoted against fedjax_sim for.
+BASELINE = "fedjax_sim"
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  p.add_argument("--simulators", nargs="+", default=DEFAULT_SIMULATORS, choices=list(SIMULATORS))
+  p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="override every case's rounds (an even number, for fedjax_sim_scan)")
+  p.add_argument("--num-clients", type=int, default=common.DEFAULTS["num_clients"])
+  p.add_argument("--clients-per-round", type=int, default=common.DEFAULTS["clients_per_round"])
+  p.add_argument("--batch-size", type=int, default=common.DEFAULTS["batch_size"])
+  p.add_argument("--epochs", type=int, default=common.DEFAULTS["epochs"])
+  p.add_argument("--client-lr", type=float, default=common.DEFAULTS["client_lr"])
+  p.add_argument("--seed", type=int, default=common.DEFAULTS["seed"])
+  p.add_argument("--fedjax-sim-python", default=sys.executable,
+                 help="python with fedjax_sim installed (default: this one)")
+  p.add_argument("--fedjax-python",
+                 default=os.environ.get("FEDJAX_PYTHON", "~/.venvs/fedjax/bin/python"),
+                 help="python of FedJAX's environment (default $FEDJAX_PYTHON, else "
+                      "~/.venvs/fedjax/bin/python)")
+  p.add_argument("--flower-python",
+                 default=os.environ.get("FLOWER_PYTHON", "~/.venvs/flower/bin/python"),
+                 help="python of Flower's environment (default $FLOWER_PYTHON, else "
+                      "~/.venvs/flower/bin/python)")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
+  p.add_argument("--output", default=os.path.join(HERE, "..", "results", "peers_cpu.json"))
+  p.add_argument("--merge", action="store_true",
+                 help="add this invocation's runs to those already in --output (same task "
+                      "configuration) and summarize them all")
+  p.add_argument("--log-dir", default=None,
+                 help="where worker logs go (default: a fresh temporary folder)")
+  return p.parse_args(argv)
+
+
+def case_rounds(args, case: str) -> int:
+  return args.rounds if args.rounds is not None else CASES[case]["rounds"]
+
+
+def case_flags(args, case: str) -> list[str]:
+  c = dict(CASES[case], rounds=case_rounds(args, case))
+  flags = {"model": c["model"], "num-clients": args.num_clients,
+           "clients-per-round": args.clients_per_round,
+           "examples-per-client": c["examples_per_client"], "batch-size": args.batch_size,
+           "epochs": args.epochs, "client-lr": args.client_lr, "server-lr": 1.0,
+           "rounds": c["rounds"], "seed": args.seed}
+  return [t for k, v in flags.items() for t in (f"--{k}", str(v))]
+
+
+def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
+  label, env_name, script, extra = SIMULATORS[sim]
+  python = os.path.expanduser({"fedjax_sim": args.fedjax_sim_python,
+                               "fedjax": args.fedjax_python,
+                               "flower": args.flower_python}[env_name])
+  out = os.path.join(log_dir, f"{case}-{sim}-{rep}.json")
+  log = os.path.join(log_dir, f"{case}-{sim}-{rep}.log")
+  if callable(extra):
+    extra = extra(case_rounds(args, case))
+  cmd = [python, os.path.join(HERE, script), *case_flags(args, case), *extra, "--output", out]
+  load_before = list(os.getloadavg())
+  env = dict(os.environ)
+  env[common.LAUNCH_ENV] = repr(time.time())
+  start = time.time()
+  try:
+    with open(log, "w") as f:
+      proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                            timeout=args.timeout)
+    rc = proc.returncode
+  except subprocess.TimeoutExpired:
+    rc = "timeout"
+  wall = time.time() - start
+  if rc == 0 and os.path.exists(out):
+    with open(out) as f:
+      res = json.load(f)
+  else:
+    with open(log) as f:
+      tail = f.read()[-3000:]
+    res = {"simulator": label, "error": f"exit {rc}", "log_tail": tail}
+    print(f"    FAILED ({rc}); log tail:\n{tail}", flush=True)
+  res.update(case=case, key=sim, label=label, repeat=rep, process_wall_s=wall,
+             loadavg_before=load_before)
+  return res
+
+
+def median(xs):
+  xs = [x for x in xs if x is not None]
+  return statistics.median(xs) if xs else None
+
+
+def summarize(runs: list[dict], cases, sims) -> list[dict]:
+  """One row per (case, simulator): medians over repetitions, and speedups of fedjax_sim
+  as the median of per-repetition ratios (each pair measured back to back)."""
+  rows = []
+  for case in cases:
+    base = {r["repeat"]: r for r in runs
+            if r["case"] == case and r["key"] == BASELINE and "timings" in r}
+    for sim in sims:
+      mine = [r for r in runs if r["case"] == case and r["key"] == sim]
+      ok = [r for r in mine if "timings" in r]
+      if not mine:
+        continue
+      t = lambda name: [r["timings"][name] for r in ok]
+      row = {"case": case, "simulator": sim, "label": SIMULATORS[sim][0],
+             "runs": len(mine), "failed": len(mine) - len(ok)}
+      if ok:
+        row.update(
+            model=ok[0]["task"]["model"], task=ok[0]["task"],
+            steps_per_client=ok[0]["steps_per_client"], device=ok[0]["device"],
+            packages=ok[0]["packages"],
+            per_round_s=median(t("per_round_warm_median_s")),
+            per_round_s_all=t("per_round_warm_median_s"),
+            first_round_s=median(t("first_call_s")),
+            imports_and_setup_s=median([r["timings"]["startup_s"]
+                                        + r["timings"]["imports_and_setup_s"] for r in ok]),
+            end_to_end_s=median(t("end_to_end_s")),
+            end_to_end_s_all=t("end_to_end_s"),
+            eval_loss_initial=median([r.get("eval_loss_initial") for r in ok]),
+            eval_loss_final=median([r.get("eval_loss_final") for r in ok]),
+        )
+        pairs = [(r, base[r["repeat"]]) for r in ok if r["repeat"] in base]
+        if pairs:
+          row["over_fedjax_sim_per_round"] = median(
+              [r["timings"]["per_round_warm_median_s"] / b["timings"]["per_round_warm_median_s"]
+               for r, b in pairs if r["timings"]["per_round_warm_median_s"]
+               and b["timings"]["per_round_warm_median_s"]])
+          row["over_fedjax_sim_end_to_end"] = median(
+              [r["timings"]["end_to_end_s"] / b["timings"]["end_to_end_s"] for r, b in pairs])
+      rows.append(row)
+  return rows
+
+
+def _s(x):
+  if x is None:
+    return "-"
+  return f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def _x(x):
+  return "-" if x is None else f"{x:.1f}x"
+
+
+def markdown(result: dict) -> str:
+  meta = result["meta"]
+  cfg = meta["config"]
+  loads = [r["loadavg_before"][0] for r in result["runs"]]
+  reps = {}
+  for r in result["runs"]:
+    reps.setdefault(r["case"], set()).add(r["repeat"])
+  lines = [
+      "# Peers side by side: fedjax_sim, FedJAX, Flower (CPU)",
+      "",
+      f"Device: {meta['cpu_count']} CPUs ({meta['cpu_model']}), no accelerator; every "
+      "simulator on the CPU. Invocations: " + "; ".join(
+          f"{inv['date']}, commit {inv['git_commit']}: `{inv['command']}`"
+          for inv in meta["invocations"]) + ".",
+      "",
+      f"Task: FedAvg, {cfg['num_clients']} clients, {cfg['clients_per_round']} per round, "
+      f"{cfg['epochs']} local epoch(s) of batch {cfg['batch_size']}, client SGD lr "
+      f"{cfg['client_lr']}, server FedAvg (lr 1), example-weighted; synthetic MNIST-shaped "
+      "data (common.py: per-client numpy generators seeded by (seed, client), labels from "
+      "a fixed random linear teacher), the same examples for every simulator. "
+      "Interleaved repetitions per case: " + ", ".join(
+          f"{c} {len(v)}" for c, v in reps.items()) + "; each figure is the median over them.",
+      "",
+      "| case | simulator | s/round (warm) | first round | imports + setup | end to end "
+      "| per round / fedjax_sim | end to end / fedjax_sim | eval loss | runs |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
+  for row in result["summary"]:
+    c = CASES[row["case"]]
+    rounds = row.get("task", {}).get("rounds", c["rounds"])
+    case = (f"{row['case']}: {c['model']}, {c['examples_per_client']} ex/client "
+            f"({row.get('steps_per_client', '?')} steps), {rounds} rounds")
+    if "per_round_s" not in row:
+      lines.append(f"| {case} | {row['label']} | failed | | | | | | | {row['runs']} |")
+      continue
+    loss = (f"{row['eval_loss_initial']:.3f} -> {row['eval_loss_final']:.3f}"
+            if row.get("eval_loss_final") is not None else "-")
+    fails = f" ({row['failed']} failed)" if row["failed"] else ""
+    lines.append(
+        f"| {case} | {row['label']} | {_s(row['per_round_s'])} | {_s(row['first_round_s'])} "
+        f"| {_s(row['imports_and_setup_s'])} | {_s(row['end_to_end_s'])} "
+        f"| {_x(row.get('over_fedjax_sim_per_round'))} "
+        f"| {_x(row.get('over_fedjax_sim_end_to_end'))} | {loss} | {row['runs']}{fails} |")
+  lines += [
+      "",
+      "s/round (warm): median over rounds 2..R of one run, then median over runs (for "
+      "'R/2 rounds per call': the second call's time / (R/2)). First round (first call "
+      "for R/2 per call): "
+      "compilation, Ray start-up of actors and first client steps included. Imports + "
+      "setup: from process launch to the first round (interpreter, imports, data, "
+      "model, simulator objects; for Flower, to its first round hook, Ray start-up "
+      "included). End to end: process launch to the end of the last round. "
+      "x / fedjax_sim: how many times longer than fedjax_sim (one round per call) in "
+      "the same repetition, median over repetitions; above 1 fedjax_sim is faster. "
+      "Eval loss: cross-entropy on 2,000 held-out examples of the teacher task, before "
+      "and after training (each simulator's own initialization), a check that all "
+      "three do the same training.",
+      "",
+      f"Load: other work shared this machine; the 1-minute load average before each "
+      f"worker run was {min(loads):.1f} to {max(loads):.1f} on {meta['cpu_count']} CPUs "
+      "(in the JSON per run). Timings are slowed by it and noisy; the interleaving "
+      "spreads it over all simulators, and the ratios are taken within a repetition.",
+      "",
+      "Implementations:",
+      "",
+  ]
+  seen = set()
+  for r in result["runs"]:
+    if "implementation" in r and (r["key"], r["task"]["model"]) not in seen:
+      seen.add((r["key"], r["task"]["model"]))
+      lines.append(f"- {r['label']}, {r['task']['model']}: {r['implementation']}")
+  lines += [
+      "",
+      "Versions: " + "; ".join(
+          f"{label}: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v)
+          for label, pk in meta["packages"].items()) + ".",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> bool:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  rows = [r for r in result["summary"] if "per_round_s" in r]
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  sims = list(dict.fromkeys(r["simulator"] for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  width = 0.8 / max(1, len(sims))
+  for ax, key, title in ((axes[0], "per_round_s", "seconds per round (warm)"),
+                         (axes[1], "end_to_end_s", "end to end (s)")):
+    for i, sim in enumerate(sims):
+      vals = [next((r[key] for r in rows if r["case"] == c and r["simulator"] == sim), 0)
+              for c in cases]
+      ax.bar([j + i * width for j in range(len(cases))], vals, width,
+             label=SIMULATORS[sim][0])
+    ax.set_xticks([j + width * (len(sims) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels(cases)
+    if key == "per_round_s":
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle(f"FedAvg, {result['meta']['config']['clients_per_round']} of "
+               f"{result['meta']['config']['num_clients']} clients per round, CPU "
+               f"({result['meta']['cpu_count']} cores, shared); medians of interleaved runs")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
+def command_line(argv: list[str]) -> str:
+  """The command, without paths of this machine (log folder, python executables)."""
+  out, skip = ["run_all.py"], False
+  for token in argv:
+    if skip:
+      skip = False
+      continue
+    name = token.split("=", 1)[0]
+    if name in ("--log-dir", "--fedjax-sim-python", "--fedjax-python", "--flower-python",
+                "--output"):
+      skip = "=" not in token
+      continue
+    out.append(token)
+  return " ".join(out)
+
+
+def _git_commit():
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                          text=True, check=True, cwd=HERE).stdout.strip()
+  except Exception:
+    return None
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  log_dir = args.log_dir or tempfile.mkdtemp(prefix="peer-bench-")
+  os.makedirs(log_dir, exist_ok=True)
+  print(f"worker logs in {log_dir}", flush=True)
+  out = os.path.abspath(args.output)
+  old = None
+  if args.merge and os.path.exists(out):
+    with open(out) as f:
+      old = json.load(f)
+  first_rep = 1 + max((r["repeat"] for r in old["runs"]), default=-1) if old else 0
+  runs = []
+  for rep in range(first_rep, first_rep + args.repeats):
+    for case in args.cases:
+      for sim in args.simulators:
+        if sim in CASES[case].get("skip", ()):
+          continue
+        print(f"[repeat {rep + 1 - first_rep}/{args.repeats}] {case} {sim}", flush=True)
+        res = run_worker(args, case, sim, rep, log_dir)
+        if "timings" in res:
+          t = res["timings"]
+          print(f"    {t['per_round_warm_median_s'] or float('nan'):.4f} s/round, first "
+                f"{t['first_call_s']:.2f} s, end to end {t['end_to_end_s']:.2f} s "
+                f"(load {res['loadavg_before'][0]:.1f})", flush=True)
+        runs.append(res)
+  invocation = {
+      "command": command_line(argv if argv is not None else sys.argv[1:]),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "git_commit": _git_commit(), "cases": args.cases, "simulators": args.simulators,
+      "repeats": args.repeats, "rounds_override": args.rounds}
+  config = {"cases": {c: CASES[c] for c in CASES}, "num_clients": args.num_clients,
+            "clients_per_round": args.clients_per_round, "batch_size": args.batch_size,
+            "epochs": args.epochs, "client_lr": args.client_lr, "server_lr": 1.0,
+            "seed": args.seed}
+  invocations = [invocation]
+  if old is not None:
+    old_meta = old["meta"]
+    if {k: old_meta["config"][k] for k in config if k != "cases"} != {
+        k: v for k, v in config.items() if k != "cases"}:
+      raise SystemExit(f"--merge: {out} was measured with another task configuration")
+    invocations = old_meta.get("invocations") or [
+        {k: old_meta[k] for k in ("command", "date", "git_commit")}]
+    invocations = invocations + [invocation]
+    runs = old["runs"] + runs
+  packages = {}
+  for r in runs:
+    if "packages" in r:
+      packages.setdefault(SIMULATORS[r["key"]][1], r["packages"])
+  ok = [r for r in runs if "cpu_model" in r]
+  meta = {
+      "cpu_model": ok[0]["cpu_model"] if ok else None,
+      "cpu_count": os.cpu_count(),
+      "python": platform.python_version(),
+      "packages": packages,
+      "config": config,
+      "invocations": invocations,
+  }
+  cases = [c for c in CASES if any(r["case"] == c for r in runs)]
+  sims = [k for k in SIMULATORS if any(r["key"] == k for r in runs)]
+  result = {"meta": meta, "summary": summarize(runs, cases, sims), "runs": runs}
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  table = markdown(result)
+  with open(os.path.splitext(out)[0] + ".md", "w") as f:
+    f.write(table)
+  plotted = plot(result, os.path.splitext(out)[0] + ".png")
+  print()
+  print(table)
+  print(f"wrote {out}, .md" + (", .png" if plotted else ""))
+  return result
+
+
+if __name__ == "__main__":
+  main()
