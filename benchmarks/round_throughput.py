@@ -5,30 +5,35 @@ optimizers and keys, it measures:
 
 - vectorized: `runner.make_chunk(algorithm, 1)` (one round inside the jitted
   `lax.scan` the runner uses, with `compile.compiler_options()`), compiled ahead of
-  time (the compile time is recorded), warmed up once, then timed with
-  `block_until_ready`, median of `--repeats` rounds;
+  time (the compile time is recorded) and warmed up by one round;
 - vectorized_plain_jit: the same round under plain `jax.jit`, without
   `compile.compiler_options()` (on CPU: with XLA's default YNNPACK fusions), so the
   effect of the CPU fix is measured side by side (only where the options exist);
+- vectorized_chunked (with `--also-chunk-size`): the round with a smaller
+  `client_chunk_size`;
 - loop: `reference.ReferenceFedAvg.round` (per-client, per-batch jitted steps, host
-  averaging), warmed up by one round, median of `--loop-repeats` rounds; skipped and
-  recorded as skipped, never estimated, above `--skip-loop-above`;
+  averaging), warmed up by one round; skipped and recorded as skipped, never estimated,
+  above `--skip-loop-above`;
 - centralized (a practical ceiling, as in DESIGN.md): one set of weights trained for the
-  same number of SGD steps on a batch of clients x batch_size examples, which does the
-  same FLOPs as the round's local training.
+  same number of SGD steps on batches of clients x batch_size examples, the same FLOPs as
+  the round's local training.
 
-Each timed round continues from the previous state (different clients are sampled, the
-same amount of work is done). The first round of the vectorized engine and of the loop
-start from the same state and key, and their parameters are compared, so the two paths
-are checked to do the same work.
+The variants of one (model, clients) row are timed round-robin, one round of each in turn
+(`--repeats` rounds, `--loop-repeats` for the loop), with `block_until_ready`, so they
+all see the same load from other processes; medians of wall time and of process CPU time
+are recorded. Each timed round continues from the state the previous one left (other
+clients are sampled, the work is the same). The first vectorized and loop rounds start
+from the same state and key and their parameters are compared, which checks that both
+paths do the same work.
 
-Run from the repository root, e.g.
+Run from the repository root (see benchmarks/README.md), e.g.
 
   python benchmarks/round_throughput.py --models mlp cnn --clients 10 100 1000 \\
       --skip-loop-above cnn=100
 
 It prints a markdown table and writes JSON to `--output` (default
-benchmarks/results/round_throughput_<platform>.json) with a .md table next to it.
+benchmarks/results/round_throughput_<platform>.json, rewritten after every row) with a .md
+table next to it.
 """
 
 from __future__ import annotations
@@ -407,18 +412,19 @@ def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
     variants["centralized"] = prepare_centralized(model, clients, args, args.repeats)
 
   row.update(time_interleaved(variants))
-  for key in ("vectorized", "vectorized_plain_jit", "vectorized_chunked", "loop", "loop_plain_jit", "centralized"):
+  for key in ("vectorized", "vectorized_plain_jit", "vectorized_chunked", "loop",
+              "loop_plain_jit", "centralized"):
     if "median_s" in row.get(key, {}):
       log(f"{key}: {row[key]['median_s']:.4f} s (CPU {row[key]['median_cpu_s']:.4f} s)")
     elif key in row:
       log(f"{key}: skipped")
   vec = row["vectorized"]
-  vec_s = row["vectorized"]["median_s"]
+  vec_s = vec["median_s"]
   row["vectorized_examples_per_s"] = row["examples_per_round"] / vec_s
   if "median_s" in row["loop"]:
     row["loop_examples_per_s"] = row["examples_per_round"] / row["loop"]["median_s"]
     row["loop_over_vectorized"] = row["loop"]["median_s"] / vec_s
-    row["loop_over_vectorized_cpu"] = row["loop"]["median_cpu_s"] / row["vectorized"]["median_cpu_s"]
+    row["loop_over_vectorized_cpu"] = row["loop"]["median_cpu_s"] / vec["median_cpu_s"]
   if "vectorized_chunked" in row:
     row["chunked_over_vectorized"] = row["vectorized_chunked"]["median_s"] / vec_s
   if "median_s" in row.get("vectorized_plain_jit", {}):
