@@ -26,7 +26,8 @@ class ServerState(NamedTuple):
   (SCAFFOLD's control variates, FedDyn's gradients, error feedback...): a round
   gathers the sampled clients' rows and scatters them back. `algorithm_state` and
   `aggregator_state` hold server-side extras (a server control variate, an
-  adaptive clipping norm...).
+  adaptive clipping norm...). `sim_time` is the simulated wall-clock in seconds
+  when the algorithm simulates client systems (see `fedjax_sim.systems`), else None.
   """
 
   params: Params
@@ -36,6 +37,7 @@ class ServerState(NamedTuple):
   client_states: Any = None
   algorithm_state: Any = None
   aggregator_state: Any = None
+  sim_time: Any = None
 
 
 class FederatedAlgorithm(NamedTuple):
