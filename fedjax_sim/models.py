@@ -36,6 +36,27 @@ def from_nnx(module: nnx.Module) -> Model:
   return Model(apply, params)
 
 
+def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
+  """`model` computing in `compute_dtype` (bfloat16: half the bytes, faster matmuls and
+  convolutions on GPU/TPU) while its parameters, their gradients, the optimizers and
+  the aggregation stay float32.
+
+  The cast sits inside `apply`, so differentiating through it returns float32
+  gradients of the float32 master weights; logits come back as float32 so that
+  the softmax and the loss are computed at full precision.
+  """
+  dtype = jnp.dtype(compute_dtype)
+  base = model.apply
+
+  def cast(a):
+    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+  def apply(params: Params, x: jax.Array) -> jax.Array:
+    return base(jax.tree_util.tree_map(cast, params), cast(x)).astype(jnp.float32)
+
+  return Model(apply, model.params)
+
+
 def num_params(params: Params) -> int:
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
 

@@ -1,0 +1,36 @@
+"""bfloat16 compute with float32 master weights (models.mixed_precision)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_sim as fs
+from fedjax_sim.models import mixed_precision
+
+
+def test_mixed_precision_computes_in_bf16_and_keeps_float32_state(ragged, small_mlp):
+  data = ragged[2]
+  model = small_mlp
+  half = mixed_precision(model)
+  x = jnp.asarray(data.x[3])
+  jaxpr = str(jax.make_jaxpr(half.apply)(model.params, x))
+  assert "bf16[" in jaxpr and "dot_general" in jaxpr
+  logits = half.apply(model.params, x)
+  assert logits.dtype == jnp.float32
+  # bf16 keeps 8 bits of mantissa: close to, not equal to, the float32 logits
+  full = model.apply(model.params, x)
+  err = float(jnp.max(jnp.abs(logits - full)))
+  assert 0 < err < 0.05 * float(jnp.max(jnp.abs(full))) + 1e-2
+
+  def run(m):
+    algorithm = fs.fedavg(m.apply, client_optimizer=optax.sgd(0.1), clients_per_round=3,
+                          batch_size=4, steps=3)
+    state = algorithm.init(m.params, jax.random.key(0))
+    return fs.run(algorithm, state, data, rounds=2, progress=False)
+
+  (s32, h32), (s16, h16) = run(model), run(half)
+  for a, b in zip(jax.tree_util.tree_leaves(s16.params), jax.tree_util.tree_leaves(s32.params)):
+    assert a.dtype == jnp.float32  # master weights and the aggregated model stay float32
+    np.testing.assert_allclose(a, b, atol=2e-2)
+  assert abs(h16[-1]["train_loss"] - h32[-1]["train_loss"]) < 0.05
