@@ -5,7 +5,8 @@ from fedjax_sim import aggregators, datasets, partition
 from fedjax_sim import attacks, compression, memory, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator, make_personalized_evaluator
-from fedjax_sim.algorithms import FederatedAlgorithm, ServerState, fedavg, sample_clients
+from fedjax_sim.algorithms import (FederatedAlgorithm, ServerState, fedavg, fedbuff,
+                                   sample_clients)
 from fedjax_sim.algorithms import (ALGORITHMS, build_algorithm, client_state_bytes, ditto, feddyn,
                                    fednova, fedprox, mimelite, qffl, scaffold)
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
@@ -28,7 +29,8 @@ __all__ = [
     "make_local_update", "num_params", "register_task", "run", "sample_clients",
     "server_optimizer", "split_clients", "synthetic", "task_names",
     "CharRNN", "IGNORE_LABEL", "char_rnn", "datasets", "partition",
-    "ALGORITHMS", "build_algorithm", "client_state_bytes", "ditto", "feddyn", "fednova",
+    "ALGORITHMS", "build_algorithm", "client_state_bytes", "ditto", "fedbuff", "feddyn",
+    "fednova",
     "fedprox", "make_personalized_evaluator", "mimelite", "qffl", "scaffold",
     "SweepResult", "sweep",
 ]

@@ -4,10 +4,11 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, client_
                                         sample_clients)
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedbuff import fedbuff
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.mimelite import mimelite
 from fedjax_sim.algorithms.qffl import qffl
-from fedjax_sim.algorithms.registry import ALGORITHMS, build_algorithm
+from fedjax_sim.algorithms.registry import ALGORITHMS, ASYNC, build_algorithm
 from fedjax_sim.algorithms.scaffold import scaffold

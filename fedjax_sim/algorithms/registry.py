@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedjax_sim import optimizers
+from fedjax_sim import optimizers, systems
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedbuff import fedbuff
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
@@ -25,6 +26,10 @@ ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "mimelite", 
 _OWN_LOCAL_STEP = ("scaffold", "fednova", "mimelite", "qffl")
 _OWN_SERVER_STEP = ("feddyn", "mimelite", "qffl")
 STATEFUL = ("scaffold", "feddyn", "ditto")  # init needs num_clients
+# Asynchronous algorithms simulate client systems, so building one needs the clients'
+# profiles (or their number, to draw them). Not in ALGORITHMS: the CLI has no flags for
+# profiles or concurrency yet, and ALGORITHMS' rounds are synchronous ones.
+ASYNC = ("fedbuff",)
 
 
 def build_algorithm(
@@ -48,8 +53,13 @@ def build_algorithm(
     q: float = 1.0,
     aggregator: Aggregator | None = None,
     client_data_transform: Callable | None = None,
+    concurrency: int | None = None,
+    staleness: str = "polynomial",
+    profiles: systems.ClientProfiles | None = None,
+    num_clients: int | None = None,
+    profile_seed: int = 0,
 ) -> FederatedAlgorithm:
-  """Builds algorithm `name` (one of ALGORITHMS) from optimizer names and numbers.
+  """Builds algorithm `name` (one of ALGORITHMS or ASYNC) from optimizer names and numbers.
 
   Args:
     name: the algorithm.
@@ -68,12 +78,16 @@ def build_algorithm(
     q: q-FFL's exponent.
     aggregator: see `fedavg`; FedAvg, FedProx and Ditto (its global model) take one.
     client_data_transform: see `fedavg`; FedAvg and FedProx take one.
+    concurrency, staleness: FedBuff's (see `fedbuff`); its buffer size is
+      `clients_per_round` and `concurrency` defaults to it.
+    profiles: FedBuff's client profiles; if None, drawn by
+      `systems.sample_profiles(num_clients, seed=profile_seed)`.
 
   Returns:
     The FederatedAlgorithm; algorithms in STATEFUL need `init(params, key, num_clients)`.
   """
-  if name not in ALGORITHMS:
-    raise ValueError(f"unknown algorithm {name!r}; choose from {ALGORITHMS}")
+  if name not in ALGORITHMS + ASYNC:
+    raise ValueError(f"unknown algorithm {name!r}; choose from {ALGORITHMS + ASYNC}")
   allowed = ("sgd", "momentum") if name == "fednova" else ("sgd",)
   if name in _OWN_LOCAL_STEP and client_optimizer not in allowed:
     raise ValueError(f"{name} defines its own local step: client optimizer must be one of "
@@ -93,6 +107,17 @@ def build_algorithm(
                 steps=steps, weighting=weighting, client_chunk_size=client_chunk_size)
   client_opt = optimizers.client_optimizer(client_optimizer, client_lr)
   server_opt = optimizers.server_optimizer(server_optimizer, server_lr)
+  if name == "fedbuff":
+    if profiles is None:
+      if num_clients is None:
+        raise ValueError("fedbuff simulates client systems: give profiles= or num_clients= "
+                         "(to draw them with systems.sample_profiles)")
+      profiles = systems.sample_profiles(num_clients, seed=profile_seed)
+    return fedbuff(apply, client_optimizer=client_opt, server_optimizer=server_opt,
+                   profiles=profiles, buffer_size=clients_per_round,
+                   concurrency=clients_per_round if concurrency is None else concurrency,
+                   staleness=staleness, batch_size=batch_size, epochs=epochs, steps=steps,
+                   weighting=weighting, client_chunk_size=client_chunk_size)
   if name == "fedavg":
     return fedavg(apply, client_optimizer=client_opt, server_optimizer=server_opt, **common,
                   **hooks)
