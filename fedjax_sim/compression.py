@@ -16,7 +16,9 @@
 Each compressor reports `uplink_bytes` (all sampled clients, this round),
 `bits_per_parameter` and `compression_error` (the mean over clients of
 ||decoded - input||^2 / ||input||^2); `fedavg` reports the float32 sizes when nothing compresses,
-and `downlink_bytes` (the float32 model sent to each sampled client). The
+and `downlink_bytes` (the float32 model sent to each sampled client);
+`uplink_bytes_per_client(aggregator, d)` gives one client's size statically (for
+simulated upload times, `fedjax_sim.systems`). The
 compressors decode on the server, so the next stage sees the values it would
 reconstruct. Written here rather than taken from a library: optax has no
 compressors, and these are a few lines of jnp each over the flattened update.
@@ -25,13 +27,42 @@ compressors, and these are a few lines of jnp each over the flattened update.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_sim.aggregators import ClientTransform, client_keys, no_state, ravel_clients
 from fedjax_sim.algorithms.base import gather_rows, scatter_rows
+
+# Each compressor's `apply` -> bits one client sends for a d-parameter update, so that
+# the bytes on the wire are known statically (simulated upload times, `systems`).
+_WIRE_BITS: "weakref.WeakKeyDictionary[Callable, Callable[[int], int]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def chain_stages(aggregator: Any) -> tuple:
+  """The stages of an aggregator built by `aggregators.chain`, else `(aggregator,)`."""
+  fn = getattr(aggregator, "aggregate", None)
+  if getattr(fn, "__qualname__", None) == "chain.<locals>.aggregate" and fn.__closure__:
+    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
+    if "stages" in cells:
+      return tuple(cells["stages"].cell_contents)
+  return (aggregator,)
+
+
+def uplink_bytes_per_client(aggregator: Any, num_params: int) -> float | None:
+  """Bytes one client uploads for a `num_params`-coordinate update under `aggregator`
+  (a compressor, or a chain holding one: the last compressor's size, as its metrics
+  report), or None if nothing compresses (the float32 update then goes up)."""
+  bits = None
+  for stage in chain_stages(aggregator):
+    apply = getattr(stage, "apply", None)
+    if apply is not None and apply in _WIRE_BITS:
+      bits = _WIRE_BITS[apply](num_params)
+  return None if bits is None else bits / 8
 
 
 def hadamard(x: jax.Array) -> jax.Array:
@@ -111,6 +142,10 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
   if not (isinstance(bits, int) and 1 <= bits <= 16):
     raise ValueError(f"quantization bits must be an integer in [1, 16], got {bits!r}")
 
+  def wire_bits(d: int) -> int:
+    sent = padded_length(d) if rotation else d
+    return bits * sent + 64  # plus min and max as float32
+
   def apply(state, deltas, weights, ids, key):
     flat, unravel = ravel_clients(deltas)
     num, d = flat.shape
@@ -122,13 +157,13 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
       decoded = unrotate(coded, signs, d)
     else:
       decoded = jax.vmap(lambda v, k: stochastic_quantize(v, bits, k))(flat, keys)
-    sent = padded_length(d) if rotation else d
-    bits_per_client = bits * sent + 64  # plus min and max as float32
+    bits_per_client = wire_bits(d)
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / d),
                "compression_error": relative_error(decoded, flat)}
     return unravel(decoded), weights, state, metrics
 
+  _WIRE_BITS[apply] = wire_bits
   return ClientTransform(no_state, apply)
 
 
@@ -194,4 +229,5 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
                "compression_error": relative_error(sent, u)}
     return unravel(sent), weights, state, metrics
 
+  _WIRE_BITS[apply] = lambda d: 64 * kept(d)  # float32 value + int32 index
   return ClientTransform(init, apply)

@@ -13,7 +13,8 @@ asynchronous arrival order are decided on the device, vectorized over clients.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -176,3 +177,289 @@ def describe(profiles: ClientProfiles) -> Mapping[str, dict[str, float]]:
     p10, p50, p90 = np.percentile(np.asarray(value), [10, 50, 90])
     out[name] = {"p10": float(p10), "median": float(p50), "p90": float(p90)}
   return out
+
+
+# --- Synchronous rounds with stragglers, dropouts, deadlines and over-selection. ---
+
+STRAGGLER_POLICIES = ("drop", "partial")
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SystemsConfig:
+  """How a synchronous round treats client systems (`fedavg(..., systems=...)`).
+
+  profiles: ClientProfiles of every client of the data.
+  deadline_s: seconds after which the server stops waiting; a client whose work
+    does not fit is a straggler. None: no deadline.
+  over_selection: sample this many clients more than clients_per_round and keep
+    the clients_per_round that report first.
+  stragglers: 'drop' (FedAvg: a straggler's update is discarded) or 'partial'
+    (FedProx: it sends the steps it managed, via local_update's step_budget).
+  dropout: probability that a sampled client does not respond, on top of its
+    profile's availability (it responds with probability availability * (1 - dropout)).
+  straggler_fraction: the protocol of Li et al. 2020, Sec. 5.2: this fraction of
+    the sampled clients (round(s * sampled), chosen at random each round) are
+    stragglers that manage only a random amount of work, uniform in {1..E} epochs
+    or {1..S} steps.
+  """
+
+  profiles: ClientProfiles
+  deadline_s: float | None = None
+  over_selection: int = 0
+  stragglers: str = "drop"
+  dropout: float = 0.0
+  straggler_fraction: float = 0.0
+
+  def __post_init__(self):
+    if not isinstance(self.profiles, ClientProfiles):
+      raise ValueError(f"profiles must be ClientProfiles (see make_profiles / sample_profiles), "
+                       f"got {type(self.profiles).__name__}")
+    check_profiles(self.profiles)
+    d = self.deadline_s
+    if d is not None and not (_is_number(d) and np.isfinite(d) and d > 0):
+      raise ValueError(f"deadline_s must be a number > 0 (or None for no deadline), got {d!r}")
+    if not (isinstance(self.over_selection, (int, np.integer))
+            and not isinstance(self.over_selection, bool) and self.over_selection >= 0):
+      raise ValueError(f"over_selection must be an integer >= 0, got {self.over_selection!r}")
+    if self.stragglers not in STRAGGLER_POLICIES:
+      raise ValueError(f"stragglers must be 'drop' or 'partial', got {self.stragglers!r}")
+    if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
+    if not (_is_number(self.straggler_fraction) and 0.0 <= self.straggler_fraction <= 1.0):
+      raise ValueError(f"straggler_fraction must lie in [0, 1], got {self.straggler_fraction!r}")
+
+
+class RoundPlan(NamedTuple):
+  """Who a synchronous round aggregates and how long it takes, per sampled client [C]."""
+
+  aggregated: jax.Array    # bool: the update enters the mean
+  step_budget: jax.Array   # int32: local steps trained into the update (0 if not aggregated)
+  seconds: jax.Array       # float32: simulated seconds of the work the client attempts
+  responded: jax.Array     # bool: the client was reachable (availability, dropout)
+  straggler: jax.Array     # bool: it could not do its full work (protocol or deadline)
+  round_time: jax.Array    # float32 scalar: simulated seconds of the round
+
+
+def systems_key(sample_key: jax.Array) -> jax.Array:
+  """The key of a round's system draws (who responds, who straggles, how much work),
+  independent of the training keys and of the aggregator's key (fold 1)."""
+  return jax.random.fold_in(sample_key, 2)
+
+
+def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int:
+  """round(s * sampled): how many sampled clients the FedProx protocol makes stragglers
+  (Python's round, half to even)."""
+  return int(round(straggler_fraction * sampled))
+
+
+def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: jax.Array, *,
+               clients_per_round: int, batch_size: int, epochs: int | None,
+               steps: int | None, downlink_bytes: Any, uplink_bytes: Any) -> RoundPlan:
+  """Decides, before any training, which sampled clients a synchronous round aggregates.
+
+  The rule, per sampled client (ids [C], C = clients_per_round + over_selection):
+
+  1. it responds with probability availability * (1 - dropout);
+  2. its planned work is its full steps (`full_steps`), except for the
+     round(straggler_fraction * C) protocol stragglers drawn at random, whose work
+     is e epochs (e * ceil(n / B) steps, e uniform in {1..E}) or s steps (uniform
+     in {1..S});
+  3. with a deadline D, a client whose planned work (communication + steps *
+     step_seconds) takes longer than D is a straggler too; under 'partial' it runs
+     floor((D - communication) / step_seconds) steps, clipped to [0, planned]
+     (0: it cannot contribute);
+  4. 'drop' excludes every straggler, 'partial' keeps their partial work;
+  5. among the responding clients left (candidates), the clients_per_round with
+     the smallest simulated seconds (ties by position) are aggregated: the server
+     closes the round at the clients_per_round-th report.
+
+  `round_time` is the largest simulated seconds among aggregated clients (0 if
+  none), except that with a deadline, when fewer than clients_per_round clients
+  are aggregated, the server has waited for a client that never reported in time
+  and the round takes D. `seconds` is, per client, communication plus the steps
+  of the work it attempts (its planned work, or under 'partial' the steps that
+  fit the deadline), whether or not it is aggregated.
+
+  Args:
+    config: the SystemsConfig.
+    ids: sampled client ids [C].
+    counts: their example counts [C] (as they train this round).
+    key: the round's systems key (`systems_key`).
+    clients_per_round: K, the clients the server aggregates at most.
+    batch_size, epochs, steps: the local schedule.
+    downlink_bytes, uplink_bytes: bytes each client receives and sends.
+
+  Returns:
+    A RoundPlan.
+  """
+  num = ids.shape[0]
+  profiles = gather(config.profiles, ids)
+  respond_key, straggler_key, work_key = jax.random.split(key, 3)
+  responded = (jax.random.uniform(respond_key, (num,))
+               < profiles.availability * (1.0 - config.dropout))
+  full = full_steps(counts, batch_size, epochs, steps)
+
+  num_slow = num_protocol_stragglers(config.straggler_fraction, num)
+  if num_slow > 0:
+    # A random subset of exactly num_slow positions: the first num_slow of a permutation.
+    order = jax.random.permutation(straggler_key, num)
+    designated = jnp.zeros((num,), bool).at[order[:num_slow]].set(True)
+    if epochs is not None:
+      reduced = (jax.random.randint(work_key, (num,), 1, epochs + 1)
+                 * ((counts + batch_size - 1) // batch_size))
+    else:
+      reduced = jax.random.randint(work_key, (num,), 1, steps + 1)
+    planned = jnp.where(designated, jnp.minimum(reduced, full), full).astype(jnp.int32)
+  else:
+    designated = jnp.zeros((num,), bool)
+    planned = full
+
+  comm = communication_seconds(profiles, downlink_bytes, uplink_bytes)
+  per_step = step_seconds(profiles, batch_size)
+  partial = config.stragglers == "partial"
+  if config.deadline_s is not None:
+    deadline = jnp.float32(config.deadline_s)
+    late = comm + planned * per_step > deadline
+    fits = jnp.clip(jnp.floor((deadline - comm) / per_step), 0, planned).astype(jnp.int32)
+    work = jnp.where(late, fits, planned) if partial else planned
+    cannot = late & (fits == 0)
+  else:
+    late = jnp.zeros((num,), bool)
+    work, cannot = planned, late
+  straggler = designated | late
+  candidate = responded & (~cannot if partial else ~straggler)
+  seconds = (comm + work * per_step).astype(jnp.float32)
+
+  # Over-selection: the server keeps the first clients_per_round reports.
+  finish = jnp.where(candidate, seconds, jnp.inf)
+  rank = jnp.zeros((num,), jnp.int32).at[jnp.argsort(finish, stable=True)].set(
+      jnp.arange(num, dtype=jnp.int32))
+  aggregated = candidate & (rank < clients_per_round)
+
+  round_time = jnp.max(jnp.where(aggregated, seconds, 0.0))
+  if config.deadline_s is not None:
+    round_time = jnp.where(aggregated.sum() < clients_per_round, deadline, round_time)
+  return RoundPlan(aggregated, jnp.where(aggregated, work, 0).astype(jnp.int32), seconds,
+                   responded, straggler & responded, round_time.astype(jnp.float32))
+
+
+def round_metrics(plan: RoundPlan, sim_time: jax.Array) -> dict:
+  """The systems metrics of a round; `sim_time` is the cumulative time after it."""
+  return {
+      "round_time_s": plan.round_time,
+      "sim_time_s": sim_time,
+      "num_aggregated": plan.aggregated.sum(),
+      "num_stragglers": plan.straggler.sum(),
+      "num_dropped": (~plan.responded).sum(),
+      "client_seconds": plan.seconds,
+      "client_aggregated": plan.aggregated,
+      "client_steps": plan.step_budget,
+  }
+
+
+def check_aggregator(aggregator: Any) -> None:
+  """Raises ValueError unless the aggregator's reducer is the weighted mean.
+
+  With systems, clients that are not aggregated still occupy a row of the stacked
+  updates, with weight 0 and a zero update. Only a reducer that weights its rows
+  ignores them; the median, trimmed mean, Krum, geometric median's median start,
+  `privacy.dp_mean` and `secure_aggregation.secure_mean` do not use the weights,
+  so zero rows would count as clients voting for no change.
+  """
+  if aggregator is None:
+    return
+  from fedjax_sim import compression  # late: compression imports the algorithms package
+  stages = compression.chain_stages(aggregator)
+  reducers = [s for s in stages if hasattr(s, "aggregate")]
+  for reducer in reducers:
+    fn = reducer.aggregate
+    if (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) != (
+        "fedjax_sim.aggregators", "mean.<locals>.aggregate"):
+      raise ValueError(
+          f"systems= needs an aggregator whose reducer is the weighted mean "
+          f"(aggregators.mean(), possibly in a chain with per-client and server transforms); "
+          f"got the reducer {getattr(fn, '__qualname__', fn)!r}, which ignores the weights, so "
+          f"clients that dropped out or missed the deadline would count as zero updates")
+
+
+def check_aggregator_state(aggregator: Any, state: Any) -> None:
+  """Raises ValueError if a per-client transform keeps per-client state (top-k error
+  feedback): the clients a round does not aggregate would update it too."""
+  if aggregator is None:
+    return
+  from fedjax_sim import compression
+  from fedjax_sim.aggregators import ClientTransform
+  stages = compression.chain_stages(aggregator)
+  if len(stages) == 1:
+    return  # a lone reducer has no per-client transforms
+  for stage, stage_state in zip(stages, state):
+    if isinstance(stage, ClientTransform) and jax.tree_util.tree_leaves(stage_state):
+      raise ValueError(
+          f"systems= does not support per-client transforms that keep state (such as "
+          f"compression.top_k with error feedback): clients that are not aggregated would "
+          f"update it too; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
+
+
+# --- Time-varying client data. ---
+
+# schedule(x, y, n, client_id, round) -> (x, y, n): a client's padded data as it is in
+# a given round (counted from 0); real examples first, padding after, as always.
+ClientDataSchedule = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                              tuple[jax.Array, jax.Array, jax.Array]]
+
+
+def sliding_window(window: int, stride: int) -> ClientDataSchedule:
+  """A stream window over each client's examples.
+
+  In round r a client with n examples trains on the min(window, n) examples that
+  start at (r * stride) mod n, wrapping around its data.
+  """
+  if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window <= 0:
+    raise ValueError(f"window must be a positive integer, got {window!r}")
+  if not isinstance(stride, (int, np.integer)) or isinstance(stride, bool) or stride < 0:
+    raise ValueError(f"stride must be an integer >= 0, got {stride!r}")
+
+  def schedule(x, y, n, client_id, round_index):
+    del client_id
+    size = jnp.maximum(n, 1)
+    # (r mod n) * (stride mod n) mod n == r * stride mod n, without int32 overflow.
+    start = (round_index % size) * (stride % size) % size
+    kept = jnp.minimum(n, window).astype(jnp.asarray(n).dtype)
+    pos = jnp.arange(x.shape[0])
+    index = jnp.where(pos < kept, (start + pos) % size, pos)
+    return x[index], y[index], kept
+
+  return schedule
+
+
+def label_drift(num_classes: int, period: int) -> ClientDataSchedule:
+  """Concept drift: in round r every label c becomes (c + r // period) mod num_classes.
+
+  Negative labels (IGNORE_LABEL at padded tokens) are left alone.
+  """
+  if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
+    raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+  if not isinstance(period, (int, np.integer)) or isinstance(period, bool) or period <= 0:
+    raise ValueError(f"period must be a positive integer, got {period!r}")
+
+  def schedule(x, y, n, client_id, round_index):
+    del client_id
+    shift = (round_index // period) % num_classes
+    return x, jnp.where(y >= 0, (y + shift) % num_classes, y).astype(y.dtype), n
+
+  return schedule
+
+
+def chain_schedules(*schedules: ClientDataSchedule) -> ClientDataSchedule:
+  """Applies `schedules` in order (e.g. a window, then label drift)."""
+
+  def schedule(x, y, n, client_id, round_index):
+    for s in schedules:
+      x, y, n = s(x, y, n, client_id, round_index)
+    return x, y, n
+
+  return schedule

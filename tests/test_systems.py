@@ -58,3 +58,79 @@ def test_profiles_must_match_data():
   p = systems.sample_profiles(4)
   with pytest.raises(ValueError, match="4 clients but the data has 5"):
     systems.check_profiles(p, 5)
+
+
+# --- Time-varying client data. ---
+
+def _padded(values, slots):
+  x = np.full((slots, 1), -9.0, np.float32)
+  x[:len(values), 0] = values
+  y = np.full((slots,), -1, np.int32)
+  y[:len(values)] = np.asarray(values) % 3
+  return jnp.asarray(x), jnp.asarray(y)
+
+
+@pytest.mark.parametrize("round_index, expected", [(0, [0, 1, 2]), (1, [2, 3, 4]),
+                                                   (2, [4, 0, 1]), (3, [1, 2, 3])])
+def test_sliding_window_by_hand(round_index, expected):
+  schedule = systems.sliding_window(3, 2)  # a client of 5 examples: 0 1 2 3 4
+  for slots in (5, 8):  # padding changes nothing in the real slots
+    x, y = _padded([0, 1, 2, 3, 4], slots)
+    wx, wy, n = schedule(x, y, jnp.int32(5), jnp.int32(0), jnp.int32(round_index))
+    assert int(n) == 3
+    np.testing.assert_array_equal(wx[:3, 0], expected)
+    np.testing.assert_array_equal(wy[:3], np.asarray(expected) % 3)
+    assert wx.shape == x.shape
+
+
+def test_sliding_window_wider_than_the_client_and_empty_clients():
+  x, y = _padded([0, 1, 2, 3, 4], 8)
+  wx, _, n = systems.sliding_window(10, 1)(x, y, jnp.int32(5), jnp.int32(0), jnp.int32(1))
+  assert int(n) == 5
+  np.testing.assert_array_equal(wx[:5, 0], [1, 2, 3, 4, 0])
+  np.testing.assert_array_equal(wx[5:, 0], [-9, -9, -9])  # padding stays after
+  _, _, n = systems.sliding_window(3, 1)(x, y, jnp.int32(0), jnp.int32(0), jnp.int32(4))
+  assert int(n) == 0
+
+
+def test_label_drift_by_hand():
+  drift = systems.label_drift(3, period=2)
+  x, y = jnp.zeros((4, 1)), jnp.array([0, 1, 2, -1])  # -1: an ignored (padding) label
+  for r, expected in [(0, [0, 1, 2, -1]), (1, [0, 1, 2, -1]), (2, [1, 2, 0, -1]),
+                      (5, [2, 0, 1, -1]), (6, [0, 1, 2, -1])]:
+    np.testing.assert_array_equal(drift(x, y, 3, 0, jnp.int32(r))[1], expected)
+  both = systems.chain_schedules(systems.sliding_window(2, 1), drift)
+  x, y = _padded([0, 1, 2], 4)
+  bx, by, n = both(x, y, jnp.int32(3), jnp.int32(0), jnp.int32(2))
+  np.testing.assert_array_equal(bx[:2, 0], [2, 0])
+  np.testing.assert_array_equal(by[:2], [0, 1])  # labels 2, 0 shifted by 1
+  with pytest.raises(ValueError, match="period must be a positive integer"):
+    systems.label_drift(3, 0)
+  with pytest.raises(ValueError, match="window must be a positive integer"):
+    systems.sliding_window(0, 1)
+
+
+def test_fedavg_trains_on_the_scheduled_window(ragged):
+  import jax
+  import optax
+  import fedjax_sim as fs
+  from conftest import max_relative_error
+  xs, ys, train = ragged
+  model = fs.logistic_regression(5, 3, seed=0)
+  kwargs = dict(client_optimizer=optax.sgd(0.5), clients_per_round=3, batch_size=4, epochs=1)
+  window, stride, r = 5, 4, 3
+  scheduled = fs.fedavg(model.apply, client_data_schedule=systems.sliding_window(window, stride),
+                        **kwargs)
+  state = scheduled.init(model.params, jax.random.key(0))._replace(round=jnp.int32(r))
+  a, ma = jax.jit(scheduled.round)(state, train)
+  # The same round on data windowed by hand: client i keeps min(5, n) examples from 12 mod n.
+  by_hand = []
+  for x, y in zip(xs, ys):
+    idx = (r * stride + np.arange(min(window, len(x)))) % len(x)
+    by_hand.append((x[idx], y[idx]))
+  windowed = fs.from_clients([x for x, _ in by_hand], [y for _, y in by_hand], num_classes=3)
+  plain = fs.fedavg(model.apply, **kwargs)
+  b, mb = jax.jit(plain.round)(state, windowed)
+  assert max_relative_error(a.params, b.params) < 1e-6
+  assert int(ma["num_examples"]) == int(mb["num_examples"])
+  assert max_relative_error(a.params, model.params) > 1e-3

@@ -9,8 +9,10 @@ starts from the server model w^t and runs local SGD on
 and the server averages the resulting models (example-weighted by default; the
 paper samples clients in proportion to their size and averages uniformly, which
 has the same expectation). mu = 0 is FedAvg exactly. The paper's variable local
-work (gamma-inexact solutions of stragglers) is the engine's `step_budget`; it is
-not drawn here.
+work (gamma-inexact solutions of stragglers) is the engine's `step_budget`, drawn
+by `fedavg(..., systems=SystemsConfig(stragglers="partial", straggler_fraction=s))`
+as in its Sec. 5.2 (or cut by a deadline); `benchmarks/stragglers.py` reruns that
+experiment.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def fedprox(apply: Callable[[Params, jax.Array], jax.Array], *, mu: float,
     mu: the proximal coefficient (>= 0; 0 is FedAvg).
     **fedavg_args: every other argument of `fedavg` (client_optimizer,
       clients_per_round, batch_size, epochs/steps, server_optimizer, weighting,
-      client_chunk_size, loss, aggregator...), except `regularizer`.
+      client_chunk_size, loss, aggregator, systems...), except `regularizer`.
 
   Returns:
     FederatedAlgorithm(init, round, validate), with fedavg's state and metrics.
