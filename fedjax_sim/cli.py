@@ -3,18 +3,28 @@
 With no arguments it trains FedAvg on Synthetic(1,1) with logistic regression,
 offline, and writes runs/<task>-<server optimizer>-seed<seed>/{config.json,
 metrics.jsonl, summary.json}.
+
+`fedjax-sim sweep --config FILE` runs a grid of hyperparameters x seeds from a JSON or
+TOML file as one compiled program (see `fedjax_sim.sweep_config`) and writes
+results.csv (one row per configuration and seed), curves.npz, summary.json and
+optionally a plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import sys
+import time
 
 import jax
 
 from fedjax_sim import aggregation_options, evaluation, optimizers, partition, runner, tasks
+from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
+from fedjax_sim import sweep_config
 from fedjax_sim.algorithms import ALGORITHMS, build_algorithm
 
 
@@ -67,7 +77,96 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--output", default=None, help="output directory")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
+  sweep = commands.add_parser(
+      "sweep", help="run a grid of hyperparameters x seeds from a config file as one program",
+      description="Runs the grid x seeds of a JSON or TOML config as one compiled program per "
+                  "shape; see fedjax_sim/sweep_config.py for the keys and "
+                  "benchmarks/sweep_example.json for an example.")
+  sweep.add_argument("--config", required=True, help="the sweep's JSON or TOML file")
+  sweep.add_argument("--output", default=None,
+                     help="output directory (default: the config's 'output', else "
+                          "runs/sweep-<config file name>)")
+  sweep.add_argument("--plot", default=None, metavar="METRIC",
+                     help="plot this metric per round for every row (overrides the config's "
+                          "'plot'; 'none' for no plot)")
   return parser
+
+
+def _print_table(rows: list[dict], columns: list[str]) -> None:
+  cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+           for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+  for row in cells:
+    print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def sweep_command(args: argparse.Namespace) -> dict:
+  """Checks the config, loads the task, runs `fs.sweep` and writes the results."""
+  config = sweep_config.load_config(args.config)
+  if args.plot is not None:
+    config.plot = None if args.plot.lower() in ("none", "false", "") else args.plot
+  if config.plot and importlib.util.find_spec("matplotlib") is None:
+    raise sweep_config.ConfigError(f"{config.source}: plot needs matplotlib "
+                                   "(pip install matplotlib), or set \"plot\": false")
+  settings = config.settings
+  try:
+    task = tasks.load_task(config.task, seed=settings["init_seed"], **config.task_options)
+    model = task.make_model(settings["model"] or task.default_model, settings["init_seed"])
+  except (ValueError, TypeError) as e:
+    raise sweep_config.ConfigError(f"{config.source}: task {config.task!r}: {e}") from None
+  sweep_config.check_algorithms(config, model.apply, model.params, task.train)
+  evaluate = evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test)
+  if config.plot:
+    metrics = ["train_loss", *evaluate(model.params)]
+    if config.plot not in metrics:
+      raise sweep_config.ConfigError(f"{config.source}: plot: no metric {config.plot!r}; "
+                                     f"choose from {', '.join(metrics)}")
+  stem = os.path.splitext(os.path.basename(config.source))[0]
+  output = args.output or config.output or os.path.join("runs", f"sweep-{stem}")
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, "config.json"), "w") as f:
+    json.dump(config.to_json(), f, indent=2)
+  configurations = math.prod(len(v) for v in [*config.grid.values(), *config.static.values()])
+  groups = math.prod(len(v) for v in config.static.values())
+  print(f"fedjax-sim: sweeping {configurations} configuration(s) x {len(config.seeds)} seed(s) "
+        f"for {settings['rounds']} rounds, {groups} compiled program(s)")
+  start = time.perf_counter()
+  result = run_sweep(
+      sweep_config.make_algorithm_factory(config, model.apply), model.params, task.train,
+      grid=config.grid, seeds=config.seeds, static=config.static or None,
+      rounds=settings["rounds"], rounds_per_chunk=settings["eval_every"], evaluate=evaluate,
+      num_clients=task.train.num_clients)
+  seconds = time.perf_counter() - start
+  summary = sweep_config.write_results(
+      result, config, output, {"seconds": round(seconds, 3), "device": str(jax.devices()[0]),
+                               "jax": jax.__version__,
+                               "model": settings["model"] or task.default_model})
+  if config.plot:
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
+    figure = Figure(figsize=(8, 4.5))
+    ax = figure.subplots()
+    result.plot(config.plot, ax=ax)
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncol=1 + len(result.rows) // 25)
+    ax.set_title(f"{config.task}, {config.label}: {len(result.rows)} rows")
+    figure.savefig(os.path.join(output, f"{config.plot}.png"), dpi=120, bbox_inches="tight")
+  keys = [*config.static, *config.grid, "seed"]
+  shown = [c for c in ("final_test_accuracy", "best_test_accuracy", "final_train_loss")
+           if c in result.rows[0]]
+  _print_table(result.rows, keys + shown)
+  best = summary.get("best")
+  best_text = ""
+  if best:
+    best_text = "; best " + ", ".join(f"{k}={best[k]}" for k in keys) + \
+        f": {best['by']} {best[best['by']]:.4f}"
+  diverged = [i for i, r in enumerate(result.rows) if not math.isfinite(r["final_train_loss"])]
+  if diverged:
+    print(f"fedjax-sim: {len(diverged)} row(s) ended with a non-finite training loss "
+          f"(diverged): {', '.join(str(i) for i in diverged)} (counting from 0)")
+  print(f"done: {len(result.rows)} rows x {settings['rounds']} rounds in {seconds:.1f} s"
+        f"{best_text}; results in {output}")
+  return summary
 
 
 def run_command(args: argparse.Namespace) -> dict:
@@ -129,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "run":
       run_command(args)
+    elif args.command == "sweep":
+      sweep_command(args)
   except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
     print(f"fedjax-sim: error: {e}", file=sys.stderr)
     return 2

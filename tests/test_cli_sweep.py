@@ -1,0 +1,186 @@
+"""`fedjax-sim sweep --config FILE`: tiny grids end to end, and bad configs refused early."""
+
+import csv
+import json
+import pathlib
+import re
+
+import pytest
+
+from fedjax_sim import cli, sweep_config
+
+# Synthetic(1,1), 2 rounds of 2 local steps, 3 clients per round: one compile, a few seconds.
+SETTINGS = {"rounds": 2, "eval_every": 2, "clients_per_round": 3, "steps": 2, "batch_size": 10}
+
+
+def write(tmp_path, config, name="sweep.json"):
+  path = tmp_path / name
+  path.write_text(json.dumps(config))
+  return str(path)
+
+
+def read_rows(out):
+  with open(out / "results.csv") as f:
+    return list(csv.DictReader(f))
+
+
+def test_fedadam_grid_writes_table_and_equals_run(tmp_path, capsys):
+  config = {"task": "synthetic", "algorithm": "fedadam", "settings": SETTINGS,
+            "grid": {"client_lr": [0.02, 0.05], "server_lr": [0.01, 0.03]}, "seeds": [0, 1],
+            "plot": "test_accuracy"}
+  out = tmp_path / "sweep"
+  assert cli.main(["sweep", "--config", write(tmp_path, config), "--output", str(out)]) == 0
+  rows = read_rows(out)
+  assert [(float(r["client_lr"]), float(r["server_lr"]), int(r["seed"])) for r in rows] == [
+      (c, s, seed) for c in (0.02, 0.05) for s in (0.01, 0.03) for seed in (0, 1)]
+  for name in ("final_train_loss", "best_train_loss", "final_test_accuracy",
+               "best_test_accuracy"):
+    assert name in rows[0]
+  assert (out / "test_accuracy.png").stat().st_size > 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["configurations"] == 8 and summary["eval_rounds"] == [2]
+  assert len(summary["seconds_per_compilation"]) == 1
+  # The written config is a config: it parses back to the same sweep.
+  written = json.loads((out / "config.json").read_text())
+  assert sweep_config.parse_config(written).to_json() == written
+  assert written["settings"]["server_optimizer"] == "fedadam"
+  printed = capsys.readouterr().out
+  assert "sweeping 4 configuration(s) x 2 seed(s) for 2 rounds, 1 compiled program(s)" in printed
+  assert "done: 8 rows x 2 rounds" in printed
+
+  # The row with seed 0 is `fedjax-sim run --seed 0` with the same settings.
+  run_out = tmp_path / "run"
+  assert cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "3",
+                   "--steps", "2", "--batch-size", "10", "--server-optimizer", "fedadam",
+                   "--client-lr", "0.05", "--server-lr", "0.03", "--seed", "0", "--output",
+                   str(run_out), "--no-progress"]) == 0
+  final = json.loads((run_out / "summary.json").read_text())["final"]
+  row = rows[6]
+  assert (row["client_lr"], row["server_lr"], row["seed"]) == ("0.05", "0.03", "0")
+  assert float(row["final_train_loss"]) == pytest.approx(final["train_loss"], rel=1e-5)
+  assert float(row["final_test_loss"]) == pytest.approx(final["test_loss"], rel=1e-5)
+  assert float(row["final_test_accuracy"]) == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def test_fedprox_mu_grid_with_static_groups_from_toml(tmp_path, capsys):
+  toml = """
+task = "synthetic"
+algorithm = "fedprox"
+seeds = [0]
+
+[settings]
+rounds = 1
+eval_every = 1
+steps = 2
+batch_size = 10
+client_lr = 0.1
+
+[grid]
+mu = [0.0, 1.0]
+
+[static]
+clients_per_round = [2, 3]
+"""
+  path = tmp_path / "prox.toml"
+  path.write_text(toml)
+  out = tmp_path / "prox"
+  assert cli.main(["sweep", "--config", str(path), "--output", str(out)]) == 0
+  rows = read_rows(out)
+  assert [(int(r["clients_per_round"]), float(r["mu"])) for r in rows] == [
+      (2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
+  assert rows[0]["final_test_loss"] != rows[1]["final_test_loss"]  # mu changed training
+  summary = json.loads((out / "summary.json").read_text())
+  assert len(summary["seconds_per_compilation"]) == 2
+  assert not (out / "test_accuracy.png").exists()
+  assert "2 compiled program(s)" in capsys.readouterr().out
+
+
+GOOD = {"task": "synthetic", "algorithm": "fedavg", "settings": SETTINGS,
+        "grid": {"client_lr": [0.02, 0.05]}, "seeds": [0]}
+
+
+def changed(**changes):
+  config = json.loads(json.dumps(GOOD))
+  for key, value in changes.items():
+    *parents, last = key.split("__")
+    target = config
+    for parent in parents:
+      target = target.setdefault(parent, {})
+    if value is KeyError:
+      target.pop(last)
+    else:
+      target[last] = value
+  return config
+
+
+@pytest.mark.parametrize("config, message", [
+    (changed(gird={"client_lr": [0.1]}), "unknown key 'gird' (did you mean 'grid'?)"),
+    (changed(task="mnist7"), "unknown task 'mnist7'; choose from"),
+    (changed(algorithm="fedfoo"), "unknown algorithm 'fedfoo'; a sweep supports fedavg, fedprox"),
+    (changed(algorithm="scaffold"), "algorithm 'scaffold' cannot be swept"),
+    (changed(grid={}), "grid is empty: give at least one of client_lr, server_lr"),
+    (changed(grid=KeyError), "no 'grid'"),
+    (changed(grid__client_lr=[]), "grid.client_lr is empty"),
+    (changed(grid__client_lr=0.1), "grid.client_lr must be a list of numbers, got 0.1"),
+    (changed(grid__client_lr=[0.1, "0.3"]), "grid.client_lr must hold finite numbers, got '0.3'"),
+    (changed(grid__mu=[0.1]), "grid.mu: not a traced hyperparameter of fedavg"),
+    (changed(grid__steps=[1, 2]), "shape-changing settings go under 'static'"),
+    (changed(settings__clients_per_rnd=3), "did you mean 'clients_per_round'?"),
+    (changed(settings__rounds="2"), "settings.rounds must be an integer, got '2'"),
+    (changed(settings__epochs=1), "give local epochs or steps, not both"),
+    (changed(settings__client_lr=0.1), "client_lr is both in settings and in grid"),
+    (changed(settings__server_optimizer="adam"), "settings.server_optimizer must be one of"),
+    (changed(static={"client_chunk_size": []}), "static.client_chunk_size must be a non-empty"),
+    (changed(static={"model": ["mlp"]}), "static: unknown key 'model'"),
+    (changed(seeds=[]), "seeds must be a non-empty list of integers"),
+    (changed(settings__num_clients=30), "(task 'synthetic'): unknown key 'num_clients'"),
+    (changed(settings__alpha="x"), "settings.alpha (an option of task 'synthetic') must be a"),
+    (changed(algorithm="fedadam", settings__server_optimizer="fedyogi"),
+     "algorithm 'fedadam' is FedAvg with server optimizer 'fedadam'"),
+])
+def test_bad_config_is_refused_before_anything_compiles(tmp_path, capsys, count_compiles,
+                                                        config, message):
+  out = tmp_path / "out"
+  assert cli.main(["sweep", "--config", write(tmp_path, config), "--output", str(out)]) == 2
+  err = capsys.readouterr().err
+  assert message in err and "sweep.json" in err, err
+  assert count_compiles() == 0 and not out.exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"grid__client_lr": [0.05, 0.0]}, "client_lr=0.0: client learning rate must be a positive"),
+    ({"settings__clients_per_round": 31}, "clients_per_round=31 but the data has only 30"),
+    ({"plot": "test_acc"}, "plot: no metric 'test_acc'; choose from train_loss, test_loss"),
+])
+def test_bad_values_are_refused_before_the_sweep(tmp_path, capsys, changes, message):
+  out = tmp_path / "out"
+  code = cli.main(["sweep", "--config", write(tmp_path, changed(**changes)), "--output",
+                   str(out)])
+  assert code == 2
+  assert message in capsys.readouterr().err
+  assert not out.exists()
+
+
+def test_unreadable_config_files(tmp_path, capsys):
+  assert cli.main(["sweep", "--config", str(tmp_path / "missing.json")]) == 2
+  assert "missing.json" in capsys.readouterr().err
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"grid": ')
+  assert cli.main(["sweep", "--config", str(bad)]) == 2
+  assert "bad.json: not valid JSON" in capsys.readouterr().err
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_example_config_parses():
+  example = ROOT / "benchmarks" / "sweep_example.json"
+  config = sweep_config.load_config(example)
+  assert config.algorithm == "fedavg" and config.settings["server_optimizer"] == "fedadam"
+  assert len(config.grid["client_lr"]) * len(config.grid["server_lr"]) > 1
+
+
+def test_readme_config_is_the_example():
+  block = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+  example = sweep_config.load_config(ROOT / "benchmarks" / "sweep_example.json")
+  assert sweep_config.parse_config(json.loads(block)).to_json() == example.to_json()
