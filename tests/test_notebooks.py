@@ -45,6 +45,11 @@ NOTEBOOKS = {
          "client 9 dropped:", "secure aggregation, 30% dropout: test accuracy",
          "2-bit rotated: 3.25", "MB uplink",
          "median, 20% malicious: test accuracy", "defence norm_bound: test accuracy"]),
+    "sweeps.ipynb": (
+        {"ROUNDS": 2, "EVAL_EVERY": 2, "CLIENTS_PER_ROUND": 3, "FEDAVG_CLIENT_LRS": [0.01, 0.05],
+         "FEDADAM_SERVER_LRS": [0.01, 0.1], "SEEDS": [0]},
+        ["FedAvg sweep: 2 runs", "FedAdam sweep: 2 runs", "final test accuracy by learning rate",
+         "2 separate fs.run calls", "faster as a sweep", "sweep vs separate: 0"]),
 }
 
 
