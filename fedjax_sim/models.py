@@ -3,8 +3,8 @@
 Layers are chosen for how they batch under `vmap` over per-client weights:
 a dense layer becomes a batched matmul, which is fast everywhere. A convolution
 under `vmap` becomes a grouped convolution, which collapses at large client counts
-(DESIGN.md), so `Conv` defaults to patches-then-matmul, which vmaps into a batched
-matmul; `impl="lax"` keeps `lax.conv_general_dilated` for comparison.
+(DESIGN.md), so `Conv` picks a formulation per backend (`fedjax_sim.conv`):
+patches-then-matmul on accelerators, canonical per-client convolutions on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from fedjax_sim import conv as conv_lib
 
 Params = Any
 
@@ -62,12 +64,12 @@ def num_params(params: Params) -> int:
 
 
 class Conv(nnx.Module):
-  """A 'SAME' 2-D convolution over NHWC inputs whose per-client batching is a matmul."""
+  """A 'SAME' 2-D convolution over NHWC inputs that batches well over clients;
+  `impl` is one of `conv.IMPLS` ("auto": the fastest measured on this backend)."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *,
-               impl: str = "patches", rngs: nnx.Rngs):
-    if impl not in ("patches", "lax"):
-      raise ValueError(f"unknown conv impl {impl!r}: use 'patches' or 'lax'")
+               impl: str = "auto", rngs: nnx.Rngs):
+    conv_lib.resolve(impl)  # raises for an unknown impl
     shape = (kernel_size, kernel_size, in_features, out_features)
     self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
     self.bias = nnx.Param(jnp.zeros((out_features,)))
@@ -75,18 +77,7 @@ class Conv(nnx.Module):
     self.impl = impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    k = self.kernel[...]
-    if self.impl == "lax":
-      y = jax.lax.conv_general_dilated(
-          x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    else:
-      patches = jax.lax.conv_general_dilated_patches(
-          x, (self.kernel_size, self.kernel_size), (1, 1), "SAME",
-          dimension_numbers=("NHWC", "HWIO", "NHWC"))
-      # Patch features are ordered (in_channel, kh, kw); lay the kernel out to match.
-      kh, kw, cin, cout = k.shape
-      y = patches @ k.transpose(2, 0, 1, 3).reshape(cin * kh * kw, cout)
-    return y + self.bias[...]
+    return conv_lib.conv2d_same(x, self.kernel[...], self.impl) + self.bias[...]
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -127,7 +118,7 @@ class CNN(nnx.Module):
   a 512-unit dense layer, and the output layer (1,663,370 parameters for 28x28x1, 10 classes)."""
 
   def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, *,
-               conv_impl: str = "patches", rngs: nnx.Rngs):
+               conv_impl: str = "auto", rngs: nnx.Rngs):
     self.conv1 = Conv(in_channels, 32, 5, impl=conv_impl, rngs=rngs)
     self.conv2 = Conv(32, 64, 5, impl=conv_impl, rngs=rngs)
     flat = (image_size // 4) ** 2 * 64
@@ -208,7 +199,7 @@ def mlp(num_features: int = 784, num_classes: int = 10, seed: int = 0) -> Model:
 
 
 def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, seed: int = 0,
-        conv_impl: str = "patches") -> Model:
+        conv_impl: str = "auto") -> Model:
   return from_nnx(CNN(num_classes, in_channels, image_size, conv_impl=conv_impl,
                       rngs=nnx.Rngs(seed)))
 

@@ -27,8 +27,9 @@ def test_patches_conv_equals_lax_conv():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_cnn_impls_agree_under_vmap_over_client_weights():
-  a, b = models.cnn(conv_impl="patches", seed=0), models.cnn(conv_impl="lax", seed=0)
+@pytest.mark.parametrize("impl", ["patches", "sequential"])
+def test_cnn_impls_agree_under_vmap_over_client_weights(impl):
+  a, b = models.cnn(conv_impl=impl, seed=0), models.cnn(conv_impl="lax", seed=0)
   stacked = jax.tree_util.tree_map(lambda p: jnp.stack([p, 2 * p]), a.params)
   x = jax.random.normal(jax.random.key(0), (2, 3, 28, 28, 1))
   got = jax.vmap(a.apply)(stacked, x)
