@@ -1,6 +1,6 @@
 """fedjax_sim: federated learning simulation where a whole round is one XLA program."""
 
-from fedjax_sim import aggregators, datasets, partition, systems
+from fedjax_sim import aggregators, conv, datasets, partition, systems, warm_start
 # Privacy, communication and security: modules of aggregator transforms (see aggregators.chain).
 from fedjax_sim import attacks, compression, memory, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
@@ -32,5 +32,5 @@ __all__ = [
     "ALGORITHMS", "build_algorithm", "client_state_bytes", "ditto", "fedbuff", "feddyn",
     "fednova",
     "fedprox", "make_personalized_evaluator", "mimelite", "qffl", "scaffold",
-    "SweepResult", "sweep", "systems",
+    "SweepResult", "sweep", "systems", "conv", "warm_start",
 ]
