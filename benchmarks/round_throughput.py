@@ -65,15 +65,17 @@ MODELS: dict[str, Callable[[], models.Model]] = {
     "mlp": lambda: models.mlp(),
     "cnn": lambda: models.cnn(conv_impl="patches"),
     "cnn_lax": lambda: models.cnn(conv_impl="lax"),
+    "cnn_seq": lambda: models.cnn(conv_impl="sequential"),
 }
 MODEL_NAMES = {
     "mlp": "2NN MLP 784-200-200-10",
     "cnn": "FedAvg CNN, conv as patches @ weights",
     "cnn_lax": "FedAvg CNN, conv as lax.conv",
+    "cnn_seq": "FedAvg CNN, conv per client in canonical layout (conv.py sequential; CPU default)",
 }
 # Clients trained at once by default (client_chunk_size): the CNN's conv2 patches alone
 # are ~12.5 MB per client at batch 20, so 1000 clients at once would need tens of GB.
-DEFAULT_MAX_CHUNK = {"mlp": 1000, "cnn": 100, "cnn_lax": 100}
+DEFAULT_MAX_CHUNK = {"mlp": 1000, "cnn": 100, "cnn_lax": 100, "cnn_seq": 100}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import runner  # noqa: E402
+from fedjax_sim import conv, runner  # noqa: E402
 
 
 def main(argv=None):
@@ -78,7 +78,8 @@ def main(argv=None):
              "implementation": "fedjax_sim.fedavg rounds through runner.make_chunk "
                                f"({args.rounds_per_call} per call); model "
                                f"fedjax_sim.{args.model}() (flax nnx"
-                               + (", conv as patches @ weights" if args.model == "cnn" else "")
+                               + (f", conv impl {conv.resolve('auto')!r}" if args.model == "cnn"
+                                  else "")
                                + "); optax SGD client and server"})
   t = result["timings"]
   print(f"{name}: {t['per_round_warm_median_s']:.4f} s/round warm, first call "
