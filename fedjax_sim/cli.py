@@ -22,10 +22,11 @@ import time
 
 import jax
 
-from fedjax_sim import aggregation_options, evaluation, optimizers, partition, runner, tasks
+from fedjax_sim import aggregation_options, evaluation, optimizers, partition, run_options
+from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
 from fedjax_sim import sweep_config
-from fedjax_sim.algorithms import ALGORITHMS, build_algorithm
+from fedjax_sim.algorithms import ALGORITHMS, ASYNC, build_algorithm
 
 
 TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma", "max_examples",
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cap on training examples per client (drops the rest)")
   data.add_argument("--data-dir", default=None, help="LEAF or TFDS data folder")
   data.add_argument("--data-seed", type=int, default=None, help="seed of the data split")
-  run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS)
+  run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS + ASYNC)
   hyper = run.add_argument_group("algorithm hyperparameters", "used by the algorithm named")
   hyper.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
   hyper.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn alpha")
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--output", default=None, help="output directory")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
+  run_options.add_flags(run)
   sweep = commands.add_parser(
       "sweep", help="run a grid of hyperparameters x seeds from a config file as one program",
       description="Runs the grid x seeds of a JSON or TOML config as one compiled program per "
@@ -169,15 +171,38 @@ def sweep_command(args: argparse.Namespace) -> dict:
   return summary
 
 
+def _format_seconds(seconds: float) -> str:
+  if seconds >= 3600:
+    return f"{seconds:.1f} s ({seconds / 3600:.2f} h)"
+  if seconds >= 60:
+    return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
+  return f"{seconds:.2f} s"
+
+
 def run_command(args: argparse.Namespace) -> dict:
+  run_options.check_flags(args)  # flag values and combinations, before loading anything
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
   options = {name: getattr(args, name) for name in TASK_OPTIONS
              if getattr(args, name) is not None}
   task = tasks.load_task(args.task, seed=args.seed, **options)
-  model = task.make_model(args.model or task.default_model, args.seed)
-  setup = aggregation_options.build(args, num_clients=task.train.num_clients,
-                                    num_classes=task.num_classes, train_x=task.train.x,
+  train = task.train
+  run_options.check_with_data(args, train.num_clients)
+  server_data = None
+  if args.server_examples is not None:
+    train, *server_data = run_options.hold_out_server_examples(
+        train, args.server_examples, seed=args.data_seed or 0)
+  model = run_options.make_model(task, args)
+  params = model.params
+  if args.init_params is not None:
+    try:
+      params = warm_start.load_params(args.init_params, params)
+    except (ValueError, OSError, KeyError) as e:
+      raise ValueError(f"--init-params: {e}") from None
+  setup = aggregation_options.build(args, num_clients=train.num_clients,
+                                    num_classes=task.num_classes, train_x=train.x,
                                     rounds=args.rounds)
+  profiles = run_options.build_profiles(args, train.num_clients)
+  systems_config = run_options.build_systems(args, profiles, setup.aggregator)
   algorithm = build_algorithm(
       args.algorithm, model.apply, client_optimizer=args.client_optimizer,
       client_lr=args.client_lr, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
@@ -186,37 +211,77 @@ def run_command(args: argparse.Namespace) -> dict:
       client_chunk_size=args.client_chunk_size, aggregator=setup.aggregator,
       client_data_transform=setup.client_data_transform, mu=args.mu,
       feddyn_alpha=args.feddyn_alpha, mime_momentum=args.mime_momentum,
-      ditto_lambda=args.ditto_lambda, q=args.q)
+      ditto_lambda=args.ditto_lambda, q=args.q, concurrency=args.concurrency,
+      staleness=args.staleness or "polynomial",
+      profiles=profiles if args.algorithm == "fedbuff" else None,
+      num_clients=train.num_clients, systems=systems_config)
   evaluate = aggregation_options.with_backdoor(
       evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test),
       model.apply, task.test, setup.backdoor)
+  key = jax.random.key(args.seed)
+  if args.warm_start_steps is not None:
+    # The run's checks (which fs.run makes again), before the warm start compiles.
+    algorithm.validate(algorithm.init(params, key, train.num_clients), train)
   for note in setup.notes:
     print(f"fedjax-sim: {note}")
+  if profiles is not None:
+    speed = systems.describe(profiles)["examples_per_s"]
+    source = args.profiles or f"drawn with seed {args.profiles_seed or 0}"
+    print(f"fedjax-sim: client profiles ({source}): examples/s median {speed['median']:.4g}, "
+          f"10th-90th percentile {speed['p10']:.4g}-{speed['p90']:.4g}")
   name = args.server_optimizer if args.algorithm == "fedavg" else args.algorithm
   output = args.output or os.path.join("runs", f"{args.task}-{name}-seed{args.seed}")
   os.makedirs(output, exist_ok=True)
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
                 device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier)
+  if profiles is not None:
+    config["profiles_summary"] = systems.describe(profiles)
   with open(os.path.join(output, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
-  state = algorithm.init(model.params, jax.random.key(args.seed), task.train.num_clients)
+  warm = None
+  if args.warm_start_steps is not None:
+    lr = args.client_lr if args.warm_start_lr is None else args.warm_start_lr
+    params, warm = warm_start.pretrain(
+        params, model.apply, *server_data,
+        optimizer=optimizers.client_optimizer(args.client_optimizer, lr),
+        batch_size=min(args.batch_size, args.server_examples), steps=args.warm_start_steps,
+        key=run_options.warm_start_key(args.seed))
+    warm.update(server_examples=args.server_examples, **evaluate(params))
+    accuracy = (f", test accuracy {warm['test_accuracy']:.4f}" if "test_accuracy" in warm
+                else "")
+    print(f"fedjax-sim: warm start: {warm['server_steps']} steps on {args.server_examples} "
+          f"server examples, training loss {warm['server_train_loss']:.4f}{accuracy}")
+  state = algorithm.init(params, key, train.num_clients)
   summary_path = os.path.join(output, "summary.json")
-  state, _ = runner.run(algorithm, state, task.train, rounds=setup.rounds, rounds_per_chunk=args.eval_every,
-             evaluate=evaluate, metrics_path=os.path.join(output, "metrics.jsonl"),
-             summary_path=summary_path, progress=not args.no_progress,
-             round_metrics=setup.accountant)
+  state, _ = runner.run(algorithm, state, train, rounds=setup.rounds,
+                        rounds_per_chunk=args.eval_every, evaluate=evaluate,
+                        metrics_path=os.path.join(output, "metrics.jsonl"),
+                        summary_path=summary_path, progress=not args.no_progress,
+                        round_metrics=setup.accountant)
   with open(summary_path) as f:
     summary = json.load(f)
+  changed = False
+  if warm is not None:
+    summary["warm_start"] = warm
+    changed = True
+  if args.save_params is not None:
+    warm_start.save_params(args.save_params, state.params)
+    summary["saved_params"] = args.save_params
+    changed = True
   if args.algorithm == "ditto" and task.client_test is not None:
     summary["personalized"] = evaluation.make_personalized_evaluator(
         model.apply, task.client_test)(state.client_states)
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    changed = True
     print("ditto's personalized models: client test accuracy "
           f"{summary['personalized']['personal_client_test_accuracy']:.4f}")
+  if changed:
+    with open(summary_path, "w") as f:
+      json.dump(summary, f, indent=2)
   final = summary.get("final", {})
-  print(f"done: {summary['rounds']} rounds in {summary['seconds']:.1f} s; "
+  simulated = (f"; simulated time {_format_seconds(final['sim_time_s'])}"
+               if "sim_time_s" in final else "")
+  print(f"done: {summary['rounds']} rounds in {summary['seconds']:.1f} s{simulated}; "
         f"train loss {final.get('train_loss', float('nan')):.4f}, "
         f"test accuracy {final.get('test_accuracy', float('nan')):.4f}; "
         f"results in {output}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedjax_sim import optimizers, systems
+from fedjax_sim import optimizers
+from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg
@@ -27,9 +28,11 @@ _OWN_LOCAL_STEP = ("scaffold", "fednova", "mimelite", "qffl")
 _OWN_SERVER_STEP = ("feddyn", "mimelite", "qffl")
 STATEFUL = ("scaffold", "feddyn", "ditto")  # init needs num_clients
 # Asynchronous algorithms simulate client systems, so building one needs the clients'
-# profiles (or their number, to draw them). Not in ALGORITHMS: the CLI has no flags for
-# profiles or concurrency yet, and ALGORITHMS' rounds are synchronous ones.
+# profiles (or their number, to draw them). Not in ALGORITHMS, whose rounds are
+# synchronous ones; the CLI offers ALGORITHMS + ASYNC.
 ASYNC = ("fedbuff",)
+# Synchronous algorithms that take `systems=` (a systems.SystemsConfig).
+WITH_SYSTEMS = ("fedavg", "fedprox")
 
 
 def build_algorithm(
@@ -55,9 +58,10 @@ def build_algorithm(
     client_data_transform: Callable | None = None,
     concurrency: int | None = None,
     staleness: str = "polynomial",
-    profiles: systems.ClientProfiles | None = None,
+    profiles: systems_lib.ClientProfiles | None = None,
     num_clients: int | None = None,
     profile_seed: int = 0,
+    systems: systems_lib.SystemsConfig | None = None,
 ) -> FederatedAlgorithm:
   """Builds algorithm `name` (one of ALGORITHMS or ASYNC) from optimizer names and numbers.
 
@@ -82,6 +86,8 @@ def build_algorithm(
       `clients_per_round` and `concurrency` defaults to it.
     profiles: FedBuff's client profiles; if None, drawn by
       `systems.sample_profiles(num_clients, seed=profile_seed)`.
+    systems: fedavg's and fedprox's `systems=` (stragglers, deadline,
+      over-selection, dropout; see `systems.SystemsConfig`).
 
   Returns:
     The FederatedAlgorithm; algorithms in STATEFUL need `init(params, key, num_clients)`.
@@ -102,7 +108,12 @@ def build_algorithm(
   if client_data_transform is not None and name not in ("fedavg", "fedprox"):
     raise ValueError(f"{name} takes no client data transform (data poisoning); "
                      "use fedavg or fedprox")
+  if systems is not None and name not in WITH_SYSTEMS:
+    raise ValueError(f"{name} takes no systems configuration (stragglers, deadline, "
+                     f"over-selection, dropout); use one of {WITH_SYSTEMS}")
   hooks = dict(aggregator=aggregator, client_data_transform=client_data_transform)
+  if systems is not None:
+    hooks["systems"] = systems
   common = dict(clients_per_round=clients_per_round, batch_size=batch_size, epochs=epochs,
                 steps=steps, weighting=weighting, client_chunk_size=client_chunk_size)
   client_opt = optimizers.client_optimizer(client_optimizer, client_lr)
@@ -112,7 +123,7 @@ def build_algorithm(
       if num_clients is None:
         raise ValueError("fedbuff simulates client systems: give profiles= or num_clients= "
                          "(to draw them with systems.sample_profiles)")
-      profiles = systems.sample_profiles(num_clients, seed=profile_seed)
+      profiles = systems_lib.sample_profiles(num_clients, seed=profile_seed)
     return fedbuff(apply, client_optimizer=client_opt, server_optimizer=server_opt,
                    profiles=profiles, buffer_size=clients_per_round,
                    concurrency=clients_per_round if concurrency is None else concurrency,
