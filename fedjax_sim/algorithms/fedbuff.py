@@ -127,8 +127,9 @@ def fedbuff(
   Returns:
     FederatedAlgorithm(init, round, validate); `init(params, key, num_clients=None)`
     dispatches the first `concurrency` clients at time 0. Each round is one server
-    update; its metrics add `client_staleness`, `staleness_mean`, `staleness_max`,
-    `client_arrival_s`, `round_time_s` and `sim_time_s` to the usual ones.
+    update; its metrics add `num_aggregated` (the buffer size), `client_staleness`,
+    `staleness_mean`, `staleness_max`, `client_arrival_s`, `round_time_s` and
+    `sim_time_s` to the usual ones.
   """
   _positive_int("concurrency", concurrency)
   _positive_int("buffer_size", buffer_size)
@@ -266,6 +267,7 @@ def fedbuff(
         "client_arrival_s": times,
         "round_time_s": update_time - state.sim_time,
         "sim_time_s": update_time,
+        "num_aggregated": jnp.int32(arrived.shape[0]),  # as fedavg(systems=...) reports
     }
     new_state = state._replace(params=params, opt_state=opt_state, round=version + 1,
                                key=next_key, algorithm_state=new_slots, sim_time=update_time)
