@@ -392,7 +392,8 @@ def main(argv=None):
     invocations = old_meta.get("invocations") or [
         {k: old_meta[k] for k in ("command", "date", "git_commit")}]
     invocations = invocations + [invocation]
-    runs = old["runs"] + runs
+    # A re-measured case replaces that case's old runs; other cases' runs are kept.
+    runs = [r for r in old["runs"] if r["case"] not in args.cases] + runs
   packages = {}
   for r in runs:
     if "packages" in r:
