@@ -48,6 +48,22 @@ def make_chunk(algorithm: FederatedAlgorithm, length: int) -> Callable:
   return compile_lib.jit(chunk, donate_argnums=0)
 
 
+def _fetch(tree: Any) -> Any:
+  """Host copies of a chunk's metrics.
+
+  Under `jax.distributed`, per-client metrics split over a mesh that spans other
+  processes' devices are gathered first (a collective: every process runs the same
+  program, so every process calls it in the same order); replicated ones are read
+  from this process's own copy.
+  """
+  def gather(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable and not a.is_fully_replicated:
+      from jax.experimental import multihost_utils
+      return multihost_utils.process_allgather(a, tiled=True)
+    return a
+  return jax.device_get(jax.tree_util.tree_map(gather, tree))
+
+
 def _scalar_row(round_index: int, metrics: dict[str, np.ndarray], i: int) -> dict[str, Any]:
   row: dict[str, Any] = {"round": round_index}
   for name, values in metrics.items():
@@ -117,7 +133,7 @@ def run(
     while done < first + rounds:
       length = min(rounds_per_chunk, first + rounds - done)
       state, metrics = make_chunk(algorithm, length)(state, data)
-      metrics = jax.device_get(metrics)
+      metrics = _fetch(metrics)
       rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
       if round_metrics is not None:
         for row in rows:
