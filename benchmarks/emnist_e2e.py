@@ -4,8 +4,8 @@ The setup (FedJAX's EMNIST benchmark; Reddi et al. 2021): the FedAvg CNN with 62
 classes, 10 clients per round, 1 local epoch, batch 20, client SGD lr 10^-1.5, server
 Adam lr 10^-2.5 with eps 10^-4, 1500 rounds. Data: `--num-clients` writers (EMNIST
 has 3,400) with example counts drawn like EMNIST's (lognormal, mean about 200), 28x28x1
-images, 62 classes. The images are synthetic but learnable (a class prototype plus
-noise, with a per-writer distortion), so the accuracy column means something and the
+images, 62 classes. The images are synthetic but learnable (pixels in [0, 1], a class
+prototype plus noise, with a per-writer distortion), so the accuracy column means something and the
 accuracy cost of bfloat16 (`--precision bf16`, `models.mixed_precision`) can be read
 off it; no download is needed.
 
@@ -63,21 +63,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def emnist_shaped(num_clients: int, mean_examples: float, max_examples: int,
                   test_examples: int, seed: int):
-  """Per-writer images: a class prototype, shifted by the writer's own offset, plus noise."""
+  """Per-writer images with pixels in [0, 1] like EMNIST's: a class prototype (a
+  blurred random stroke pattern), shifted by the writer's own offset, plus noise."""
   rng = np.random.default_rng(seed)
-  prototypes = rng.normal(size=(62, 28, 28, 1)).astype(np.float32)
+  raw = rng.random((62, 30, 30))
+  blurred = sum(raw[:, i:i + 28, j:j + 28] for i in range(3) for j in range(3)) / 9
+  prototypes = (blurred > np.median(blurred, axis=(1, 2), keepdims=True)).astype(np.float32)
   sigma = 0.6
   sizes = rng.lognormal(np.log(mean_examples) - sigma ** 2 / 2, sigma, num_clients)
   sizes = np.clip(sizes.round().astype(int), 1, max_examples)
 
   def draw(n, writer_shift):
     y = rng.integers(0, 62, n).astype(np.int32)
-    noise = rng.normal(scale=1.5, size=(n, 28, 28, 1)).astype(np.float32)
-    return prototypes[y] + writer_shift + noise, y
+    noise = rng.normal(scale=1.0, size=(n, 28, 28)).astype(np.float32)
+    x = np.clip(prototypes[y] + writer_shift + noise, 0.0, 1.0)
+    return x[..., None], y
 
   xs, ys = [], []
   for n in sizes:
-    x, y = draw(int(n), 0.3 * rng.normal(size=(1, 28, 28, 1)).astype(np.float32))
+    x, y = draw(int(n), 0.3 * rng.normal(size=(1, 28, 28)).astype(np.float32))
     xs.append(x)
     ys.append(y)
   test = draw(test_examples, 0.0)
