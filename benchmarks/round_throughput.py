@@ -233,6 +233,17 @@ def time_interleaved(variants: dict[str, Timed]) -> dict[str, dict]:
   return {name: v.summary() for name, v in variants.items()}
 
 
+def memory_info(compiled) -> dict:
+  """XLA's memory analysis of a compiled round: arguments, outputs, temporaries."""
+  try:
+    m = compiled.memory_analysis()
+    return {"argument_bytes": int(m.argument_size_in_bytes),
+            "output_bytes": int(m.output_size_in_bytes),
+            "temp_bytes": int(m.temp_size_in_bytes)}
+  except Exception:  # not every backend reports it
+    return {}
+
+
 def prepare_vectorized(jitted, state0, data, repeats: int) -> tuple[Timed, object]:
   """Compiles `jitted(state, data)` ahead of time and runs one warm-up round.
 
@@ -241,10 +252,13 @@ def prepare_vectorized(jitted, state0, data, repeats: int) -> tuple[Timed, objec
   state = copy_tree(state0)  # the chunk donates its state
   start = time.perf_counter()
   compiled = jitted.lower(state, data).compile()
-  info = {"compile_s": time.perf_counter() - start}
+  info = {"compile_s": time.perf_counter() - start, **memory_info(compiled)}
   start = time.perf_counter()
   state, _ = jax.block_until_ready(compiled(state, data))
   info["first_round_s"] = time.perf_counter() - start
+  stats = jax.devices()[0].memory_stats() or {}  # None on CPU; GPUs report their peak
+  if "peak_bytes_in_use" in stats:
+    info["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
   return Timed(lambda s: compiled(s, data)[0], state, repeats, info), jax.device_get(state.params)
 
 
@@ -441,6 +455,10 @@ def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
   return row
 
 
+def _fmt_bytes(num: int | None) -> str:
+  return "-" if num is None else f"{num / 2**20:,.0f} MiB"
+
+
 def _fmt_s(seconds: float | None) -> str:
   if seconds is None:
     return "-"
@@ -474,9 +492,9 @@ def markdown(result: dict) -> str:
       "| model | clients | vectorized | loop | loop / vectorized | same, CPU time "
       "| vectorized ex/s | GFLOP/s | loop ex/s "
       "| compile | plain jax.jit | plain / vectorized | centralized ceiling "
-      "| vectorized / centralized | run |",
+      "| vectorized / centralized | XLA temp | device peak | run |",
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-      "| ---: | ---: |",
+      "| ---: | ---: | ---: | ---: |",
   ]
   for r in result["results"]:
     loop = r["loop"]
@@ -495,7 +513,9 @@ def markdown(result: dict) -> str:
         f"{r['vectorized']['compile_s']:.1f} s | "
         f"{'skipped' if 'skipped' in plain else _fmt_s(plain.get('median_s'))} | "
         f"{_fmt(r.get('plain_jit_over_vectorized'), '.2f')} | {_fmt_s(cent.get('median_s'))} | "
-        f"{_fmt(r.get('vectorized_over_centralized'), '.2f')} | {r['run']} |")
+        f"{_fmt(r.get('vectorized_over_centralized'), '.2f')} | "
+        f"{_fmt_bytes(r['vectorized'].get('temp_bytes'))} | "
+        f"{_fmt_bytes(r['vectorized'].get('device_peak_bytes'))} | {r['run']} |")
   lines += [
       "",
       "All variants of a row are timed round-robin (one round of each in turn), so they see "
@@ -503,7 +523,9 @@ def markdown(result: dict) -> str:
       "vectorized: `runner.make_chunk(algorithm, 1)` with `compile.compiler_options()`; "
       "plain jax.jit: the same round without them; loop: `reference.ReferenceFedAvg.round`; "
       "centralized: one set of weights, the same number of SGD steps on batches of "
-      "clients x batch size (the same FLOPs). 'same, CPU time': loop / vectorized in process CPU "
+      "clients x batch size (the same FLOPs). XLA temp: the compiled vectorized round's "
+      "temporaries (memory_analysis); device peak: the device's peak bytes in use after its "
+      "first round where the backend reports it (GPUs; '-' on CPU). 'same, CPU time': loop / vectorized in process CPU "
       "seconds (all threads), steadier than wall time on a shared machine. GFLOP/s: the "
       "vectorized round's local-training FLOPs (XLA's count for one centralized step times the "
       "steps) per second. ex/s: examples processed in local training per "
