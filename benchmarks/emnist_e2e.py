@@ -31,17 +31,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import fedjax_sim as fs
 from fedjax_sim import evaluation, models
+
+import machine  # benchmarks/machine.py: device, versions, load, commit
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,22 +122,10 @@ def run_one(precision: str, data, test, args) -> dict:
           **{k: float(v) for k, v in metrics.items()}}
 
 
-def device_info() -> dict:
-  dev = jax.devices()[0]
-  try:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    commit = None
-  return {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-          "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
-          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def write_markdown(path: str, result: dict) -> None:
   info, cfg = result["meta"], result["config"]
-  lines = [f"# EMNIST-shape FedAvg CNN end to end ({info['device']}, {info['platform']})", "",
-           f"jax {info['jax']}, commit {info['commit']}, {info['time']}. {cfg['rounds']} rounds, "
+  lines = [f"# EMNIST-shape FedAvg CNN end to end ({info['device_kind']}, {info['platform']})",
+           "", f"jax {info['jax_version']}, commit {info['commit']}, {info['time']}. {cfg['rounds']} rounds, "
            f"{cfg['num_clients']} clients ({result['data']['examples']:,} examples), "
            f"{cfg['clients_per_round']} per round, 1 local epoch of batch 20, client SGD "
            "10^-1.5, server Adam 10^-2.5 (eps 1e-4); data generated in "
@@ -171,7 +158,9 @@ def main(argv=None) -> None:
   out = args.output or os.path.join("benchmarks", "results",
                                     f"emnist_e2e_{jax.devices()[0].platform}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  result = {"meta": device_info(), "config": vars(args),
+  meta = {**machine.device_info(), "commit": machine.git_commit(),
+          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  result = {"meta": meta, "config": vars(args),
             "data": {"examples": int(sizes.sum()), "seconds": data_seconds}, "results": results}
   with open(out, "w") as f:
     json.dump(result, f, indent=2)

@@ -43,9 +43,7 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -60,6 +58,8 @@ from fedjax_sim import local, models, reference, runner
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.data import FederatedData, from_clients
 from fedjax_sim.losses import cross_entropy
+
+import machine  # benchmarks/machine.py: device, versions, load, commit
 
 MODELS: dict[str, Callable[[], models.Model]] = {
     "mlp": lambda: models.mlp(),
@@ -321,50 +321,6 @@ def prepare_centralized(model: models.Model, clients: int, args, repeats: int) -
   return Timed(lambda p: compiled(p, x, y), params, repeats, info)
 
 
-def device_info() -> dict:
-  dev = jax.devices()[0]
-  info = {
-      "platform": dev.platform,
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "jax_version": jax.__version__,
-      "jaxlib_version": getattr(jax.lib, "__version__", None) or _jaxlib_version(),
-      "python": platform.python_version(),
-      "cpu_count": os.cpu_count(),
-      "cpu_model": _cpu_model(),
-      "compiler_options": compile_lib.compiler_options(),
-  }
-  return info
-
-
-def _jaxlib_version():
-  try:
-    import jaxlib
-    return jaxlib.__version__
-  except Exception:
-    return None
-
-
-def _cpu_model() -> str | None:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
-def _git_commit() -> str | None:
-  try:
-    return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
-                          text=True, check=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-  except Exception:
-    return None
-
-
 def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
   model = MODELS[name]()
   chunk = chunk_size(clients, args.client_chunk_size[name])
@@ -550,7 +506,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  info = device_info()
+  info = machine.device_info()
   output = args.output or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                        f"round_throughput_{info['platform']}.json")
   config = {k: getattr(args, k) for k in (
@@ -561,7 +517,7 @@ def main(argv=None) -> dict:
         f"compiler options {info['compiler_options']}", flush=True)
   run = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "git_commit": _git_commit(), "config": config}
+         "git_commit": machine.git_commit(), "config": config}
   runs, old_rows = [run], []
   if args.merge and os.path.exists(output):
     with open(output) as f:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,35 +45,9 @@ from fedjax_sim import compile as compile_lib
 from fedjax_sim import memory as memory_lib
 from fedjax_sim.data import FederatedData
 
+import machine  # benchmarks/machine.py: device, versions, load, commit
+
 MB = 2**20
-
-
-def cpu_model() -> str | None:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
-def device_info() -> dict:
-  import jaxlib
-  dev = jax.devices()[0]
-  return {"platform": dev.platform, "device_kind": dev.device_kind,
-          "device_count": jax.device_count(), "cpu_model": cpu_model(),
-          "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-          "jaxlib_version": jaxlib.__version__, "python": platform.python_version(),
-          "compiler_options": compile_lib.compiler_options()}
-
-
-def load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
 
 
 def make_data(num_clients: int, examples: int, seed: int) -> FederatedData:
@@ -172,7 +145,7 @@ def main():
     with open(base + ".json") as f:
       write_markdown(base + ".md", json.load(f))
     return
-  load_before = load_average()
+  load_before = machine.load_average()
   start = time.perf_counter()
   num_clients = args.num_clients or args.clients
   budget = int(args.budget_mb * MB)
@@ -235,9 +208,9 @@ def main():
   per_round = statistics.median(round_s)
 
   out = {
-      "device": device_info(),
+      "device": machine.device_info(),
       "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]),
-      "load_before": load_before, "load_after": load_average(),
+      "load_before": load_before, "load_after": machine.load_average(),
       "settings": {"model": args.model, "num_clients": num_clients,
                    "clients_per_round": args.clients, "examples": args.examples,
                    "steps": args.steps, "batch_size": args.batch_size,

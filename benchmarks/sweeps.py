@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -42,7 +41,8 @@ import numpy as np
 import optax
 
 import fedjax_sim as fs
-from fedjax_sim import compile as compile_lib
+
+import machine  # benchmarks/machine.py: device, versions, load, commit
 
 _COMPILE_SECONDS: list[float] = []
 jax.monitoring.register_event_duration_secs_listener(
@@ -53,34 +53,6 @@ jax.monitoring.register_event_duration_secs_listener(
 def max_abs_difference(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
              for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
-
-
-def cpu_model() -> str | None:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or None
-
-
-def device_info() -> dict:
-  import jaxlib
-  dev = jax.devices()[0]
-  return {"platform": dev.platform, "device_kind": dev.device_kind,
-          "device_count": jax.device_count(), "cpu_model": cpu_model(),
-          "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
-          "jaxlib_version": jaxlib.__version__, "python": platform.python_version(),
-          "compiler_options": compile_lib.compiler_options()}
-
-
-def load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
 
 
 class Phase:
@@ -153,7 +125,7 @@ def main():
     with open(base + ".json") as f:
       write_markdown(base + ".md", json.load(f))
     return
-  load_before = load_average()
+  load_before = machine.load_average()
 
   xs, ys = fs.synthetic(alpha=1.0, beta=1.0, seed=0)
   train_x, train_y, _, _ = fs.split_clients(xs, ys, test_fraction=0.2)
@@ -189,9 +161,9 @@ def main():
   separate_s = sum(p.seconds for p in runs)
 
   out = {
-      "device": device_info(),
+      "device": machine.device_info(),
       "command": "python benchmarks/sweeps.py " + " ".join(sys.argv[1:]),
-      "load_before": load_before, "load_after": load_average(),
+      "load_before": load_before, "load_after": machine.load_average(),
       "lrs": args.lrs, "seeds": args.seeds, "clients_per_round": args.clients_per_round,
       "configurations": len(result.rows), "rounds": args.rounds,
       "sweep_s": round(sweep_phase.seconds, 2),
