@@ -47,22 +47,34 @@ Validate = Callable[[int, "int | None"], None]
 
 class Aggregator(NamedTuple):
   """A reducer: `aggregate(state, deltas [C, ...], weights [C], ids [C], key)
-  -> (delta, state, metrics)`."""
+  -> (delta, state, metrics)`.
+
+  `weighted`: the reduction is the weights-respecting mean, so a row of weight 0 does
+  not count (what `systems` needs for clients that are not aggregated). `stages`: for
+  a `chain`, its stages in order; empty for a single reducer.
+  """
 
   init: Callable[[Params, int], Any]
   aggregate: Callable[[Any, Params, jax.Array, jax.Array, jax.Array],
                       tuple[Params, Any, dict]]
   validate: Validate | None = None
+  weighted: bool = False
+  stages: tuple = ()
 
 
 class ClientTransform(NamedTuple):
   """A per-client stage: `apply(state, deltas [C, ...], weights [C], ids [C], key)
-  -> (deltas, weights, state, metrics)`."""
+  -> (deltas, weights, state, metrics)`.
+
+  `wire_bits(d)`: for a compressor, the bits one client sends for a d-parameter
+  update, known statically (simulated upload times in `systems`); else None.
+  """
 
   init: Callable[[Params, int], Any]
   apply: Callable[[Any, Params, jax.Array, jax.Array, jax.Array],
                   tuple[Params, jax.Array, Any, dict]]
   validate: Validate | None = None
+  wire_bits: Callable[[int], int] | None = None
 
 
 class ServerTransform(NamedTuple):
@@ -95,7 +107,12 @@ def mean() -> Aggregator:
     total = weighted_sum(weights, deltas)
     return jax.tree_util.tree_map(lambda d: d / jnp.sum(weights), total), state, {}
 
-  return Aggregator(no_state, aggregate)
+  return Aggregator(no_state, aggregate, weighted=True)
+
+
+def stages_of(aggregator: Aggregator) -> tuple:
+  """The stages of a `chain`, or `(aggregator,)` for a single reducer."""
+  return aggregator.stages or (aggregator,)
 
 
 def chain(*stages) -> Aggregator:
@@ -140,7 +157,8 @@ def chain(*stages) -> Aggregator:
     for stage in stages:
       check(stage, clients_per_round, num_clients)
 
-  return Aggregator(init, aggregate, validate)
+  return Aggregator(init, aggregate, validate,
+                    weighted=stages[r].weighted, stages=tuple(stages))
 
 
 def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:

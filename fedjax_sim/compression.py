@@ -27,41 +27,23 @@ compressors, and these are a few lines of jnp each over the flattened update.
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators import ClientTransform, client_keys, no_state, ravel_clients
+from fedjax_sim.aggregators import (ClientTransform, client_keys, no_state, ravel_clients,
+                                    stages_of)
 from fedjax_sim.algorithms.base import gather_rows, scatter_rows
-
-# Each compressor's `apply` -> bits one client sends for a d-parameter update, so that
-# the bytes on the wire are known statically (simulated upload times, `systems`).
-_WIRE_BITS: "weakref.WeakKeyDictionary[Callable, Callable[[int], int]]" = (
-    weakref.WeakKeyDictionary())
-
-
-def chain_stages(aggregator: Any) -> tuple:
-  """The stages of an aggregator built by `aggregators.chain`, else `(aggregator,)`."""
-  fn = getattr(aggregator, "aggregate", None)
-  if getattr(fn, "__qualname__", None) == "chain.<locals>.aggregate" and fn.__closure__:
-    cells = dict(zip(fn.__code__.co_freevars, fn.__closure__))
-    if "stages" in cells:
-      return tuple(cells["stages"].cell_contents)
-  return (aggregator,)
-
 
 def uplink_bytes_per_client(aggregator: Any, num_params: int) -> float | None:
   """Bytes one client uploads for a `num_params`-coordinate update under `aggregator`
   (a compressor, or a chain holding one: the last compressor's size, as its metrics
   report), or None if nothing compresses (the float32 update then goes up)."""
   bits = None
-  for stage in chain_stages(aggregator):
-    apply = getattr(stage, "apply", None)
-    if apply is not None and apply in _WIRE_BITS:
-      bits = _WIRE_BITS[apply](num_params)
+  for stage in stages_of(aggregator):
+    if getattr(stage, "wire_bits", None) is not None:
+      bits = stage.wire_bits(num_params)
   return None if bits is None else bits / 8
 
 
@@ -163,8 +145,7 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
                "compression_error": relative_error(decoded, flat)}
     return unravel(decoded), weights, state, metrics
 
-  _WIRE_BITS[apply] = wire_bits
-  return ClientTransform(no_state, apply)
+  return ClientTransform(no_state, apply, wire_bits=wire_bits)
 
 
 class TopKState(NamedTuple):
@@ -229,5 +210,5 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
                "compression_error": relative_error(sent, u)}
     return unravel(sent), weights, state, metrics
 
-  _WIRE_BITS[apply] = lambda d: 64 * kept(d)  # float32 value + int32 index
-  return ClientTransform(init, apply)
+  # float32 value + int32 index per kept coordinate
+  return ClientTransform(init, apply, wire_bits=lambda d: 64 * kept(d))

@@ -372,18 +372,15 @@ def check_aggregator(aggregator: Any) -> None:
   """
   if aggregator is None:
     return
-  from fedjax_sim import compression  # late: compression imports the algorithms package
-  stages = compression.chain_stages(aggregator)
-  reducers = [s for s in stages if hasattr(s, "aggregate")]
-  for reducer in reducers:
-    fn = reducer.aggregate
-    if (getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)) != (
-        "fedjax_sim.aggregators", "mean.<locals>.aggregate"):
+  from fedjax_sim.aggregators import stages_of  # late: aggregators imports the algorithms
+  for reducer in stages_of(aggregator):
+    if hasattr(reducer, "aggregate") and not reducer.weighted:
       raise ValueError(
           f"systems= needs an aggregator whose reducer is the weighted mean "
           f"(aggregators.mean(), possibly in a chain with per-client and server transforms); "
-          f"got the reducer {getattr(fn, '__qualname__', fn)!r}, which ignores the weights, so "
-          f"clients that dropped out or missed the deadline would count as zero updates")
+          f"got the reducer {getattr(reducer.aggregate, '__qualname__', reducer)!r}, which "
+          f"ignores the weights, so clients that dropped out or missed the deadline would "
+          f"count as zero updates")
 
 
 def check_aggregator_state(aggregator: Any, state: Any) -> None:
@@ -391,9 +388,8 @@ def check_aggregator_state(aggregator: Any, state: Any) -> None:
   feedback): the clients a round does not aggregate would update it too."""
   if aggregator is None:
     return
-  from fedjax_sim import compression
-  from fedjax_sim.aggregators import ClientTransform
-  stages = compression.chain_stages(aggregator)
+  from fedjax_sim.aggregators import ClientTransform, stages_of
+  stages = stages_of(aggregator)
   if len(stages) == 1:
     return  # a lone reducer has no per-client transforms
   for stage, stage_state in zip(stages, state):
