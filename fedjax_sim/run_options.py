@@ -359,15 +359,9 @@ def make_model(task, args: argparse.Namespace) -> models.Model:
     model = task.make_model(name, args.seed)
   elif name != "cnn":
     raise ValueError(f"--conv-impl applies to the CNN (--model cnn); the model is {name!r}")
-  elif "conv_impl" in inspect.signature(task.make_model).parameters:
+  elif "conv_impl" in inspect.signature(task.make_model).parameters:  # image tasks
     model = task.make_model(name, args.seed, conv_impl=args.conv_impl)
   else:
-    # The task's make_model builds models.cnn from the images' [h, w, c]; so do we.
-    shape = tuple(task.train.x.shape[2:])
-    if len(shape) != 3 or shape[0] != shape[1]:
-      task.make_model(name, args.seed)  # the task's own error, if it offers no CNN
-      raise ValueError(f"--conv-impl: the CNN needs square images [h, w, c], the task's "
-                       f"inputs have shape {shape}")
-    model = models.cnn(task.num_classes, in_channels=shape[2], image_size=shape[0],
-                       seed=args.seed, conv_impl=args.conv_impl)
+    task.make_model(name, args.seed)  # the task's own error, if it offers no CNN
+    raise ValueError("--conv-impl: this task's models take no conv_impl")
   return models.mixed_precision(model) if args.mixed_precision else model

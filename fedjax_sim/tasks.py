@@ -112,14 +112,14 @@ def _image_model(image_shape: tuple[int, ...], num_classes: int):
   """Models for images [h, w, c]: 'logreg', 'mlp' (the 2NN) and 'cnn' (McMahan et al.)."""
   features = math.prod(image_shape)
 
-  def make(name: str, seed: int) -> models.Model:
+  def make(name: str, seed: int, conv_impl: str = "auto") -> models.Model:
     if name == "logreg":
       return models.logistic_regression(features, num_classes, seed)
     if name == "mlp":
       return models.mlp(features, num_classes, seed)
     if name == "cnn":
       return models.cnn(num_classes, in_channels=image_shape[-1], image_size=image_shape[0],
-                        seed=seed)
+                        seed=seed, conv_impl=conv_impl)
     raise ValueError(f"model {name!r} does not fit images; use 'logreg', 'mlp' or 'cnn'")
   return make
 
