@@ -19,7 +19,8 @@ else
   clients="10 100 1000"; big="10000"; rounds=1500; e2e_clients=3400; repeats=5
 fi
 
-# 1. Round throughput, vectorized vs loop (loop up to 100 clients), centralized ceiling.
+# 1. Round throughput, vectorized vs loop (loop up to 100 clients), centralized ceiling
+#    and roofline (the device's measured matmul rate and bandwidth).
 python benchmarks/round_throughput.py --models mlp cnn cnn_seq --clients $clients \
     --repeats $repeats --loop-repeats 2 --skip-loop-above 100 --no-plain-jit \
     --output "$OUT/round_throughput_$platform.json"
@@ -30,3 +31,7 @@ python benchmarks/round_throughput.py --merge --models cnn --clients $big --num-
 # 3. EMNIST-shape end to end, float32 and bfloat16 compute.
 python benchmarks/emnist_e2e.py --rounds $rounds --num-clients $e2e_clients \
     --precision f32 bf16 --output "$OUT/emnist_e2e_$platform.json"
+# 4. The other two models of the issue: logistic regression and the next-character model.
+python benchmarks/round_throughput.py --merge --models logreg char_rnn --clients $clients \
+    --repeats $repeats --loop-repeats 2 --skip-loop-above 100 --no-plain-jit \
+    --output "$OUT/round_throughput_$platform.json"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import subprocess
+import time
 
 import jax
+import jax.numpy as jnp
 import jaxlib
 
 from fedjax_sim import compile as compile_lib
@@ -48,3 +51,36 @@ def git_commit() -> str | None:
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+def _median_seconds(fn, x, repeats: int) -> float:
+  """Median seconds of `x = fn(x)` (chained, so a donating `fn` updates in place)."""
+  x = jax.block_until_ready(fn(x))  # compile and warm up
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x = jax.block_until_ready(fn(x))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measured_peaks(repeats: int = 10) -> dict:
+  """The device's measured float32 matmul rate and memory bandwidth: a roofline's two roofs.
+
+  Matmul: a square float32 product at JAX's default precision (what the models use; on
+  NVIDIA GPUs that is TF32), 2 n^3 FLOPs. Bandwidth: `x + 1` in place (donated, so
+  no fresh pages are touched) on an array far larger than any cache, which reads and
+  writes it once (2 x its bytes). Both are what this device achieves through XLA, not
+  its datasheet peaks.
+  """
+  accelerator = jax.devices()[0].platform != "cpu"
+  n = 8192 if accelerator else 2048
+  mib = 2048 if accelerator else 512
+  a = jnp.ones((n, n), jnp.float32)
+  b = jnp.full((n, n), 1.0 / n, jnp.float32)  # a @ b == a: the chained values stay finite
+  matmul_s = _median_seconds(jax.jit(lambda a: a @ b), a, repeats=repeats)
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  copy_s = _median_seconds(jax.jit(lambda x: x + 1, donate_argnums=0), x, repeats=repeats)
+  del a, b, x
+  return {"matmul_flops_per_s": 2 * n**3 / matmul_s, "matmul_n": n,
+          "memory_bytes_per_s": 2 * mib * 2**20 / copy_s, "bandwidth_array_mib": mib}

@@ -16,7 +16,14 @@ optimizers and keys, it measures:
   above `--skip-loop-above`;
 - centralized (a practical ceiling, as in DESIGN.md): one set of weights trained for the
   same number of SGD steps on batches of clients x batch_size examples, the same FLOPs as
-  the round's local training.
+  the round's local training;
+- roofline: the device's float32 matmul rate and memory bandwidth are measured first
+  (machine.measured_peaks); a round's bound is the slower of its local-training FLOPs at
+  that rate and its bytes at that bandwidth, both counted by XLA (training_cost).
+
+Models: logistic regression, the 2NN MLP and the FedAvg CNN (three convolution
+implementations) on MNIST-shaped images; the next-character model (char_rnn) on
+Shakespeare-shaped texts.
 
 The variants of one (model, clients) row are timed round-robin, one round of each in turn
 (`--repeats` rounds, `--loop-repeats` for the loop), with `block_until_ready`, so they
@@ -57,25 +64,43 @@ from fedjax_sim import compile as compile_lib
 from fedjax_sim import local, models, reference, runner
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.data import FederatedData, from_clients
+from fedjax_sim.datasets import text as text_lib
 from fedjax_sim.losses import cross_entropy
 
 import machine  # benchmarks/machine.py: device, versions, load, commit
 
+# Inputs: MNIST-shaped images (28x28 floats, 10 classes) or Shakespeare-shaped text (80
+# token ids per example, a label per token, the Shakespeare task's vocabulary).
+TEXT_LENGTH = 80
+VOCAB = text_lib.vocab_size()
 MODELS: dict[str, Callable[[], models.Model]] = {
+    "logreg": lambda: models.logistic_regression(784, 10),
     "mlp": lambda: models.mlp(),
     "cnn": lambda: models.cnn(conv_impl="patches"),
     "cnn_lax": lambda: models.cnn(conv_impl="lax"),
     "cnn_seq": lambda: models.cnn(conv_impl="sequential"),
+    "char_rnn": lambda: models.char_rnn(VOCAB),
 }
+TEXT_MODELS = {"char_rnn"}
 MODEL_NAMES = {
+    "logreg": "logistic regression 784-10",
     "mlp": "2NN MLP 784-200-200-10",
     "cnn": "FedAvg CNN, conv as patches @ weights",
     "cnn_lax": "FedAvg CNN, conv as lax.conv",
     "cnn_seq": "FedAvg CNN, conv per client in canonical layout (conv.py sequential; CPU default)",
+    "char_rnn": f"next-character model: embedding 8, 2 GRU layers of 256, {TEXT_LENGTH} tokens",
 }
 # Clients trained at once by default (client_chunk_size): the CNN's conv2 patches alone
 # are ~12.5 MB per client at batch 20, so 1000 clients at once would need tens of GB.
-DEFAULT_MAX_CHUNK = {"mlp": 1000, "cnn": 100, "cnn_lax": 100, "cnn_seq": 100}
+DEFAULT_MAX_CHUNK = {"logreg": 1000, "mlp": 1000, "cnn": 100, "cnn_lax": 100, "cnn_seq": 100,
+                     "char_rnn": 100}
+
+
+def example_spec(name: str) -> tuple[tuple[int, ...], jnp.dtype, tuple[int, ...]]:
+  """(input shape, input dtype, label shape) of one example for model `name`."""
+  if name in TEXT_MODELS:
+    return (TEXT_LENGTH,), jnp.int32, (TEXT_LENGTH,)
+  return (28, 28), jnp.float32, ()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,6 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="also time the loop reference without compile.compiler_options()")
   p.add_argument("--no-centralized", action="store_true",
                  help="do not time the centralized ceiling")
+  p.add_argument("--no-roofline", action="store_true",
+                 help="do not measure the device's matmul rate and bandwidth (no roofline)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output", default=None,
                  help="JSON path (default benchmarks/results/round_throughput_<platform>.json); "
@@ -159,12 +186,17 @@ def chunk_size(clients: int, most: int | None) -> int | None:
   return max(d for d in range(1, most + 1) if clients % d == 0)
 
 
-def make_data(num_clients: int, examples: int, seed: int) -> FederatedData:
-  """MNIST-shaped random data: 28x28 floats in [0, 1), labels in 0..9."""
+def make_data(num_clients: int, examples: int, seed: int, text: bool = False) -> FederatedData:
+  """MNIST-shaped random data (28x28 floats in [0, 1), labels in 0..9) or, with `text`,
+  Shakespeare-shaped random token ids, each label the next token."""
   rng = np.random.default_rng(seed)
-  x = rng.random((num_clients, examples, 28, 28), dtype=np.float32)
-  y = rng.integers(0, 10, (num_clients, examples))
-  return from_clients(list(x), list(y), num_classes=10)
+  if text:
+    tokens = rng.integers(1, VOCAB, (num_clients, examples, TEXT_LENGTH + 1), dtype=np.int32)
+    x, y, classes = tokens[..., :-1], tokens[..., 1:], VOCAB
+  else:
+    x = rng.random((num_clients, examples, 28, 28), dtype=np.float32)
+    y, classes = rng.integers(0, 10, (num_clients, examples)), 10
+  return from_clients(list(x), list(y), num_classes=classes)
 
 
 def examples_per_client(n: int, batch_size: int, steps: int | None, epochs: int | None) -> int:
@@ -270,10 +302,14 @@ def prepare_loop(ref: reference.ReferenceFedAvg, state0, data, repeats: int):
   return Timed(lambda s: ref.round(s, data)[0], state, repeats, info), jax.device_get(state.params)
 
 
-def training_flops(name: str, clients: int, args) -> float:
-  """FLOPs of a round's local training (forward, backward, SGD update), from XLA's cost
-  analysis of one step on all clients' examples times the number of local steps.
+def training_cost(name: str, clients: int, args) -> dict:
+  """FLOPs and bytes of a round's local training, counted by XLA's cost analysis.
 
+  FLOPs: one SGD step (forward, backward, update) with one set of weights on all
+  clients' examples, times the local steps. Bytes: the compiled step vmapped over
+  clients, each with its own weights, times the local steps: XLA's count of what its
+  fused kernels read and write, so every client's weights, gradients and activations
+  are read and rewritten each step (which one set of weights does once).
   (The cost analysis of the round itself counts a scan's body once, not once per step.)
   The CNNs are counted with `lax.conv`, so that extracting patches is not counted as work.
   """
@@ -281,27 +317,53 @@ def training_flops(name: str, clients: int, args) -> float:
   total_steps = args.steps if args.steps is not None else args.epochs * local.steps_per_epoch(
       args.examples_per_client, args.batch_size)
   loss = cross_entropy(model.apply)
-  x = jax.ShapeDtypeStruct((clients * args.batch_size, 28, 28), jnp.float32)
-  y = jax.ShapeDtypeStruct((clients * args.batch_size,), jnp.int32)
 
   def step(params, x, y):
     grads = jax.grad(lambda p: jnp.mean(loss(p, x, y)))(params)
     return jax.tree_util.tree_map(lambda p, g: p - args.client_lr * g, params, grads)
 
-  cost = jax.jit(step).lower(model.params, x, y).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) * total_steps
+  def cost(compiled) -> dict:
+    c = compiled.cost_analysis()
+    return c[0] if isinstance(c, (list, tuple)) else c
+
+  x_shape, x_dtype, y_shape = example_spec(name)
+  batch = clients * args.batch_size
+  flops = cost(jax.jit(step).lower(
+      model.params, jax.ShapeDtypeStruct((batch, *x_shape), x_dtype),
+      jax.ShapeDtypeStruct((batch, *y_shape), jnp.int32)))["flops"]
+  stacked = jax.tree_util.tree_map(
+      lambda p: jax.ShapeDtypeStruct((clients, *p.shape), p.dtype), model.params)
+  per_client = cost(compile_lib.jit(jax.vmap(step)).lower(
+      stacked, jax.ShapeDtypeStruct((clients, args.batch_size, *x_shape), x_dtype),
+      jax.ShapeDtypeStruct((clients, args.batch_size, *y_shape), jnp.int32)).compile())
+  return {"flops": float(flops) * total_steps,
+          "bytes": float(per_client["bytes accessed"]) * total_steps}
 
 
-def prepare_centralized(model: models.Model, clients: int, args, repeats: int) -> Timed:
+def roofline(cost: dict, peaks: dict) -> dict:
+  """The roofline bound on a round's local training: the slower of doing its FLOPs at
+  the measured matmul rate and moving its bytes at the measured bandwidth."""
+  compute_s = cost["flops"] / peaks["matmul_flops_per_s"]
+  memory_s = cost["bytes"] / peaks["memory_bytes_per_s"]
+  return {"roofline_s": max(compute_s, memory_s),
+          "roofline_bound": "compute" if compute_s >= memory_s else "memory",
+          "roofline_compute_s": compute_s, "roofline_memory_s": memory_s}
+
+
+def prepare_centralized(name: str, model: models.Model, clients: int, args,
+                        repeats: int) -> Timed:
   """One set of weights, as many SGD steps as a client takes, on batches of
   clients * batch_size examples: the same FLOPs as the round's local training."""
   total_steps = args.steps if args.steps is not None else args.epochs * local.steps_per_epoch(
       args.examples_per_client, args.batch_size)
   batch = clients * args.batch_size
   rng = np.random.default_rng(args.seed + 1)
-  x = jnp.asarray(rng.random((total_steps, batch, 28, 28), dtype=np.float32))
-  y = jnp.asarray(rng.integers(0, 10, (total_steps, batch)))
+  if name in TEXT_MODELS:
+    x = jnp.asarray(rng.integers(1, VOCAB, (total_steps, batch, TEXT_LENGTH), dtype=np.int32))
+    y = jnp.asarray(rng.integers(1, VOCAB, (total_steps, batch, TEXT_LENGTH), dtype=np.int32))
+  else:
+    x = jnp.asarray(rng.random((total_steps, batch, 28, 28), dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, 10, (total_steps, batch)))
   loss = cross_entropy(model.apply)
   opt = optax.sgd(args.client_lr)
 
@@ -321,7 +383,8 @@ def prepare_centralized(model: models.Model, clients: int, args, repeats: int) -
   return Timed(lambda p: compiled(p, x, y), params, repeats, info)
 
 
-def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
+def bench_one(name: str, clients: int, data: FederatedData, args,
+              peaks: dict | None) -> dict:
   model = MODELS[name]()
   chunk = chunk_size(clients, args.client_chunk_size[name])
   kwargs = dict(client_optimizer=optax.sgd(args.client_lr),
@@ -381,7 +444,7 @@ def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
       variants["loop_plain_jit"], _ = prepare_loop(ref, state0, data, args.loop_repeats)
 
   if not args.no_centralized:
-    variants["centralized"] = prepare_centralized(model, clients, args, args.repeats)
+    variants["centralized"] = prepare_centralized(name, model, clients, args, args.repeats)
 
   row.update(time_interleaved(variants))
   for key in ("vectorized", "vectorized_plain_jit", "vectorized_chunked", "loop",
@@ -404,10 +467,16 @@ def bench_one(name: str, clients: int, data: FederatedData, args) -> dict:
   if "centralized" in row:
     row["vectorized_over_centralized"] = vec_s / row["centralized"]["median_s"]
   try:
-    row["training_flops_per_round"] = training_flops(name, clients, args)
-    row["vectorized_gflops_per_s"] = row["training_flops_per_round"] / vec_s / 1e9
+    cost = training_cost(name, clients, args)
   except Exception as e:  # cost analysis is best effort
-    log(f"no FLOP count: {e}")
+    log(f"no FLOP or byte count: {e}")
+    return row
+  row["training_flops_per_round"] = cost["flops"]
+  row["training_bytes_per_round"] = cost["bytes"]
+  row["vectorized_gflops_per_s"] = cost["flops"] / vec_s / 1e9
+  if peaks:
+    row.update(roofline(cost, peaks))
+    row["roofline_over_vectorized"] = row["roofline_s"] / vec_s
   return row
 
 
@@ -439,18 +508,23 @@ def markdown(result: dict) -> str:
     sched = f"{cfg['steps']} local steps" if cfg["steps"] else f"{cfg['epochs']} local epochs"
     lines.append(
         f"Run {i} ({run['date']}, commit {run['git_commit']}): `{run['command']}`. Synthetic "
-        f"28x28 data, {cfg['num_clients']} clients of {cfg['examples_per_client']} examples, "
+        f"data (28x28 images; {TEXT_LENGTH}-token texts for {', '.join(sorted(TEXT_MODELS))}), {cfg['num_clients']} clients of {cfg['examples_per_client']} examples, "
         f"{sched} of batch {cfg['batch_size']}, client SGD lr {cfg['client_lr']}, server SGD "
         f"lr {cfg['server_lr']}; median of {cfg['repeats']} rounds (loop: "
-        f"{cfg['loop_repeats']}) after a warm-up round.")
+        f"{cfg['loop_repeats']}) after a warm-up round." + (
+            f" Measured roofs: {run['peaks']['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s "
+            f"(float32 {run['peaks']['matmul_n']}^2 matmul), "
+            f"{run['peaks']['memory_bytes_per_s'] / 1e9:,.1f} GB/s (x + 1 on "
+            f"{run['peaks']['bandwidth_array_mib']} MiB)." if "peaks" in run else ""))
   lines += [
       "",
       "| model | clients | vectorized | loop | loop / vectorized | same, CPU time "
       "| vectorized ex/s | GFLOP/s | loop ex/s "
       "| compile | plain jax.jit | plain / vectorized | centralized ceiling "
-      "| vectorized / centralized | XLA temp | device peak | run |",
+      "| vectorized / centralized | roofline | roofline / vectorized | XLA temp | device peak "
+      "| run |",
       "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-      "| ---: | ---: | ---: | ---: |",
+      "| ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
   for r in result["results"]:
     loop = r["loop"]
@@ -470,6 +544,8 @@ def markdown(result: dict) -> str:
         f"{'skipped' if 'skipped' in plain else _fmt_s(plain.get('median_s'))} | "
         f"{_fmt(r.get('plain_jit_over_vectorized'), '.2f')} | {_fmt_s(cent.get('median_s'))} | "
         f"{_fmt(r.get('vectorized_over_centralized'), '.2f')} | "
+        f"{_fmt_s(r.get('roofline_s'))}{' (' + r['roofline_bound'] + ')' if 'roofline_bound' in r else ''} | "
+        f"{_fmt(r.get('roofline_over_vectorized'), '.0%')} | "
         f"{_fmt_bytes(r['vectorized'].get('temp_bytes'))} | "
         f"{_fmt_bytes(r['vectorized'].get('device_peak_bytes'))} | {r['run']} |")
   lines += [
@@ -484,8 +560,12 @@ def markdown(result: dict) -> str:
       "first round where the backend reports it (GPUs; '-' on CPU). 'same, CPU time': loop / vectorized in process CPU "
       "seconds (all threads), steadier than wall time on a shared machine. GFLOP/s: the "
       "vectorized round's local-training FLOPs (XLA's count for one centralized step times the "
-      "steps) per second. ex/s: examples processed in local training per "
-      "second. Loop rows marked skipped were not run (`--skip-loop-above`).",
+      "steps) per second. roofline: the slower of the round's local-training FLOPs at the "
+      "measured matmul rate and its bytes at the measured bandwidth (bytes: XLA's count for "
+      "the compiled step vmapped over clients, times the steps; each client's weights are "
+      "read and rewritten every step), with the bound that sets it; roofline / vectorized: "
+      "the fraction of that bound the vectorized round achieves. ex/s: examples processed "
+      "in local training per second. Loop rows marked skipped were not run (`--skip-loop-above`).",
   ]
   if any("vectorized_chunked" in r for r in result["results"]):
     lines += ["", "Vectorized round with smaller client chunks (`--also-chunk-size`, timed "
@@ -518,6 +598,10 @@ def main(argv=None) -> dict:
   run = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "git_commit": machine.git_commit(), "config": config}
+  if not args.no_roofline:
+    run["peaks"] = machine.measured_peaks()
+    print(f"measured peaks: {run['peaks']['matmul_flops_per_s'] / 1e9:,.0f} GFLOP/s float32 "
+          f"matmul, {run['peaks']['memory_bytes_per_s'] / 1e9:,.1f} GB/s", flush=True)
   runs, old_rows = [run], []
   if args.merge and os.path.exists(output):
     with open(output) as f:
@@ -525,12 +609,15 @@ def main(argv=None) -> dict:
     if old["meta"]["device"]["device_kind"] != info["device_kind"]:
       raise SystemExit(f"--merge: {output} was measured on {old['meta']['device']['device_kind']}")
     runs, old_rows = old["meta"]["runs"] + runs, old["results"]
-  data = make_data(args.num_clients, args.examples_per_client, args.seed)
+  datasets = {}  # image and text data, made when a model first needs them
   rows, result = [], None
   for name in args.models:
     for clients in args.clients:
       print(f"{name}, {clients} clients per round", flush=True)
-      row = bench_one(name, clients, data, args)
+      text = name in TEXT_MODELS
+      if text not in datasets:
+        datasets[text] = make_data(args.num_clients, args.examples_per_client, args.seed, text)
+      row = bench_one(name, clients, datasets[text], args, run.get("peaks"))
       row["run"] = len(runs) - 1
       rows.append(row)
       # Written after every row, so that an interrupted run keeps what it measured.
