@@ -33,6 +33,19 @@ TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma
                 "data_dir", "data_seed")
 
 
+def chunk_size_arg(value: str) -> int | str | None:
+  """--client-chunk-size: a positive integer, 'auto' or 'all' (None: every client at once)."""
+  if value in ("auto", "all"):
+    return None if value == "all" else value
+  try:
+    size = int(value)
+  except ValueError:
+    size = 0
+  if size <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, 'auto' or 'all', got {value!r}")
+  return size
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__.split("\n")[0])
   commands = parser.add_subparsers(dest="command", required=True)
@@ -70,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--server-optimizer", default="fedavg", choices=optimizers.SERVER_OPTIMIZERS)
   run.add_argument("--server-lr", type=float, default=1.0)
   run.add_argument("--weighting", default="examples", choices=("examples", "uniform"))
-  run.add_argument("--client-chunk-size", type=int, default=None,
-                   help="train this many clients at a time to bound memory")
+  run.add_argument("--client-chunk-size", type=chunk_size_arg, default="auto",
+                   help="train this many clients at a time to bound memory; 'all' trains "
+                        "them all at once; 'auto' (default): all at once on accelerators, "
+                        "a few at a time on a CPU, where that is faster")
   run.add_argument("--eval-every", type=int, default=10,
                    help="rounds per compiled chunk; evaluation runs after each")
   run.add_argument("--seed", type=int, default=0)

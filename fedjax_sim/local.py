@@ -118,11 +118,16 @@ def make_local_update(
       def epoch_body(carry, epoch):
         batches = padded_order(epoch).reshape(num_batches, batch_size)
 
-        def batch_body(carry, b):
+        # A loop of this client's own `spe` steps: under vmap it runs as many steps as
+        # the largest client trained together needs (finished clients are held), not
+        # the padded maximum; clients trained one at a time take exactly their own.
+        def batch_body(state):
+          b, carry = state
           mask = b * batch_size + positions < n
-          return train_step(carry, x, y, batches[b], mask, b < spe, context, budget), None
+          return b + 1, train_step(carry, x, y, batches[b], mask, True, context, budget)
 
-        return jax.lax.scan(batch_body, carry, jnp.arange(num_batches))[0], None
+        return jax.lax.while_loop(lambda state: state[0] < spe, batch_body,
+                                  (jnp.zeros((), jnp.int32), carry))[1], None
 
       carry = jax.lax.scan(epoch_body, carry, jnp.arange(epochs))[0]
     else:

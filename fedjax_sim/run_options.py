@@ -157,8 +157,8 @@ def check_flags(args: argparse.Namespace) -> None:
       _finite(args.straggler_fraction) and 0.0 <= args.straggler_fraction <= 1.0):
     raise ValueError(f"--straggler-fraction must lie in [0, 1], got {args.straggler_fraction}")
   sampled = args.clients_per_round + (args.over_selection or 0)
-  if (args.over_selection and args.client_chunk_size is not None
-      and args.client_chunk_size > 0 and sampled % args.client_chunk_size):
+  if (args.over_selection and isinstance(args.client_chunk_size, int)
+      and sampled % args.client_chunk_size):
     raise ValueError(f"--client-chunk-size {args.client_chunk_size} must divide "
                      f"--clients-per-round + --over-selection = {sampled}")
 

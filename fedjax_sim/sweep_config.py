@@ -87,7 +87,7 @@ SETTINGS: dict[str, tuple[Any, Any]] = {
     "server_lr": ("number", 1.0),
     "mu": ("number", 0.01),
     "weighting": (("examples", "uniform"), "examples"),
-    "client_chunk_size": ("int", None),
+    "client_chunk_size": ("chunk", "auto"),
     "eval_every": ("int", 10),
     "model": ("str", None),
     "init_seed": ("int", 0),
@@ -154,6 +154,9 @@ def _check_value(where: str, kind, value) -> Any:
   if kind == "int":
     if not isinstance(value, int) or isinstance(value, bool):
       raise ConfigError(f"{where} must be an integer, got {value!r}")
+  elif kind == "chunk":
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+      raise ConfigError(f"{where} must be a positive integer or \"auto\", got {value!r}")
   elif kind == "number":
     if not _is_number(value):
       raise ConfigError(f"{where} must be a finite number, got {value!r}")

@@ -54,7 +54,7 @@ def ditto(
     epochs: int | None = None,
     steps: int | None = None,
     personal_optimizer: optax.GradientTransformation | None = None,
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: local.PerExampleLoss | None = None,
     **fedavg_args,
 ) -> FederatedAlgorithm:

@@ -32,7 +32,8 @@ from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, aggregation_key,
                                        check_clients_per_round, check_labels, check_round_args,
                                        client_data_key, client_key, client_weights, round_metrics,
-                                       model_bytes, server_step, start_round, weighted_sum)
+                                       model_bytes, resolve_chunk_size, server_step, start_round,
+                                       weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
 
@@ -56,7 +57,7 @@ def fedavg(
     epochs: int | None = None,
     steps: int | None = None,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: local.PerExampleLoss | None = None,
     regularizer: local.Regularizer | None = None,
     aggregator: Aggregator | None = None,
@@ -78,7 +79,9 @@ def fedavg(
     weighting: 'examples' (each delta weighted by the client's example count) or
       'uniform'.
     client_chunk_size: train this many clients at a time (a divisor of
-      clients_per_round) to bound memory; None trains all at once.
+      clients_per_round) to bound memory; None trains all at once; "auto" (the
+      default) is all at once on accelerators and a few clients at a time on a
+      CPU, where that is faster (`base.resolve_chunk_size`).
     loss: per-example loss; default softmax cross-entropy on integer labels.
     regularizer: `regularizer(params, global_params)` added to every local step's
       objective (FedProx's proximal term is one).
@@ -115,8 +118,7 @@ def fedavg(
     raise ValueError(f"systems must be a systems.SystemsConfig, got {type(systems).__name__}")
   # Over-selection samples more clients than the server keeps: those are the rows trained.
   sampled = clients_per_round + (0 if systems is None else systems.over_selection)
-  chunk = sampled if client_chunk_size is None else client_chunk_size
-  if not isinstance(chunk, int) or chunk <= 0 or sampled % chunk:
+  if isinstance(client_chunk_size, int) and sampled % client_chunk_size:
     what = ("clients_per_round" if systems is None
             else "clients_per_round + over_selection")
     raise ValueError(f"client_chunk_size={client_chunk_size!r} must be a positive divisor of "
@@ -183,11 +185,17 @@ def fedavg(
     return jax.tree_util.tree_map(
         constrain, jax.vmap(one)(constrain(ids), jax.tree_util.tree_map(constrain, budgets)))
 
-  def by_chunk(a):
-    return None if a is None else a.reshape(-1, chunk)
+  def chunk_size(params):
+    """Clients trained at a time (a divisor of `sampled`)."""
+    if client_sharding is not None and client_chunk_size == "auto":
+      return sampled  # the devices split one chunk of all clients between them
+    return resolve_chunk_size(client_chunk_size, sampled, params) or sampled
 
   def mean_delta(params, data, ids, weights, budgets, train_key, round_index):
     """Fused weighted mean: a scan over chunks keeps one chunk of client models alive."""
+    chunk = chunk_size(params)
+    by_chunk = lambda a: None if a is None else a.reshape(-1, chunk)
+
     def body(acc, xs):
       chunk_ids, w, chunk_budgets = xs
       result = train_clients(params, data, chunk_ids, train_key, round_index, chunk_budgets)
@@ -205,6 +213,8 @@ def fedavg(
     return delta, loss_sum.reshape(-1), num_trained.reshape(-1), {}
 
   def aggregated_delta(state, data, ids, weights, budgets, train_key, round_index, agg_key):
+    chunk = chunk_size(state.params)
+    by_chunk = lambda a: None if a is None else a.reshape(-1, chunk)
     results = jax.lax.map(
         lambda xs: train_clients(state.params, data, xs[0], train_key, round_index, xs[1]),
         (by_chunk(ids), by_chunk(budgets)))

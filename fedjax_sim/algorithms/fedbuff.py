@@ -52,7 +52,8 @@ import optax
 from fedjax_sim import local, systems
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_labels,
                                         check_round_args, client_key, client_weights,
-                                        map_clients, model_bytes, round_keys, round_metrics,
+                                        map_clients, model_bytes, resolve_chunk_size,
+                                        round_keys, round_metrics,
                                         sample_clients, server_step, weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
@@ -101,7 +102,7 @@ def fedbuff(
     steps: int | None = None,
     staleness: str | Callable[[jax.Array], jax.Array] = "polynomial",
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: local.PerExampleLoss | None = None,
     regularizer: local.Regularizer | None = None,
 ) -> FederatedAlgorithm:
@@ -120,7 +121,8 @@ def fedbuff(
     staleness: 'polynomial' (1 / sqrt(1 + tau), the paper's), 'constant' (1), or a
       callable mapping float32 staleness [K] to weights [K].
     weighting: 'examples' or 'uniform' (the paper's), the w_i of the mean.
-    client_chunk_size: train this many arrived clients at a time to bound memory.
+    client_chunk_size: train this many arrived clients at a time to bound memory
+      (None: all at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy on integer labels.
     regularizer: `regularizer(params, downloaded_params)` added to each local step.
 
@@ -239,7 +241,8 @@ def fedbuff(
       params, i, key = args
       return local_update(params, data.x[i], data.y[i], data.counts[i], key, params)
 
-    results = map_clients(train, (starts, arrived, arrived_keys), client_chunk_size)
+    results = map_clients(train, (starts, arrived, arrived_keys),
+                          resolve_chunk_size(client_chunk_size, buffer_size, state.params))
     tau = version - versions
     weights = client_weights(weighting, data, arrived)
     scaled = weights * weight_of(tau.astype(jnp.float32)).astype(jnp.float32)

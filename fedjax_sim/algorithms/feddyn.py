@@ -62,7 +62,7 @@ def feddyn(
     epochs: int | None = None,
     steps: int | None = None,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: PerExampleLoss | None = None,
 ) -> FederatedAlgorithm:
   """FedDyn.
@@ -75,7 +75,8 @@ def feddyn(
     batch_size: local minibatch size.
     epochs / steps: local epochs, or a fixed number of local steps (exactly one).
     weighting: 'examples' or 'uniform' (see the module docstring).
-    client_chunk_size: train this many clients at a time to bound memory.
+    client_chunk_size: train this many clients at a time to bound memory (None: all
+      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
 
   Returns:

@@ -55,7 +55,7 @@ def fednova(
     momentum: float = 0.0,
     server_optimizer: optax.GradientTransformation | None = None,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: PerExampleLoss | None = None,
 ) -> FederatedAlgorithm:
   """FedNova with local SGD (optionally with momentum).
@@ -70,7 +70,8 @@ def fednova(
     momentum: local heavy-ball momentum rho in [0, 1); 0 is plain SGD.
     server_optimizer: optax optimizer on the pseudo-gradient; default SGD lr 1.
     weighting: p_i proportional to 'examples' or 'uniform'.
-    client_chunk_size: train this many clients at a time to bound memory.
+    client_chunk_size: train this many clients at a time to bound memory (None: all
+      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
 
   Returns:

@@ -52,7 +52,7 @@ def mimelite(
     momentum: float = 0.9,
     server_learning_rate: float = 1.0,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: PerExampleLoss | None = None,
 ) -> FederatedAlgorithm:
   """MimeLite with SGD with momentum.
@@ -66,7 +66,8 @@ def mimelite(
     momentum: beta in [0, 1); 0 is FedAvg with local SGD.
     server_learning_rate: eta_g on the mean update (1 in the paper).
     weighting: 'examples' or 'uniform' means over the sampled clients.
-    client_chunk_size: train this many clients at a time to bound memory.
+    client_chunk_size: train this many clients at a time to bound memory (None: all
+      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
 
   Returns:
@@ -102,7 +103,7 @@ def mimelite(
                                  lambda _: (state.params, m), None, client_chunk_size)
     grads = base.map_clients(
         lambda i: full_grad(loss, state.params, data.x[i], data.y[i], data.counts[i]),
-        ids, client_chunk_size)
+        ids, base.resolve_chunk_size(client_chunk_size, ids.shape[0], state.params))
     weights = base.client_weights(weighting, data, ids)
     delta = base.weighted_mean(weights, results.delta)
     m = jax.tree_util.tree_map(lambda g, old: (1.0 - momentum) * g + momentum * old,

@@ -68,7 +68,7 @@ def qffl(
     epochs: int | None = None,
     steps: int | None = None,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: PerExampleLoss | None = None,
 ) -> FederatedAlgorithm:
   """q-FedAvg with local SGD and L = 1 / client_learning_rate.
@@ -81,7 +81,8 @@ def qffl(
     batch_size: local minibatch size.
     epochs / steps: local epochs, or a fixed number of local steps (exactly one).
     weighting: p_k proportional to 'examples' or 'uniform'.
-    client_chunk_size: train this many clients at a time to bound memory.
+    client_chunk_size: train this many clients at a time to bound memory (None: all
+      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
 
   Returns:
@@ -107,7 +108,7 @@ def qffl(
     ids = draws.ids
     losses = base.map_clients(
         lambda i: base.full_batch_loss(loss, state.params, data.x[i], data.y[i], data.counts[i]),
-        ids, client_chunk_size)
+        ids, base.resolve_chunk_size(client_chunk_size, ids.shape[0], state.params))
     results = base.train_sampled(local_update, data, ids, draws.train_key,
                                  lambda _: (state.params, None), None, client_chunk_size)
     update, _ = qffl_step(losses, results.delta, base.client_weights(weighting, data, ids),

@@ -48,7 +48,7 @@ def build_algorithm(
     server_optimizer: str = "fedavg",
     server_lr: float = 1.0,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     mu: float = 0.01,
     feddyn_alpha: float = 0.01,
     mime_momentum: float = 0.9,

@@ -61,7 +61,7 @@ def scaffold(
     steps: int | None = None,
     server_optimizer: optax.GradientTransformation | None = None,
     weighting: str = "examples",
-    client_chunk_size: int | None = None,
+    client_chunk_size: int | str | None = "auto",
     loss: PerExampleLoss | None = None,
 ) -> FederatedAlgorithm:
   """SCAFFOLD (option II) with plain local SGD.
@@ -75,7 +75,8 @@ def scaffold(
       K_i is the number of steps client i took.
     server_optimizer: optax optimizer on the pseudo-gradient; default SGD lr 1.
     weighting: 'examples' or 'uniform' (see the module docstring).
-    client_chunk_size: train this many clients at a time to bound memory.
+    client_chunk_size: train this many clients at a time to bound memory (None: all
+      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
 
   Returns:
