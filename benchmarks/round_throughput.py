@@ -62,6 +62,7 @@ import optax
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import local, models, reference, runner
+from fedjax_sim.algorithms.base import resolve_chunk_size
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.data import FederatedData, from_clients
 from fedjax_sim.datasets import text as text_lib
@@ -90,8 +91,9 @@ MODEL_NAMES = {
     "cnn_seq": "FedAvg CNN, conv per client in canonical layout (conv.py sequential; CPU default)",
     "char_rnn": f"next-character model: embedding 8, 2 GRU layers of 256, {TEXT_LENGTH} tokens",
 }
-# Clients trained at once by default (client_chunk_size): the CNN's conv2 patches alone
-# are ~12.5 MB per client at batch 20, so 1000 clients at once would need tens of GB.
+# Clients trained at once by default: fedavg's client_chunk_size="auto" (all on
+# accelerators, a few on a CPU), at most these many: the CNN's conv2 patches alone are
+# ~12.5 MB per client at batch 20, so 1000 clients at once would need tens of GB.
 DEFAULT_MAX_CHUNK = {"logreg": 1000, "mlp": 1000, "cnn": 100, "cnn_lax": 100, "cnn_seq": 100,
                      "char_rnn": 100}
 
@@ -126,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "every model, or MODEL=N for one (e.g. 1000 cnn=100)")
   p.add_argument("--client-chunk-size", nargs="*", default=[],
                  help="most clients trained at once (client_chunk_size is the largest "
-                      "divisor of clients per round not above it): N or MODEL=N; default "
+                      "divisor of clients per round not above it): N or MODEL=N; default: "
+                      "what client_chunk_size='auto' picks, at most "
                       + ", ".join(f"{k}={v}" for k, v in DEFAULT_MAX_CHUNK.items()))
   p.add_argument("--also-chunk-size", nargs="*", default=[],
                  help="also time the vectorized round with this client_chunk_size (largest "
@@ -158,8 +161,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args.skip_plain_jit_above = per_model(args.skip_plain_jit_above, "--skip-plain-jit-above",
                                         None)
   args.also_chunk_size = per_model(args.also_chunk_size, "--also-chunk-size", None)
-  args.client_chunk_size = per_model(args.client_chunk_size, "--client-chunk-size",
-                                     DEFAULT_MAX_CHUNK)
+  args.client_chunk_size = per_model(args.client_chunk_size, "--client-chunk-size", "auto")
   if args.num_clients is None:
     args.num_clients = max(args.clients)
   if args.num_clients < max(args.clients):
@@ -167,8 +169,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def per_model(tokens: list[str], flag: str, default) -> dict[str, int | None]:
-  """Parses ['N', 'MODEL=N', ...] into {model: N} (None where not given)."""
+def per_model(tokens: list[str], flag: str, default) -> dict[str, int | str | None]:
+  """Parses ['N', 'MODEL=N', ...] into {model: N} (`default` where not given)."""
   out = dict(default) if isinstance(default, dict) else {m: default for m in MODELS}
   for token in tokens:
     name, _, value = token.rpartition("=")
@@ -386,7 +388,11 @@ def prepare_centralized(name: str, model: models.Model, clients: int, args,
 def bench_one(name: str, clients: int, data: FederatedData, args,
               peaks: dict | None) -> dict:
   model = MODELS[name]()
-  chunk = chunk_size(clients, args.client_chunk_size[name])
+  most = args.client_chunk_size[name]
+  if most == "auto":
+    auto = resolve_chunk_size("auto", clients, model.params)
+    most = DEFAULT_MAX_CHUNK[name] if auto is None else min(auto, DEFAULT_MAX_CHUNK[name])
+  chunk = chunk_size(clients, most)
   kwargs = dict(client_optimizer=optax.sgd(args.client_lr),
                 server_optimizer=optax.sgd(args.server_lr), clients_per_round=clients,
                 batch_size=args.batch_size, steps=args.steps, epochs=args.epochs)
@@ -552,7 +558,9 @@ def markdown(result: dict) -> str:
       "",
       "All variants of a row are timed round-robin (one round of each in turn), so they see "
       "the same load. "
-      "vectorized: `runner.make_chunk(algorithm, 1)` with `compile.compiler_options()`; "
+      "vectorized: `runner.make_chunk(algorithm, 1)` with `compile.compiler_options()`, "
+      "clients in the chunks the model column names (by default what "
+      "`client_chunk_size=\"auto\"` picks on the device, at most DEFAULT_MAX_CHUNK); "
       "plain jax.jit: the same round without them; loop: `reference.ReferenceFedAvg.round`; "
       "centralized: one set of weights, the same number of SGD steps on batches of "
       "clients x batch size (the same FLOPs). XLA temp: the compiled vectorized round's "
