@@ -87,10 +87,11 @@ def check_clients_per_round(clients_per_round: int, data: FederatedData) -> None
 
 
 # client_chunk_size="auto" (the default) on a CPU: train a few clients at a time, so that
-# their weights stay in the caches through the local steps. On a 2-core EPYC, chunks of
-# about 8 MiB of weights were fastest for every model measured (2NN MLP: 10 clients,
-# 1.4x faster than all 100 at once; the CNN: 1, 1.16x; logistic regression: 10 of
-# 1000, 1.4x; benchmarks/results/chunk_size_cpu.md). Accelerators want the widest batch.
+# their weights stay in the caches through the local steps, and a small client of a
+# ragged chunk waits for fewer large ones. On a 2-core EPYC every model measured was
+# fastest with chunks of about 8 MiB of weights or less; all at once took 1.15-1.25x as
+# long for logistic regression and the 2NN MLP, 1.06x for the CNN, 1.72x for the CNN on
+# ragged clients (benchmarks/results/chunk_size_cpu.md). Accelerators want the widest batch.
 CPU_CHUNK_BYTES = 8 * 2**20
 CPU_MAX_CHUNK = 10
 
