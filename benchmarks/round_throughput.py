@@ -133,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       + ", ".join(f"{k}={v}" for k, v in DEFAULT_MAX_CHUNK.items()))
   p.add_argument("--also-chunk-size", nargs="*", default=[],
                  help="also time the vectorized round with this client_chunk_size (largest "
-                      "divisor not above it), interleaved with the others: N or MODEL=N")
+                      "divisor not above it; at least the clients per round: all at once), "
+                      "interleaved with the others: N or MODEL=N")
   p.add_argument("--no-plain-jit", action="store_true",
                  help="do not time the vectorized round under plain jax.jit")
   p.add_argument("--skip-plain-jit-above", nargs="*", default=[],
@@ -576,12 +577,13 @@ def markdown(result: dict) -> str:
       "in local training per second. Loop rows marked skipped were not run (`--skip-loop-above`).",
   ]
   if any("vectorized_chunked" in r for r in result["results"]):
-    lines += ["", "Vectorized round with smaller client chunks (`--also-chunk-size`, timed "
+    chunks = lambda c: "all clients at once" if c is None else f"chunks of {c}"
+    lines += ["", "The vectorized round with other client chunks (`--also-chunk-size`, timed "
               "interleaved with the row above):", ""]
-    lines += [f"- {r['model']} x{r['clients']}, chunks of "
-              f"{r['vectorized_chunked']['client_chunk_size']}: "
-              f"{_fmt_s(r['vectorized_chunked']['median_s'])} (unchunked: "
-              f"{_fmt_s(r['vectorized']['median_s'])}; loop: "
+    lines += [f"- {r['model']} x{r['clients']}, "
+              f"{chunks(r['vectorized_chunked']['client_chunk_size'])}: "
+              f"{_fmt_s(r['vectorized_chunked']['median_s'])} (the row's "
+              f"{chunks(r['client_chunk_size'])}: {_fmt_s(r['vectorized']['median_s'])}; loop: "
               f"{_fmt_s(r['loop'].get('median_s')) if 'median_s' in r['loop'] else 'skipped'})"
               for r in result["results"] if "vectorized_chunked" in r]
   if any("loop_plain_jit" in r for r in result["results"]):
