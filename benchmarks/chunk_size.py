@@ -16,7 +16,7 @@ steps as the largest of them.
 
 Run from the repository root:
 
-  python benchmarks/chunk_size.py                       # every case (CPU: ~10 minutes)
+  python benchmarks/chunk_size.py                       # every case (CPU: ~15 minutes)
   python benchmarks/chunk_size.py --cases mlp100 --repeats 3
 
 It writes benchmarks/results/chunk_size_<platform>.json and a .md table.
