@@ -9,14 +9,14 @@ kernels. How that runs fastest depends on the backend (benchmarks/round_throughp
   and autodiff. Kept for comparison: on XLA:CPU (jaxlib 0.10) the kernel gradient it
   emits inside a `while` loop, i.e. inside the scan over local steps, has a layout
   that misses the fast convolution runtime (benchmarks/round_throughput.py, cnn_lax:
-  the same FLOPs took 21.9 s in a scan and 1.1 s as separately jitted steps), and the
+  the same FLOPs took 24.4 s in a scan and 1.2 s as separately jitted steps), and the
   grouped convolution of many clients is no faster.
 - "sequential": the three convolutions of a training step (forward, input
   gradient, kernel gradient) written out in the canonical NHWC/HWIO layout by a
   custom VJP, so each one hits the fast runtime inside loops too; under vmap over
   clients they run one client after another (`lax.map`) instead of as a grouped
   convolution, while the rest of the model stays batched. On a 2-core CPU a round of
-  ten clients took 1.73 s against the per-client loop's 2.02 s (cnn_seq; "lax": 26 s).
+  ten clients took 0.98 s against the per-client loop's 1.21 s (cnn_seq; "lax": 12.9 s).
 - "auto": "sequential" on CPU, "patches" elsewhere.
 """
 

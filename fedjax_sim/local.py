@@ -88,9 +88,9 @@ def make_local_update(
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train_step(carry, x, y, index, mask, active, context, budget):
+  def train_step(carry, x, y, index, mask, context, budget):
     params, opt_state, loss_sum, count, taken = carry
-    active = active & (taken < budget)
+    active = taken < budget
     mask = mask.astype(jnp.float32)
     (_, value), grads = grad_fn(params, x[index], y[index], mask, context)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -124,7 +124,7 @@ def make_local_update(
         def batch_body(state):
           b, carry = state
           mask = b * batch_size + positions < n
-          return b + 1, train_step(carry, x, y, batches[b], mask, True, context, budget)
+          return b + 1, train_step(carry, x, y, batches[b], mask, context, budget)
 
         return jax.lax.while_loop(lambda state: state[0] < spe, batch_body,
                                   (jnp.zeros((), jnp.int32), carry))[1], None
@@ -135,7 +135,7 @@ def make_local_update(
         epoch, b = s // spe, s % spe
         index = jax.lax.dynamic_slice(padded_order(epoch), (b * batch_size,), (batch_size,))
         mask = b * batch_size + positions < n
-        return train_step(carry, x, y, index, mask, True, context, budget), None
+        return train_step(carry, x, y, index, mask, context, budget), None
 
       carry = jax.lax.scan(step_body, carry, jnp.arange(steps))[0]
 

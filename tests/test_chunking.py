@@ -53,14 +53,16 @@ def test_cli_chunk_size_argument():
   assert cli.build_parser().parse_args(["run"]).client_chunk_size == "auto"
 
 
-def test_auto_round_equals_all_at_once(ragged, small_mlp):
+def test_auto_round_equals_all_at_once(ragged, small_mlp, monkeypatch):
   """The default ("auto": chunks on this CPU) trains exactly what one vmap trains."""
   _, _, train = ragged
+  # Room for two of these small models per chunk, so "auto" really splits the 4 clients.
+  monkeypatch.setattr(base, "CPU_CHUNK_BYTES", 2 * base.model_bytes(small_mlp.params))
+  assert base.resolve_chunk_size("auto", 4, small_mlp.params) == 2
   kwargs = dict(client_optimizer=optax.sgd(0.1), clients_per_round=4, batch_size=4, epochs=2)
   key = jax.random.key(0)
   auto = fedavg(small_mlp.apply, **kwargs)
   at_once = fedavg(small_mlp.apply, client_chunk_size=None, **kwargs)
-  # Tiny models: "auto" is chunks of 4 here, so force a real split to compare against.
   split = fedavg(small_mlp.apply, client_chunk_size=1, **kwargs)
   states = [jax.jit(a.round)(a.init(small_mlp.params, key), train)[0]
             for a in (auto, at_once, split)]

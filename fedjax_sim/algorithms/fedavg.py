@@ -185,16 +185,17 @@ def fedavg(
     return jax.tree_util.tree_map(
         constrain, jax.vmap(one)(constrain(ids), jax.tree_util.tree_map(constrain, budgets)))
 
-  def chunk_size(params):
-    """Clients trained at a time (a divisor of `sampled`)."""
+  def by_chunk(params):
+    """A function reshaping `[sampled]` to `[chunks, chunk]` (None stays None)."""
     if client_sharding is not None and client_chunk_size == "auto":
-      return sampled  # the devices split one chunk of all clients between them
-    return resolve_chunk_size(client_chunk_size, sampled, params) or sampled
+      chunk = sampled  # the devices split one chunk of all clients between them
+    else:
+      chunk = resolve_chunk_size(client_chunk_size, sampled, params) or sampled
+    return lambda a: None if a is None else a.reshape(-1, chunk)
 
   def mean_delta(params, data, ids, weights, budgets, train_key, round_index):
     """Fused weighted mean: a scan over chunks keeps one chunk of client models alive."""
-    chunk = chunk_size(params)
-    by_chunk = lambda a: None if a is None else a.reshape(-1, chunk)
+    chunked = by_chunk(params)
 
     def body(acc, xs):
       chunk_ids, w, chunk_budgets = xs
@@ -205,7 +206,7 @@ def fedavg(
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     (total, weight), (loss_sum, num_trained) = jax.lax.scan(
-        body, (zeros, jnp.zeros(())), (by_chunk(ids), by_chunk(weights), by_chunk(budgets)))
+        body, (zeros, jnp.zeros(())), (chunked(ids), chunked(weights), chunked(budgets)))
     if systems is not None:
       # Every client may have dropped: then all weights and updates are 0; keep 0, not NaN.
       weight = jnp.where(weight > 0, weight, 1.0)
@@ -213,11 +214,10 @@ def fedavg(
     return delta, loss_sum.reshape(-1), num_trained.reshape(-1), {}
 
   def aggregated_delta(state, data, ids, weights, budgets, train_key, round_index, agg_key):
-    chunk = chunk_size(state.params)
-    by_chunk = lambda a: None if a is None else a.reshape(-1, chunk)
+    chunked = by_chunk(state.params)
     results = jax.lax.map(
         lambda xs: train_clients(state.params, data, xs[0], train_key, round_index, xs[1]),
-        (by_chunk(ids), by_chunk(budgets)))
+        (chunked(ids), chunked(budgets)))
     results = jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), results)
     delta, agg_state, metrics = aggregator.aggregate(
         state.aggregator_state, results.delta, weights, ids, agg_key)
