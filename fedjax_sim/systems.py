@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import keys
+
 # Defaults of `sample_profiles`, roughly phones on mobile networks: a few hundred
 # examples per second of a small model, megabytes per second each way, 50 ms latency.
 DEFAULT_SPEED = ("lognormal", 200.0, 0.5)
@@ -247,7 +249,7 @@ class RoundPlan(NamedTuple):
 def systems_key(sample_key: jax.Array) -> jax.Array:
   """The key of a round's system draws (who responds, who straggles, how much work),
   independent of the training keys and of the aggregator's key (fold 1)."""
-  return jax.random.fold_in(sample_key, 2)
+  return keys.systems_key(sample_key)
 
 
 def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int:

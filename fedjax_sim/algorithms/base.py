@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import local
+from fedjax_sim import keys, local
 from fedjax_sim.data import FederatedData
 from fedjax_sim.local import LocalResult
 from fedjax_sim.losses import cross_entropy
@@ -28,6 +28,8 @@ class ServerState(NamedTuple):
   `aggregator_state` hold server-side extras (a server control variate, an
   adaptive clipping norm...). `sim_time` is the simulated wall-clock in seconds
   when the algorithm simulates client systems (see `fedjax_sim.systems`), else None.
+  `hp` holds the algorithm's numeric hyperparameters (name -> float32 scalar), read
+  by every round, so they can be swept and changed between rounds (`engine.set_hparams`).
   """
 
   params: Params
@@ -38,16 +40,19 @@ class ServerState(NamedTuple):
   algorithm_state: Any = None
   aggregator_state: Any = None
   sim_time: Any = None
+  hp: Any = None
 
 
 class FederatedAlgorithm(NamedTuple):
   """`init(params, key, num_clients=None) -> state` (algorithms with per-client state
   need `num_clients`); `round(state, data) -> (state, metrics)`; `validate(state, data)`
-  raises ValueError on the host, before anything compiles."""
+  raises ValueError on the host, before anything compiles; `hparams`: the names of the
+  hyperparameters in `state.hp`."""
 
   init: Callable[..., ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, dict]]
   validate: Callable[[ServerState, FederatedData], None]
+  hparams: tuple = ()
 
 
 def sample_clients(key: jax.Array, num_clients: int, clients_per_round: int) -> jax.Array:
@@ -55,29 +60,9 @@ def sample_clients(key: jax.Array, num_clients: int, clients_per_round: int) -> 
   return jax.random.choice(key, num_clients, (clients_per_round,), replace=False)
 
 
-def round_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Splits a round's key into (next state key, sampling key, training key)."""
-  next_key, sample_key, train_key = jax.random.split(key, 3)
-  return next_key, sample_key, train_key
-
-
-def client_key(train_key: jax.Array, client_id: jax.Array) -> jax.Array:
-  """A client's key depends on its id, not its position, so chunking cannot change it."""
-  return jax.random.fold_in(train_key, client_id)
-
-
-# Local training folds small epoch numbers into a client's key; this one is out of their way.
-_DATA_FOLD = 0x7FFFFFFF
-
-
-def client_data_key(train_key: jax.Array, client_id: jax.Array) -> jax.Array:
-  """The key a `client_data_transform` (e.g. a data-poisoning attack) gets for a client."""
-  return jax.random.fold_in(client_key(train_key, client_id), _DATA_FOLD)
-
-
-def aggregation_key(sample_key: jax.Array) -> jax.Array:
-  """The aggregator's key for a round, independent of every client's training key."""
-  return jax.random.fold_in(sample_key, 1)
+# The key derivations live in one table (fedjax_sim.keys); re-exported for old callers.
+round_keys, client_key = keys.round_keys, keys.client_key
+client_data_key, aggregation_key = keys.client_data_key, keys.aggregation_key
 
 
 def check_clients_per_round(clients_per_round: int, data: FederatedData) -> None:

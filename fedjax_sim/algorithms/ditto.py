@@ -14,7 +14,9 @@ model. Personalized models are evaluated on each client's own test split with
 
 State: `client_states` holds every v_k (num_clients x the model, on the device;
 `client_state_bytes`). The personal steps draw their example order from a key of
-their own (`personal_train_key`), independent of the global steps'.
+their own (`personal_train_key`, the engine's second training key), independent of
+the global steps'. Both trainings see the same (scheduled, transformed) client data
+and step budget.
 """
 
 from __future__ import annotations
@@ -27,83 +29,66 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
-from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
-from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.algorithms.fedprox import proximal_term
-from fedjax_sim.data import FederatedData
+from fedjax_sim.algorithms import engine
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
 from fedjax_sim.losses import cross_entropy
 
 Params = Any
-_PERSONAL_TAG = 2  # folded into the sampling key; 1 is the aggregator's (base.aggregation_key)
+from fedjax_sim import keys
+from fedjax_sim.algorithms.fedprox import proximal_term
 
 
 def personal_train_key(state_key: jax.Array) -> jax.Array:
   """The round's key for personal training, from the round's state key."""
-  _, sample_key, _ = base.round_keys(state_key)
-  return jax.random.fold_in(sample_key, _PERSONAL_TAG)
+  _, sample_key, _ = keys.round_keys(state_key)
+  return keys.second_train_key(sample_key)
 
 
-def ditto(
-    apply: Callable[[Params, jax.Array], jax.Array],
-    *,
-    lam: float,
-    client_optimizer: optax.GradientTransformation,
-    clients_per_round: int,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    personal_optimizer: optax.GradientTransformation | None = None,
-    client_chunk_size: int | str | None = "auto",
-    loss: local.PerExampleLoss | None = None,
-    **fedavg_args,
-) -> FederatedAlgorithm:
+def ditto(apply: Callable[[Params, jax.Array], jax.Array], *, lam: float,
+          client_optimizer: engine.OptimizerSpec,
+          personal_optimizer: engine.OptimizerSpec | None = None,
+          server_optimizer: engine.OptimizerSpec | None = None,
+          loss: local.PerExampleLoss | None = None, **options) -> FederatedAlgorithm:
   """Ditto with FedAvg as the global solver.
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    lam: the personalization coefficient lambda (>= 0).
+    lam: the personalization coefficient lambda (>= 0; hyperparameter `lam`).
     client_optimizer: optax optimizer of the global model's local steps.
-    clients_per_round, batch_size, epochs / steps, client_chunk_size, loss: as in
-      `fedavg`, shared by the global and the personal local training.
     personal_optimizer: optax optimizer of the personal steps; default
       `client_optimizer`.
-    **fedavg_args: other `fedavg` arguments for the global model
-      (server_optimizer, weighting, aggregator...).
+    server_optimizer: as in `fedavg`.
+    loss: per-example loss; default softmax cross-entropy.
+    **options: what every algorithm shares (see `fedavg`): clients_per_round,
+      batch_size, epochs / steps, weighting, client_chunk_size, aggregator,
+      client_data_transform, client_sharding, systems, client_data_schedule,
+      hparam_schedule, extra_hparams.
 
   Returns:
     FederatedAlgorithm whose `init(params, key, num_clients)` needs the number of
     clients; metrics add `personal_train_loss`.
   """
-  if not isinstance(lam, (int, float)) or lam < 0:
-    raise ValueError(f"lam must be a number >= 0, got {lam!r}")
-  if "client_data_transform" in fedavg_args:
-    raise ValueError("ditto takes no client_data_transform: it would reach the global "
-                     "steps but not the personal ones")
-  schedule = dict(clients_per_round=clients_per_round, batch_size=batch_size, epochs=epochs,
-                  steps=steps, client_chunk_size=client_chunk_size, loss=loss)
-  global_fedavg = fedavg(apply, client_optimizer=client_optimizer, **schedule, **fedavg_args)
-  personal_update = local.make_local_update(
-      loss or cross_entropy(apply), personal_optimizer or client_optimizer,
-      batch_size=batch_size, epochs=epochs, steps=steps, regularizer=proximal_term(float(lam)))
+  loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
+  personal_optimizer = personal_optimizer or client_optimizer
 
-  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
-    state = global_fedavg.init(params, key, num_clients)
-    return state._replace(client_states=base.init_client_states(params, num_clients, "ditto"))
+  def train(inp: engine.ClientInput) -> ClientOutput:
+    shared = engine.local_train(inp, loss, engine.resolve(client_optimizer, inp.hp), schedule)
+    personal = engine.local_train(inp, loss, engine.resolve(personal_optimizer, inp.hp),
+                                  schedule, start=inp.row, regularizer=proximal_term(inp.hp["lam"]),
+                                  context=inp.params, key=inp.second_key)
+    return ClientOutput(shared.delta, optax.tree.add(inp.row, personal.delta), shared.loss_sum,
+                        shared.num_trained, shared.num_steps,
+                        {"personal_loss_sum": personal.loss_sum,
+                         "personal_num_trained": personal.num_trained})
 
-  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    new_state, metrics = global_fedavg.round(state, data)
-    ids = metrics["client_ids"]
-    rows = base.gather_rows(state.client_states, ids)
-    results = base.train_sampled(personal_update, data, ids, personal_train_key(state.key),
-                                 lambda v: (v, state.params), rows, client_chunk_size)
-    personal = base.scatter_rows(state.client_states, ids, optax.tree.add(rows, results.delta))
-    metrics["personal_train_loss"] = (results.loss_sum.sum()
-                                      / jnp.maximum(results.num_trained.sum(), 1.0))
-    return new_state._replace(client_states=personal), metrics
+  fedopt = engine.fedopt(server_optimizer)
 
-  def validate(state: ServerState, data: FederatedData) -> None:
-    global_fedavg.validate(state, data)
-    base.check_client_states(state, data)
+  def update(state, upload, info) -> ServerUpdate:
+    m = info.client_metrics
+    loss_value = m["personal_loss_sum"].sum() / jnp.maximum(m["personal_num_trained"].sum(), 1.0)
+    return fedopt.update(state, upload, info)._replace(metrics={"personal_train_loss": loss_value})
 
-  return FederatedAlgorithm(init, round, validate)
+  work = ClientWork(train, init_row=lambda params: params)
+  return engine.compose("ditto", apply, client_work=work, server_rule=ServerRule(fedopt.init, update),
+                        hparams={"lam": lam}, hparam_checks={"lam": engine.NONNEGATIVE}, **options)

@@ -37,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
-from fedjax_sim.data import FederatedData
-from fedjax_sim.local import PerExampleLoss
+from fedjax_sim import local
+from fedjax_sim.algorithms import engine
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
 
@@ -52,69 +53,51 @@ def dynamic_regularizer(params: Params, context: tuple[Params, Params, jax.Array
   return -linear + 0.5 * alpha_k * optax.tree.norm(optax.tree.sub(params, anchor), squared=True)
 
 
-def feddyn(
-    apply: Callable[[Params, jax.Array], jax.Array],
-    *,
-    alpha: float,
-    client_optimizer: optax.GradientTransformation,
-    clients_per_round: int,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    weighting: str = "examples",
-    client_chunk_size: int | str | None = "auto",
-    loss: PerExampleLoss | None = None,
-) -> FederatedAlgorithm:
+def feddyn(apply: Callable[[Params, jax.Array], jax.Array], *, alpha: float,
+           client_optimizer: engine.OptimizerSpec, loss: local.PerExampleLoss | None = None,
+           **options) -> FederatedAlgorithm:
   """FedDyn.
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    alpha: the dynamic regularization coefficient (> 0).
-    client_optimizer: optax optimizer of the local objective (fresh each round).
-    clients_per_round: clients sampled each round, uniformly without replacement.
-    batch_size: local minibatch size.
-    epochs / steps: local epochs, or a fixed number of local steps (exactly one).
-    weighting: 'examples' or 'uniform' (see the module docstring).
-    client_chunk_size: train this many clients at a time to bound memory (None: all
-      at once; "auto", the default: as in `fedavg`).
+    alpha: the dynamic regularization coefficient (> 0; hyperparameter `alpha`).
+    client_optimizer: optax optimizer of the local objective (fresh each round), or
+      `hp -> optimizer`.
     loss: per-example loss; default softmax cross-entropy.
+    **options: what every algorithm shares (see `fedavg`): clients_per_round,
+      batch_size, epochs / steps, weighting, client_chunk_size, aggregator,
+      client_data_transform, client_sharding, systems, client_data_schedule,
+      hparam_schedule, extra_hparams.
 
   Returns:
     FederatedAlgorithm whose `init(params, key, num_clients)` needs the number of
     clients, to allocate their g_k.
   """
-  if not alpha > 0:
-    raise ValueError(f"alpha must be positive, got {alpha!r}")
-  _, local_update = base.local_training(
-      apply, client_optimizer, clients_per_round=clients_per_round, batch_size=batch_size,
-      epochs=epochs, steps=steps, weighting=weighting, client_chunk_size=client_chunk_size,
-      loss=loss, regularizer=dynamic_regularizer)
+  loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
 
-  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
-    zeros = optax.tree.zeros_like(params)
-    return ServerState(params, (), jnp.zeros((), jnp.int32), key,
-                       client_states=base.init_client_states(zeros, num_clients, "feddyn"),
-                       algorithm_state=zeros)
+  def train(inp: engine.ClientInput) -> ClientOutput:
+    alpha_k = inp.hp["alpha"] / inp.relative_weight
+    result = engine.local_train(inp, loss, engine.resolve(client_optimizer, inp.hp), schedule,
+                                regularizer=dynamic_regularizer,
+                                context=(inp.row, inp.params, alpha_k))
+    grad_k = jax.tree_util.tree_map(lambda g, d: g - alpha_k * d, inp.row, result.delta)
+    return ClientOutput(result.delta, grad_k, result.loss_sum, result.num_trained,
+                        result.num_steps)
 
-  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    draws = base.start_round(state, data, clients_per_round)
-    ids, theta, num_clients = draws.ids, state.params, data.num_clients
-    all_weights = base.client_weights(weighting, data, jnp.arange(num_clients))
-    client_alpha = alpha * all_weights.sum() / (num_clients * all_weights[ids])
-    g_rows = base.gather_rows(state.client_states, ids)
-    results = base.train_sampled(
-        local_update, data, ids, draws.train_key,
-        lambda row: (theta, (row[0], theta, row[1])), (g_rows, client_alpha), client_chunk_size)
-    g_rows = optax.tree.sub(g_rows, base.scale_rows(client_alpha, results.delta))
-    h = optax.tree.sub(state.algorithm_state, optax.tree.scale(
-        alpha / num_clients, base.weighted_sum(jnp.ones_like(client_alpha), results.delta)))
-    delta = optax.tree.sub(base.weighted_mean(jnp.ones_like(client_alpha), results.delta),
-                           optax.tree.scale(1.0 / alpha, h))
-    metrics = base.round_metrics(results.loss_sum, results.num_trained, delta, data, ids)
-    new_state = state._replace(params=optax.tree.add(theta, delta), round=state.round + 1,
-                               key=draws.next_key,
-                               client_states=base.scatter_rows(state.client_states, ids, g_rows),
-                               algorithm_state=h)
-    return new_state, metrics
+  def init(params, hp):
+    return (), optax.tree.zeros_like(params)
 
-  return FederatedAlgorithm(init, round, base.make_validate(apply, clients_per_round, True))
+  def update(state, mean_delta, info) -> ServerUpdate:
+    alpha = info.hp["alpha"]
+    # h <- h - alpha/N sum_S delta_k;  theta <- mean_S(theta_k) - h / alpha.
+    h = optax.tree.add_scale(state.algorithm_state, -alpha * info.weight_sum / info.num_clients,
+                             mean_delta)
+    delta = optax.tree.sub(mean_delta, optax.tree.scale(1.0 / alpha, h))
+    delta = jax.tree_util.tree_map(lambda d: jnp.where(info.any_aggregated, d, 0.0), delta)
+    return ServerUpdate(optax.tree.add(state.params, delta), (), h, delta)
+
+  work = ClientWork(train, init_row=optax.tree.zeros_like)
+  return engine.compose("feddyn", apply, client_work=work,
+                        server_rule=ServerRule(init, update, uniform_mean=True),
+                        hparams={"alpha": alpha}, hparam_checks={"alpha": engine.POSITIVE},
+                        **options)

@@ -27,88 +27,70 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
-from fedjax_sim.data import FederatedData
-from fedjax_sim.local import PerExampleLoss
+from fedjax_sim import local
+from fedjax_sim.algorithms import engine
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
 
 
-def gradient_weight(num_steps: jax.Array, momentum: float) -> jax.Array:
-  """||a||_1 of `num_steps` steps of SGD with heavy-ball `momentum` (Wang et al. 2020)."""
-  tau = num_steps.astype(jnp.float32)
-  if momentum == 0.0:
-    return tau
-  rho = momentum
+def gradient_weight(num_steps: jax.Array, momentum) -> jax.Array:
+  """||a||_1 of `num_steps` steps of SGD with heavy-ball `momentum` (Wang et al. 2020);
+  `num_steps` itself at momentum 0."""
+  tau, rho = num_steps.astype(jnp.float32), momentum
   return (tau - rho * (1.0 - rho**tau) / (1.0 - rho)) / (1.0 - rho)
 
 
-def fednova(
-    apply: Callable[[Params, jax.Array], jax.Array],
-    *,
-    client_learning_rate: float,
-    clients_per_round: int,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    momentum: float = 0.0,
-    server_optimizer: optax.GradientTransformation | None = None,
-    weighting: str = "examples",
-    client_chunk_size: int | str | None = "auto",
-    loss: PerExampleLoss | None = None,
-) -> FederatedAlgorithm:
+def fednova(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning_rate: float,
+            momentum: float = 0.0, server_optimizer: engine.OptimizerSpec | None = None,
+            loss: local.PerExampleLoss | None = None, **options) -> FederatedAlgorithm:
   """FedNova with local SGD (optionally with momentum).
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    client_learning_rate: local SGD learning rate.
-    clients_per_round: clients sampled each round, uniformly without replacement.
-    batch_size: local minibatch size.
-    epochs / steps: local epochs (unequal client sizes give unequal step counts),
-      or a fixed number of local steps (exactly one).
-    momentum: local heavy-ball momentum rho in [0, 1); 0 is plain SGD.
+    client_learning_rate: local SGD learning rate (hyperparameter `client_lr`).
+    momentum: local heavy-ball momentum rho in [0, 1); 0 is plain SGD
+      (hyperparameter `momentum`).
     server_optimizer: optax optimizer on the pseudo-gradient; default SGD lr 1.
-    weighting: p_i proportional to 'examples' or 'uniform'.
-    client_chunk_size: train this many clients at a time to bound memory (None: all
-      at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy.
+    **options: what every algorithm shares (see `fedavg`): clients_per_round,
+      batch_size, epochs / steps, weighting, client_chunk_size, aggregator,
+      client_data_transform, client_sharding, systems, client_data_schedule,
+      hparam_schedule, extra_hparams.
 
   Returns:
-    FederatedAlgorithm(init, round, validate); metrics add `tau_eff` and
-    `client_num_steps`.
+    FederatedAlgorithm; clients upload `{'normalized_delta', 'gradient_weight'}`
+    (d_i and ||a_i||_1); metrics add `tau_eff` and `client_num_steps`.
   """
-  if not client_learning_rate > 0:
-    raise ValueError(f"client_learning_rate must be positive, got {client_learning_rate!r}")
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-  server_optimizer = server_optimizer or optax.sgd(1.0)
-  client_optimizer = optax.sgd(client_learning_rate, momentum=momentum or None)
-  _, local_update = base.local_training(
-      apply, client_optimizer, clients_per_round=clients_per_round, batch_size=batch_size,
-      epochs=epochs, steps=steps, weighting=weighting, client_chunk_size=client_chunk_size,
-      loss=loss)
+  loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
 
-  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
-    del num_clients  # no per-client state
-    return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), key)
+  def train(inp: engine.ClientInput) -> ClientOutput:
+    rho = inp.hp["momentum"]
+    result = engine.local_train(inp, loss, optax.sgd(inp.hp["client_lr"], momentum=rho),
+                                schedule)
+    a = gradient_weight(result.num_steps, rho)
+    normalized = optax.tree.scale(1.0 / jnp.maximum(a, 1e-12), result.delta)
+    return ClientOutput({"normalized_delta": normalized, "gradient_weight": a}, None,
+                        result.loss_sum, result.num_trained, result.num_steps,
+                        {"num_steps": result.num_steps})
 
-  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    draws = base.start_round(state, data, clients_per_round)
-    ids = draws.ids
-    results = base.train_sampled(local_update, data, ids, draws.train_key,
-                                 lambda _: (state.params, None), None, client_chunk_size)
-    weights = base.client_weights(weighting, data, ids)
-    p = weights / weights.sum()
-    a = gradient_weight(results.num_steps, momentum)
-    tau_eff = jnp.sum(p * a)
-    normalized = base.weighted_sum(p / jnp.maximum(a, 1e-12), results.delta)
-    delta = optax.tree.scale(tau_eff, normalized)
-    params, opt_state = base.server_step(server_optimizer, state, delta)
-    metrics = base.round_metrics(results.loss_sum, results.num_trained, delta, data, ids)
-    metrics.update(tau_eff=tau_eff, client_num_steps=results.num_steps)
-    new_state = state._replace(params=params, opt_state=opt_state, round=state.round + 1,
-                               key=draws.next_key)
-    return new_state, metrics
+  def upload_like(params):
+    return {"normalized_delta": optax.tree.zeros_like(params),
+            "gradient_weight": jnp.zeros((), jnp.float32)}
 
-  return FederatedAlgorithm(init, round, base.make_validate(apply, clients_per_round))
+  # x <- x + tau_eff sum_S p_i d_i: the weighted means of a_i and d_i, multiplied.
+  fedopt = engine.fedopt(server_optimizer, lambda upload: optax.tree.scale(
+      upload["gradient_weight"], upload["normalized_delta"]))
+
+  def update(state, upload, info) -> ServerUpdate:
+    return fedopt.update(state, upload, info)._replace(
+        metrics={"tau_eff": upload["gradient_weight"]})
+
+  rule = ServerRule(fedopt.init, update, weighted_ratio=True)
+  return engine.compose("fednova", apply, client_work=ClientWork(train, upload_like),
+                        server_rule=rule,
+                        hparams={"client_lr": client_learning_rate, "momentum": momentum},
+                        hparam_checks={"client_lr": engine.POSITIVE,
+                                       "momentum": engine.FRACTION}, **options)

@@ -23,14 +23,17 @@ from typing import Any
 import jax
 import optax
 
+from fedjax_sim import local
+from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.base import FederatedAlgorithm
-from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedavg import local_sgd_work
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
 
 
-def proximal_term(mu: float) -> Callable[[Params, Params], jax.Array]:
-  """`regularizer(params, anchor) = mu/2 ||params - anchor||^2`."""
+def proximal_term(mu) -> Callable[[Params, Params], jax.Array]:
+  """`regularizer(params, anchor) = mu/2 ||params - anchor||^2` (mu may be traced)."""
 
   def regularizer(params, anchor):
     return 0.5 * mu * optax.tree.norm(optax.tree.sub(params, anchor), squared=True)
@@ -39,21 +42,23 @@ def proximal_term(mu: float) -> Callable[[Params, Params], jax.Array]:
 
 
 def fedprox(apply: Callable[[Params, jax.Array], jax.Array], *, mu: float,
-            **fedavg_args) -> FederatedAlgorithm:
+            client_optimizer: engine.OptimizerSpec,
+            server_optimizer: engine.OptimizerSpec | None = None,
+            loss: local.PerExampleLoss | None = None, **options) -> FederatedAlgorithm:
   """FedProx: `fedavg` whose local objective adds mu/2 ||w - w_global||^2.
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    mu: the proximal coefficient (>= 0; 0 is FedAvg).
-    **fedavg_args: every other argument of `fedavg` (client_optimizer,
-      clients_per_round, batch_size, epochs/steps, server_optimizer, weighting,
-      client_chunk_size, loss, aggregator, systems...), except `regularizer`.
+    mu: the proximal coefficient (>= 0; 0 is FedAvg), the hyperparameter `mu`.
+    client_optimizer, server_optimizer, loss: as in `fedavg`.
+    **options: every option of `fedavg` (clients_per_round, batch_size,
+      epochs/steps, weighting, client_chunk_size, aggregator, systems...).
 
   Returns:
     FederatedAlgorithm(init, round, validate), with fedavg's state and metrics.
   """
-  if not isinstance(mu, (int, float)) or mu < 0:
-    raise ValueError(f"mu must be a number >= 0, got {mu!r}")
-  if "regularizer" in fedavg_args:
-    raise ValueError("fedprox sets the regularizer itself (the proximal term)")
-  return fedavg(apply, regularizer=proximal_term(float(mu)), **fedavg_args)
+  work = local_sgd_work(loss or cross_entropy(apply), client_optimizer,
+                        engine.schedule_of(options), lambda hp: proximal_term(hp["mu"]))
+  return engine.compose("fedprox", apply, client_work=work,
+                        server_rule=engine.fedopt(server_optimizer), hparams={"mu": mu},
+                        hparam_checks={"mu": engine.NONNEGATIVE}, **options)

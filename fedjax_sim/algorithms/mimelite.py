@@ -21,7 +21,8 @@ centralized SGD with momentum on the global objective, which is what Mime mimics
 The local step is written as plain SGD with learning rate eta (1 - beta) on the
 objective f_i(y) + beta/(1 - beta) <m, y>, whose gradient is the step above.
 `algorithm_state` holds m; clients keep no state. Each client receives x and m
-and sends its update and its gradient.
+and sends its update and its gradient (`{'delta', 'grad'}`, both through the
+aggregator chain).
 """
 
 from __future__ import annotations
@@ -33,87 +34,61 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
-from fedjax_sim.data import FederatedData
-from fedjax_sim.local import PerExampleLoss
+from fedjax_sim import local
+from fedjax_sim.algorithms import engine
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
 
 
-def mimelite(
-    apply: Callable[[Params, jax.Array], jax.Array],
-    *,
-    client_learning_rate: float,
-    clients_per_round: int,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    momentum: float = 0.9,
-    server_learning_rate: float = 1.0,
-    weighting: str = "examples",
-    client_chunk_size: int | str | None = "auto",
-    loss: PerExampleLoss | None = None,
-) -> FederatedAlgorithm:
+def mimelite(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning_rate: float,
+             momentum: float = 0.9, server_learning_rate: float = 1.0,
+             loss: local.PerExampleLoss | None = None, **options) -> FederatedAlgorithm:
   """MimeLite with SGD with momentum.
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    client_learning_rate: eta of the local steps.
-    clients_per_round: clients sampled each round, uniformly without replacement.
-    batch_size: local minibatch size.
-    epochs / steps: local epochs, or a fixed number of local steps (exactly one).
-    momentum: beta in [0, 1); 0 is FedAvg with local SGD.
-    server_learning_rate: eta_g on the mean update (1 in the paper).
-    weighting: 'examples' or 'uniform' means over the sampled clients.
-    client_chunk_size: train this many clients at a time to bound memory (None: all
-      at once; "auto", the default: as in `fedavg`).
+    client_learning_rate: eta of the local steps (hyperparameter `client_lr`).
+    momentum: beta in [0, 1); 0 is FedAvg with local SGD (hyperparameter `momentum`).
+    server_learning_rate: eta_g on the mean update, 1 in the paper (`server_lr`).
     loss: per-example loss; default softmax cross-entropy.
+    **options: what every algorithm shares (see `fedavg`): clients_per_round,
+      batch_size, epochs / steps, weighting, client_chunk_size, aggregator,
+      client_data_transform, client_sharding, systems, client_data_schedule,
+      hparam_schedule, extra_hparams.
 
   Returns:
-    FederatedAlgorithm(init, round, validate); `algorithm_state` is m.
+    FederatedAlgorithm; `algorithm_state` is m.
   """
-  if not client_learning_rate > 0:
-    raise ValueError(f"client_learning_rate must be positive, got {client_learning_rate!r}")
-  if not 0.0 <= momentum < 1.0:
-    raise ValueError(f"momentum must lie in [0, 1), got {momentum!r}")
-  if not server_learning_rate > 0:
-    raise ValueError(f"server_learning_rate must be positive, got {server_learning_rate!r}")
-  ratio = momentum / (1.0 - momentum)
+  loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
 
-  def frozen_momentum(params, m):
-    return ratio * optax.tree.vdot(m, params)
+  def train(inp: engine.ClientInput) -> ClientOutput:
+    beta = inp.hp["momentum"]
+    ratio = beta / (1.0 - beta)
+    result = engine.local_train(
+        inp, loss, optax.sgd(inp.hp["client_lr"] * (1.0 - beta)), schedule,
+        regularizer=lambda params, m: ratio * optax.tree.vdot(m, params), context=inp.message)
+    grad = jax.grad(engine.full_batch_loss, argnums=1)(loss, inp.params, inp)
+    return ClientOutput({"delta": result.delta, "grad": grad}, None, result.loss_sum,
+                        result.num_trained, result.num_steps)
 
-  loss, local_update = base.local_training(
-      apply, optax.sgd(client_learning_rate * (1.0 - momentum)),
-      clients_per_round=clients_per_round, batch_size=batch_size, epochs=epochs, steps=steps,
-      weighting=weighting, client_chunk_size=client_chunk_size, loss=loss,
-      regularizer=frozen_momentum)
-  full_grad = jax.grad(base.full_batch_loss, argnums=1)
+  def init(params, hp):
+    return (), optax.tree.zeros_like(params)
 
-  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
-    del num_clients  # no per-client state
-    return ServerState(params, (), jnp.zeros((), jnp.int32), key,
-                       algorithm_state=optax.tree.zeros_like(params))
+  def update(state, upload, info) -> ServerUpdate:
+    beta, m = info.hp["momentum"], state.algorithm_state
+    new_m = jax.tree_util.tree_map(lambda g, old: (1.0 - beta) * g + beta * old, upload["grad"], m)
+    m = jax.tree_util.tree_map(lambda a, b: jnp.where(info.any_aggregated, a, b), new_m, m)
+    params = optax.tree.add_scale(state.params, info.hp["server_lr"], upload["delta"])
+    return ServerUpdate(params, (), m, upload["delta"], {"momentum_norm": optax.tree.norm(m)})
 
-  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    draws = base.start_round(state, data, clients_per_round)
-    ids, m = draws.ids, state.algorithm_state
-    results = base.train_sampled(local_update, data, ids, draws.train_key,
-                                 lambda _: (state.params, m), None, client_chunk_size)
-    grads = base.map_clients(
-        lambda i: full_grad(loss, state.params, data.x[i], data.y[i], data.counts[i]),
-        ids, base.resolve_chunk_size(client_chunk_size, ids.shape[0], state.params))
-    weights = base.client_weights(weighting, data, ids)
-    delta = base.weighted_mean(weights, results.delta)
-    m = jax.tree_util.tree_map(lambda g, old: (1.0 - momentum) * g + momentum * old,
-                               base.weighted_mean(weights, grads), m)
-    params = optax.tree.add_scale(state.params, server_learning_rate, delta)
-    metrics = base.round_metrics(results.loss_sum, results.num_trained, delta, data, ids,
-                                 models_up=2, models_down=2)
-    metrics["momentum_norm"] = optax.tree.norm(m)
-    new_state = state._replace(params=params, round=state.round + 1, key=draws.next_key,
-                               algorithm_state=m)
-    return new_state, metrics
-
-  return FederatedAlgorithm(init, round, base.make_validate(apply, clients_per_round))
+  zeros = optax.tree.zeros_like
+  work = ClientWork(train, lambda p: {"delta": zeros(p), "grad": zeros(p)})
+  rule = ServerRule(init, update, message=lambda state, hp: state.algorithm_state)
+  return engine.compose("mimelite", apply, client_work=work, server_rule=rule,
+                        hparams={"client_lr": client_learning_rate, "momentum": momentum,
+                                 "server_lr": server_learning_rate},
+                        hparam_checks={"client_lr": engine.POSITIVE, "momentum": engine.FRACTION,
+                                       "server_lr": engine.POSITIVE}, **options)

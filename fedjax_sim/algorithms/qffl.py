@@ -31,92 +31,61 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms import base
-from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
-from fedjax_sim.data import FederatedData
-from fedjax_sim.local import PerExampleLoss
+from fedjax_sim import local
+from fedjax_sim.algorithms import engine
+from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
+from fedjax_sim.losses import cross_entropy
 
 Params = Any
+
 LOSS_FLOOR = 1e-10
 
 
-def qffl_step(losses: jax.Array, deltas: Params, weights: jax.Array, q: float,
-              lipschitz: float) -> tuple[Params, jax.Array]:
-  """The server's update w^(t+1) - w^t from the clients' losses [C] and deltas [C, ...].
-
-  Returns:
-    (update, h [C]).
-  """
-  f = losses + LOSS_FLOOR
-  scaled = base.scale_rows(-lipschitz * jnp.ones_like(f), deltas)  # L (w^t - wbar_k)
-  sq_norms = sum(jnp.sum(a.reshape(a.shape[0], -1) ** 2, axis=1)
-                 for a in jax.tree_util.tree_leaves(scaled))
-  h = lipschitz * f**q
-  if q != 0:
-    h = h + q * f ** (q - 1) * sq_norms
-  step = base.weighted_sum(weights * f**q, scaled)
-  return optax.tree.scale(-1.0 / jnp.sum(weights * h), step), h
-
-
-def qffl(
-    apply: Callable[[Params, jax.Array], jax.Array],
-    *,
-    q: float,
-    client_learning_rate: float,
-    clients_per_round: int,
-    batch_size: int,
-    epochs: int | None = None,
-    steps: int | None = None,
-    weighting: str = "examples",
-    client_chunk_size: int | str | None = "auto",
-    loss: PerExampleLoss | None = None,
-) -> FederatedAlgorithm:
+def qffl(apply: Callable[[Params, jax.Array], jax.Array], *, q: float,
+         client_learning_rate: float, loss: local.PerExampleLoss | None = None,
+         **options) -> FederatedAlgorithm:
   """q-FedAvg with local SGD and L = 1 / client_learning_rate.
 
   Args:
     apply: the model's pure `apply(params, x) -> logits`.
-    q: the fairness exponent (>= 0; 0 is FedAvg).
-    client_learning_rate: local SGD learning rate eta; L = 1/eta.
-    clients_per_round: clients sampled each round, uniformly without replacement.
-    batch_size: local minibatch size.
-    epochs / steps: local epochs, or a fixed number of local steps (exactly one).
-    weighting: p_k proportional to 'examples' or 'uniform'.
-    client_chunk_size: train this many clients at a time to bound memory (None: all
-      at once; "auto", the default: as in `fedavg`).
+    q: the fairness exponent (>= 0; 0 is FedAvg; hyperparameter `q`).
+    client_learning_rate: local SGD learning rate eta; L = 1/eta (`client_lr`).
     loss: per-example loss; default softmax cross-entropy.
+    **options: what every algorithm shares (see `fedavg`): clients_per_round,
+      batch_size, epochs / steps, weighting, client_chunk_size, aggregator,
+      client_data_transform, client_sharding, systems, client_data_schedule,
+      hparam_schedule, extra_hparams.
 
   Returns:
-    FederatedAlgorithm(init, round, validate); metrics add
-    `client_loss_at_server` (F_k) for the sampled clients.
+    FederatedAlgorithm; clients upload `{'scaled_delta', 'h'}` (Delta_k and h_k);
+    metrics add `client_loss_at_server` (F_k) for the sampled clients.
   """
-  if not isinstance(q, (int, float)) or q < 0:
-    raise ValueError(f"q must be a number >= 0, got {q!r}")
-  if not client_learning_rate > 0:
-    raise ValueError(f"client_learning_rate must be positive, got {client_learning_rate!r}")
-  lipschitz = 1.0 / client_learning_rate
-  loss, local_update = base.local_training(
-      apply, optax.sgd(client_learning_rate), clients_per_round=clients_per_round,
-      batch_size=batch_size, epochs=epochs, steps=steps, weighting=weighting,
-      client_chunk_size=client_chunk_size, loss=loss)
+  loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
 
-  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
-    del num_clients  # no per-client state
-    return ServerState(params, (), jnp.zeros((), jnp.int32), key)
+  def train(inp: engine.ClientInput) -> ClientOutput:
+    q, lr = inp.hp["q"], inp.hp["client_lr"]
+    lipschitz = 1.0 / lr
+    f_k = engine.full_batch_loss(loss, inp.params, inp)
+    f = f_k + LOSS_FLOOR
+    result = engine.local_train(inp, loss, optax.sgd(lr), schedule)
+    scaled = optax.tree.scale(-lipschitz, result.delta)  # L (w^t - wbar_k)
+    h = lipschitz * f**q + q * f ** (q - 1) * optax.tree.norm(scaled, squared=True)
+    return ClientOutput({"scaled_delta": optax.tree.scale(f**q, scaled), "h": h}, None,
+                        result.loss_sum, result.num_trained, result.num_steps,
+                        {"loss_at_server": f_k})
 
-  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
-    draws = base.start_round(state, data, clients_per_round)
-    ids = draws.ids
-    losses = base.map_clients(
-        lambda i: base.full_batch_loss(loss, state.params, data.x[i], data.y[i], data.counts[i]),
-        ids, base.resolve_chunk_size(client_chunk_size, ids.shape[0], state.params))
-    results = base.train_sampled(local_update, data, ids, draws.train_key,
-                                 lambda _: (state.params, None), None, client_chunk_size)
-    update, _ = qffl_step(losses, results.delta, base.client_weights(weighting, data, ids),
-                          float(q), lipschitz)
-    metrics = base.round_metrics(results.loss_sum, results.num_trained, update, data, ids)
-    metrics["client_loss_at_server"] = losses
-    new_state = state._replace(params=optax.tree.add(state.params, update),
-                               round=state.round + 1, key=draws.next_key)
-    return new_state, metrics
+  def upload_like(params):
+    return {"scaled_delta": optax.tree.zeros_like(params), "h": jnp.zeros((), jnp.float32)}
 
-  return FederatedAlgorithm(init, round, base.make_validate(apply, clients_per_round))
+  def update(state, upload, info) -> ServerUpdate:
+    # w <- w - sum p_k Delta_k / sum p_k h_k: a ratio of two weighted means.
+    step = optax.tree.scale(-1.0 / jnp.where(info.any_aggregated, upload["h"], 1.0),
+                            upload["scaled_delta"])
+    return ServerUpdate(optax.tree.add(state.params, step), (), None, step)
+
+  rule = ServerRule(lambda params, hp: ((), None), update, weighted_ratio=True)
+  return engine.compose("qffl", apply, client_work=ClientWork(train, upload_like),
+                        server_rule=rule, hparams={"q": q, "client_lr": client_learning_rate},
+                        hparam_checks={"q": engine.NONNEGATIVE, "client_lr": engine.POSITIVE},
+                        **options)

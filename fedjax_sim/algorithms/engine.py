@@ -1,0 +1,494 @@
+"""The round engine: every synchronous algorithm is `compose(client_work, server_rule)`.
+
+One round, whatever the algorithm (TFF's composers, with optax's style of parts):
+
+1. plan: sample clients, their weights, systems (who is kept, step budgets), the
+   data schedule (keys from `fedjax_sim.keys`);
+2. `server_rule.message(state, hp)`: what clients receive besides the model;
+3. `client_work.train(ClientInput) -> ClientOutput` for every sampled client, mapped
+   here and only here (one vmap, chunks of clients, or split over a mesh);
+4. the aggregator chain over the whole upload pytree (a fused running weighted mean
+   when there is none, so chunked rounds hold one chunk of uploads);
+5. `server_rule.update(state, aggregated upload, RoundInfo) -> ServerUpdate`;
+6. the per-client state rows of the clients that were aggregated are scattered back
+   (clients dropped by `systems` keep theirs).
+
+Numeric hyperparameters live in `state.hp` (float32 scalars), never closed over, so
+a sweep vmaps over them, `set_hparams` changes them between rounds without
+recompiling, and `hparam_schedule(round, hp) -> hp` makes any of them a function of
+the round. Optimizers are given as optax transformations (fixed) or as functions
+`hp -> GradientTransformation` (built each round from `state.hp`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim import keys
+from fedjax_sim import systems as systems_lib
+from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
+                                       check_clients_per_round, check_labels, check_round_args,
+                                       init_client_states, model_bytes, resolve_chunk_size,
+                                       sample_clients, weighted_sum)
+from fedjax_sim.data import FederatedData
+from fedjax_sim import local
+
+if TYPE_CHECKING:
+  from fedjax_sim.aggregators import Aggregator
+
+Params = Any
+Hparams = dict[str, jax.Array]
+# An optimizer: fixed, or built each round from the state's hyperparameters.
+OptimizerSpec = optax.GradientTransformation | Callable[[Hparams], optax.GradientTransformation]
+# client_data_transform(x, y, n, client_id, key) -> (x, y, n): a sampled client's padded data
+# before local training (data poisoning: label flipping, backdoors; see `attacks`).
+ClientDataTransform = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                               tuple[jax.Array, jax.Array, jax.Array]]
+
+
+class ClientInput(NamedTuple):
+  """What one sampled client has in a round."""
+
+  params: Params          # the server model it received
+  message: Any            # the rest of what it received (SCAFFOLD's c...), or None
+  row: Any                # its per-client state row, or None
+  x: jax.Array            # its padded data as it trains this round
+  y: jax.Array
+  n: jax.Array            # its real example count
+  client_id: jax.Array
+  key: jax.Array          # its training key
+  second_key: jax.Array   # an independent key of its own (Ditto's personal steps)
+  budget: Any             # its step budget under `systems`, else None
+  relative_weight: jax.Array  # its weight over the mean weight of all clients (FedDyn)
+  hp: Hparams
+
+
+class ClientOutput(NamedTuple):
+  """What one client sends (`upload`, aggregated), keeps (`row`) and reports."""
+
+  upload: Params
+  row: Any
+  loss_sum: jax.Array
+  num_trained: jax.Array
+  num_steps: jax.Array
+  metrics: dict = {}      # per-client scalars, reported as `client_<name>`
+
+
+class ClientWork(NamedTuple):
+  """`train(ClientInput) -> ClientOutput`; `upload_like(params)`: zeros shaped like one
+  upload (the aggregator's init sees it); `init_row(params)`: a client's initial state
+  row, or None for clients without state."""
+
+  train: Callable[[ClientInput], ClientOutput]
+  upload_like: Callable[[Params], Params] = lambda params: params
+  init_row: Callable[[Params], Any] | None = None
+
+
+class RoundInfo(NamedTuple):
+  """What the server rule knows about the round besides the aggregated upload."""
+
+  hp: Hparams
+  message: Any
+  weight_sum: jax.Array      # sum of the aggregated clients' weights
+  total_weight: jax.Array    # sum of every client's weight (all N)
+  num_clients: int
+  any_aggregated: jax.Array
+  client_metrics: dict       # ClientOutput.metrics stacked over the sampled clients
+
+
+class ServerUpdate(NamedTuple):
+  params: Params
+  opt_state: Any
+  algorithm_state: Any
+  delta: Params              # the model change it applied before the optimizer (update_norm)
+  metrics: dict = {}
+
+
+class ServerRule(NamedTuple):
+  """`init(params, hp) -> (opt_state, algorithm_state)`; `update(state, upload, info)
+  -> ServerUpdate`; `message(state, hp)`: what clients receive besides the model.
+
+  `weighted_ratio`: the rule divides weighted means (q-FFL, FedNova), so a reducer that
+  ignores the weights (median, DP mean...) is refused unless weights are uniform.
+  `uniform_mean`: aggregate with equal weights whatever `weighting` says (FedDyn).
+  """
+
+  init: Callable[[Params, Hparams], tuple[Any, Any]]
+  update: Callable[[ServerState, Params, RoundInfo], ServerUpdate]
+  message: Callable[[ServerState, Hparams], Any] = lambda state, hp: None
+  weighted_ratio: bool = False
+  uniform_mean: bool = False
+
+
+def resolve(spec: OptimizerSpec, hp: Hparams) -> optax.GradientTransformation:
+  """The optax transformation of an OptimizerSpec for these hyperparameters."""
+  return spec if isinstance(spec, optax.GradientTransformation) else spec(hp)
+
+
+def fedopt(server_optimizer: OptimizerSpec | None,
+           delta_of: Callable[[Params], Params] = lambda upload: upload) -> ServerRule:
+  """FedOpt's server rule: `server_optimizer` (default SGD lr 1, plain FedAvg) applied to
+  the pseudo-gradient -mean delta, where the delta is `delta_of(aggregated upload)`."""
+  server_optimizer = server_optimizer or optax.sgd(1.0)
+
+  def init(params, hp):
+    return resolve(server_optimizer, hp).init(params), None
+
+  def update(state, upload, info):
+    delta = delta_of(upload)
+    pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
+    updates, opt_state = resolve(server_optimizer, info.hp).update(
+        pseudo_grad, state.opt_state, state.params)
+    return ServerUpdate(optax.apply_updates(state.params, updates), opt_state,
+                        state.algorithm_state, delta)
+
+  return ServerRule(init, update)
+
+
+class Schedule(NamedTuple):
+  """A client's local schedule: minibatch size, and epochs or steps (exactly one)."""
+
+  batch_size: int
+  epochs: int | None = None
+  steps: int | None = None
+
+
+def schedule_of(options: Mapping[str, Any]) -> Schedule:
+  """The Schedule among a factory's `compose` options."""
+  return Schedule(options.get("batch_size"), options.get("epochs"), options.get("steps"))
+
+
+def local_train(inp: ClientInput, loss: local.PerExampleLoss,
+                optimizer: optax.GradientTransformation, schedule: Schedule, *,
+                start: Params | None = None, regularizer: local.Regularizer | None = None,
+                context: Any = None, key: jax.Array | None = None) -> local.LocalResult:
+  """Local training of the client of `inp` on its data, within its step budget.
+
+  Starts from `start` (default the server model) with `inp.key` (or `key`);
+  `regularizer(params, context)` is added to every step's objective.
+  """
+  update = local.make_local_update(loss, optimizer, batch_size=schedule.batch_size,
+                                   epochs=schedule.epochs, steps=schedule.steps,
+                                   regularizer=regularizer)
+  return update(inp.params if start is None else start, inp.x, inp.y, inp.n,
+                inp.key if key is None else key, context, inp.budget)
+
+
+def full_batch_loss(loss: local.PerExampleLoss, params: Params, inp: ClientInput) -> jax.Array:
+  """The client's local objective at `params`: the mean loss over its real examples."""
+  mask = (jnp.arange(inp.x.shape[0]) < inp.n).astype(jnp.float32)
+  return jnp.sum(loss(params, inp.x, inp.y) * mask) / jnp.maximum(inp.n, 1).astype(jnp.float32)
+
+
+# --- Hyperparameters -----------------------------------------------------------------
+
+
+class Check(NamedTuple):
+  """A host-side check of one hyperparameter: `ok(value)` or ValueError `must ...`."""
+
+  ok: Callable[[float], bool]
+  must: str
+
+
+POSITIVE = Check(lambda v: v > 0, "be positive")
+NONNEGATIVE = Check(lambda v: v >= 0, "be >= 0")
+FRACTION = Check(lambda v: 0 <= v < 1, "lie in [0, 1)")
+
+
+def is_concrete(value: Any) -> bool:
+  """False for a traced value (a sweep's hyperparameter inside the program)."""
+  try:
+    np.asarray(value)
+    return True
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return False
+
+
+def check_hparams(values: Mapping[str, Any], checks: Mapping[str, Check]) -> None:
+  """Raises ValueError for a concrete hyperparameter that fails its check (traced values,
+  inside a sweep, are checked on the host by `validate` instead)."""
+  for name, check in checks.items():
+    value = values.get(name)
+    if value is None or not is_concrete(value):
+      continue
+    if isinstance(value, bool) or np.ndim(value) != 0 or not np.issubdtype(
+        np.asarray(value).dtype, np.number):
+      raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(float(value)) or not check.ok(float(value)):
+      raise ValueError(f"{name} must {check.must}, got {value!r}")
+
+
+def set_hparams(state: ServerState, **values: float) -> ServerState:
+  """`state` with hyperparameters replaced; the next round uses them, without recompiling."""
+  unknown = sorted(set(values) - set(state.hp or {}))
+  if unknown:
+    raise ValueError(f"unknown hyperparameters {unknown}; this algorithm has "
+                     f"{sorted(state.hp or {})}")
+  hp = dict(state.hp)
+  hp.update({k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
+  return state._replace(hp=hp)
+
+
+def get_hparams(state: ServerState) -> dict[str, float]:
+  """The state's hyperparameters as Python floats."""
+  return {k: float(v) for k, v in (state.hp or {}).items()}
+
+
+# --- The engine ----------------------------------------------------------------------
+
+
+def reducer_is_weighted(aggregator: Aggregator | None) -> bool:
+  if aggregator is None:
+    return True
+  from fedjax_sim.aggregators import stages_of  # late: aggregators imports this package
+  return all(s.weighted for s in stages_of(aggregator) if hasattr(s, "aggregate"))
+
+
+def compose(
+    name: str,
+    apply: Callable,
+    *,
+    client_work: ClientWork,
+    server_rule: ServerRule,
+    hparams: Mapping[str, Any],
+    hparam_checks: Mapping[str, Check] | None = None,
+    clients_per_round: int,
+    batch_size: int,
+    epochs: int | None = None,
+    steps: int | None = None,
+    weighting: str = "examples",
+    client_chunk_size: int | str | None = "auto",
+    aggregator: Aggregator | None = None,
+    client_data_transform: ClientDataTransform | None = None,
+    client_sharding: jax.sharding.Sharding | None = None,
+    systems: systems_lib.SystemsConfig | None = None,
+    client_data_schedule: systems_lib.ClientDataSchedule | None = None,
+    hparam_schedule: Callable[[jax.Array, Hparams], Hparams] | None = None,
+    extra_hparams: Mapping[str, Any] | None = None,
+) -> FederatedAlgorithm:
+  """A FederatedAlgorithm from its parts; every argument after `hparam_checks` is a
+  feature every algorithm shares (see `fedavg` for what each does).
+
+  Args:
+    name: the algorithm's name, for messages.
+    apply: the model's pure apply function (label checks).
+    client_work: what each sampled client does.
+    server_rule: what the server does with the aggregated upload.
+    hparams: the numeric hyperparameters, name -> initial value, stored in `state.hp`.
+    hparam_checks: name -> Check, run on concrete values here and in `validate`.
+    hparam_schedule: optional `(round, hp) -> hp` applied at the start of every round.
+    extra_hparams: more hyperparameters for the state, name -> value (read by
+      optimizers given as `hp -> GradientTransformation`).
+
+  Returns:
+    FederatedAlgorithm(init, round, validate, hparams=names).
+  """
+  local.check_schedule(batch_size, epochs, steps)
+  clash = sorted(set(extra_hparams or {}) & set(hparams))
+  if clash:
+    raise ValueError(f"extra_hparams {clash} are {name}'s own hyperparameters; set them by name")
+  hparams = {**hparams, **(extra_hparams or {})}
+  check_round_args(clients_per_round, weighting, client_chunk_size)
+  hparam_checks = dict(hparam_checks or {})
+  check_hparams(hparams, hparam_checks)
+  if systems is not None and not isinstance(systems, systems_lib.SystemsConfig):
+    raise ValueError(f"systems must be a systems.SystemsConfig, got {type(systems).__name__}")
+  # Over-selection samples more clients than the server keeps: those are the rows trained.
+  sampled = clients_per_round + (0 if systems is None else systems.over_selection)
+  if isinstance(client_chunk_size, int) and sampled % client_chunk_size:
+    what = "clients_per_round" if systems is None else "clients_per_round + over_selection"
+    raise ValueError(f"client_chunk_size={client_chunk_size!r} must be a positive divisor of "
+                     f"{what}={sampled}")
+  if systems is not None:
+    systems_lib.check_aggregator(aggregator)
+  if server_rule.weighted_ratio and weighting != "uniform" and not reducer_is_weighted(aggregator):
+    raise ValueError(
+        f"{name}'s server rule divides example-weighted means, but this aggregator's reducer "
+        f"ignores the weights; use weighting='uniform' (then every reducer is exact) or a "
+        f"weighted reducer (aggregators.mean(), possibly in a chain)")
+  if getattr(aggregator, "validate", None) is not None:
+    aggregator.validate(sampled, None)
+  stateful = client_work.init_row is not None
+
+  def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
+    """`num_clients` is needed by algorithms and aggregators with per-client state."""
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    opt_state, algorithm_state = server_rule.init(params, hp)
+    client_states = (init_client_states(client_work.init_row(params), num_clients, name)
+                     if stateful else None)
+    agg_state = (None if aggregator is None
+                 else aggregator.init(client_work.upload_like(params), num_clients))
+    if systems is not None:
+      systems_lib.check_aggregator_state(aggregator, agg_state)
+    sim_time = None if systems is None else jnp.zeros((), jnp.float32)
+    return ServerState(params, opt_state, jnp.zeros((), jnp.int32), key, client_states,
+                       algorithm_state, agg_state, sim_time, hp)
+
+  def validate(state: ServerState, data: FederatedData) -> None:
+    if systems is not None:
+      systems_lib.check_profiles(systems.profiles, data.num_clients)
+      if sampled > data.num_clients:
+        raise ValueError(f"clients_per_round + over_selection = {clients_per_round} + "
+                         f"{systems.over_selection} = {sampled} but the data has only "
+                         f"{data.num_clients} clients")
+      if state.sim_time is None:
+        raise ValueError(f"the state has no sim_time: make it with this algorithm's init "
+                         f"({name}(..., systems=...).init)")
+    if state.hp is None or set(state.hp) != set(hparams):
+      raise ValueError(f"the state's hyperparameters {sorted(state.hp or {})} are not "
+                       f"{name}'s {sorted(hparams)}: make the state with this algorithm's init")
+    check_hparams(state.hp, hparam_checks)
+    check_clients_per_round(clients_per_round, data)
+    check_labels(apply, state.params, data)
+    if stateful:
+      check_client_states(state, data)
+    if getattr(aggregator, "validate", None) is not None:
+      aggregator.validate(sampled, data.num_clients)
+
+  def client_data(data, client_id, round_index):
+    x, y, n = data.x[client_id], data.y[client_id], data.counts[client_id]
+    if client_data_schedule is not None:
+      x, y, n = client_data_schedule(x, y, n, client_id, round_index)
+    return x, y, n
+
+  def uplink_bytes(params) -> float:
+    """What one client sends: the compressor's encoding, else its float32 upload."""
+    from fedjax_sim import compression  # late: compression imports this package
+    upload = client_work.upload_like(params)
+    num = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(upload))
+    compressed = (None if aggregator is None
+                  else compression.uplink_bytes_per_client(aggregator, num))
+    return float(model_bytes(upload) if compressed is None else compressed)
+
+  def chunk_size(params) -> int:
+    if client_sharding is not None and client_chunk_size == "auto":
+      return sampled  # the devices split one chunk of all clients between them
+    return resolve_chunk_size(client_chunk_size, sampled, params) or sampled
+
+  def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
+    check_clients_per_round(sampled, data)
+    hp = state.hp if hparam_schedule is None else hparam_schedule(state.round, state.hp)
+    next_key, sample_key, train_key = keys.round_keys(state.key)
+    second_key = keys.second_train_key(sample_key)
+    ids = sample_clients(sample_key, data.num_clients, sampled)
+    if client_data_schedule is None:
+      counts = data.counts[ids]
+    else:
+      counts = jax.vmap(lambda i: client_data(data, i, state.round)[2])(ids)
+    if weighting == "examples":
+      raw_weights = counts.astype(jnp.float32)
+      total_weight = data.counts.sum().astype(jnp.float32)
+    else:
+      raw_weights = jnp.ones(ids.shape, jnp.float32)
+      total_weight = jnp.float32(data.num_clients)
+    relative_weight = raw_weights * data.num_clients / total_weight
+    weights = jnp.ones_like(raw_weights) if server_rule.uniform_mean else raw_weights
+    budgets, plan = None, None
+    if systems is not None:
+      plan = systems_lib.plan_round(
+          systems, ids, counts, keys.systems_key(sample_key), clients_per_round=clients_per_round,
+          batch_size=batch_size, epochs=epochs, steps=steps,
+          downlink_bytes=float(downlink_bytes(state)), uplink_bytes=uplink_bytes(state.params))
+      weights = jnp.where(plan.aggregated, weights, 0.0)
+      budgets = plan.step_budget
+    message = server_rule.message(state, hp)
+    rows = (jax.tree_util.tree_map(lambda a: a[ids], state.client_states) if stateful else None)
+
+    def one(args):
+      client_id, row, budget, rel = args
+      x, y, n = client_data(data, client_id, state.round)
+      if client_data_transform is not None:
+        x, y, n = client_data_transform(x, y, n, client_id,
+                                        keys.client_data_key(train_key, client_id))
+      return client_work.train(ClientInput(
+          state.params, message, row, x, y, n, client_id, keys.client_key(train_key, client_id),
+          keys.client_key(second_key, client_id), budget, rel, hp))
+
+    def train_chunk(args):
+      if client_sharding is None:
+        return jax.vmap(one)(args)
+      # Constraining the inputs and results to the client axis makes GSPMD split the
+      # vmapped local training over devices; reductions over it become all-reduces.
+      constrain = lambda a: jax.lax.with_sharding_constraint(a, client_sharding)
+      return jax.tree_util.tree_map(constrain, jax.vmap(one)(jax.tree_util.tree_map(constrain,
+                                                                                   args)))
+
+    chunk = chunk_size(state.params)
+    by_chunk = lambda tree: jax.tree_util.tree_map(lambda a: a.reshape(-1, chunk, *a.shape[1:]),
+                                                   tree)
+    unchunk = lambda tree: jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
+    args = (ids, rows, budgets, relative_weight)
+    agg_state, agg_metrics = state.aggregator_state, {}
+    if aggregator is None:
+      # Fused weighted mean: a scan over chunks keeps one chunk of uploads alive.
+      def body(acc, xs):
+        chunk_args, w = xs
+        out = train_chunk(chunk_args)
+        acc = (jax.tree_util.tree_map(jnp.add, acc[0], weighted_sum(w, out.upload)),
+               acc[1] + w.sum())
+        return acc, out._replace(upload=None)
+
+      first = jax.tree_util.tree_map(lambda a: a[0], by_chunk((args, weights)))
+      shapes = jax.eval_shape(lambda xs: weighted_sum(xs[1], train_chunk(xs[0]).upload), first)
+      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      (total, weight_sum), outputs = jax.lax.scan(body, (zeros, jnp.zeros(())),
+                                                  by_chunk((args, weights)))
+      outputs = unchunk(outputs)
+      # Every client may have dropped (systems): all weights are 0; keep 0, not NaN.
+      aggregated = jax.tree_util.tree_map(
+          lambda t: t / jnp.where(weight_sum > 0, weight_sum, 1.0), total)
+    else:
+      outputs = unchunk(jax.lax.map(train_chunk, by_chunk(args)))
+      aggregated, agg_state, agg_metrics = aggregator.aggregate(
+          state.aggregator_state, outputs.upload, weights, ids, keys.aggregation_key(sample_key))
+      weight_sum = weights.sum()
+      if systems is not None:
+        aggregated = jax.tree_util.tree_map(
+            lambda d: jnp.where(plan.aggregated.any(), d, jnp.zeros_like(d)), aggregated)
+    any_aggregated = weight_sum > 0
+    info = RoundInfo(hp, message, weight_sum, total_weight, data.num_clients, any_aggregated,
+                     outputs.metrics)
+    update = server_rule.update(state, aggregated, info)
+    client_states = state.client_states
+    if stateful:
+      new_rows = outputs.row
+      if systems is not None:  # clients that were not aggregated keep their state
+        new_rows = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(
+                plan.aggregated.reshape(-1, *([1] * (new.ndim - 1))), new, old), new_rows, rows)
+      client_states = jax.tree_util.tree_map(lambda a, r: a.at[ids].set(r),
+                                             state.client_states, new_rows)
+    loss_sum, num_trained = outputs.loss_sum, outputs.num_trained
+    metrics = {
+        "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
+        "update_norm": optax.tree.norm(update.delta),
+        "num_examples": counts.sum(),
+        "client_ids": ids,
+        "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+        "uplink_bytes": jnp.float32(sampled * model_bytes(client_work.upload_like(state.params))),
+        "downlink_bytes": jnp.float32(sampled * downlink_bytes(state)),
+        **{f"client_{k}": v for k, v in outputs.metrics.items()},
+        **agg_metrics, **update.metrics,
+    }
+    sim_time = state.sim_time
+    if systems is not None:
+      sim_time = state.sim_time + plan.round_time
+      metrics.update(systems_lib.round_metrics(plan, sim_time))
+      metrics["num_examples"] = jnp.where(plan.aggregated, counts, 0).sum()
+      metrics["uplink_bytes"] = jnp.float32(uplink_bytes(state.params)) * plan.aggregated.sum()
+    new_state = ServerState(update.params, update.opt_state, state.round + 1, next_key,
+                            client_states, update.algorithm_state, agg_state, sim_time, state.hp)
+    return new_state, metrics
+
+  def downlink_bytes(state) -> int:
+    """What one client receives: the model and the server's message."""
+    message = jax.eval_shape(lambda s: server_rule.message(s, s.hp), state)
+    return model_bytes(state.params) + model_bytes(message)
+
+  return FederatedAlgorithm(init, round, validate, tuple(hparams))
