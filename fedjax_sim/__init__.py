@@ -7,6 +7,10 @@ from fedjax_sim.data import FederatedData, from_clients, split_clients
 from fedjax_sim.evaluation import make_evaluator, make_personalized_evaluator
 from fedjax_sim.algorithms import (FederatedAlgorithm, ServerState, fedavg, fedbuff,
                                    sample_clients)
+# The round engine and its parts: write an algorithm by composing them.
+from fedjax_sim.algorithms import (ClientInput, ClientOutput, ClientWork, RoundInfo, ServerRule,
+                                   ServerUpdate, compose, engine, fedopt, get_hparams, set_hparams)
+from fedjax_sim import keys
 from fedjax_sim.algorithms import (ALGORITHMS, build_algorithm, client_state_bytes, ditto, feddyn,
                                    fednova, fedprox, mimelite, qffl, scaffold)
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
@@ -33,4 +37,6 @@ __all__ = [
     "fednova",
     "fedprox", "make_personalized_evaluator", "mimelite", "qffl", "scaffold",
     "SweepResult", "sweep", "systems", "conv", "warm_start",
+    "ClientInput", "ClientOutput", "ClientWork", "RoundInfo", "ServerRule", "ServerUpdate",
+    "compose", "engine", "fedopt", "get_hparams", "set_hparams", "keys",
 ]

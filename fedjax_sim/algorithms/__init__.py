@@ -2,7 +2,11 @@
 
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, client_state_bytes,
                                         sample_clients)
+from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.ditto import ditto
+from fedjax_sim.algorithms.engine import (ClientInput, ClientOutput, ClientWork, RoundInfo,
+                                          ServerRule, ServerUpdate, compose, fedopt,
+                                          get_hparams, set_hparams)
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedbuff import fedbuff
 from fedjax_sim.algorithms.feddyn import feddyn

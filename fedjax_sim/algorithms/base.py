@@ -144,7 +144,7 @@ def check_labels(apply, params, data: FederatedData) -> None:
                      f"found {labels.min()}..{labels.max()}")
 
 
-# --- Pieces shared by the algorithms' rounds (fedprox ... qffl build on these). ---
+# --- Pieces shared by the round engine and FedBuff's event driver. ---
 
 WEIGHTINGS = ("examples", "uniform")
 
@@ -161,37 +161,6 @@ def check_round_args(clients_per_round: int, weighting: str,
       or client_chunk_size <= 0):
     raise ValueError(f"client_chunk_size must be a positive integer, None or 'auto', got "
                      f"{client_chunk_size!r}")
-
-
-def local_training(apply: Callable, optimizer: optax.GradientTransformation, *,
-                   clients_per_round: int, batch_size: int, epochs: int | None,
-                   steps: int | None, weighting: str, client_chunk_size: int | str | None,
-                   loss: Callable | None = None,
-                   regularizer: Callable | None = None) -> tuple[Callable, Callable]:
-  """Checks a factory's shared arguments; returns (loss, local_update).
-
-  `loss` defaults to softmax cross-entropy of `apply`; `local_update` is
-  `local.make_local_update(loss, optimizer, ...)` with the given regularizer.
-  """
-  check_round_args(clients_per_round, weighting, client_chunk_size)
-  local.check_schedule(batch_size, epochs, steps)
-  loss = loss or cross_entropy(apply)
-  return loss, local.make_local_update(loss, optimizer, batch_size=batch_size, epochs=epochs,
-                                       steps=steps, regularizer=regularizer)
-
-
-def make_validate(apply: Callable, clients_per_round: int,
-                  stateful: bool = False) -> Callable[[ServerState, FederatedData], None]:
-  """A FederatedAlgorithm's `validate`: enough clients, labels in range, and for
-  algorithms with per-client state, state for exactly the data's clients."""
-
-  def validate(state: ServerState, data: FederatedData) -> None:
-    check_clients_per_round(clients_per_round, data)
-    check_labels(apply, state.params, data)
-    if stateful:
-      check_client_states(state, data)
-
-  return validate
 
 
 class RoundDraws(NamedTuple):
@@ -216,58 +185,6 @@ def client_weights(weighting: str, data: FederatedData, ids: jax.Array) -> jax.A
   if weighting == "examples":
     return data.counts[ids].astype(jnp.float32)
   return jnp.ones(ids.shape, jnp.float32)
-
-
-def weighted_mean(weights: jax.Array, stacked: Params) -> Params:
-  """sum_c w_c stacked[c] / sum_c w_c over the leading client axis."""
-  total = jnp.sum(weights)
-  return jax.tree_util.tree_map(lambda t: t / total, weighted_sum(weights, stacked))
-
-
-def scale_rows(scale: jax.Array, stacked: Params) -> Params:
-  """Multiplies row c of every leaf by `scale[c]`."""
-  return jax.tree_util.tree_map(
-      lambda a: a * scale.reshape(-1, *([1] * (a.ndim - 1))).astype(a.dtype), stacked)
-
-
-def train_sampled(local_update: Callable, data: FederatedData, ids: jax.Array,
-                  train_key: jax.Array, setup: Callable[[Any], tuple[Params, Any]],
-                  rows: Any = None, chunk_size: int | str | None = None) -> LocalResult:
-  """Trains the clients `ids` together (one vmap, or `chunk_size` at a time).
-
-  Args:
-    local_update: from `local.make_local_update`.
-    data: the training data; client i's padded rows are gathered here.
-    ids: sampled client ids [C].
-    train_key: the round's training key (each client's key is folded from its id).
-    setup: `setup(row) -> (start params, regularizer context)` for one client,
-      given its row of `rows` (closed-over values are shared by all clients).
-    rows: per-client inputs with a leading axis over `ids` (gathered client
-      state), or None.
-    chunk_size: clients trained at a time; None trains all at once; "auto" see
-      `resolve_chunk_size`.
-
-  Returns:
-    The stacked LocalResult, leading axis over `ids`.
-  """
-  if chunk_size == "auto":
-    first = jax.tree_util.tree_map(lambda a: a[0], rows)
-    start = jax.eval_shape(lambda row: setup(row)[0], first)
-    chunk_size = resolve_chunk_size(chunk_size, ids.shape[0], start)
-
-  def one(args):
-    i, row = args
-    start, context = setup(row)
-    return local_update(start, data.x[i], data.y[i], data.counts[i], client_key(train_key, i),
-                        context)
-  return map_clients(one, (ids, rows), chunk_size)
-
-
-def full_batch_loss(loss: Callable, params: Params, x: jax.Array, y: jax.Array,
-                    n: jax.Array) -> jax.Array:
-  """A padded client's local objective: the mean of `loss` over its `n` real examples."""
-  mask = (jnp.arange(x.shape[0]) < n).astype(jnp.float32)
-  return jnp.sum(loss(params, x, y) * mask) / jnp.maximum(n, 1).astype(jnp.float32)
 
 
 def server_step(optimizer: optax.GradientTransformation, state: ServerState,

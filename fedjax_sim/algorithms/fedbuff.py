@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import keys as keys_lib
 from fedjax_sim import local, systems
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_labels,
                                         check_round_args, client_key, client_weights,
@@ -105,6 +106,8 @@ def fedbuff(
     client_chunk_size: int | str | None = "auto",
     loss: local.PerExampleLoss | None = None,
     regularizer: local.Regularizer | None = None,
+    aggregator: Any = None,
+    systems_config: Any = None,
 ) -> FederatedAlgorithm:
   """FedBuff: asynchronous buffered aggregation, simulated by event time.
 
@@ -125,6 +128,11 @@ def fedbuff(
       (None: all at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy on integer labels.
     regularizer: `regularizer(params, downloaded_params)` added to each local step.
+    aggregator: how the buffer's uploads are combined, as in `fedavg` (DP, robust,
+      compression, attacks...): it gets the staleness-scaled deltas s(tau_i) delta_i
+      and the weights w_i, so the weighted mean is the rule above.
+    systems_config: refused: FedBuff simulates its clients' systems itself from
+      `profiles`; a deadline or over-selection has no meaning without rounds.
 
   Returns:
     FederatedAlgorithm(init, round, validate); `init(params, key, num_clients=None)`
@@ -133,6 +141,10 @@ def fedbuff(
     `staleness_mean`, `staleness_max`, `client_arrival_s`, `round_time_s` and
     `sim_time_s` to the usual ones.
   """
+  if systems_config is not None:
+    raise ValueError("fedbuff takes no systems= (deadline, over-selection, stragglers, "
+                     "dropout): it is asynchronous, with no synchronous round for a deadline "
+                     "to cut or over-selection to close; client speeds come from profiles=")
   _positive_int("concurrency", concurrency)
   _positive_int("buffer_size", buffer_size)
   check_round_args(buffer_size, weighting, client_chunk_size)
@@ -148,6 +160,8 @@ def fedbuff(
   if concurrency > num_clients:
     raise ValueError(f"concurrency={concurrency} but the profiles describe only {num_clients} "
                      "clients, and no client can be in flight twice")
+  if getattr(aggregator, "validate", None) is not None:
+    aggregator.validate(buffer_size, None)
   weight_of = staleness_weight(staleness)
   out = jax.eval_shape(weight_of, jax.ShapeDtypeStruct((buffer_size,), jnp.float32))
   if getattr(out, "shape", None) != (buffer_size,):
@@ -177,8 +191,10 @@ def fedbuff(
             lambda a: jnp.broadcast_to(a, (concurrency, *jnp.shape(a))).copy(), params),
         start_s=jnp.zeros(concurrency, jnp.float32),
         keys=jax.vmap(lambda i: client_key(train_key, i))(ids))
+    agg_state = None if aggregator is None else aggregator.init(params, num_clients)
     return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), next_key,
-                       algorithm_state=slots, sim_time=jnp.zeros((), jnp.float32))
+                       algorithm_state=slots, aggregator_state=agg_state,
+                       sim_time=jnp.zeros((), jnp.float32), hp={})
 
   def validate(state: ServerState, data: FederatedData) -> None:
     systems.check_profiles(profiles, data.num_clients)
@@ -187,6 +203,8 @@ def fedbuff(
       raise ValueError("the state was not made by this fedbuff's init (it needs "
                        f"{concurrency} clients in flight in state.algorithm_state)")
     check_labels(apply, state.params, data)
+    if getattr(aggregator, "validate", None) is not None:
+      aggregator.validate(buffer_size, data.num_clients)
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     slots, version = state.algorithm_state, state.round
@@ -245,9 +263,16 @@ def fedbuff(
                           resolve_chunk_size(client_chunk_size, buffer_size, state.params))
     tau = version - versions
     weights = client_weights(weighting, data, arrived)
-    scaled = weights * weight_of(tau.astype(jnp.float32)).astype(jnp.float32)
-    delta = jax.tree_util.tree_map(lambda d: d / jnp.sum(weights),
-                                   weighted_sum(scaled, results.delta))
+    stale = weight_of(tau.astype(jnp.float32)).astype(jnp.float32)
+    agg_state, agg_metrics = state.aggregator_state, {}
+    if aggregator is None:
+      delta = jax.tree_util.tree_map(lambda d: d / jnp.sum(weights),
+                                     weighted_sum(weights * stale, results.delta))
+    else:
+      uploads = jax.tree_util.tree_map(
+          lambda d: d * stale.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype), results.delta)
+      delta, agg_state, agg_metrics = aggregator.aggregate(
+          agg_state, uploads, weights, arrived, keys_lib.aggregation_key(sample_key))
     params, opt_state = server_step(server_optimizer, state, delta)
 
     # Refilled slots hold the model current at their dispatch: the updated one from T on.
@@ -271,9 +296,11 @@ def fedbuff(
         "round_time_s": update_time - state.sim_time,
         "sim_time_s": update_time,
         "num_aggregated": jnp.int32(arrived.shape[0]),  # as fedavg(systems=...) reports
+        **agg_metrics,
     }
     new_state = state._replace(params=params, opt_state=opt_state, round=version + 1,
-                               key=next_key, algorithm_state=new_slots, sim_time=update_time)
+                               key=next_key, algorithm_state=new_slots, aggregator_state=agg_state,
+                               sim_time=update_time)
     return new_state, metrics
 
   return FederatedAlgorithm(init, round, validate)
