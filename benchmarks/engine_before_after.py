@@ -23,13 +23,13 @@ import statistics
 import subprocess
 import sys
 
-ROWS = [  # (algorithm, model, clients per round)
-    ("fedavg", "logreg", 10), ("fedavg", "logreg", 100), ("fedavg", "mlp", 10),
-    ("fedavg", "mlp", 100), ("fedprox", "mlp", 10), ("scaffold", "mlp", 10),
-    ("fednova", "mlp", 10), ("feddyn", "mlp", 10), ("mimelite", "mlp", 10),
-    ("ditto", "mlp", 10), ("qffl", "mlp", 10),
+ROWS = [  # (algorithm, model, clients per round, local steps)
+    ("fedavg", "logreg", 10, 5), ("fedavg", "logreg", 100, 5), ("fedavg", "mlp", 10, 5),
+    ("fedavg", "mlp", 100, 5), ("fedavg", "mlp", 10, 30), ("fedprox", "mlp", 10, 5),
+    ("scaffold", "mlp", 10, 5), ("fednova", "mlp", 10, 5), ("feddyn", "mlp", 10, 5),
+    ("mimelite", "mlp", 10, 5), ("ditto", "mlp", 10, 5), ("qffl", "mlp", 10, 5),
 ]
-BATCH, STEPS = 20, 5
+BATCH, EXAMPLES = 20, 100  # 5 batches per epoch: 30 steps cycle through 6 reshuffled epochs
 
 
 def worker() -> None:
@@ -45,8 +45,8 @@ def worker() -> None:
   import fedjax_sim as fs
   from fedjax_sim import runner
 
-  def build(name, apply, clients):
-    common = dict(clients_per_round=clients, batch_size=BATCH, steps=STEPS)
+  def build(name, apply, clients, steps):
+    common = dict(clients_per_round=clients, batch_size=BATCH, steps=steps)
     sgd = optax.sgd(0.05)
     return {
         "fedavg": lambda: fs.fedavg(apply, client_optimizer=sgd, **common),
@@ -63,15 +63,15 @@ def worker() -> None:
   for line in sys.stdin:
     words = line.split()
     if words[0] == "build":
-      name, model_name, clients = words[1], words[2], int(words[3])
+      name, model_name, clients, steps = words[1], words[2], int(words[3]), int(words[4])
       num_clients = 2 * clients
       rng = np.random.default_rng(0)
-      x = rng.normal(size=(num_clients, BATCH * STEPS, 784)).astype(np.float32)
-      y = rng.integers(0, 10, size=(num_clients, BATCH * STEPS)).astype(np.int32)
+      x = rng.normal(size=(num_clients, EXAMPLES, 784)).astype(np.float32)
+      y = rng.integers(0, 10, size=(num_clients, EXAMPLES)).astype(np.int32)
       data = fs.from_clients(list(x), list(y), num_classes=10)
       model = (fs.logistic_regression(num_features=784, num_classes=10) if model_name == "logreg"
                else fs.mlp(num_features=784, num_classes=10, seed=0))
-      algorithm = build(name, model.apply, clients)
+      algorithm = build(name, model.apply, clients, steps)
       state = algorithm.init(model.params, jax.random.key(0), num_clients)
       step = runner.make_chunk(algorithm, 1)
       state, _ = step(state, data)
@@ -93,6 +93,8 @@ def main() -> None:
   parser.add_argument("--before", required=True, help="a checkout of the old commit")
   parser.add_argument("--repeats", type=int, default=15)
   parser.add_argument("--output", default=None)
+  parser.add_argument("--only", nargs="*", default=None,
+                      help="rows to run, as algorithm:model:clients:steps")
   args = parser.parse_args()
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,18 +115,21 @@ def main() -> None:
   import machine
 
   rows = []
-  for name, model_name, clients in ROWS:
-    ready = {k: float(ask(p, f"build {name} {model_name} {clients}")[1]) for k, p in procs.items()}
+  chosen = [r for r in ROWS if args.only is None or ":".join(map(str, r)) in args.only]
+  for name, model_name, clients, steps in chosen:
+    ready = {k: float(ask(p, f"build {name} {model_name} {clients} {steps}")[1])
+             for k, p in procs.items()}
     times = {k: [] for k in procs}
     for _ in range(args.repeats):
       for k, p in procs.items():
         times[k].append(float(ask(p, "time")[1]))
     before, after = (statistics.median(times[k]) for k in ("before", "after"))
-    row = dict(algorithm=name, model=model_name, clients=clients, before_s=before, after_s=after,
+    row = dict(algorithm=name, model=model_name, clients=clients, steps=steps, before_s=before,
+               after_s=after,
                after_over_before=after / before,
                first_round_params_rel_diff=abs(ready["after"] - ready["before"]) / ready["before"])
     rows.append(row)
-    print(f"{name:9s} {model_name:6s} {clients:4d}  before {before * 1e3:8.2f} ms  after "
+    print(f"{name:9s} {model_name:6s} {clients:4d} {steps:3d} steps  before {before * 1e3:8.2f} ms  after "
           f"{after * 1e3:8.2f} ms  after/before {after / before:.3f}  "
           f"first-round |params| rel diff {row['first_round_params_rel_diff']:.1e}", flush=True)
   for p in procs.values():
@@ -132,15 +137,16 @@ def main() -> None:
     p.wait()
   info = {**machine.device_info(), "load_average": machine.load_average(),
           "commit": machine.git_commit(), "repeats": args.repeats,
-          "batch_size": BATCH, "steps": STEPS, "jax": jax.__version__}
+          "batch_size": BATCH, "examples_per_client": EXAMPLES}
   output = args.output or os.path.join(here, "benchmarks", "results",
                                        f"engine_before_after_{jax.default_backend()}.json")
   with open(output, "w") as f:
     json.dump({"info": info, "rows": rows}, f, indent=1)
   lines = [f"# Round engine: round time before and after ({info})", "",
-           "| algorithm | model | clients per round | before | after | after / before |",
-           "| --- | --- | ---: | ---: | ---: | ---: |"]
-  lines += [f"| {r['algorithm']} | {r['model']} | {r['clients']} | {r['before_s'] * 1e3:.2f} ms | "
+           "| algorithm | model | clients per round | local steps | before | after | after / before |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  lines += [f"| {r['algorithm']} | {r['model']} | {r['clients']} | {r['steps']} | "
+            f"{r['before_s'] * 1e3:.2f} ms | "
             f"{r['after_s'] * 1e3:.2f} ms | {r['after_over_before']:.3f} |" for r in rows]
   with open(output[:-5] + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
