@@ -4,7 +4,8 @@ from fedjax_sim import aggregators, conv, datasets, partition, systems, warm_sta
 # Privacy, communication and security: modules of aggregator transforms (see aggregators.chain).
 from fedjax_sim import attacks, compression, memory, privacy, robust, secure_aggregation
 from fedjax_sim.data import FederatedData, from_clients, split_clients
-from fedjax_sim.evaluation import make_evaluator, make_personalized_evaluator
+from fedjax_sim.evaluation import (make_evaluator, make_merged_personalized_evaluator,
+                                  make_personalized_evaluator)
 from fedjax_sim.algorithms import (FederatedAlgorithm, ServerState, fedavg, fedbuff,
                                    sample_clients)
 # The round engine and its parts: write an algorithm by composing them.
@@ -13,6 +14,7 @@ from fedjax_sim.algorithms import (ClientInput, ClientOutput, ClientWork, RoundI
 from fedjax_sim import keys
 from fedjax_sim.algorithms import (ALGORITHMS, build_algorithm, client_state_bytes, ditto, feddyn,
                                    fednova, fedprox, mimelite, qffl, scaffold)
+from fedjax_sim.algorithms import fedexp, fedrep
 from fedjax_sim.local import LocalResult, epoch_order, make_local_update
 from fedjax_sim.losses import IGNORE_LABEL, cross_entropy
 from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, char_rnn, cnn,
@@ -39,4 +41,5 @@ __all__ = [
     "SweepResult", "sweep", "systems", "conv", "warm_start",
     "ClientInput", "ClientOutput", "ClientWork", "RoundInfo", "ServerRule", "ServerUpdate",
     "compose", "engine", "fedopt", "get_hparams", "set_hparams", "keys",
+    "fedexp", "fedrep", "make_merged_personalized_evaluator",
 ]

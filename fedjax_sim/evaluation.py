@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -128,5 +129,41 @@ def make_personalized_evaluator(
       raise ValueError(f"client_params has models for {sorted(rows)} clients but the test "
                        f"splits have {client_test.num_clients}")
     return _client_metrics("personal_client_test", *per_client(client_params, client_test))
+
+  return evaluate
+
+
+def make_merged_personalized_evaluator(
+    apply: Callable, client_test: FederatedData,
+    merge: Callable[[Any, Any], Any]) -> Callable[..., dict[str, float]]:
+  """Builds `evaluate(shared, client_rows) -> metrics`: client i evaluated on its own
+  test split with the model `merge(shared, rows[i])` (FedRep's shared body and
+  personal head), built one client at a time, so the clients' full models are never
+  all held at once.
+
+  Args:
+    apply: the model's pure apply function.
+    client_test: per-client test splits; row i is client i's.
+    merge: `(shared, row) -> params`.
+
+  Returns:
+    evaluate(shared, client_rows), where every leaf of `client_rows` has a leading
+    axis over the clients of `client_test`, -> the metrics of
+    `make_personalized_evaluator`.
+  """
+
+  @compile_lib.jit
+  def per_client(shared, rows, data: FederatedData):
+    def one(args):
+      row, x, y, n = args
+      return _sums(apply, merge(shared, row), x, y, jnp.arange(x.shape[0]) < n)
+    return jax.lax.map(one, (rows, data.x, data.y, data.counts), batch_size=64)
+
+  def evaluate(shared, client_rows) -> dict[str, float]:
+    rows = {a.shape[0] for a in jax.tree_util.tree_leaves(client_rows)}
+    if rows != {client_test.num_clients}:
+      raise ValueError(f"client_rows has rows for {sorted(rows)} clients but the test "
+                       f"splits have {client_test.num_clients}")
+    return _client_metrics("personal_client_test", *per_client(shared, client_rows, client_test))
 
   return evaluate

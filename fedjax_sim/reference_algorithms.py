@@ -1,4 +1,5 @@
-"""Loop-based references of FedProx, SCAFFOLD, FedNova, FedDyn, MimeLite, Ditto and q-FFL.
+"""Loop-based references of FedProx, SCAFFOLD, FedNova, FedDyn, MimeLite, Ditto, q-FFL,
+FedExP and FedRep.
 
 Each runs its algorithm as the papers write it: client by client in Python, each
 client training alone on its unpadded examples with a jitted step per minibatch
@@ -24,8 +25,10 @@ import optax
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import local
-from fedjax_sim.algorithms.base import ServerState, client_key, round_keys, sample_clients
+from fedjax_sim.algorithms.base import (ServerState, aggregation_key, client_key, round_keys,
+                                        sample_clients)
 from fedjax_sim.algorithms.ditto import personal_train_key
+from fedjax_sim.algorithms.fedrep import head_mask, merge, split
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
 from fedjax_sim.reference import LoopTrainer, ReferenceFedAvg
@@ -334,3 +337,108 @@ class ReferenceQFFL(_LoopAlgorithm):
     params = _lin((1, state.params), (-1 / denominator, _combine([1.0] * len(ids), numerator)))
     params = jax.tree_util.tree_map(lambda a, p: np.asarray(a, p.dtype), params, state.params)
     return (ServerState(params, (), state.round + 1, next_key), self.metrics(ids, loss_sum, count))
+
+
+class ReferenceFedExP(_LoopAlgorithm):
+  """FedExP, client by client (see `algorithms.fedexp`), eta_g in float64 on the host.
+
+  `aggregator`, if given, is a host-side `aggregate(uploads, weights, ids, key) ->
+  upload` over the clients' `{'delta', 'sq_norm'}` (tests/aggregation_reference.py),
+  drawing from the round's aggregation key, in place of the weighted means.
+  """
+
+  def __init__(self, apply, *, client_optimizer, clients_per_round, batch_size, epochs=None,
+               steps=None, eps=1e-3, server_optimizer=None, weighting="examples", loss=None,
+               aggregator=None):
+    super().__init__(apply, clients_per_round=clients_per_round, weighting=weighting, loss=loss)
+    self.eps, self.aggregator = eps, aggregator
+    self.server_optimizer = server_optimizer or optax.sgd(1.0)
+    self.trainer = LoopTrainer(self.loss, client_optimizer, batch_size=batch_size, epochs=epochs,
+                               steps=steps)
+    self._server_step = _fedopt_step(self.server_optimizer)
+
+  def init(self, params, key, num_clients=None):
+    return ServerState(params, self.server_optimizer.init(params), 0, key)
+
+  def round(self, state, data):
+    next_key, ids, train_key = self.draw(state, data)
+    uploads, weights, loss_sum, count = [], [], 0.0, 0
+    for i in ids:
+      x, y = data.client(i)
+      delta, l, n, _ = self.trainer.train(state.params, x, y, client_key(train_key, i))
+      uploads.append({"delta": _host(delta), "sq_norm": _sq_norm(delta)})
+      weights.append(self.weight(data, i))
+      loss_sum, count = loss_sum + l, count + n
+    if self.aggregator is None:
+      mean = _combine(np.array(weights) / sum(weights), uploads)
+    else:
+      mean = self.aggregator(uploads, np.array(weights), np.array(ids),
+                             aggregation_key(round_keys(state.key)[1]))
+    # eta_g = max(1, sum_i p_i ||Delta_i||^2 / (2 (||sum_i p_i Delta_i||^2 + eps))).
+    eta = max(1.0, float(mean["sq_norm"]) / (2 * (_sq_norm(mean["delta"]) + self.eps)))
+    params, opt_state = self._server_step(state.params, state.opt_state,
+                                          _lin((eta, mean["delta"])))
+    return (ServerState(params, opt_state, state.round + 1, next_key),
+            self.metrics(ids, loss_sum, count, eta_g=eta))
+
+
+class ReferenceFedRep(_LoopAlgorithm):
+  """FedRep, client by client (see `algorithms.fedrep`). Each phase trains the whole model
+  with an optimizer that zeroes the frozen part's updates (`optax.multi_transform` with
+  `set_to_zero`): another way of freezing it than the vectorized one, which
+  differentiates the trained part only. `client_states` is a list of heads (the params
+  pytree with None in place of the body); `aggregator` as in ReferenceFedExP, over the
+  body deltas.
+  """
+
+  def __init__(self, apply, *, head, client_optimizer, clients_per_round, batch_size,
+               epochs=None, steps=None, head_optimizer=None, head_epochs=None, head_steps=None,
+               server_optimizer=None, weighting="examples", loss=None, aggregator=None):
+    super().__init__(apply, clients_per_round=clients_per_round, weighting=weighting, loss=loss)
+    self.head, self.aggregator = head, aggregator
+    self.server_optimizer = server_optimizer or optax.sgd(1.0)
+    self._server_step = _fedopt_step(self.server_optimizer)
+    if head_epochs is None and head_steps is None:
+      head_epochs, head_steps = epochs, steps
+
+    def only(optimizer, train_head: bool):
+      labels = lambda params: jax.tree_util.tree_map(
+          lambda m: "trained" if bool(m) == train_head else "frozen",
+          head_mask(head, params))
+      return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
+
+    self.head_trainer = LoopTrainer(self.loss, only(head_optimizer or client_optimizer, True),
+                                    batch_size=batch_size, epochs=head_epochs, steps=head_steps)
+    self.body_trainer = LoopTrainer(self.loss, only(client_optimizer, False),
+                                    batch_size=batch_size, epochs=epochs, steps=steps)
+
+  def init(self, params, key, num_clients):
+    head = split(self.head, params)[1]
+    return ServerState(params, self.server_optimizer.init(params), 0, key,
+                       client_states=[head] * num_clients)
+
+  def round(self, state, data):
+    next_key, ids, train_key = self.draw(state, data)
+    head_key = personal_train_key(state.key)
+    heads, bodies, weights = list(state.client_states), [], []
+    loss_sum, count, head_loss_sum, head_count = 0.0, 0, 0.0, 0
+    for i in ids:
+      x, y = data.client(i)
+      start = merge(state.params, heads[i])
+      delta, l, n, _ = self.head_trainer.train(start, x, y, client_key(head_key, i))
+      tuned = jax.tree_util.tree_map(jnp.add, start, delta)
+      heads[i] = jax.device_get(split(self.head, tuned)[1])
+      head_loss_sum, head_count = head_loss_sum + l, head_count + n
+      delta, l, n, _ = self.body_trainer.train(tuned, x, y, client_key(train_key, i))
+      bodies.append(_host(split(self.head, delta)[0]))
+      weights.append(self.weight(data, i))
+      loss_sum, count = loss_sum + l, count + n
+    if self.aggregator is None:
+      mean = _combine(np.array(weights) / sum(weights), bodies)
+    else:
+      mean = self.aggregator(bodies, np.array(weights), np.array(ids),
+                             aggregation_key(round_keys(state.key)[1]))
+    delta = merge(_host(optax.tree.zeros_like(state.params)), mean)
+    params, opt_state = self._server_step(state.params, state.opt_state, delta)
+    return (ServerState(params, opt_state, state.round + 1, next_key, heads),
+            self.metrics(ids, loss_sum, count, head_train_loss=head_loss_sum / head_count))

@@ -9,9 +9,11 @@ from fedjax_sim.algorithms.engine import (ClientInput, ClientOutput, ClientWork,
                                           get_hparams, set_hparams)
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedbuff import fedbuff
+from fedjax_sim.algorithms.fedexp import fedexp
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.fedrep import fedrep
 from fedjax_sim.algorithms.mimelite import mimelite
 from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.registry import ALGORITHMS, ASYNC, build_algorithm
