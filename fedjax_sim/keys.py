@@ -14,7 +14,7 @@ the round, so chunking and sharding cannot change them:
 | data transform of client i (poisoning) | fold_in(fold_in(train_key, i), 2**31 - 1)      |
 | the aggregator chain                   | fold_in(sample_key, 1)                         |
 | systems draws (response, stragglers)   | fold_in(sample_key, 2)                         |
-| second local training (Ditto personal) | fold_in(fold_in(sample_key, 3), i)             |
+| second local training (Ditto, FedRep)  | fold_in(fold_in(sample_key, 3), i)             |
 """
 
 from __future__ import annotations
@@ -55,6 +55,6 @@ def systems_key(sample_key: jax.Array) -> jax.Array:
 
 
 def second_train_key(sample_key: jax.Array) -> jax.Array:
-  """The round key of a second local training (Ditto's personal steps); a client's
-  key is `client_key(second_train_key(sample_key), id)`."""
+  """The round key of a second local training (Ditto's personal steps, FedRep's head
+  steps); a client's key is `client_key(second_train_key(sample_key), id)`."""
   return jax.random.fold_in(sample_key, SECOND_TRAINING_TAG)
