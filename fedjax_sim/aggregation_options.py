@@ -18,6 +18,7 @@ import numpy as np
 
 from fedjax_sim import aggregators, attacks, compression, privacy, robust
 from fedjax_sim import secure_aggregation
+from fedjax_sim.algorithms import engine, registry
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
                "secure_mean")
@@ -40,10 +41,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--aggregator", default="mean", choices=AGGREGATORS,
                  help="how the server combines the client updates")
   g.add_argument("--trim-fraction", type=float, default=0.1, help="trimmed_mean: beta")
-  g.add_argument("--clip", type=float, default=None,
-                 help="DP-FedAvg: L2 clipping norm of each client's update")
-  g.add_argument("--noise-multiplier", type=float, default=None,
-                 help="DP-FedAvg: noise std over the clipping norm (needs --clip)")
+  registry.add_flags(g, "aggregator")  # --clip, --noise-multiplier, --norm-bound
   g.add_argument("--adaptive-clip", action="store_true",
                  help="DP-FedAvg: track the median update norm (Andrew et al. 2021)")
   g.add_argument("--target-epsilon", type=float, default=None,
@@ -57,8 +55,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                  help="random Hadamard rotation before quantization")
   g.add_argument("--top-k-fraction", type=float, default=None,
                  help="send only this fraction of coordinates (top-k, error feedback)")
-  g.add_argument("--norm-bound", type=float, default=None,
-                 help="clip every update to this L2 norm before aggregation")
   g.add_argument("--secagg-dropout", type=float, default=0.0,
                  help="secure_mean: probability that a client drops out")
   g.add_argument("--attack", default="none", choices=ATTACKS)
@@ -99,7 +95,9 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
       # A corner trigger at the data's largest value, labelled class 0.
       backdoor = attacks.Backdoor(features=(0, 1, 2, 3), value=float(np.max(train_x)), target=0)
       data_transform = attacks.backdoor_data(malicious, backdoor)
-      stages.append(attacks.model_replacement(malicious, args.server_lr))
+      # Algorithms without a server learning rate (FedDyn, q-FFL) step by 1.
+      server_lr = 1.0 if getattr(args, "server_lr", None) is None else args.server_lr
+      stages.append(attacks.model_replacement(malicious, server_lr))
     notes.append(f"{int(malicious.sum())} of {num_clients} clients are malicious ({args.attack})")
   elif args.malicious_fraction:
     raise ValueError("--malicious-fraction needs an --attack")
@@ -127,7 +125,10 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
           delta=delta, accountant=args.accountant)
       notes.append(f"noise multiplier {z:.4f} reaches epsilon {args.target_epsilon} at delta "
                    f"{delta:g} after {rounds} rounds")
-    accountant = privacy.DPAccountant(z, m, num_clients, delta, args.accountant)
+    # A traced noise multiplier (inside a sweep's program) has no host-side accountant:
+    # the sweep accounts for each row's concrete value.
+    if engine.is_concrete(z):
+      accountant = privacy.DPAccountant(z, m, num_clients, delta, args.accountant)
     if args.target_epsilon is not None and args.noise_multiplier is not None:
       last = accountant.max_rounds(args.target_epsilon, limit=rounds)
       if last == 0:

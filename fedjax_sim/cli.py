@@ -26,7 +26,7 @@ from fedjax_sim import aggregation_options, evaluation, optimizers, partition, r
 from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
 from fedjax_sim import sweep_config
-from fedjax_sim.algorithms import ALGORITHMS, ASYNC, build_algorithm
+from fedjax_sim.algorithms import ALGORITHMS, ASYNC, build_algorithm, registry
 
 
 TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma", "max_examples",
@@ -46,11 +46,18 @@ def chunk_size_arg(value: str) -> int | str | None:
   return size
 
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__.split("\n")[0])
-  commands = parser.add_subparsers(dest="command", required=True)
-  run = commands.add_parser("run", help="train one federated task",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Shows defaults, except None (such a flag's help says what leaving it out means)."""
+
+  def _get_help_string(self, action):
+    if action.default is None:
+      return action.help
+    return super()._get_help_string(action)
+
+
+def add_run_flags(run: argparse.ArgumentParser) -> None:
+  """Adds `fedjax-sim run`'s flags (also the settings of a sweep config: see
+  `sweep_config.settings_spec`)."""
   run.add_argument("--task", default="synthetic", choices=tasks.task_names())
   run.add_argument("--model", default=None, help="model name (default: the task's)")
   data = run.add_argument_group("task options", "passed to the task only when given")
@@ -66,12 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
   data.add_argument("--data-dir", default=None, help="LEAF or TFDS data folder")
   data.add_argument("--data-seed", type=int, default=None, help="seed of the data split")
   run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS + ASYNC)
-  hyper = run.add_argument_group("algorithm hyperparameters", "used by the algorithm named")
-  hyper.add_argument("--mu", type=float, default=0.01, help="FedProx proximal coefficient")
-  hyper.add_argument("--feddyn-alpha", type=float, default=0.01, help="FedDyn alpha")
-  hyper.add_argument("--mime-momentum", type=float, default=0.9, help="MimeLite beta")
-  hyper.add_argument("--ditto-lambda", type=float, default=0.1, help="Ditto lambda")
-  hyper.add_argument("--q", type=float, default=1.0, help="q-FFL exponent")
+  hyper = run.add_argument_group(
+      "algorithm hyperparameters",
+      "each applies to the algorithms named in its help, an error otherwise "
+      "(the table: fedjax_sim.algorithms.registry.HPARAMS)")
+  registry.add_flags(hyper, "algorithm")
   run.add_argument("--rounds", type=int, default=200)
   run.add_argument("--clients-per-round", type=int, default=10)
   schedule = run.add_mutually_exclusive_group()
@@ -79,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
   schedule.add_argument("--steps", type=int, default=None, help="local steps instead of epochs")
   run.add_argument("--batch-size", type=int, default=10)
   run.add_argument("--client-optimizer", default="sgd", choices=optimizers.CLIENT_OPTIMIZERS)
-  run.add_argument("--client-lr", type=float, default=0.05)
   run.add_argument("--server-optimizer", default="fedavg", choices=optimizers.SERVER_OPTIMIZERS)
-  run.add_argument("--server-lr", type=float, default=1.0)
   run.add_argument("--weighting", default="examples", choices=("examples", "uniform"))
   run.add_argument("--client-chunk-size", type=chunk_size_arg, default="auto",
                    help="train this many clients at a time to bound memory; 'all' trains "
@@ -94,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
   run_options.add_flags(run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="fedjax-sim", description=__doc__.split("\n")[0])
+  commands = parser.add_subparsers(dest="command", required=True)
+  run = commands.add_parser("run", help="train one federated task",
+                            formatter_class=_HelpFormatter)
+  add_run_flags(run)
   sweep = commands.add_parser(
       "sweep", help="run a grid of hyperparameters x seeds from a config file as one program",
       description="Runs the grid x seeds of a JSON or TOML config as one compiled program per "
@@ -129,10 +141,16 @@ def sweep_command(args: argparse.Namespace) -> dict:
   settings = config.settings
   try:
     task = tasks.load_task(config.task, seed=settings["init_seed"], **config.task_options)
-    model = task.make_model(settings["model"] or task.default_model, settings["init_seed"])
   except (ValueError, TypeError) as e:
     raise sweep_config.ConfigError(f"{config.source}: task {config.task!r}: {e}") from None
-  sweep_config.check_algorithms(config, model.apply, model.params, task.train)
+  builder = sweep_config.Builder(config, None, task)
+  try:
+    model = run_options.make_model(task, builder.namespace({}, calibrate=False))
+  except (ValueError, TypeError) as e:
+    raise sweep_config.ConfigError(f"{config.source}: model: {e}") from None
+  builder.apply = model.apply
+  for note in builder.check(model.params):
+    print(f"fedjax-sim: {note}")
   evaluate = evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test)
   if config.plot:
     metrics = ["train_loss", *evaluate(model.params)]
@@ -150,11 +168,15 @@ def sweep_command(args: argparse.Namespace) -> dict:
         f"for {settings['rounds']} rounds, {groups} compiled program(s)")
   start = time.perf_counter()
   result = run_sweep(
-      sweep_config.make_algorithm_factory(config, model.apply), model.params, task.train,
+      builder.factory(), model.params, task.train,
       grid=config.grid, seeds=config.seeds, static=config.static or None,
       rounds=settings["rounds"], rounds_per_chunk=settings["eval_every"], evaluate=evaluate,
       num_clients=task.train.num_clients)
   seconds = time.perf_counter() - start
+  for row in result.rows:
+    epsilon = builder.epsilon(row)
+    if epsilon is not None:
+      row["final_epsilon"] = epsilon
   summary = sweep_config.write_results(
       result, config, output, {"seconds": round(seconds, 3), "device": str(jax.devices()[0]),
                                "jax": jax.__version__,
@@ -169,8 +191,8 @@ def sweep_command(args: argparse.Namespace) -> dict:
     ax.set_title(f"{config.task}, {config.label}: {len(result.rows)} rows")
     figure.savefig(os.path.join(output, f"{config.plot}.png"), dpi=120, bbox_inches="tight")
   keys = [*config.static, *config.grid, "seed"]
-  shown = [c for c in ("final_test_accuracy", "best_test_accuracy", "final_train_loss")
-           if c in result.rows[0]]
+  shown = [c for c in ("final_test_accuracy", "best_test_accuracy", "final_train_loss",
+                       "final_epsilon") if c in result.rows[0]]
   _print_table(result.rows, keys + shown)
   best = summary.get("best")
   best_text = ""
@@ -218,18 +240,18 @@ def run_command(args: argparse.Namespace) -> dict:
                                     rounds=args.rounds)
   profiles = run_options.build_profiles(args, train.num_clients)
   systems_config = run_options.build_systems(args, profiles, setup.aggregator)
+  # Every synchronous algorithm takes every feature; the engine's refusals (a reducer that
+  # ignores the weights under a ratio rule or systems) are ValueErrors before compiling.
   algorithm = build_algorithm(
       args.algorithm, model.apply, client_optimizer=args.client_optimizer,
-      client_lr=args.client_lr, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
-      clients_per_round=args.clients_per_round, batch_size=args.batch_size,
-      epochs=epochs, steps=args.steps, weighting=args.weighting,
+      server_optimizer=args.server_optimizer, clients_per_round=args.clients_per_round,
+      batch_size=args.batch_size, epochs=epochs, steps=args.steps, weighting=args.weighting,
       client_chunk_size=args.client_chunk_size, aggregator=setup.aggregator,
-      client_data_transform=setup.client_data_transform, mu=args.mu,
-      feddyn_alpha=args.feddyn_alpha, mime_momentum=args.mime_momentum,
-      ditto_lambda=args.ditto_lambda, q=args.q, concurrency=args.concurrency,
+      client_data_transform=setup.client_data_transform, concurrency=args.concurrency,
       staleness=args.staleness or "polynomial",
       profiles=profiles if args.algorithm == "fedbuff" else None,
-      num_clients=train.num_clients, systems=systems_config)
+      num_clients=train.num_clients, systems=systems_config,
+      **registry.algorithm_hparams(args))
   evaluate = aggregation_options.with_backdoor(
       evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test),
       model.apply, task.test, setup.backdoor)

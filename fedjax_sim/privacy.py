@@ -36,18 +36,31 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators import Aggregator, ClientTransform, ServerTransform, no_state
+from fedjax_sim.algorithms.engine import is_concrete
 
 ACCOUNTANTS = ("rdp", "pld")
 
+# The clipping norm and noise multiplier may be traced (a sweep builds the aggregator
+# inside its program): their host checks run on concrete values only, and `fs.sweep`
+# validates one concrete configuration before compiling.
+
+
+def _finite_number(value) -> bool:
+  """A real scalar (a Python or NumPy number, or a concrete 0-d array), finite."""
+  if isinstance(value, bool) or np.ndim(value) != 0:
+    return False
+  v = np.asarray(value)
+  return np.issubdtype(v.dtype, np.number) and bool(np.isfinite(v))
+
 
 def _check_clip(clip_norm) -> None:
-  if not (isinstance(clip_norm, (int, float)) and math.isfinite(clip_norm) and clip_norm > 0):
+  if is_concrete(clip_norm) and not (_finite_number(clip_norm) and clip_norm > 0):
     raise ValueError(f"clipping norm must be a positive number, got {clip_norm!r}")
 
 
 def _check_noise(noise_multiplier) -> None:
-  if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
-          and noise_multiplier >= 0):
+  if is_concrete(noise_multiplier) and not (_finite_number(noise_multiplier)
+                                            and noise_multiplier >= 0):
     raise ValueError(f"noise multiplier must be a number >= 0, got {noise_multiplier!r}")
 
 
@@ -179,10 +192,10 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
 
   def init(params, num_clients):
     del params, num_clients
-    return DPState(jnp.float32(clip_norm), jnp.float32(noise_multiplier))
+    return DPState(jnp.asarray(clip_norm, jnp.float32), jnp.asarray(noise_multiplier, jnp.float32))
 
   def validate(clients_per_round, num_clients=None):
-    if adaptive is not None and noise_multiplier > 0:
+    if adaptive is not None and is_concrete(noise_multiplier) and noise_multiplier > 0:
       update_noise_multiplier(noise_multiplier, count_stddev(adaptive, clients_per_round))
 
   def aggregate(state, deltas, weights, ids, key):

@@ -9,8 +9,10 @@ loaded (and check what needs its number of clients):
   profiles drawn by `systems.sample_profiles(num_clients, seed=--profiles-seed)` with
   a lognormal speed (`--speed-median`, `--speed-sigma`); `--deadline`,
   `--over-selection`, `--stragglers`, `--dropout`, `--straggler-fraction` make the
-  `systems.SystemsConfig` that fedavg and fedprox take as `systems=`. Any of these
-  flags turns the simulated clock on (round_time_s, sim_time_s per round).
+  `systems.SystemsConfig` that every synchronous algorithm takes as `systems=`. Any of
+  these flags turns the simulated clock on (round_time_s, sim_time_s per round). The
+  numeric ones (`--deadline`, `--dropout`, `--straggler-fraction`) are entries of the
+  hyperparameter table (`algorithms.registry.HPARAMS`), which adds and checks them.
 - FedBuff: `--concurrency`, `--staleness`, with the same profiles flags.
 - Server warm start: `--server-examples M` examples are held out of the clients'
   training data (see `hold_out_server_examples`), and `--warm-start-steps N` steps of
@@ -34,9 +36,9 @@ import numpy as np
 
 from fedjax_sim import conv, models, systems
 from fedjax_sim import data as data_lib
+from fedjax_sim.algorithms import registry
 
-SYNC_SYSTEMS = ("fedavg", "fedprox")   # take systems= (SystemsConfig)
-WITH_PROFILES = SYNC_SYSTEMS + ("fedbuff",)
+WITH_PROFILES = registry.ALGORITHMS + registry.ASYNC  # every one simulates client systems
 PROFILE_FIELDS = ("examples_per_s", "downlink_bytes_per_s", "uplink_bytes_per_s", "latency_s",
                   "availability")
 REQUIRED_FIELDS = PROFILE_FIELDS[:3]  # latency_s defaults to 0, availability to 1
@@ -54,9 +56,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   """Adds the systems, FedBuff, warm start and model compute flags."""
   s = parser.add_argument_group(
       "system heterogeneity",
-      "fedavg and fedprox; the profiles flags also fedbuff. Any of them turns on the "
-      "simulated clock (round_time_s, sim_time_s in the metrics); without --profiles the "
-      "profiles are drawn by systems.sample_profiles")
+      "every synchronous algorithm; the profiles flags also fedbuff. Any of them turns on "
+      "the simulated clock (round_time_s, sim_time_s in the metrics); without --profiles "
+      "the profiles are drawn by systems.sample_profiles")
   s.add_argument("--profiles", default=None, metavar="FILE",
                  help="device trace, .csv (header row) or .npz, one row per client: "
                       + ", ".join(PROFILE_FIELDS) + " (the last two optional: 0 and 1)")
@@ -67,17 +69,11 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   s.add_argument("--speed-sigma", type=float, default=None,
                  help="drawn profiles: lognormal sigma of the speed "
                       f"(default {systems.DEFAULT_SPEED[2]:g})")
-  s.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
-                 help="simulated seconds after which a round stops waiting for clients")
   s.add_argument("--over-selection", type=int, default=None, metavar="N",
                  help="sample N more clients and keep the first --clients-per-round to report")
   s.add_argument("--stragglers", default=None, choices=systems.STRAGGLER_POLICIES,
                  help="a straggler's update is dropped, or its partial work kept (default drop)")
-  s.add_argument("--dropout", type=float, default=None, metavar="P",
-                 help="probability that a sampled client does not respond, in [0, 1)")
-  s.add_argument("--straggler-fraction", type=float, default=None, metavar="S",
-                 help="FedProx's protocol: this fraction of the sampled clients do a random "
-                      "fraction of their local work")
+  registry.add_flags(s, "systems")  # --deadline, --dropout, --straggler-fraction
   b = parser.add_argument_group("fedbuff", "--algorithm fedbuff: one round is one server "
                                 "update, its buffer size is --clients-per-round")
   b.add_argument("--concurrency", type=int, default=None,
@@ -111,8 +107,8 @@ def _given(args, flags: dict[str, str]) -> list[str]:
 
 
 def uses_systems(args) -> bool:
-  """Whether the flags ask for a SystemsConfig (fedavg, fedprox)."""
-  return args.algorithm in SYNC_SYSTEMS and bool(
+  """Whether the flags ask for a SystemsConfig (synchronous algorithms)."""
+  return args.algorithm in registry.ALGORITHMS and bool(
       _given(args, _SYSTEMS_FLAGS) or _given(args, _PROFILE_FLAGS))
 
 
@@ -125,14 +121,12 @@ def check_flags(args: argparse.Namespace) -> None:
   (what can be checked without the task's data)."""
   algorithm = args.algorithm
   systems_flags, profile_flags = _given(args, _SYSTEMS_FLAGS), _given(args, _PROFILE_FLAGS)
-  if systems_flags and algorithm not in SYNC_SYSTEMS:
-    extra = (" (fedbuff takes --profiles, --profiles-seed, --speed-median and --speed-sigma; "
-             "its clients always report)" if algorithm == "fedbuff" else "")
+  if systems_flags and algorithm not in registry.ALGORITHMS:
     raise ValueError(f"{', '.join(systems_flags)}: synchronous rounds with stragglers work with "
-                     f"--algorithm fedavg or fedprox, not {algorithm}{extra}")
-  if profile_flags and algorithm not in WITH_PROFILES:
-    raise ValueError(f"{', '.join(profile_flags)}: client profiles work with --algorithm "
-                     f"fedavg, fedprox or fedbuff, not {algorithm}")
+                     f"every synchronous algorithm; {algorithm} is asynchronous and takes only "
+                     f"--profiles, --profiles-seed, --speed-median and --speed-sigma (its "
+                     f"clients always report)")
+  registry.check_args(args)  # the hyperparameter flags, against their table
   if args.profiles is not None:
     drawn = [f for f in profile_flags if f != "--profiles"]
     if drawn:
@@ -147,15 +141,8 @@ def check_flags(args: argparse.Namespace) -> None:
                      f"{args.speed_median}")
   if args.speed_sigma is not None and not (_finite(args.speed_sigma) and args.speed_sigma >= 0):
     raise ValueError(f"--speed-sigma must be a number >= 0, got {args.speed_sigma}")
-  if args.deadline is not None and not (_finite(args.deadline) and args.deadline > 0):
-    raise ValueError(f"--deadline must be a positive number of seconds, got {args.deadline}")
   if args.over_selection is not None and args.over_selection < 0:
     raise ValueError(f"--over-selection must be an integer >= 0, got {args.over_selection}")
-  if args.dropout is not None and not (_finite(args.dropout) and 0.0 <= args.dropout < 1.0):
-    raise ValueError(f"--dropout must lie in [0, 1), got {args.dropout}")
-  if args.straggler_fraction is not None and not (
-      _finite(args.straggler_fraction) and 0.0 <= args.straggler_fraction <= 1.0):
-    raise ValueError(f"--straggler-fraction must lie in [0, 1], got {args.straggler_fraction}")
   sampled = args.clients_per_round + (args.over_selection or 0)
   if (args.over_selection and isinstance(args.client_chunk_size, int)
       and sampled % args.client_chunk_size):
@@ -289,7 +276,8 @@ def build_profiles(args: argparse.Namespace, num_clients: int) -> systems.Client
 
 def build_systems(args: argparse.Namespace, profiles: systems.ClientProfiles | None,
                   aggregator) -> systems.SystemsConfig | None:
-  """The SystemsConfig for fedavg/fedprox, or None; checks the aggregator is a mean."""
+  """The SystemsConfig the flags ask for, or None; checks the aggregator is a mean. The
+  numeric settings may be traced (a sweep builds this inside its program)."""
   if not uses_systems(args):
     return None
   flags = ", ".join(_given(args, _SYSTEMS_FLAGS) + _given(args, _PROFILE_FLAGS))
@@ -305,8 +293,9 @@ def build_systems(args: argparse.Namespace, profiles: systems.ClientProfiles | N
                      f"clients a round does not aggregate would update too")
   return systems.SystemsConfig(
       profiles=profiles, deadline_s=args.deadline, over_selection=args.over_selection or 0,
-      stragglers=args.stragglers or "drop", dropout=args.dropout or 0.0,
-      straggler_fraction=args.straggler_fraction or 0.0)
+      stragglers=args.stragglers or "drop",
+      dropout=0.0 if args.dropout is None else args.dropout,
+      straggler_fraction=0.0 if args.straggler_fraction is None else args.straggler_fraction)
 
 
 # --- Server warm start. ---

@@ -17,29 +17,48 @@ Keys:
 
 - `task`: a task of `fedjax-sim run` (default `synthetic`); its options (`partition`,
   `alpha`, `num_clients`...) go in `settings`.
-- `algorithm`: `fedavg` (default) or `fedprox`, or a server optimizer's name as a
-  shorthand for FedAvg with it (`fedavgm`, `fedadagrad`, `fedadam`, `fedyogi`).
-  The other algorithms check their hyperparameters in Python when built, so their
-  hyperparameters cannot be traced, and are refused.
-- `settings`: fixed values, with the names and defaults of `fedjax-sim run`'s flags
-  (`rounds`, `clients_per_round`, `epochs` or `steps`, `batch_size`, `client_optimizer`,
-  `client_lr`, `server_optimizer`, `server_lr`, `mu`, `weighting`, `client_chunk_size`,
-  `eval_every`, `model`, task options) plus `init_seed`: the seed of the task and of the
-  initial model, which every row shares (default 0).
-- `grid`: traced hyperparameters, name -> list of numbers: `client_lr`, `server_lr`
-  (and `mu` for fedprox). Their product times `seeds` is one vmapped program.
+- `algorithm`: any synchronous algorithm of `fedjax-sim run` (`fedavg`, the default,
+  `fedprox`, `scaffold`, `fednova`, `feddyn`, `mimelite`, `ditto`, `qffl`), or a server
+  optimizer's name as a shorthand for FedAvg with it (`fedavgm`, `fedadagrad`,
+  `fedadam`, `fedyogi`). FedBuff, asynchronous, is refused.
+- `settings`: fixed values. Their names, kinds and defaults are those of
+  `fedjax-sim run`'s flags (generated from its parser, so every flag of the run is a
+  setting): `rounds` (default 50 here), `clients_per_round`, `epochs` or `steps`,
+  `batch_size`, `client_optimizer`, `server_optimizer`, `weighting`,
+  `client_chunk_size`, `eval_every`, `model`, the hyperparameters of the table
+  `algorithms.registry.HPARAMS` (`client_lr`, `server_lr`, `client_momentum`, `mu`,
+  `feddyn_alpha`, `mime_momentum`, `ditto_lambda`, `q`), the aggregator chain's
+  (`aggregator`, `clip`, `noise_multiplier`, `target_epsilon`, `norm_bound`,
+  `quantize_bits`, `attack`...), the systems simulation's (`deadline`, `dropout`,
+  `straggler_fraction`, `over_selection`, `stragglers`, `profiles_seed`...),
+  `mixed_precision`, `conv_impl`, task options; plus `init_seed`: the seed of the task,
+  of the initial model and of the malicious clients' draw, which every row shares
+  (default 0). Not the run's `seed`, `output`, FedBuff's or the warm start's flags.
+- `grid`: traced hyperparameters, name -> list of numbers: any entry of
+  `HPARAMS` the algorithm uses, algorithm (client and server learning rates, mu,
+  FedDyn's alpha, q, Ditto's lambda, MimeLite's and the client optimizer's momentum),
+  aggregator (`clip`, `noise_multiplier`, `norm_bound`) or systems (`deadline`,
+  `dropout`, `straggler_fraction`). Their product times `seeds` is one vmapped program.
 - `seeds`: the seeds of each configuration's `jax.random.key(seed)` (client sampling and
   shuffling); default [0].
-- `static`: optional shape- or structure-changing settings, name -> list of values, one
-  compilation per combination: `clients_per_round`, `batch_size`, `epochs`, `steps`,
-  `client_chunk_size`, `client_optimizer`, `server_optimizer`.
+- `static`: optional settings, name -> list of values, one compilation per combination:
+  those that change shapes or structure (`clients_per_round`, `batch_size`, `epochs`,
+  `steps`, `client_chunk_size`, `client_optimizer`, `server_optimizer`,
+  `over_selection`, `aggregator`, `quantize_bits`...), or any hyperparameter. Not
+  `rounds`, `eval_every`, `init_seed` or the model settings, which every row shares.
 - `output`: the output directory (default `runs/sweep-<config file name>`).
 - `plot`: a metric to plot per round for every row (`test_accuracy`, `train_loss`...),
   or false (the default).
 
 Every mistake (an unknown key, task or algorithm, an empty grid, a value that is not a
-number, a learning rate the optimizer refuses...) is reported naming the file and the
-key before the task loads or anything compiles.
+number, a hyperparameter the algorithm does not use or whose check it fails...) is
+reported naming the file and the key before the task loads; combinations of settings
+are built with concrete values and checked (with `fedjax-sim run`'s checks and
+messages) before anything compiles.
+
+With DP (`noise_multiplier`, or `target_epsilon` alone, which calibrates it), each row
+gets `final_epsilon` from the accountant. `target_epsilon` with a noise multiplier
+(which stops a run early) is refused: every row runs `rounds` rounds.
 
 The row with seed s equals `fedjax-sim run` with the same settings and `--seed s` when
 s is `init_seed` (tested): `run` seeds the initial model with its `--seed`, a sweep
@@ -48,9 +67,11 @@ shares one initial model across seeds.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import difflib
+import functools
 import itertools
 import json
 import math
@@ -60,38 +81,63 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-import optax
 
-from fedjax_sim import optimizers, tasks
-from fedjax_sim.algorithms.fedavg import fedavg
-from fedjax_sim.algorithms.fedprox import proximal_term
+from fedjax_sim import aggregation_options, optimizers, run_options, tasks
+from fedjax_sim.algorithms import registry
 from fedjax_sim.algorithms.registry import build_algorithm
 
 TOP_KEYS = ("task", "algorithm", "settings", "grid", "seeds", "static", "output", "plot")
-# Algorithms a sweep can build from traced hyperparameters, and those hyperparameters.
-TRACED = {"fedavg": ("client_lr", "server_lr"), "fedprox": ("client_lr", "server_lr", "mu")}
 # A server optimizer's name as the algorithm: FedAvg with that server optimizer.
 SERVER_ALIASES = tuple(o for o in optimizers.SERVER_OPTIMIZERS if o != "fedavg")
-STATIC_KEYS = ("clients_per_round", "batch_size", "epochs", "steps", "client_chunk_size",
-               "client_optimizer", "server_optimizer")
-# settings: name -> (kind, default); kinds: int, number, bool, str, or a tuple of choices.
-SETTINGS: dict[str, tuple[Any, Any]] = {
-    "rounds": ("int", 50),
-    "clients_per_round": ("int", 10),
-    "epochs": ("int", None),
-    "steps": ("int", None),
-    "batch_size": ("int", 10),
-    "client_optimizer": (optimizers.CLIENT_OPTIMIZERS, "sgd"),
-    "client_lr": ("number", 0.05),
-    "server_optimizer": (optimizers.SERVER_OPTIMIZERS, "fedavg"),
-    "server_lr": ("number", 1.0),
-    "mu": ("number", 0.01),
-    "weighting": (("examples", "uniform"), "examples"),
-    "client_chunk_size": ("chunk", "auto"),
-    "eval_every": ("int", 10),
-    "model": ("str", None),
-    "init_seed": ("int", 0),
-}
+# `fedjax-sim run`'s flags that are not settings of a sweep.
+_NOT_SETTINGS = ("help", "task", "algorithm", "output", "no_progress", "seed", "concurrency",
+                 "staleness", "warm_start_steps", "server_examples", "warm_start_lr",
+                 "init_params", "save_params")
+# Settings every row shares (the model and its initial parameters, the run's length).
+NOT_STATIC = ("rounds", "eval_every", "init_seed", "model", "mixed_precision", "conv_impl",
+              "profiles")
+# Settings always written to config.json (the rest when not at their default).
+_CORE = ("rounds", "clients_per_round", "epochs", "steps", "batch_size", "client_optimizer",
+         "server_optimizer", "weighting", "client_chunk_size", "eval_every", "model",
+         "init_seed")
+_SWEEP_DEFAULTS = {"rounds": 50}
+
+
+@functools.cache
+def settings_spec() -> dict[str, tuple[Any, Any]]:
+  """name -> (kind, default) of every setting, generated from `fedjax-sim run`'s parser;
+  kinds: int, number, bool, str, chunk, or a tuple of choices. The hyperparameters of
+  `registry.HPARAMS` default to None here (their table default when the algorithm uses
+  them: see `parse_config`)."""
+  from fedjax_sim import cli  # late: the CLI imports this module
+  parser = argparse.ArgumentParser(add_help=False)
+  cli.add_run_flags(parser)
+  spec: dict[str, tuple[Any, Any]] = {}
+  for action in parser._actions:  # pylint: disable=protected-access
+    name = action.dest
+    if name in _NOT_SETTINGS or name in cli.TASK_OPTIONS:
+      continue
+    if action.nargs == 0:
+      kind = "bool"
+    elif action.choices:
+      kind = tuple(action.choices)
+    elif action.type is int:
+      kind = "int"
+    elif action.type is float:
+      kind = "number"
+    elif action.type is cli.chunk_size_arg:
+      kind = "chunk"
+    else:
+      kind = "str"
+    spec[name] = (kind, _SWEEP_DEFAULTS.get(name, action.default))
+  spec["init_seed"] = ("int", 0)
+  return spec
+
+
+@functools.cache
+def _run_defaults() -> dict[str, Any]:
+  from fedjax_sim import cli  # late: the CLI imports this module
+  return vars(cli.build_parser().parse_args(["run"]))
 
 
 class ConfigError(ValueError):
@@ -103,8 +149,8 @@ class SweepConfig:
   """A checked sweep config (see the module docstring for the keys)."""
 
   task: str
-  algorithm: str                      # 'fedavg' or 'fedprox'
-  settings: dict[str, Any]            # every SETTINGS name, defaults filled in
+  algorithm: str                      # a synchronous algorithm of registry.ALGORITHMS
+  settings: dict[str, Any]            # every setting, defaults filled in
   task_options: dict[str, Any]        # passed to tasks.load_task
   grid: dict[str, list[float]]
   seeds: list[int]
@@ -115,10 +161,16 @@ class SweepConfig:
   label: str = ""                     # the algorithm as the config named it (e.g. 'fedadam')
 
   def to_json(self) -> dict[str, Any]:
-    """The config with every default filled in, in the file's own format."""
-    settings = {k: v for k, v in {**self.settings, **self.task_options}.items()
-                if v is not None and k not in self.grid and k not in self.static
-                and not (k == "mu" and self.algorithm != "fedprox")}
+    """The config with its defaults filled in, in the file's own format: the core
+    settings and the algorithm's hyperparameters always, the rest when not default."""
+    spec = settings_spec()
+    used = {h.key for h in registry.hparams_of(self.algorithm, "algorithm")}
+    settings = {}
+    for k, v in {**self.settings, **self.task_options}.items():
+      if v is None or k in self.grid or k in self.static:
+        continue
+      if k in _CORE or k in used or k not in spec or v != spec[k][1]:
+        settings[k] = v
     out = {"task": self.task, "algorithm": self.label or self.algorithm, "settings": settings,
            "grid": self.grid, "seeds": self.seeds}
     if self.static:
@@ -155,8 +207,10 @@ def _check_value(where: str, kind, value) -> Any:
     if not isinstance(value, int) or isinstance(value, bool):
       raise ConfigError(f"{where} must be an integer, got {value!r}")
   elif kind == "chunk":
-    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-      raise ConfigError(f"{where} must be a positive integer or \"auto\", got {value!r}")
+    if value not in ("auto", "all") and (not isinstance(value, int) or isinstance(value, bool)
+                                         or value <= 0):
+      raise ConfigError(f"{where} must be a positive integer, \"auto\" or \"all\", "
+                        f"got {value!r}")
   elif kind == "number":
     if not _is_number(value):
       raise ConfigError(f"{where} must be a finite number, got {value!r}")
@@ -197,12 +251,22 @@ def _mapping(where: str, value) -> dict:
   return dict(value)
 
 
+def _applies(h: registry.Hparam, settings: Mapping[str, Any],
+             static: Mapping[str, list] | None = None) -> bool:
+  """Whether `h`'s `needs` can hold: in the settings, or in some static combination."""
+  if h.needs is None:
+    return True
+  name, value = h.needs
+  return settings.get(name) == value or value in (static or {}).get(name, [])
+
+
 def parse_config(raw: Any, source: str = "config") -> SweepConfig:
   """Checks a raw config mapping and fills in defaults.
 
   Raises:
     ConfigError: naming `source` and the key at fault.
   """
+  spec = settings_spec()
   raw = _mapping(source, raw)
   for key in raw:
     if key not in TOP_KEYS:
@@ -218,19 +282,30 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
   alias_server = None
   if algorithm in SERVER_ALIASES:
     algorithm, alias_server = "fedavg", algorithm
-  elif algorithm not in TRACED:
-    from fedjax_sim.algorithms import ALGORITHMS  # the full list, for the message
-    if algorithm in ALGORITHMS:
-      raise ConfigError(
-          f"{source}: algorithm {algorithm!r} cannot be swept: its factory checks its "
-          "hyperparameters in Python, so they cannot be traced; a sweep supports "
-          f"{', '.join([*TRACED, *SERVER_ALIASES])}")
-    raise ConfigError(f"{source}: unknown algorithm {algorithm!r}; a sweep supports "
-                      f"{', '.join([*TRACED, *SERVER_ALIASES])}")
+  elif algorithm in registry.ASYNC:
+    raise ConfigError(f"{source}: algorithm {algorithm!r} is asynchronous (its own event "
+                      "clock and buffer, no synchronous rounds to vmap); a sweep runs the "
+                      f"synchronous algorithms: {', '.join(registry.ALGORITHMS)}")
+  elif algorithm not in registry.ALGORITHMS:
+    raise ConfigError(f"{source}: unknown algorithm {algorithm!r}; choose from "
+                      f"{', '.join([*registry.ALGORITHMS, *SERVER_ALIASES])}")
+
+  def check_hparam(where: str, name: str, value) -> float:
+    h = registry.HPARAM[name]
+    if algorithm not in h.used_by:
+      raise ConfigError(f"{where}: {algorithm} does not use {name} (it applies to "
+                        f"{', '.join(h.used_by)})")
+    if not _is_number(value):
+      raise ConfigError(f"{where} must hold finite numbers, got {value!r}")
+    try:
+      registry.check_value(name, h, value)
+    except ValueError as e:
+      raise ConfigError(f"{where}: {e}") from None
+    return float(value)
 
   settings_raw = _mapping(f"{source}: settings", raw.get("settings", {}))
-  allowed_settings = (*SETTINGS, *task_option_names)
-  settings = {name: default for name, (_, default) in SETTINGS.items()}
+  allowed_settings = (*spec, *task_option_names)
+  settings = {name: default for name, (_, default) in spec.items()}
   task_options: dict[str, Any] = {}
   for name, value in settings_raw.items():
     if name == "seed":
@@ -238,8 +313,10 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
                         "'seeds', and the seed of the task and initial model is 'init_seed'")
     if name not in allowed_settings:
       raise _unknown(f"{source}: settings (task {task!r})", name, allowed_settings)
-    if name in SETTINGS:
-      settings[name] = _check_value(f"{source}: settings.{name}", SETTINGS[name][0], value)
+    if name in registry.HPARAM:
+      settings[name] = check_hparam(f"{source}: settings.{name}", name, value)
+    elif name in spec:
+      settings[name] = _check_value(f"{source}: settings.{name}", spec[name][0], value)
     else:
       kind = _task_option_kind(task, name)
       task_options[name] = value if kind is None else _check_value(
@@ -251,33 +328,74 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
                         f"{settings_raw['server_optimizer']!r}")
     settings["server_optimizer"] = alias_server
 
+  static_raw = _mapping(f"{source}: static", raw.get("static", {}))
+  static: dict[str, list[Any]] = {}
+  for name, values in static_raw.items():
+    if name in NOT_STATIC:
+      raise ConfigError(f"{source}: static.{name}: every row of a sweep shares it (one model, "
+                        "initial parameters and schedule of rounds): set it in settings")
+    if name not in spec:
+      raise _unknown(f"{source}: static", name, [n for n in spec if n not in NOT_STATIC])
+    if name in settings_raw:
+      raise ConfigError(f"{source}: {name} is both in static and in settings")
+    if name == "server_optimizer" and alias_server is not None:
+      raise ConfigError(f"{source}: algorithm {alias_server!r} fixes the server optimizer; "
+                        "use algorithm 'fedavg' to list server optimizers under static")
+    if not isinstance(values, list) or not values:
+      raise ConfigError(f"{source}: static.{name} must be a non-empty list, got {values!r}")
+    if name in registry.HPARAM:
+      static[name] = [check_hparam(f"{source}: static.{name}", name, v) for v in values]
+    else:
+      static[name] = [_check_value(f"{source}: static.{name}", spec[name][0], v)
+                      for v in values]
+
+  traceable = [h.key for h in registry.HPARAMS
+               if algorithm in h.used_by and _applies(h, settings, static)]
   if "grid" not in raw:
     raise ConfigError(f"{source}: no 'grid': give the traced hyperparameters to sweep, e.g. "
                       '"grid": {"client_lr": [0.01, 0.1]}')
   grid_raw = _mapping(f"{source}: grid", raw["grid"])
   if not grid_raw:
     raise ConfigError(f"{source}: grid is empty: give at least one of "
-                      f"{', '.join(TRACED[algorithm])} with a list of values")
+                      f"{', '.join(traceable)} with a list of values")
   grid: dict[str, list[float]] = {}
   for name, values in grid_raw.items():
-    if name not in TRACED[algorithm]:
-      extra = (" (shape-changing settings go under 'static')" if name in STATIC_KEYS else "")
-      if name in SETTINGS or name in task_option_names:
-        raise ConfigError(f"{source}: grid.{name}: not a traced hyperparameter of {algorithm}; "
-                          f"traced: {', '.join(TRACED[algorithm])}{extra}")
-      raise _unknown(f"{source}: grid ({algorithm})", name, TRACED[algorithm])
+    if name not in registry.HPARAM:
+      if name in spec or name in task_option_names:
+        raise ConfigError(f"{source}: grid.{name}: not a traced hyperparameter; it changes "
+                          "shapes or structure (shape-changing settings go under 'static'); "
+                          f"traced for {algorithm}: {', '.join(traceable)}")
+      raise _unknown(f"{source}: grid ({algorithm})", name, traceable)
     if name in settings_raw:
       raise ConfigError(f"{source}: {name} is both in settings and in grid")
+    if name in static:
+      raise ConfigError(f"{source}: {name} is both in static and in grid")
     if not isinstance(values, list):
       raise ConfigError(f"{source}: grid.{name} must be a list of numbers, got {values!r}")
     if not values:
       raise ConfigError(f"{source}: grid.{name} is empty: give at least one value")
-    for v in values:
-      if not _is_number(v):
-        raise ConfigError(f"{source}: grid.{name} must hold finite numbers, got {v!r}")
+    grid[name] = [check_hparam(f"{source}: grid.{name}", name, v) for v in values]
     if len(set(values)) != len(values):
       raise ConfigError(f"{source}: grid.{name} repeats a value: {values!r}")
-    grid[name] = [float(v) for v in values]
+
+  # The algorithm's hyperparameters: its table defaults, where they apply.
+  for h in registry.hparams_of(algorithm):
+    if not _applies(h, settings, static):
+      if settings.get(h.key) is not None or h.key in grid:
+        raise ConfigError(f"{source}: {h.key} applies with {h.needs[0]} {h.needs[1]!r}")
+    elif settings[h.key] is None and h.default is not None:
+      settings[h.key] = h.default
+  if "server_lr" in grid and settings["attack"] == "backdoor":
+    raise ConfigError(f"{source}: grid.server_lr: the backdoor attack's model replacement "
+                      "checks the server learning rate in Python (attacks.model_replacement), "
+                      "so it cannot be traced with it; list server_lr under 'static'")
+  dp_noise = settings["noise_multiplier"] is not None or any(
+      k == "noise_multiplier" for k in [*grid, *static])
+  if settings["target_epsilon"] is not None and dp_noise:
+    raise ConfigError(f"{source}: target_epsilon with a noise multiplier stops a run where its "
+                      "budget ends, but every row of a sweep runs `rounds` rounds: give "
+                      "target_epsilon alone (it calibrates the noise multiplier) or "
+                      "noise_multiplier")
 
   seeds = raw.get("seeds", [0])
   if (not isinstance(seeds, list) or not seeds
@@ -286,22 +404,6 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
                       f"got {seeds!r}")
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"{source}: seeds repeats a seed: {seeds!r}")
-
-  static_raw = _mapping(f"{source}: static", raw.get("static", {}))
-  static: dict[str, list[Any]] = {}
-  for name, values in static_raw.items():
-    if name not in STATIC_KEYS:
-      raise _unknown(f"{source}: static", name, STATIC_KEYS)
-    if name in settings_raw or name in grid:
-      raise ConfigError(f"{source}: {name} is both in static and in "
-                        f"{'settings' if name in settings_raw else 'grid'}")
-    if name == "server_optimizer" and alias_server is not None:
-      raise ConfigError(f"{source}: algorithm {alias_server!r} fixes the server optimizer; "
-                        "use algorithm 'fedavg' to list server optimizers under static")
-    if not isinstance(values, list) or not values:
-      raise ConfigError(f"{source}: static.{name} must be a non-empty list, got {values!r}")
-    static[name] = [_check_value(f"{source}: static.{name}", SETTINGS[name][0], v)
-                    for v in values]
 
   schedule = [n for n in ("epochs", "steps") if settings[n] is not None or n in static]
   if len(schedule) == 2:
@@ -331,74 +433,134 @@ def load_config(path: str | os.PathLike) -> SweepConfig:
   return parse_config(read_config(path), source=os.fspath(path))
 
 
-def _values(config: SweepConfig, hparams: Mapping[str, Any]) -> dict[str, Any]:
-  return {**config.settings, **{k: v for k, v in hparams.items() if k != "seed"}}
-
-
-def make_algorithm_factory(config: SweepConfig, apply: Callable) -> Callable:
-  """`hparams -> FederatedAlgorithm` for `fs.sweep`, with the grid's names traced.
-
-  A traced learning rate scales the package's own optimizer at learning rate 1
-  (`chain(client_optimizer(name, 1), scale(lr))`): the same updates as
-  `client_optimizer(name, lr)`, whose Python check refuses tracers. FedProx's mu goes
-  into its proximal term directly.
-  """
-
-  def optimizer(build, name: str, lr, swept: bool) -> optax.GradientTransformation:
-    if not swept:
-      return build(name, lr)
-    return optax.chain(build(name, 1.0), optax.scale(lr))
-
-  def make(hparams):
-    v = _values(config, hparams)
-    regularizer = proximal_term(v["mu"]) if config.algorithm == "fedprox" else None
-    return fedavg(
-        apply, client_optimizer=optimizer(optimizers.client_optimizer, v["client_optimizer"],
-                                          v["client_lr"], "client_lr" in config.grid),
-        server_optimizer=optimizer(optimizers.server_optimizer, v["server_optimizer"],
-                                   v["server_lr"], "server_lr" in config.grid),
-        clients_per_round=v["clients_per_round"], batch_size=v["batch_size"],
-        epochs=v["epochs"], steps=v["steps"], weighting=v["weighting"],
-        client_chunk_size=v["client_chunk_size"], regularizer=regularizer)
-
-  return make
-
-
 def _product(values: Mapping[str, list]) -> list[dict[str, Any]]:
   names = list(values)
   return [dict(zip(names, combo)) for combo in itertools.product(*(values[n] for n in names))]
 
 
-def check_algorithms(config: SweepConfig, apply: Callable, params: Any, train) -> None:
-  """Builds every grid value and static combination with concrete numbers through
-  `build_algorithm` (its checks, its messages) and validates one state per static
-  combination on the data, before anything compiles.
+class Builder:
+  """Builds a sweep's algorithms, as `fedjax-sim run` builds its one, from the config's
+  settings and a configuration's values (grid values traced inside the program).
 
-  Raises:
-    ConfigError: naming the file and the values refused.
+  Args:
+    config: the checked SweepConfig.
+    apply: the model's apply function.
+    task: the loaded task (its training data, number of classes).
   """
-  import jax
 
-  first = {name: values[0] for name, values in config.grid.items()}
-  probes = [first] + [{**first, name: v} for name, values in config.grid.items()
-                      for v in values[1:]]
-  for static in _product(config.static) or [{}]:
-    for hp in probes:
-      v = _values(config, {**hp, **static})
-      where = ", ".join(f"{k}={val}" for k, val in {**static, **hp}.items())
+  def __init__(self, config: SweepConfig, apply: Callable, task: tasks.Task):
+    self.config, self.apply, self.task = config, apply, task
+    self._calibrated: dict[tuple, float] = {}
+
+  def values(self, configuration: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings with a configuration's grid and static values."""
+    return {**self.config.settings,
+            **{k: v for k, v in configuration.items() if k in self.config.settings}}
+
+  def namespace(self, configuration: Mapping[str, Any], *,
+                calibrate: bool = True) -> argparse.Namespace:
+    """The parsed `fedjax-sim run` flags these values mean (`--seed` is `init_seed`). A
+    target epsilon is replaced by the noise multiplier it calibrates (once per static
+    combination), unless `calibrate` is False."""
+    config = self.config
+    args = argparse.Namespace(**_run_defaults())
+    args.task, args.algorithm = config.task, config.algorithm
+    values = self.values(configuration)
+    for name, value in {**values, **config.task_options}.items():
+      setattr(args, name, value)
+    args.seed = values["init_seed"]
+    if args.client_chunk_size == "all":
+      args.client_chunk_size = None
+    for h in registry.HPARAMS:  # not those whose setting is not this combination's
+      if h.needs is not None and getattr(args, h.needs[0]) != h.needs[1]:
+        setattr(args, h.key, None)
+    if calibrate and args.target_epsilon is not None and args.noise_multiplier is None:
+      key = tuple(sorted((k, configuration[k]) for k in config.static if k in configuration))
+      if key not in self._calibrated:
+        self._calibrated[key] = self._setup(args).noise_multiplier
+      args.noise_multiplier, args.target_epsilon = self._calibrated[key], None
+    return args
+
+  def _setup(self, args: argparse.Namespace) -> aggregation_options.Setup:
+    train = self.task.train
+    return aggregation_options.build(args, num_clients=train.num_clients,
+                                     num_classes=self.task.num_classes, train_x=train.x,
+                                     rounds=args.rounds)
+
+  def build(self, configuration: Mapping[str, Any]):
+    """(FederatedAlgorithm, aggregation_options.Setup) of one configuration; its
+    numeric values may be traced."""
+    args = self.namespace(configuration)
+    setup = self._setup(args)
+    num_clients = self.task.train.num_clients
+    profiles = run_options.build_profiles(args, num_clients)
+    systems_config = run_options.build_systems(args, profiles, setup.aggregator)
+    algorithm = build_algorithm(
+        args.algorithm, self.apply, client_optimizer=args.client_optimizer,
+        server_optimizer=args.server_optimizer, clients_per_round=args.clients_per_round,
+        batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
+        weighting=args.weighting, client_chunk_size=args.client_chunk_size,
+        aggregator=setup.aggregator, client_data_transform=setup.client_data_transform,
+        systems=systems_config, **registry.algorithm_hparams(args))
+    return algorithm, setup
+
+  def factory(self) -> Callable:
+    """`hparams -> FederatedAlgorithm` for `fs.sweep`."""
+    return lambda hparams: self.build(hparams)[0]
+
+  def check(self, params: Any) -> list[str]:
+    """Builds every grid value and static combination with concrete numbers, with
+    `fedjax-sim run`'s checks and messages, and validates one state per static
+    combination on the data, before anything compiles. Returns the notes of the
+    first build (malicious clients, a calibrated noise multiplier).
+
+    Raises:
+      ConfigError: naming the file and the values refused.
+    """
+    import jax
+
+    config, train = self.config, self.task.train
+    first = {name: values[0] for name, values in config.grid.items()}
+    probes = [first] + [{**first, name: v} for name, values in config.grid.items()
+                        for v in values[1:]]
+    notes: list[str] = []
+    for static in _product(config.static) or [{}]:
+      for hp in probes:
+        configuration = {**hp, **static}
+        where = ", ".join(f"{k}={val}" for k, val in {**static, **hp}.items())
+        try:
+          args = self.namespace(configuration, calibrate=False)
+          run_options.check_flags(args)
+          run_options.check_with_data(args, train.num_clients)
+          algorithm, setup = self.build(configuration)
+        except (ValueError, FileNotFoundError) as e:
+          raise ConfigError(f"{config.source}: {where}: {e}") from None
+        notes = notes or setup.notes
       try:
-        algorithm = build_algorithm(
-            config.algorithm, apply, clients_per_round=v["clients_per_round"],
-            batch_size=v["batch_size"], epochs=v["epochs"], steps=v["steps"],
-            client_optimizer=v["client_optimizer"], client_lr=v["client_lr"],
-            server_optimizer=v["server_optimizer"], server_lr=v["server_lr"],
-            weighting=v["weighting"], client_chunk_size=v["client_chunk_size"], mu=v["mu"])
+        algorithm.validate(algorithm.init(params, jax.random.key(0), train.num_clients), train)
       except ValueError as e:
         raise ConfigError(f"{config.source}: {where}: {e}") from None
-    try:
-      algorithm.validate(algorithm.init(params, jax.random.key(0)), train)
-    except ValueError as e:
-      raise ConfigError(f"{config.source}: {where}: {e}") from None
+    return notes
+
+  def epsilon(self, row: Mapping[str, Any]) -> float | None:
+    """The privacy spent by a row's `rounds` rounds (None without DP)."""
+    args = self.namespace(row)
+    if args.noise_multiplier is None:
+      return None
+    return self._setup(args).accountant.epsilon(args.rounds)
+
+
+def make_algorithm_factory(config: SweepConfig, apply: Callable, task: tasks.Task) -> Callable:
+  """`hparams -> FederatedAlgorithm` for `fs.sweep`, with the grid's values traced (see
+  `Builder`): `build_algorithm` keeps every hyperparameter in `state.hp`, and the
+  aggregator's and systems' numeric settings are traced where they are used."""
+  return Builder(config, apply, task).factory()
+
+
+def check_algorithms(config: SweepConfig, apply: Callable, params: Any, task: tasks.Task
+                     ) -> list[str]:
+  """`Builder(config, apply, task).check(params)`."""
+  return Builder(config, apply, task).check(params)
 
 
 def write_results(result, config: SweepConfig, output: str, extra: dict[str, Any]) -> dict:

@@ -187,7 +187,18 @@ STRAGGLER_POLICIES = ("drop", "partial")
 
 
 def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+  """A real number: a Python or NumPy scalar, or a concrete 0-d numeric array."""
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, (int, float, np.integer, np.floating)):
+    return True
+  return (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0
+          and np.issubdtype(np.asarray(value).dtype, np.number))
+
+
+def _is_concrete(value: Any) -> bool:
+  from fedjax_sim.algorithms.engine import is_concrete  # late: the engine imports this module
+  return is_concrete(value)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -221,18 +232,22 @@ class SystemsConfig:
       raise ValueError(f"profiles must be ClientProfiles (see make_profiles / sample_profiles), "
                        f"got {type(self.profiles).__name__}")
     check_profiles(self.profiles)
+    # deadline_s, dropout and straggler_fraction may be traced (a sweep builds the config
+    # inside its program): they are checked when concrete.
     d = self.deadline_s
-    if d is not None and not (_is_number(d) and np.isfinite(d) and d > 0):
+    if d is not None and _is_concrete(d) and not (_is_number(d) and np.isfinite(d) and d > 0):
       raise ValueError(f"deadline_s must be a number > 0 (or None for no deadline), got {d!r}")
     if not (isinstance(self.over_selection, (int, np.integer))
             and not isinstance(self.over_selection, bool) and self.over_selection >= 0):
       raise ValueError(f"over_selection must be an integer >= 0, got {self.over_selection!r}")
     if self.stragglers not in STRAGGLER_POLICIES:
       raise ValueError(f"stragglers must be 'drop' or 'partial', got {self.stragglers!r}")
-    if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+    if _is_concrete(self.dropout) and not (_is_number(self.dropout)
+                                           and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-    if not (_is_number(self.straggler_fraction) and 0.0 <= self.straggler_fraction <= 1.0):
-      raise ValueError(f"straggler_fraction must lie in [0, 1], got {self.straggler_fraction!r}")
+    s = self.straggler_fraction
+    if _is_concrete(s) and not (_is_number(s) and 0.0 <= s <= 1.0):
+      raise ValueError(f"straggler_fraction must lie in [0, 1], got {s!r}")
 
 
 class RoundPlan(NamedTuple):
@@ -252,9 +267,12 @@ def systems_key(sample_key: jax.Array) -> jax.Array:
   return keys.systems_key(sample_key)
 
 
-def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int:
+def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int | jax.Array:
   """round(s * sampled): how many sampled clients the FedProx protocol makes stragglers
-  (Python's round, half to even)."""
+  (Python's round, half to even; when s is traced, an int32 array: s * sampled in
+  float32, rounded half to even)."""
+  if not _is_concrete(straggler_fraction):
+    return jnp.round(jnp.float32(sampled) * straggler_fraction).astype(jnp.int32)
   return int(round(straggler_fraction * sampled))
 
 
@@ -306,10 +324,10 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
   full = full_steps(counts, batch_size, epochs, steps)
 
   num_slow = num_protocol_stragglers(config.straggler_fraction, num)
-  if num_slow > 0:
+  if not isinstance(num_slow, int) or num_slow > 0:  # traced: decided on the device
     # A random subset of exactly num_slow positions: the first num_slow of a permutation.
     order = jax.random.permutation(straggler_key, num)
-    designated = jnp.zeros((num,), bool).at[order[:num_slow]].set(True)
+    designated = jnp.zeros((num,), bool).at[order].set(jnp.arange(num) < num_slow)
     if epochs is not None:
       reduced = (jax.random.randint(work_key, (num,), 1, epochs + 1)
                  * ((counts + batch_size - 1) // batch_size))

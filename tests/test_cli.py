@@ -38,4 +38,4 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
   assert code == 2
   assert "clients_per_round=31 but the data has only 30 clients" in capsys.readouterr().err
   assert cli.main(["run", "--client-lr", "0", "--no-progress"]) == 2
-  assert "client learning rate must be a positive number" in capsys.readouterr().err
+  assert "--client-lr must be positive, got 0.0" in capsys.readouterr().err

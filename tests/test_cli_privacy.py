@@ -52,8 +52,8 @@ def test_target_epsilon_alone_calibrates_the_noise():
 
 @pytest.mark.parametrize("flags,match", [
     (["--noise-multiplier", "1"], "needs a clipping norm: give --clip"),
-    (["--noise-multiplier", "-1", "--clip", "1"], "noise multiplier must be a number >= 0"),
-    (["--noise-multiplier", "1", "--clip", "0"], "clipping norm must be a positive number"),
+    (["--noise-multiplier", "-1", "--clip", "1"], "--noise-multiplier must be >= 0, got -1.0"),
+    (["--noise-multiplier", "1", "--clip", "0"], "--clip must be positive, got 0.0"),
     (["--clip", "1", "--noise-multiplier", "1", "--aggregator", "median"],
      "calibrated to the mean"),
     (["--attack", "sign_flip", "--malicious-fraction", "0.4", "--aggregator", "krum"],

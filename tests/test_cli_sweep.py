@@ -95,6 +95,55 @@ clients_per_round = [2, 3]
   assert "2 compiled program(s)" in capsys.readouterr().out
 
 
+def run_final(tmp_path, name, flags):
+  out = tmp_path / name
+  assert cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "3",
+                   "--steps", "2", "--batch-size", "10", "--seed", "0", "--output", str(out),
+                   "--no-progress", *flags]) == 0
+  return json.loads((out / "summary.json").read_text())["final"]
+
+
+def assert_row_is_run(row, final):
+  assert float(row["final_train_loss"]) == pytest.approx(final["train_loss"], rel=1e-5)
+  assert float(row["final_test_loss"]) == pytest.approx(final["test_loss"], rel=1e-5)
+  assert float(row["final_test_accuracy"]) == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def test_feddyn_alpha_grid_equals_runs(tmp_path):
+  config = {"task": "synthetic", "algorithm": "feddyn", "settings": SETTINGS,
+            "grid": {"feddyn_alpha": [0.01, 0.5]}, "seeds": [0]}
+  out = tmp_path / "dyn"
+  assert cli.main(["sweep", "--config", write(tmp_path, config), "--output", str(out)]) == 0
+  rows = read_rows(out)
+  assert [float(r["feddyn_alpha"]) for r in rows] == [0.01, 0.5]
+  assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]  # alpha changed training
+  for row in rows:
+    assert_row_is_run(row, run_final(tmp_path, f"dyn{row['feddyn_alpha']}",
+                                     ["--algorithm", "feddyn", "--feddyn-alpha",
+                                      row["feddyn_alpha"]]))
+  written = json.loads((out / "config.json").read_text())
+  assert sweep_config.parse_config(written).to_json() == written
+
+
+def test_dp_noise_multiplier_grid_equals_runs(tmp_path, capsys):
+  # SCAFFOLD under DP: the noise multiplier is traced; each row has its own epsilon.
+  settings = {**SETTINGS, "clip": 0.5, "accountant": "pld"}
+  config = {"task": "synthetic", "algorithm": "scaffold", "settings": settings,
+            "grid": {"noise_multiplier": [0.5, 2.0]}, "seeds": [0]}
+  out = tmp_path / "dp"
+  assert cli.main(["sweep", "--config", write(tmp_path, config), "--output", str(out)]) == 0
+  rows = read_rows(out)
+  assert [float(r["noise_multiplier"]) for r in rows] == [0.5, 2.0]
+  assert float(rows[0]["final_epsilon"]) > float(rows[1]["final_epsilon"])
+  assert "final_epsilon" in capsys.readouterr().out
+  for row in rows:
+    final = run_final(tmp_path, f"dp{row['noise_multiplier']}",
+                      ["--algorithm", "scaffold", "--clip", "0.5", "--noise-multiplier",
+                       row["noise_multiplier"], "--accountant", "pld"])
+    assert_row_is_run(row, final)
+    assert float(row["final_epsilon"]) == pytest.approx(final["epsilon"], rel=1e-9)
+
+
 GOOD = {"task": "synthetic", "algorithm": "fedavg", "settings": SETTINGS,
         "grid": {"client_lr": [0.02, 0.05]}, "seeds": [0]}
 
@@ -116,14 +165,21 @@ def changed(**changes):
 @pytest.mark.parametrize("config, message", [
     (changed(gird={"client_lr": [0.1]}), "unknown key 'gird' (did you mean 'grid'?)"),
     (changed(task="mnist7"), "unknown task 'mnist7'; choose from"),
-    (changed(algorithm="fedfoo"), "unknown algorithm 'fedfoo'; a sweep supports fedavg, fedprox"),
-    (changed(algorithm="scaffold"), "algorithm 'scaffold' cannot be swept"),
+    (changed(algorithm="fedfoo"), "unknown algorithm 'fedfoo'; choose from fedavg, fedprox"),
+    (changed(algorithm="fedbuff"), "algorithm 'fedbuff' is asynchronous"),
     (changed(grid={}), "grid is empty: give at least one of client_lr, server_lr"),
     (changed(grid=KeyError), "no 'grid'"),
     (changed(grid__client_lr=[]), "grid.client_lr is empty"),
     (changed(grid__client_lr=0.1), "grid.client_lr must be a list of numbers, got 0.1"),
     (changed(grid__client_lr=[0.1, "0.3"]), "grid.client_lr must hold finite numbers, got '0.3'"),
-    (changed(grid__mu=[0.1]), "grid.mu: not a traced hyperparameter of fedavg"),
+    (changed(grid__mu=[0.1]), "grid.mu: fedavg does not use mu (it applies to fedprox)"),
+    (changed(grid__client_momentum=[0.5]), "client_momentum applies with client_optimizer"),
+    (changed(grid__client_lr=[0.05, 0.0]), "grid.client_lr: client_lr must be positive, got 0.0"),
+    (changed(grid__dropout=[0.5, 1.0]), "grid.dropout: dropout must lie in [0, 1), got 1.0"),
+    (changed(settings__mu=0.1), "settings.mu: fedavg does not use mu"),
+    (changed(settings__target_epsilon=1.0, grid__noise_multiplier=[1.0]),
+     "give target_epsilon alone"),
+    (changed(settings__attack="backdoor", grid__server_lr=[1.0]), "list server_lr under 'static'"),
     (changed(grid__steps=[1, 2]), "shape-changing settings go under 'static'"),
     (changed(settings__clients_per_rnd=3), "did you mean 'clients_per_round'?"),
     (changed(settings__rounds="2"), "settings.rounds must be an integer, got '2'"),
@@ -131,7 +187,8 @@ def changed(**changes):
     (changed(settings__client_lr=0.1), "client_lr is both in settings and in grid"),
     (changed(settings__server_optimizer="adam"), "settings.server_optimizer must be one of"),
     (changed(static={"client_chunk_size": []}), "static.client_chunk_size must be a non-empty"),
-    (changed(static={"model": ["mlp"]}), "static: unknown key 'model'"),
+    (changed(static={"model": ["mlp"]}), "static.model: every row of a sweep shares it"),
+    (changed(static={"clients_per_rnd": [3]}), "static: unknown key 'clients_per_rnd'"),
     (changed(seeds=[]), "seeds must be a non-empty list of integers"),
     (changed(settings__num_clients=30), "(task 'synthetic'): unknown key 'num_clients'"),
     (changed(settings__alpha="x"), "settings.alpha (an option of task 'synthetic') must be a"),
@@ -148,7 +205,8 @@ def test_bad_config_is_refused_before_anything_compiles(tmp_path, capsys, count_
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"grid__client_lr": [0.05, 0.0]}, "client_lr=0.0: client learning rate must be a positive"),
+    ({"settings__clip": 1.0, "grid__client_lr": [0.05]},
+     "client_lr=0.05: --clip/--adaptive-clip are DP-FedAvg's"),
     ({"settings__clients_per_round": 31}, "clients_per_round=31 but the data has only 30"),
     ({"plot": "test_acc"}, "plot: no metric 'test_acc'; choose from train_loss, test_loss"),
 ])

@@ -72,3 +72,36 @@ def test_sweep_rejects_bad_arguments(ragged, small_mlp):
              static={"client_lr": [0.1]}, rounds=1)
   with pytest.raises(ValueError, match="rounds"):
     fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=0)
+
+
+def make_with_systems(apply, profiles):
+  """FedAvg under systems with a norm-bounded mean, every numeric setting traced."""
+  def make(hp):
+    systems = fs.systems.SystemsConfig(
+        profiles, deadline_s=hp["deadline"], dropout=hp["dropout"], stragglers="partial",
+        straggler_fraction=hp["straggler_fraction"])
+    aggregator = fs.aggregators.chain(fs.robust.norm_bound(hp["norm_bound"]),
+                                      fs.aggregators.mean())
+    return fs.fedavg(apply, client_optimizer=optax.sgd(0.1), clients_per_round=3, batch_size=4,
+                     steps=3, systems=systems, aggregator=aggregator)
+  return make
+
+
+def test_sweep_of_systems_and_aggregator_settings_equals_runs(ragged, small_mlp):
+  _, _, train = ragged
+  make = make_with_systems(small_mlp.apply, fs.systems.sample_profiles(train.num_clients, seed=0))
+  grid = {"deadline": [0.1, 10.0], "dropout": [0.2], "straggler_fraction": [0.5],
+          "norm_bound": [0.05]}
+  result = fs.sweep(make, small_mlp.params, train, grid=grid, seeds=[1], rounds=2)
+  for index, row in enumerate(result.rows):
+    algorithm = make({k: row[k] for k in grid})
+    state, history = fs.run(algorithm, algorithm.init(small_mlp.params, jax.random.key(1)),
+                            train, rounds=2, rounds_per_chunk=2, progress=False)
+    assert max_relative_error(result.params[index], state.params) < 1e-5
+    np.testing.assert_allclose(result.curves["round_time_s"][index],
+                               [r["round_time_s"] for r in history], rtol=1e-6)
+    np.testing.assert_array_equal(result.curves["num_aggregated"][index],
+                                  [r["num_aggregated"] for r in history])
+  # The deadline changed the rounds: a 0.1 s deadline cut them.
+  assert result.curves["round_time_s"][0].max() <= 0.1 + 1e-6
+  assert result.curves["round_time_s"][1].max() > 0.1
