@@ -22,7 +22,13 @@ SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
 def _check_positive(name: str, value: float) -> None:
-  if not (isinstance(value, (int, float)) and value > 0):
+  """A concrete value must be a positive number; a traced one (a hyperparameter read
+  from `state.hp` inside the round, or swept) is checked where it was set."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, jax.Array) and value.ndim == 0:
+    value = float(value)
+  if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
     raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 

@@ -256,7 +256,10 @@ def test_fedbuff_builds_by_name():
   assert "fedbuff" in algorithms.ASYNC and "fedbuff" not in algorithms.ALGORITHMS
   with pytest.raises(ValueError, match="give profiles= or num_clients="):
     algorithms.build_algorithm("fedbuff", apply, **kwargs)
-  with pytest.raises(ValueError, match="fedbuff aggregates in its own way"):
-    algorithms.build_algorithm("fedbuff", apply, num_clients=6,
-                               aggregator=fs.aggregators.chain(fs.robust.coordinate_median()),
-                               **kwargs)
+  with pytest.raises(ValueError, match="fedbuff takes no systems"):
+    algorithms.build_algorithm("fedbuff", apply, num_clients=6, systems=fs.systems.SystemsConfig(
+        fs.systems.sample_profiles(6, seed=0), deadline_s=1.0), **kwargs)
+  robust = algorithms.build_algorithm(
+      "fedbuff", apply, num_clients=6, aggregator=fs.aggregators.chain(
+          fs.robust.coordinate_median()), **kwargs)
+  assert robust.init(params, jax.random.key(0), 6).aggregator_state is not None

@@ -26,7 +26,6 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import optax
 
 from fedjax_sim import optimizers
 from fedjax_sim import systems as systems_lib
@@ -35,6 +34,8 @@ from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg
 from fedjax_sim.algorithms.fedbuff import fedbuff
+from fedjax_sim.algorithms.fedexp import fedexp
+from fedjax_sim.algorithms.fedrep import fedrep
 from fedjax_sim.algorithms.feddyn import feddyn
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedprox import fedprox
@@ -45,8 +46,9 @@ from fedjax_sim.algorithms.scaffold import scaffold
 if TYPE_CHECKING:
   from fedjax_sim.aggregators import Aggregator
 
-ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "mimelite", "ditto", "qffl")
-STATEFUL = ("scaffold", "feddyn", "ditto")  # init needs num_clients
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "mimelite", "ditto", "qffl",
+              "fedexp", "fedrep")
+STATEFUL = ("scaffold", "feddyn", "ditto", "fedrep")  # init needs num_clients
 # Asynchronous algorithms simulate client systems, so building one needs the clients'
 # profiles (or their number, to draw them). Not in ALGORITHMS, whose rounds are
 # synchronous ones; the CLI offers ALGORITHMS + ASYNC.
@@ -109,11 +111,12 @@ HPARAMS: tuple[Hparam, ...] = (
     Hparam("client_lr", "--client-lr", 0.05, "client learning rate (L = 1/lr in q-FFL)", _ALL,
            check=engine.POSITIVE),
     Hparam("server_lr", "--server-lr", 1.0, "server learning rate (MimeLite's eta_g)",
-           ("fedavg", "fedprox", "scaffold", "fednova", "mimelite", "ditto", "fedbuff"),
+           ("fedavg", "fedprox", "scaffold", "fednova", "mimelite", "ditto", "fedexp", "fedrep",
+            "fedbuff"),
            check=engine.POSITIVE),
     Hparam("client_momentum", "--client-momentum", 0.9,
            "beta of --client-optimizer momentum (FedNova's rho)",
-           ("fedavg", "fedprox", "fednova", "feddyn", "ditto", "fedbuff"),
+           ("fedavg", "fedprox", "fednova", "feddyn", "ditto", "fedexp", "fedrep", "fedbuff"),
            check=engine.FRACTION, state_names={"fednova": "momentum"},
            needs=("client_optimizer", "momentum")),
     Hparam("mu", "--mu", 0.01, "FedProx proximal coefficient", ("fedprox",),
@@ -125,6 +128,8 @@ HPARAMS: tuple[Hparam, ...] = (
     Hparam("ditto_lambda", "--ditto-lambda", 0.1, "Ditto lambda", ("ditto",),
            check=engine.NONNEGATIVE, state_names={"ditto": "lam"}),
     Hparam("q", "--q", 1.0, "q-FFL exponent", ("qffl",), check=engine.NONNEGATIVE),
+    Hparam("fedexp_eps", "--fedexp-eps", 1e-3, "FedExP epsilon, added to ||mean update||^2",
+           ("fedexp",), check=engine.POSITIVE, state_names={"fedexp": "eps"}),
     # The aggregator chain's numeric settings (aggregation_options adds their flags).
     Hparam("clip", "--clip", None, "DP-FedAvg: L2 clipping norm of each client's update",
            _SYNC + _ASYNC_AGGREGATOR, "aggregator", engine.POSITIVE),
@@ -219,13 +224,6 @@ def check_choices(name: str, client_optimizer: str, server_optimizer: str, *,
                      + ("" if name == "mimelite" else " with server lr 1"))
 
 
-def _scaled(optimizer: optax.GradientTransformation, lr) -> optax.GradientTransformation:
-  """`optimizer` at learning rate 1, times `lr`: the same updates, bit for bit, as the
-  optimizer built at `lr` (its last stage is scale(-lr); -1 x lr rounds as -lr does),
-  with `lr` a traced value of `state.hp`."""
-  return optax.chain(optimizer, optax.scale(lr))
-
-
 def build_algorithm(
     name: str,
     apply: Callable,
@@ -249,6 +247,7 @@ def build_algorithm(
     profiles: systems_lib.ClientProfiles | None = None,
     num_clients: int | None = None,
     profile_seed: int = 0,
+    fedrep_head: Any = "out",
     **hparams: float,
 ) -> FederatedAlgorithm:
   """Builds algorithm `name` (one of ALGORITHMS or ASYNC) from optimizer names and numbers.
@@ -268,6 +267,8 @@ def build_algorithm(
       `clients_per_round` and `concurrency` defaults to it.
     profiles: FedBuff's client profiles; if None, drawn by
       `systems.sample_profiles(num_clients, seed=profile_seed)`.
+    fedrep_head: FedRep's `head=` (parameter names or a mask function); "out" is the
+      output layer of `models.mlp`, `cnn` and `char_rnn`.
     **hparams: the algorithm hyperparameters of `HPARAMS` by key (`client_lr`,
       `server_lr`, `client_momentum`, `mu`, `feddyn_alpha`, `mime_momentum`,
       `ditto_lambda`, `q`), defaults from the table; those `name` does not use are
@@ -330,10 +331,10 @@ def build_algorithm(
   # Every hyperparameter in state.hp: optimizers built each round from it.
   def client_opt(hp):
     kwargs = {} if momentum is None else {"momentum": hp["client_momentum"]}
-    return _scaled(optimizers.client_optimizer(client_optimizer, 1.0, **kwargs), hp["client_lr"])
+    return optimizers.client_optimizer(client_optimizer, hp["client_lr"], **kwargs)
 
   def server_opt(hp):
-    return _scaled(optimizers.server_optimizer(server_optimizer, 1.0), hp["server_lr"])
+    return optimizers.server_optimizer(server_optimizer, hp["server_lr"])
 
   extra_hparams = {h.key: v[h.key] for h in used
                    if h.key in ("client_lr", "server_lr", "client_momentum")
@@ -363,4 +364,10 @@ def build_algorithm(
   if name == "ditto":
     return ditto(apply, lam=v["ditto_lambda"], client_optimizer=client_opt,
                  server_optimizer=server_opt, **common)
+  if name == "fedexp":
+    return fedexp(apply, client_optimizer=client_opt, eps=v["fedexp_eps"],
+                  server_optimizer=server_opt, **common)
+  if name == "fedrep":
+    return fedrep(apply, head=fedrep_head, client_optimizer=client_opt,
+                  server_optimizer=server_opt, **common)
   return qffl(apply, q=v["q"], client_learning_rate=v["client_lr"], **common)
