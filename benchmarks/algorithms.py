@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from fedjax_sim import evaluation, runner, tasks
-from fedjax_sim.algorithms import ALGORITHMS, build_algorithm
+from fedjax_sim.algorithms import ALGORITHMS, build_algorithm, registry
 
 # Per task: the task's options, the model, and the local schedule shared by all algorithms.
 TASKS = {
@@ -74,11 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_one(name: str, task: tasks.Task, setup: dict, args: argparse.Namespace) -> dict:
   """Trains algorithm `name` on `task`; returns its curves."""
   model = task.make_model(setup["model"], args.seed)
+  own = {"mu": args.mu, "feddyn_alpha": args.feddyn_alpha, "mime_momentum": args.mime_momentum,
+         "ditto_lambda": args.ditto_lambda, "q": args.q}
+  used = {h.key for h in registry.hparams_of(name, "algorithm")}  # others are refused
   algorithm = build_algorithm(
       name, model.apply, clients_per_round=args.clients_per_round,
       batch_size=setup["batch_size"], epochs=setup["epochs"], client_lr=setup["client_lr"],
-      mu=args.mu, feddyn_alpha=args.feddyn_alpha, mime_momentum=args.mime_momentum,
-      ditto_lambda=args.ditto_lambda, q=args.q)
+      **{k: v for k, v in own.items() if k in used})
   evaluate = evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test)
   personal = (evaluation.make_personalized_evaluator(model.apply, task.client_test)
               if name == "ditto" else None)

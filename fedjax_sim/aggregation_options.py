@@ -20,6 +20,9 @@ from fedjax_sim import aggregators, attacks, compression, privacy, robust
 from fedjax_sim import secure_aggregation
 from fedjax_sim.algorithms import engine, registry
 
+# The defaults of the flags whose parsed default is None (see `value`).
+DEFAULTS = {"trim_fraction": 0.1, "secagg_dropout": 0.0, "malicious_fraction": 0.0,
+            "attack_scale": 10.0, "accountant": "rdp"}
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
                "secure_mean")
 ATTACKS = ("none", "label_flip", "sign_flip", "scaling", "backdoor")
@@ -40,28 +43,64 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g = parser.add_argument_group("privacy, compression, robustness and attacks")
   g.add_argument("--aggregator", default="mean", choices=AGGREGATORS,
                  help="how the server combines the client updates")
-  g.add_argument("--trim-fraction", type=float, default=0.1, help="trimmed_mean: beta")
+  g.add_argument("--trim-fraction", type=float, default=None,
+                 help=f"--aggregator trimmed_mean: the fraction beta trimmed at each end "
+                      f"(default {DEFAULTS['trim_fraction']:g})")
   registry.add_flags(g, "aggregator")  # --clip, --noise-multiplier, --norm-bound
   g.add_argument("--adaptive-clip", action="store_true",
                  help="DP-FedAvg: track the median update norm (Andrew et al. 2021)")
   g.add_argument("--target-epsilon", type=float, default=None,
                  help="with --noise-multiplier: stop when epsilon would exceed it; "
                       "without: calibrate the noise multiplier to reach it after --rounds")
-  g.add_argument("--delta", type=float, default=None, help="DP delta (default 0.1 / clients)")
-  g.add_argument("--accountant", default="rdp", choices=privacy.ACCOUNTANTS)
+  g.add_argument("--delta", type=float, default=None,
+                 help="DP delta (default 0.1 / number of clients)")
+  g.add_argument("--accountant", default=None, choices=privacy.ACCOUNTANTS,
+                 help=f"DP accountant (default {DEFAULTS['accountant']})")
   g.add_argument("--quantize-bits", type=int, default=None,
                  help="stochastic uniform quantization of each update to this many bits")
   g.add_argument("--rotate", action="store_true",
                  help="random Hadamard rotation before quantization")
   g.add_argument("--top-k-fraction", type=float, default=None,
                  help="send only this fraction of coordinates (top-k, error feedback)")
-  g.add_argument("--secagg-dropout", type=float, default=0.0,
-                 help="secure_mean: probability that a client drops out")
-  g.add_argument("--attack", default="none", choices=ATTACKS)
-  g.add_argument("--malicious-fraction", type=float, default=0.0,
-                 help="fraction of all clients that are malicious (a fixed set)")
-  g.add_argument("--attack-scale", type=float, default=10.0,
-                 help="scaling: the factor; sign_flip: -scale")
+  g.add_argument("--secagg-dropout", type=float, default=None,
+                 help="--aggregator secure_mean: probability that a client drops out "
+                      f"(default {DEFAULTS['secagg_dropout']:g})")
+  g.add_argument("--attack", default="none", choices=ATTACKS,
+                 help="an attack by a fixed set of malicious clients")
+  g.add_argument("--malicious-fraction", type=float, default=None,
+                 help="with --attack: fraction of all clients that are malicious (a fixed "
+                      "set)")
+  g.add_argument("--attack-scale", type=float, default=None,
+                 help="--attack scaling: the factor; sign_flip: -scale "
+                      f"(default {DEFAULTS['attack_scale']:g})")
+
+
+def value(args, name: str):
+  """A flag's value, or its default where it was not given (its parsed default is None,
+  so that a flag given where it has no effect can be refused: see `unused_flags`)."""
+  given = getattr(args, name, None)
+  return DEFAULTS[name] if given is None else given
+
+
+def unused_flags(args) -> list[tuple[str, str]]:
+  """(flag, what it needs) for each flag given that has no effect with the others."""
+  unused = []
+  if getattr(args, "trim_fraction", None) is not None and args.aggregator != "trimmed_mean":
+    unused.append(("--trim-fraction", "--aggregator trimmed_mean"))
+  if getattr(args, "secagg_dropout", None) is not None and args.aggregator != "secure_mean":
+    unused.append(("--secagg-dropout", "--aggregator secure_mean"))
+  if getattr(args, "malicious_fraction", None) is not None and args.attack == "none":
+    unused.append(("--malicious-fraction", "an --attack"))
+  if getattr(args, "attack_scale", None) is not None and args.attack not in ("scaling",
+                                                                               "sign_flip"):
+    unused.append(("--attack-scale", "--attack scaling or sign_flip"))
+  if not _dp_requested(args):
+    for name, flag in (("delta", "--delta"), ("accountant", "--accountant")):
+      if getattr(args, name, None) is not None:
+        unused.append((flag, "DP: --noise-multiplier or --target-epsilon (with --clip)"))
+  if args.rotate and args.quantize_bits is None:
+    unused.append(("--rotate", "--quantize-bits"))
+  return unused
 
 
 def _dp_requested(args) -> bool:
@@ -80,27 +119,29 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
   stages: list = []
   data_transform, backdoor = None, None
 
+  for flag, needs in unused_flags(args):
+    raise ValueError(f"{flag} has no effect here: it applies with {needs}")
+  malicious_fraction = value(args, "malicious_fraction")
   if args.attack != "none":
-    if not 0.0 < args.malicious_fraction < 1.0:
+    if not 0.0 < malicious_fraction < 1.0:
       raise ValueError(f"--attack {args.attack} needs --malicious-fraction in (0, 1), got "
-                       f"{args.malicious_fraction}")
-    malicious = attacks.choose_malicious(num_clients, args.malicious_fraction, seed=args.seed)
+                       f"{malicious_fraction}")
+    malicious = attacks.choose_malicious(num_clients, malicious_fraction, seed=args.seed)
     if args.attack == "label_flip":
       data_transform = attacks.label_flip(malicious, num_classes)
     elif args.attack == "sign_flip":
-      stages.append(attacks.sign_flip(malicious, args.attack_scale))
+      stages.append(attacks.sign_flip(malicious, value(args, "attack_scale")))
     elif args.attack == "scaling":
-      stages.append(attacks.scaling(malicious, args.attack_scale))
+      stages.append(attacks.scaling(malicious, value(args, "attack_scale")))
     else:
       # A corner trigger at the data's largest value, labelled class 0.
       backdoor = attacks.Backdoor(features=(0, 1, 2, 3), value=float(np.max(train_x)), target=0)
       data_transform = attacks.backdoor_data(malicious, backdoor)
       # Algorithms without a server learning rate (FedDyn, q-FFL) step by 1.
-      server_lr = 1.0 if getattr(args, "server_lr", None) is None else args.server_lr
+      server_lr = (registry.HPARAM["server_lr"].default_for(vars(args))
+                   if getattr(args, "server_lr", None) is None else args.server_lr)
       stages.append(attacks.model_replacement(malicious, server_lr))
     notes.append(f"{int(malicious.sum())} of {num_clients} clients are malicious ({args.attack})")
-  elif args.malicious_fraction:
-    raise ValueError("--malicious-fraction needs an --attack")
 
   if args.norm_bound is not None:
     stages.append(robust.norm_bound(args.norm_bound))
@@ -108,8 +149,6 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
     stages.append(compression.top_k(fraction=args.top_k_fraction))
   if args.quantize_bits is not None:
     stages.append(compression.quantize(args.quantize_bits, rotation=args.rotate))
-  elif args.rotate:
-    raise ValueError("--rotate applies to --quantize-bits")
 
   accountant, z = None, args.noise_multiplier
   if _dp_requested(args):
@@ -122,13 +161,13 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
     if z is None:
       z = privacy.calibrate_noise_multiplier(
           args.target_epsilon, rounds=rounds, clients_per_round=m, num_clients=num_clients,
-          delta=delta, accountant=args.accountant)
+          delta=delta, accountant=value(args, "accountant"))
       notes.append(f"noise multiplier {z:.4f} reaches epsilon {args.target_epsilon} at delta "
                    f"{delta:g} after {rounds} rounds")
     # A traced noise multiplier (inside a sweep's program) has no host-side accountant:
     # the sweep accounts for each row's concrete value.
     if engine.is_concrete(z):
-      accountant = privacy.DPAccountant(z, m, num_clients, delta, args.accountant)
+      accountant = privacy.DPAccountant(z, m, num_clients, delta, value(args, "accountant"))
     if args.target_epsilon is not None and args.noise_multiplier is not None:
       last = accountant.max_rounds(args.target_epsilon, limit=rounds)
       if last == 0:
@@ -146,8 +185,6 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
                        "--target-epsilon (for clipping alone use --norm-bound)")
     stages.append(_reducer(args, m))
 
-  if args.aggregator != "secure_mean" and args.secagg_dropout:
-    raise ValueError("--secagg-dropout applies to --aggregator secure_mean")
   only_mean = len(stages) == 1 and args.aggregator == "mean" and not _dp_requested(args)
   aggregator = None if only_mean else aggregators.chain(*stages)
   return Setup(aggregator, data_transform, accountant, rounds, z, backdoor, notes)
@@ -165,17 +202,17 @@ def with_backdoor(evaluate: Callable, apply: Callable, test, backdoor: attacks.B
 def _reducer(args, clients_per_round: int) -> aggregators.Aggregator:
   name = args.aggregator
   # Krum's f: the malicious clients expected in a round, rounded up.
-  f = math.ceil(args.malicious_fraction * clients_per_round)
+  f = math.ceil(value(args, "malicious_fraction") * clients_per_round)
   if name == "mean":
     return aggregators.mean()
   if name == "median":
     return robust.coordinate_median()
   if name == "trimmed_mean":
-    return robust.trimmed_mean(args.trim_fraction)
+    return robust.trimmed_mean(value(args, "trim_fraction"))
   if name == "krum":
     return robust.krum(f)
   if name == "multi_krum":
     return robust.multi_krum(f)
   if name == "geometric_median":
     return robust.geometric_median()
-  return secure_aggregation.secure_mean(dropout=args.secagg_dropout)
+  return secure_aggregation.secure_mean(dropout=value(args, "secagg_dropout"))

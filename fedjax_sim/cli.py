@@ -58,43 +58,58 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_run_flags(run: argparse.ArgumentParser) -> None:
   """Adds `fedjax-sim run`'s flags (also the settings of a sweep config: see
   `sweep_config.settings_spec`)."""
-  run.add_argument("--task", default="synthetic", choices=tasks.task_names())
+  run.add_argument("--task", default="synthetic", choices=tasks.task_names(),
+                   help="the federated data set and its models")
   run.add_argument("--model", default=None, help="model name (default: the task's)")
   data = run.add_argument_group("task options", "passed to the task only when given")
   data.add_argument("--partition", default=None, choices=partition.PARTITIONERS,
-                    help="how to split the data into clients (digits, mnist5k, TFDS tasks)")
+                    help="how to split the data into clients (digits, mnist5k, TFDS tasks; "
+                         "default iid)")
   data.add_argument("--alpha", type=float, default=None,
-                    help="Dirichlet concentration (synthetic: Synthetic's alpha)")
-  data.add_argument("--num-clients", type=int, default=None)
-  data.add_argument("--shards-per-client", type=int, default=None)
-  data.add_argument("--sigma", type=float, default=None, help="quantity skew: lognormal sigma")
+                    help="the Dirichlet concentration under --partition dirichlet; task "
+                         "synthetic: Synthetic's alpha (default 0.5 and 1)")
+  data.add_argument("--num-clients", type=int, default=None,
+                    help="number of clients (default: the task's)")
+  data.add_argument("--shards-per-client", type=int, default=None,
+                    help="--partition shards: shards (so labels) per client (default 2)")
+  data.add_argument("--sigma", type=float, default=None,
+                    help="--partition quantity: lognormal sigma of the client sizes (default 1)")
   data.add_argument("--max-examples", type=int, default=None,
                     help="cap on training examples per client (drops the rest)")
-  data.add_argument("--data-dir", default=None, help="LEAF or TFDS data folder")
-  data.add_argument("--data-seed", type=int, default=None, help="seed of the data split")
-  run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS + ASYNC)
+  data.add_argument("--data-dir", default=None,
+                    help="LEAF data folder, or TFDS data folder (default ~/tensorflow_datasets)")
+  data.add_argument("--data-seed", type=int, default=None,
+                    help="seed of the data split (default 0)")
+  run.add_argument("--algorithm", default="fedavg", choices=ALGORITHMS + ASYNC,
+                   help="the federated algorithm")
   hyper = run.add_argument_group(
       "algorithm hyperparameters",
       "each applies to the algorithms named in its help, an error otherwise "
       "(the table: fedjax_sim.algorithms.registry.HPARAMS)")
   registry.add_flags(hyper, "algorithm")
-  run.add_argument("--rounds", type=int, default=200)
-  run.add_argument("--clients-per-round", type=int, default=10)
+  run.add_argument("--rounds", type=int, default=200, help="rounds to run")
+  run.add_argument("--clients-per-round", type=int, default=10,
+                   help="clients sampled per round (fedbuff: its buffer size)")
   schedule = run.add_mutually_exclusive_group()
   schedule.add_argument("--epochs", type=int, default=None, help="local epochs (default 1)")
   schedule.add_argument("--steps", type=int, default=None, help="local steps instead of epochs")
-  run.add_argument("--batch-size", type=int, default=10)
-  run.add_argument("--client-optimizer", default="sgd", choices=optimizers.CLIENT_OPTIMIZERS)
-  run.add_argument("--server-optimizer", default="fedavg", choices=optimizers.SERVER_OPTIMIZERS)
-  run.add_argument("--weighting", default="examples", choices=("examples", "uniform"))
+  run.add_argument("--batch-size", type=int, default=10, help="local batch size")
+  run.add_argument("--client-optimizer", default="sgd", choices=optimizers.CLIENT_OPTIMIZERS,
+                   help="the clients' local optimizer")
+  run.add_argument("--server-optimizer", default="fedavg", choices=optimizers.SERVER_OPTIMIZERS,
+                   help="the server's optimizer on the averaged update (FedOpt)")
+  run.add_argument("--weighting", default="examples", choices=("examples", "uniform"),
+                   help="each client's weight in the mean: its number of examples, or 1")
   run.add_argument("--client-chunk-size", type=chunk_size_arg, default="auto",
                    help="train this many clients at a time to bound memory; 'all' trains "
-                        "them all at once; 'auto' (default): all at once on accelerators, "
+                        "them all at once; 'auto': all at once on accelerators, "
                         "a few at a time on a CPU, where that is faster")
   run.add_argument("--eval-every", type=int, default=10,
                    help="rounds per compiled chunk; evaluation runs after each")
-  run.add_argument("--seed", type=int, default=0)
-  run.add_argument("--output", default=None, help="output directory")
+  run.add_argument("--seed", type=int, default=0,
+                   help="seed of client sampling, shuffling and the initial model")
+  run.add_argument("--output", default=None,
+                   help="output directory (default runs/<task>-<algorithm>-seed<seed>)")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
   run_options.add_flags(run)
@@ -192,17 +207,18 @@ def sweep_command(args: argparse.Namespace) -> dict:
     figure.savefig(os.path.join(output, f"{config.plot}.png"), dpi=120, bbox_inches="tight")
   keys = [*config.static, *config.grid, "seed"]
   shown = [c for c in ("final_test_accuracy", "best_test_accuracy", "final_train_loss",
-                       "final_epsilon") if c in result.rows[0]]
+                       "final_epsilon", "diverged") if c in result.rows[0]]
   _print_table(result.rows, keys + shown)
   best = summary.get("best")
   best_text = ""
   if best:
     best_text = "; best " + ", ".join(f"{k}={best[k]}" for k in keys) + \
         f": {best['by']} {best[best['by']]:.4f}"
-  diverged = [i for i, r in enumerate(result.rows) if not math.isfinite(r["final_train_loss"])]
+  diverged = [i for i, r in enumerate(result.rows) if r.get("diverged")]
   if diverged:
-    print(f"fedjax-sim: {len(diverged)} row(s) ended with a non-finite training loss "
-          f"(diverged): {', '.join(str(i) for i in diverged)} (counting from 0)")
+    print(f"fedjax-sim: {len(diverged)} row(s) diverged ({runner.DIVERGENCE_RULE}): "
+          + ", ".join(f"{i} at round {result.rows[i]['diverged_round']}" for i in diverged)
+          + " (rows counting from 0; column 'diverged' in results.csv)")
   print(f"done: {len(result.rows)} rows x {settings['rounds']} rounds in {seconds:.1f} s"
         f"{best_text}; results in {output}")
   return summary
@@ -248,8 +264,7 @@ def run_command(args: argparse.Namespace) -> dict:
       batch_size=args.batch_size, epochs=epochs, steps=args.steps, weighting=args.weighting,
       client_chunk_size=args.client_chunk_size, aggregator=setup.aggregator,
       client_data_transform=setup.client_data_transform, concurrency=args.concurrency,
-      staleness=args.staleness or "polynomial",
-      profiles=profiles if args.algorithm == "fedbuff" else None,
+      staleness=args.staleness, profiles=profiles if args.algorithm == "fedbuff" else None,
       num_clients=train.num_clients, systems=systems_config,
       **registry.algorithm_hparams(args))
   evaluate = aggregation_options.with_backdoor(

@@ -19,6 +19,12 @@ import optax
 
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+# Each server optimizer's default learning rate. The adaptive ones follow the tuned values
+# of Reddi et al. 2021 (Adaptive Federated Optimization, ICLR; tau = 1e-3): about 1e-2 for
+# FedAdam and FedYogi and 1e-1 for FedAdagrad on most of their tasks; 1.0 (FedAvg's plain
+# average) would make an adaptive server take steps of about 1 per coordinate.
+SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "fedadagrad": 0.1, "fedadam": 0.01,
+                      "fedyogi": 0.01}
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -78,10 +84,15 @@ def scale_by_reddi(rule: str, b1: float = 0.9, b2: float = 0.99,
   return optax.GradientTransformation(init, update)
 
 
-def server_optimizer(name: str = "fedavg", learning_rate: float = 1.0, *, momentum: float = 0.9,
-                     b1: float = 0.9, b2: float = 0.99,
+def server_optimizer(name: str = "fedavg", learning_rate: float | None = None, *,
+                     momentum: float = 0.9, b1: float = 0.9, b2: float = 0.99,
                      tau: float = 1e-3) -> optax.GradientTransformation:
-  """A server optimizer by name: fedavg, fedavgm, fedadagrad, fedadam or fedyogi."""
+  """A server optimizer by name: fedavg, fedavgm, fedadagrad, fedadam or fedyogi; the
+  learning rate defaults to `SERVER_LR_DEFAULTS[name]`."""
+  if name not in SERVER_OPTIMIZERS:
+    raise ValueError(f"unknown server optimizer {name!r}; choose from {SERVER_OPTIMIZERS}")
+  if learning_rate is None:
+    learning_rate = SERVER_LR_DEFAULTS[name]
   _check_positive("server learning rate", learning_rate)
   if name == "fedavg":
     return optax.sgd(learning_rate)

@@ -37,13 +37,19 @@ def _num_trimmed(clients: int, trim_fraction: float | None, num_trim: int | None
   return num_trim if num_trim is not None else int(trim_fraction * clients)
 
 
-def trimmed_mean(trim_fraction: float | None = 0.1, *, num_trim: int | None = None) -> Aggregator:
+def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = None
+                 ) -> Aggregator:
   """Per coordinate, drops the k largest and k smallest client values and averages the rest.
 
   Args:
-    trim_fraction: beta; k = floor(beta * clients_per_round). Or
-    num_trim: k directly (overrides trim_fraction).
+    trim_fraction: beta; k = floor(beta * clients_per_round) (default 0.1). Or
+    num_trim: k directly (not both).
   """
+  if num_trim is not None and trim_fraction is not None:
+    raise ValueError(f"trimmed_mean: give trim_fraction or num_trim, not both (got "
+                     f"{trim_fraction!r} and {num_trim!r})")
+  if num_trim is None and trim_fraction is None:
+    trim_fraction = 0.1
   if num_trim is not None:
     if not (isinstance(num_trim, int) and num_trim >= 0):
       raise ValueError(f"trimmed_mean: num_trim must be an integer >= 0, got {num_trim!r}")

@@ -34,7 +34,7 @@ import os
 import jax
 import numpy as np
 
-from fedjax_sim import conv, models, systems
+from fedjax_sim import aggregation_options, conv, models, systems
 from fedjax_sim import data as data_lib
 from fedjax_sim.algorithms import registry
 
@@ -116,9 +116,20 @@ def _finite(value) -> bool:
   return value is not None and math.isfinite(value)
 
 
+def unused_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
+  """(flag, what it needs) for each flag given that has no effect with the others: the
+  aggregator chain's (`aggregation_options.unused_flags`) and the systems simulation's."""
+  unused = aggregation_options.unused_flags(args)
+  if (args.stragglers is not None and args.deadline is None
+      and args.straggler_fraction is None):
+    unused.append(("--stragglers", "--deadline or --straggler-fraction (without them no "
+                   "client is a straggler)"))
+  return unused
+
+
 def check_flags(args: argparse.Namespace) -> None:
   """Raises ValueError / FileNotFoundError naming the flag of a bad value or combination
-  (what can be checked without the task's data)."""
+  (what can be checked without the task's data), a flag that has no effect included."""
   algorithm = args.algorithm
   systems_flags, profile_flags = _given(args, _SYSTEMS_FLAGS), _given(args, _PROFILE_FLAGS)
   if systems_flags and algorithm not in registry.ALGORITHMS:
@@ -127,6 +138,8 @@ def check_flags(args: argparse.Namespace) -> None:
                      f"--profiles, --profiles-seed, --speed-median and --speed-sigma (its "
                      f"clients always report)")
   registry.check_args(args)  # the hyperparameter flags, against their table
+  for flag, needs in unused_flags(args):
+    raise ValueError(f"{flag} has no effect here: it applies with {needs}")
   if args.profiles is not None:
     drawn = [f for f in profile_flags if f != "--profiles"]
     if drawn:

@@ -26,6 +26,35 @@ from fedjax_sim.data import FederatedData
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
 
 
+# Divergence: a round's training loss that is not finite, above DIVERGED_LOSS, or above
+# DIVERGED_FACTOR x max(the first round's training loss, 1) means the run diverged.
+DIVERGED_LOSS = 1e6
+DIVERGED_FACTOR = 1e3
+DIVERGENCE_RULE = (f"a training loss that is not finite, above {DIVERGED_LOSS:g}, or above "
+                   f"{DIVERGED_FACTOR:g} x max(the first round's, 1)")
+
+
+class Diverged(FloatingPointError):
+  """A run's training loss diverged (see `DIVERGENCE_RULE`); the rounds before it are kept."""
+
+
+def is_diverged(loss: float, first_loss: float) -> bool:
+  """Whether a round's training loss `loss` means divergence, given the first round's."""
+  if not math.isfinite(loss):
+    return True
+  reference = max(first_loss, 1.0) if math.isfinite(first_loss) else 1.0
+  return loss > DIVERGED_LOSS or loss > DIVERGED_FACTOR * reference
+
+
+def diverged_round(losses) -> int | None:
+  """The first round (counted from 1) whose loss in the curve `losses` means divergence."""
+  losses = [float(v) for v in np.asarray(losses).reshape(-1)]
+  for i, loss in enumerate(losses):
+    if is_diverged(loss, losses[0]):
+      return i + 1
+  return None
+
+
 class History(list):
   """Per-round metric rows (dicts); `history.column("test_accuracy")` gives one series."""
 
@@ -109,8 +138,10 @@ def run(
 
   Raises:
     ValueError: bad arguments or data, before anything compiles.
-    FloatingPointError: a non-finite training loss, naming the round; the rounds
-      before it stay in the metrics file.
+    Diverged (a FloatingPointError): the training loss diverged (`DIVERGENCE_RULE`: not
+      finite, above 1e6, or above 1e3 x max(the first round's loss, 1)), naming the
+      round; the run stops there and the rounds before it stay in the metrics file (a
+      finite diverged round too), the summary's status says "diverged at round r".
   """
   if not isinstance(rounds, int) or rounds <= 0:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
@@ -126,6 +157,7 @@ def run(
     os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
     metrics_file = open(metrics_path, "w", buffering=1)
   status = "completed"
+  first_loss = None
   bar = tqdm(total=rounds, unit="round", disable=not progress, dynamic_ncols=True)
   try:
     done = int(state.round)
@@ -138,15 +170,22 @@ def run(
       if round_metrics is not None:
         for row in rows:
           row.update(round_metrics(row["round"]))
-      bad = next((r for r in rows if not math.isfinite(r["train_loss"])), None)
+      if first_loss is None:
+        first_loss = rows[0]["train_loss"]
+      bad = next((r for r in rows if is_diverged(r["train_loss"], first_loss)), None)
       if bad is None and evaluate is not None:
         rows[-1].update(evaluate(state.params))
       for row in rows:
         if row is bad:
-          status = f"failed: non-finite training loss at round {row['round']}"
-          raise FloatingPointError(
-              f"training loss became {row['train_loss']} at round {row['round']}; "
-              f"rounds before it are kept. Try a smaller learning rate.")
+          status = f"diverged at round {row['round']}"
+          if math.isfinite(row["train_loss"]):
+            history.append(row)
+            if metrics_file is not None:
+              metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+          raise Diverged(
+              f"diverged: training loss {row['train_loss']:.4g} at round {row['round']} "
+              f"(the first round's: {first_loss:.4g}; the rule: {DIVERGENCE_RULE}); the run "
+              f"stopped, rounds before it are kept. Try a smaller learning rate.")
         history.append(row)
         if metrics_file is not None:
           metrics_file.write(json.dumps(_jsonable(row)) + "\n")

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import compile as compile_lib
-from fedjax_sim import sharding
+from fedjax_sim import runner, sharding
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.data import FederatedData
 
@@ -50,7 +50,10 @@ class SweepResult:
   Attributes:
     rows: one dict per configuration and seed: its hyperparameters, `seed`,
       `final_<metric>` and `best_<metric>` (max for accuracies, min otherwise) of
-      `train_loss` and of every evaluation metric.
+      `train_loss` and of every evaluation metric; `diverged` (bool) and
+      `diverged_round` (the first round whose training loss means divergence by
+      `runner.DIVERGENCE_RULE`, as `fs.run` stops; None if none). A row cannot stop
+      alone inside the vmapped program, so a diverged row runs to the end, marked.
     curves: per-round training metrics, name -> array [len(rows), rounds].
     eval_rounds: the rounds at which `evaluate` ran (the end of each chunk).
     eval_curves: evaluation metrics, name -> array [len(rows), len(eval_rounds)].
@@ -224,6 +227,9 @@ def sweep(
       for name, values in summarized.items():
         row[f"final_{name}"] = float(values[i, -1])
         row[f"best_{name}"] = _best(name, values[i])
+      if "train_loss" in group_curves:
+        row["diverged_round"] = runner.diverged_round(group_curves["train_loss"][i])
+        row["diverged"] = row["diverged_round"] is not None
       rows.append(row)
       params_out.append(jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), states.params))
     for target, source in ((curves, group_curves), (eval_curves, group_eval)):

@@ -383,8 +383,10 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     if not _applies(h, settings, static):
       if settings.get(h.key) is not None or h.key in grid:
         raise ConfigError(f"{source}: {h.key} applies with {h.needs[0]} {h.needs[1]!r}")
-    elif settings[h.key] is None and h.default is not None:
-      settings[h.key] = h.default
+    elif settings[h.key] is None and h.default is not None and h.key not in grid:
+      if h.default_by is not None and h.default_by[0] in static:
+        continue  # its default depends on the static combination: build_algorithm's
+      settings[h.key] = h.default_for(settings)
   if "server_lr" in grid and settings["attack"] == "backdoor":
     raise ConfigError(f"{source}: grid.server_lr: the backdoor attack's model replacement "
                       "checks the server learning rate in Python (attacks.model_replacement), "
@@ -457,11 +459,13 @@ class Builder:
     return {**self.config.settings,
             **{k: v for k, v in configuration.items() if k in self.config.settings}}
 
-  def namespace(self, configuration: Mapping[str, Any], *,
-                calibrate: bool = True) -> argparse.Namespace:
+  def namespace(self, configuration: Mapping[str, Any], *, calibrate: bool = True,
+                keep_unused: bool = False) -> argparse.Namespace:
     """The parsed `fedjax-sim run` flags these values mean (`--seed` is `init_seed`). A
     target epsilon is replaced by the noise multiplier it calibrates (once per static
-    combination), unless `calibrate` is False."""
+    combination), unless `calibrate` is False. A setting that has no effect in this
+    combination (`run_options.unused_flags`; `check` refuses one that has none in any) is
+    left out, unless `keep_unused`."""
     config = self.config
     args = argparse.Namespace(**_run_defaults())
     args.task, args.algorithm = config.task, config.algorithm
@@ -474,6 +478,9 @@ class Builder:
     for h in registry.HPARAMS:  # not those whose setting is not this combination's
       if h.needs is not None and getattr(args, h.needs[0]) != h.needs[1]:
         setattr(args, h.key, None)
+    if not keep_unused:
+      for flag, _ in run_options.unused_flags(args):
+        setattr(args, flag[2:].replace("-", "_"), None if flag != "--rotate" else False)
     if calibrate and args.target_epsilon is not None and args.noise_multiplier is None:
       key = tuple(sorted((k, configuration[k]) for k in config.static if k in configuration))
       if key not in self._calibrated:
@@ -524,6 +531,17 @@ class Builder:
     probes = [first] + [{**first, name: v} for name, values in config.grid.items()
                         for v in values[1:]]
     notes: list[str] = []
+    # A setting that has no effect in any static combination is a mistake.
+    unused: dict[str, str] | None = None
+    for static in _product(config.static) or [{}]:
+      args = self.namespace({**first, **static}, calibrate=False, keep_unused=True)
+      found = dict(run_options.unused_flags(args))
+      unused = found if unused is None else {f: n for f, n in unused.items() if f in found}
+    for flag, needs in (unused or {}).items():
+      name = flag[2:].replace("-", "_")
+      where = "static" if name in config.static else "settings"
+      raise ConfigError(f"{config.source}: {where}.{name} has no effect: it applies with "
+                        f"{needs}")
     for static in _product(config.static) or [{}]:
       for hp in probes:
         configuration = {**hp, **static}
@@ -579,6 +597,8 @@ def write_results(result, config: SweepConfig, output: str, extra: dict[str, Any
              "eval_rounds": [int(r) for r in result.eval_rounds], **extra}
   metric = "final_test_accuracy" if "final_test_accuracy" in names else "final_train_loss"
   values = result.column(metric)
+  # A diverged row is never the best.
+  values = np.where([bool(r.get("diverged")) for r in result.rows], np.nan, values)
   if np.isfinite(values).any():
     best = int(np.nanargmax(values) if "accuracy" in metric else np.nanargmin(values))
     summary["best"] = {"by": metric, **result.rows[best]}

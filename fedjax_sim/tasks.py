@@ -70,7 +70,18 @@ def load_task(name: str, seed: int = 0, **options) -> Task:
   unknown = sorted(set(options) - set(allowed))
   if unknown:
     raise ValueError(f"task {name!r} does not take option(s) {unknown}; it takes {allowed}")
+  if "partition" in allowed:  # each partitioner's own option, refused under the others
+    chosen = options.get("partition",
+                         inspect.signature(_TASKS[name]).parameters["partition"].default)
+    for option, partitioner in PARTITION_OPTIONS.items():
+      if option in options and chosen != partitioner:
+        raise ValueError(f"{option} (--{option.replace('_', '-')}) has no effect with "
+                         f"partition {chosen!r}: it applies with partition {partitioner!r}")
   return _TASKS[name](seed=seed, **options)
+
+
+# The partitioned tasks' options that only one partitioner uses.
+PARTITION_OPTIONS = {"alpha": "dirichlet", "shards_per_client": "shards", "sigma": "quantity"}
 
 
 def from_client_splits(xs, ys, *, num_classes: int, test_fraction: float, seed: int,

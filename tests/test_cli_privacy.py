@@ -59,8 +59,9 @@ def test_target_epsilon_alone_calibrates_the_noise():
     (["--attack", "sign_flip", "--malicious-fraction", "0.4", "--aggregator", "krum"],
      "krum with num_byzantine=4 needs at least 2\\*4\\+3 = 11 clients per round, got 10"),
     (["--attack", "sign_flip"], "needs --malicious-fraction in \\(0, 1\\)"),
-    (["--malicious-fraction", "0.2"], "needs an --attack"),
-    (["--rotate"], "--rotate applies to --quantize-bits"),
+    (["--malicious-fraction", "0.2"],
+     "--malicious-fraction has no effect here: it applies with an --attack"),
+    (["--rotate"], "--rotate has no effect here: it applies with --quantize-bits"),
 ])
 def test_bad_flag_combinations_are_clear_errors(tmp_path, capsys, flags, match):
   code = cli.main(["run", "--rounds", "2", "--output", str(tmp_path / "x"), "--no-progress",

@@ -208,3 +208,29 @@ def test_cli_task_option_errors_name_the_problem(tmp_path, capsys):
     assert cli.main(["run", "--task", "digits", "--partition", "dirichlet", "--alpha", "-1",
                      "--no-progress"]) == 2
     assert "alpha must be a positive number, got -1.0" in capsys.readouterr().err
+
+
+def test_tfds_real_builder_path_offline_says_how_to_prepare(tmp_path, monkeypatch, capsys):
+  # The real builder (no mock_data): with download=False it stops at the prepared-data
+  # check; with download=True it goes through preparing (the import chain that needed
+  # importlib_resources, the download manager) until the network fails, at once here.
+  pytest.importorskip("tensorflow_datasets")
+  import socket
+  from tensorflow_datasets.core.download import downloader
+
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match="prepared data not found in DATA_DIR "
+                     f"{data_dir} .*download=False.*copy the folder ~/tensorflow_datasets/mnist"):
+    tfds_lib.load("mnist", "train", data_dir=data_dir, download=False)
+
+  def offline(*args, **kwargs):
+    raise socket.gaierror("no network (test)")
+  monkeypatch.setattr(socket, "getaddrinfo", offline)
+  monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
+  from fedjax_sim import cli
+  assert cli.main(["run", "--task", "mnist", "--data-dir", data_dir, "--rounds", "1",
+                   "--no-progress", "--output", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err
+  assert "prepared data not found in DATA_DIR" in err and "preparing it failed" in err
+  assert "tfds.data_source('mnist', split='train')" in err
+  assert "importlib_resources" not in err

@@ -87,6 +87,8 @@ class Hparam(NamedTuple):
   state_names: algorithm -> its name in `state.hp`, where that is not `key`.
   needs: (setting, value) without which it does not apply.
   metavar: for `--help`.
+  default_by: (setting, {value: default}): a default that depends on a setting (the
+    server learning rate on the server optimizer); `default` for other values.
   """
 
   key: str
@@ -99,9 +101,17 @@ class Hparam(NamedTuple):
   state_names: Mapping[str, str] = {}
   needs: tuple[str, str] | None = None
   metavar: str | None = None
+  default_by: tuple[str, Mapping[str, float]] | None = None
 
   def state_name(self, algorithm: str) -> str:
     return self.state_names.get(algorithm, self.key)
+
+  def default_for(self, settings: Mapping[str, Any]) -> float | None:
+    """The default given the settings (e.g. {"server_optimizer": "fedadam"})."""
+    if self.default_by is None:
+      return self.default
+    setting, defaults = self.default_by
+    return defaults.get(settings.get(setting), self.default)
 
 
 _SYNC = ALGORITHMS
@@ -110,10 +120,13 @@ _ALL = ALGORITHMS + ASYNC
 HPARAMS: tuple[Hparam, ...] = (
     Hparam("client_lr", "--client-lr", 0.05, "client learning rate (L = 1/lr in q-FFL)", _ALL,
            check=engine.POSITIVE),
-    Hparam("server_lr", "--server-lr", 1.0, "server learning rate (MimeLite's eta_g)",
+    Hparam("server_lr", "--server-lr", 1.0,
+           "server learning rate (MimeLite's eta_g); default by --server-optimizer: "
+           + ", ".join(f"{k} {v:g}" for k, v in optimizers.SERVER_LR_DEFAULTS.items()),
            ("fedavg", "fedprox", "scaffold", "fednova", "mimelite", "ditto", "fedexp", "fedrep",
             "fedbuff"),
-           check=engine.POSITIVE),
+           check=engine.POSITIVE,
+           default_by=("server_optimizer", optimizers.SERVER_LR_DEFAULTS)),
     Hparam("client_momentum", "--client-momentum", 0.9,
            "beta of --client-optimizer momentum (FedNova's rho)",
            ("fedavg", "fedprox", "fednova", "feddyn", "ditto", "fedexp", "fedrep", "fedbuff"),
@@ -165,7 +178,7 @@ def add_flags(group, part: str) -> None:
     if h.part != part:
       continue
     users = "all" if set(h.used_by) >= set(_SYNC) else ", ".join(h.used_by)
-    default = "" if h.default is None else f"; default {h.default:g}"
+    default = "" if h.default is None or h.default_by else f"; default {h.default:g}"
     h_help = f"{h.help} ({users}{default})" if part == "algorithm" else h.help
     group.add_argument(h.flag, type=float, default=None, metavar=h.metavar, help=h_help)
 
@@ -199,7 +212,7 @@ def check_args(args: argparse.Namespace) -> None:
   for h in hparams_of(algorithm, "algorithm"):
     if getattr(args, h.key) is None and (h.needs is None
                                          or getattr(args, h.needs[0]) == h.needs[1]):
-      setattr(args, h.key, h.default)
+      setattr(args, h.key, h.default_for(vars(args)))
 
 
 def algorithm_hparams(values: Any) -> dict[str, Any]:
@@ -243,11 +256,11 @@ def build_algorithm(
     systems: systems_lib.SystemsConfig | None = None,
     hparam_schedule: Callable | None = None,
     concurrency: int | None = None,
-    staleness: str = "polynomial",
+    staleness: str | None = None,
     profiles: systems_lib.ClientProfiles | None = None,
     num_clients: int | None = None,
-    profile_seed: int = 0,
-    fedrep_head: Any = "out",
+    profile_seed: int | None = None,
+    fedrep_head: Any = None,
     **hparams: float,
 ) -> FederatedAlgorithm:
   """Builds algorithm `name` (one of ALGORITHMS or ASYNC) from optimizer names and numbers.
@@ -264,15 +277,18 @@ def build_algorithm(
     server_optimizer: see `optimizers.server_optimizer`; FedDyn, MimeLite and
       q-FFL have their own server rule (take 'fedavg').
     concurrency, staleness: FedBuff's (see `fedbuff`); its buffer size is
-      `clients_per_round` and `concurrency` defaults to it.
+      `clients_per_round`, `concurrency` defaults to it and `staleness` to 'polynomial'.
     profiles: FedBuff's client profiles; if None, drawn by
-      `systems.sample_profiles(num_clients, seed=profile_seed)`.
-    fedrep_head: FedRep's `head=` (parameter names or a mask function); "out" is the
-      output layer of `models.mlp`, `cnn` and `char_rnn`.
+      `systems.sample_profiles(num_clients, seed=profile_seed)` (seed 0 by default).
+    fedrep_head: FedRep's `head=` (parameter names or a mask function); default "out",
+      the output layer of `models.mlp`, `cnn` and `char_rnn`.
     **hparams: the algorithm hyperparameters of `HPARAMS` by key (`client_lr`,
       `server_lr`, `client_momentum`, `mu`, `feddyn_alpha`, `mime_momentum`,
-      `ditto_lambda`, `q`), defaults from the table; those `name` does not use are
-      ignored. Values may be traced (a sweep builds the algorithm inside its program).
+      `ditto_lambda`, `q`), defaults from the table. One that `name` does not use (or
+      `client_momentum` without client optimizer 'momentum') is a ValueError, as are
+      FedBuff's and FedRep's own arguments given to another algorithm: nothing given is
+      silently ignored. Values may be traced (a sweep builds the algorithm inside its
+      program).
 
   Returns:
     The FederatedAlgorithm, every numeric hyperparameter in `state.hp` (the client and
@@ -285,10 +301,31 @@ def build_algorithm(
   if unknown:
     raise ValueError(f"unknown hyperparameters {unknown}; choose from "
                      f"{[h.key for h in HPARAMS if h.part == 'algorithm']}")
+  chosen = {"client_optimizer": client_optimizer, "server_optimizer": server_optimizer}
+  for h in HPARAMS:
+    if h.key in hparams and hparams[h.key] is not None and h.part == "algorithm":
+      if name not in h.used_by:
+        raise ValueError(f"{name} does not use {h.key}; it applies to {', '.join(h.used_by)}")
+      if h.needs is not None and chosen[h.needs[0]] != h.needs[1]:
+        raise ValueError(f"{h.key} applies with {h.needs[0]}={h.needs[1]!r}, got "
+                         f"{chosen[h.needs[0]]!r}")
+  hparams = {k: v for k, v in hparams.items() if v is not None}
+  own = {"concurrency": concurrency, "staleness": staleness, "profiles": profiles,
+         "profile_seed": profile_seed}
+  given = [k for k, v in own.items() if v is not None]
+  if given and name not in ASYNC:
+    raise ValueError(f"{', '.join(given)}: fedbuff's (asynchronous) arguments; {name} does not "
+                     f"use them")
+  if fedrep_head is not None and name != "fedrep":
+    raise ValueError(f"fedrep_head: FedRep's argument; {name} does not use it")
+  staleness = "polynomial" if staleness is None else staleness
+  fedrep_head = "out" if fedrep_head is None else fedrep_head
+  profile_seed = 0 if profile_seed is None else profile_seed
   optimizers.client_optimizer(client_optimizer, 1.0)  # its name check
   optimizers.server_optimizer(server_optimizer, 1.0)
   check_choices(name, client_optimizer, server_optimizer)
-  v = {h.key: hparams.get(h.key, h.default) for h in HPARAMS if h.part == "algorithm"}
+  v = {h.key: hparams.get(h.key, h.default_for(chosen)) for h in HPARAMS
+       if h.part == "algorithm"}
   if (name not in HPARAM["server_lr"].used_by and name not in ASYNC
       and engine.is_concrete(v["server_lr"]) and float(v["server_lr"]) != 1.0):
     raise ValueError(f"{name} has its own server update: use server optimizer 'fedavg' with "

@@ -11,6 +11,7 @@ Any partitioner in `fedjax_sim.partition` then splits the arrays into clients.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 
@@ -41,6 +42,26 @@ def to_arrays(images, labels) -> tuple[np.ndarray, np.ndarray]:
   if images.ndim == 3:  # a data set without a channel axis
     images = images[..., None]
   return (images.astype(np.float32) / 255.0), labels.astype(np.int32)
+
+
+# How to prepare a data set for an offline machine.
+PREPARE = ("on a machine with a network (or in Colab): pip install 'fedjax_sim[tfds]', then "
+           "python -c \"import tensorflow_datasets as tfds; tfds.data_source('{name}', "
+           "split='train')\" (prepares array_record files, readable without TensorFlow, in "
+           "~/tensorflow_datasets); copy the folder ~/tensorflow_datasets/{base} into {root} "
+           "on this machine")
+
+
+def _root(data_dir: str | None) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      os.path.join("~", "tensorflow_datasets"))
+
+
+def _not_prepared(name: str, data_dir: str | None, reason: str) -> str:
+  root = _root(data_dir)
+  return (f"TFDS {name!r}: prepared data not found in DATA_DIR {root} (--data-dir, default "
+          f"~/tensorflow_datasets) {reason}. To prepare it: "
+          + PREPARE.format(name=name, base=name.partition("/")[0], root=root))
 
 
 def _backend(backend: str) -> str:
@@ -75,12 +96,28 @@ def load(name: str, split: str = "train", *, data_dir: str | None = None,
   except ImportError as e:
     raise ImportError("TFDS data sets need tensorflow-datasets: "
                       "pip install 'fedjax_sim[tfds]'") from e
-  if _backend(backend) == "load":
-    image_key = "image"
-    data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
-                                   download=download))
-    return to_arrays(data[image_key], data[label_key])
-  source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  backend = _backend(backend)
+  # The real builder: is the data set prepared in data_dir? (Preparing it needs a network.)
+  prepared = tfds.builder(name, data_dir=data_dir).is_prepared()
+  if not prepared and not download:
+    raise FileNotFoundError(_not_prepared(name, data_dir, "(download=False)"))
+  try:
+    if backend == "load":
+      data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1,
+                                     download=download))
+      return to_arrays(data["image"], data[label_key])
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+  except NotImplementedError as e:  # prepared as TFRecord, which needs TensorFlow to read
+    raise ValueError(f"{name} in {_root(data_dir)} was prepared in a format that needs "
+                     f"TensorFlow to read ({str(e).splitlines()[0]}): pip install tensorflow, "
+                     f"or prepare it again with array_record files (see "
+                     f"fedjax_sim.datasets.tfds.PREPARE)") from None
+  except Exception as e:  # pylint: disable=broad-except
+    if prepared or isinstance(e, ImportError):
+      raise
+    raise FileNotFoundError(_not_prepared(
+        name, data_dir, f"and preparing it failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]})")) from e
   if len(source) == 0:
     raise ValueError(f"{name} split {split!r} has no examples")
   images, labels = [], []
