@@ -321,12 +321,17 @@ def run_command(args: argparse.Namespace) -> dict:
     warm_start.save_params(args.save_params, state.params)
     summary["saved_params"] = args.save_params
     changed = True
-  if args.algorithm == "ditto" and task.client_test is not None:
-    summary["personalized"] = evaluation.make_personalized_evaluator(
-        model.apply, task.client_test)(state.client_states)
+  if args.algorithm in ("ditto", "fedrep") and task.client_test is not None:
+    if args.algorithm == "ditto":  # each client's own model
+      personal = evaluation.make_personalized_evaluator(model.apply, task.client_test)(
+          state.client_states)
+    else:  # the shared body with each client's own head
+      from fedjax_sim.algorithms.fedrep import personalized_evaluator
+      personal = personalized_evaluator(model.apply, task.client_test)(state)
+    summary["personalized"] = personal
     changed = True
-    print("ditto's personalized models: client test accuracy "
-          f"{summary['personalized']['personal_client_test_accuracy']:.4f}")
+    print(f"{args.algorithm}'s personalized models: client test accuracy "
+          f"{personal['personal_client_test_accuracy']:.4f}")
   if changed:
     with open(summary_path, "w") as f:
       json.dump(summary, f, indent=2)

@@ -100,3 +100,13 @@ def test_every_hyperparameter_is_a_flag_and_in_the_state(small_mlp):
   with pytest.raises(ValueError, match="unknown hyperparameters \\['alpha'\\]"):
     build_algorithm("feddyn", small_mlp.apply, clients_per_round=2, batch_size=4, steps=1,
                     alpha=0.3)
+
+
+def test_fedrep_reports_its_personalized_accuracy(tmp_path, capsys):
+  """FedRep's global model has an untrained head; what it learns is in the clients' heads."""
+  out = tmp_path / "run"
+  assert cli.main(["run", "--algorithm", "fedrep", "--model", "mlp", "--rounds", "2",
+                   "--output", str(out), "--no-progress"]) == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert 0.0 <= summary["personalized"]["personal_client_test_accuracy"] <= 1.0
+  assert "fedrep's personalized models: client test accuracy" in capsys.readouterr().out
