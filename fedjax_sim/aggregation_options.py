@@ -196,7 +196,12 @@ def with_backdoor(evaluate: Callable, apply: Callable, test, backdoor: attacks.B
   if backdoor is None or test is None:
     return evaluate
   measure = attacks.backdoor_evaluator(apply, test[0], test[1], backdoor)
-  return lambda params: {**evaluate(params), **measure(params)}
+
+  def both(params):
+    return {**evaluate(params), **measure(params)}
+
+  both.check = getattr(evaluate, "check", None)  # the test data's checks (runner.run)
+  return both
 
 
 def _reducer(args, clients_per_round: int) -> aggregators.Aggregator:

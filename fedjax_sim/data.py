@@ -74,7 +74,8 @@ def from_clients(
     FederatedData on the default device.
 
   Raises:
-    ValueError: naming the client and what is wrong with it.
+    ValueError: naming the client and what is wrong with it (features of other shapes,
+      NaN or inf in the features, labels that are not integers or out of range).
   """
   if len(xs) != len(ys):
     raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
@@ -100,6 +101,12 @@ def from_clients(
       raise ValueError(f"client {i}: inputs of shape {x.shape[1:]}, client 0 has {feature_shape}")
     if y.shape[1:] != label_shape:
       raise ValueError(f"client {i}: labels of shape {y.shape[1:]}, client 0 has {label_shape}")
+    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+      bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+      j = int(np.flatnonzero(bad)[0])
+      kind = "NaN" if np.isnan(x[j]).any() else "inf"
+      raise ValueError(f"client {i}'s features contain {kind} (example {j}; {int(bad.sum())} "
+                       f"example(s) of this client): clean or drop those examples")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
     # Per-token labels (extra axes) may hold IGNORE_LABEL at padded positions.

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import checks
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import label_sums
@@ -44,6 +45,12 @@ def make_evaluator(
   Returns:
     evaluate(params) -> {"test_loss", "test_accuracy", "client_test_loss",
     "client_test_accuracy", "client_test_accuracy_p10"} (those that apply).
+    `evaluate.check(params)` raises ValueError if the model cannot take the test data's
+    examples or its outputs do not fit their labels (`fs.run` and `fs.sweep` call it
+    before compiling; `evaluate` calls it once, before its first evaluation).
+
+  Raises:
+    ValueError: test features that hold NaN or inf, naming the example or client.
   """
   if test is None and client_test is None:
     raise ValueError("give a central test set, per-client test splits, or both")
@@ -52,6 +59,7 @@ def make_evaluator(
     x, y = np.asarray(test[0]), np.asarray(test[1])
     if len(x) != len(y) or len(x) == 0:
       raise ValueError(f"test set: x has {len(x)} examples and y has {len(y)}; need equal, > 0")
+    checks.check_finite_array(x, "the test set")
     size = min(batch_size, len(x))
     num_batches = -(-len(x) // size)
     pad = num_batches * size - len(x)
@@ -71,6 +79,8 @@ def make_evaluator(
 
   per_client = None
   if client_test is not None:
+    checks.check_finite_features(client_test, "the client test splits")
+
     @compile_lib.jit
     def per_client(params, data: FederatedData):
       def one(args):
@@ -78,7 +88,22 @@ def make_evaluator(
         return _sums(apply, params, x, y, jnp.arange(x.shape[0]) < n)
       return jax.lax.map(one, (data.x, data.y, data.counts), batch_size=64)
 
+  checked = []
+
+  def check(params) -> None:
+    """Raises ValueError if the model cannot take the test data or their labels."""
+    if central is not None:
+      logits = checks.model_output(apply, params, x.shape[1:], xb.dtype,
+                                   "the test set's examples")
+      checks.check_label_values(logits, y, np.ones(len(y), bool), "the test set",
+                                client_axis=False)
+    if client_test is not None:
+      checks.check_labels(apply, params, client_test, "the client test splits")
+    checked.append(True)
+
   def evaluate(params) -> dict[str, float]:
+    if not checked:
+      check(params)
     out = {}
     if central is not None:
       loss, acc = central(params, *central_data)
@@ -87,6 +112,7 @@ def make_evaluator(
       out.update(_client_metrics("client_test", *per_client(params, client_test)))
     return out
 
+  evaluate.check = check
   return evaluate
 
 
@@ -113,8 +139,12 @@ def make_personalized_evaluator(
     evaluate(client_params), where every leaf of `client_params` has a leading
     axis over the clients of `client_test` (as `ServerState.client_states` of
     `ditto`), -> {"personal_client_test_loss", "personal_client_test_accuracy",
-    "personal_client_test_accuracy_p10"}, aggregated as `make_evaluator` does.
+    "personal_client_test_accuracy_p10"}, aggregated as `make_evaluator` does. The
+    first call checks client 0's model against the test splits (ValueError naming both
+    sides, before compiling).
   """
+  checks.check_finite_features(client_test, "the client test splits")
+  checked = []
 
   @compile_lib.jit
   def per_client(client_params, data: FederatedData):
@@ -128,6 +158,10 @@ def make_personalized_evaluator(
     if rows != {client_test.num_clients}:
       raise ValueError(f"client_params has models for {sorted(rows)} clients but the test "
                        f"splits have {client_test.num_clients}")
+    if not checked:
+      checks.check_labels(apply, jax.tree_util.tree_map(lambda a: a[0], client_params),
+                          client_test, "the client test splits")
+      checked.append(True)
     return _client_metrics("personal_client_test", *per_client(client_params, client_test))
 
   return evaluate
@@ -149,8 +183,11 @@ def make_merged_personalized_evaluator(
   Returns:
     evaluate(shared, client_rows), where every leaf of `client_rows` has a leading
     axis over the clients of `client_test`, -> the metrics of
-    `make_personalized_evaluator`.
+    `make_personalized_evaluator`. The first call checks client 0's model against the
+    test splits (ValueError naming both sides, before compiling).
   """
+  checks.check_finite_features(client_test, "the client test splits")
+  checked = []
 
   @compile_lib.jit
   def per_client(shared, rows, data: FederatedData):
@@ -164,6 +201,10 @@ def make_merged_personalized_evaluator(
     if rows != {client_test.num_clients}:
       raise ValueError(f"client_rows has rows for {sorted(rows)} clients but the test "
                        f"splits have {client_test.num_clients}")
+    if not checked:
+      first = merge(shared, jax.tree_util.tree_map(lambda a: a[0], client_rows))
+      checks.check_labels(apply, first, client_test, "the client test splits")
+      checked.append(True)
     return _client_metrics("personal_client_test", *per_client(shared, client_rows, client_test))
 
   return evaluate

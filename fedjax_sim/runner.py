@@ -64,6 +64,14 @@ class History(list):
     return np.array([r["round"] for r in rows]), np.array([r[name] for r in rows])
 
 
+def check_evaluator(evaluate: Callable | None, params: Any) -> None:
+  """Runs `evaluate.check(params)` where the evaluator has one (`fs.make_evaluator`'s:
+  the model against the test data, a ValueError naming both sides), before compiling."""
+  check = getattr(evaluate, "check", None)
+  if check is not None:
+    check(params)
+
+
 @functools.lru_cache(maxsize=None)
 def make_chunk(algorithm: FederatedAlgorithm, length: int) -> Callable:
   """A jitted `(state, data) -> (state, stacked metrics)` running `length` rounds.
@@ -148,6 +156,7 @@ def run(
   if not isinstance(rounds_per_chunk, int) or rounds_per_chunk <= 0:
     raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
   algorithm.validate(state, data)
+  check_evaluator(evaluate, state.params)
   # The chunk donates its input state; copy so the caller's arrays stay valid.
   state = jax.tree_util.tree_map(jnp.copy, state)
   history = History()

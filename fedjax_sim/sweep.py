@@ -195,6 +195,7 @@ def sweep(
     states = jax.jit(jax.vmap(lambda hp, key: make_algorithm({**hp, **static_config}).init(
         params, key, *init_args)))(hparams, keys)
     probe.validate(jax.tree_util.tree_map(lambda a: a[0], states), data)
+    runner.check_evaluator(evaluate, params)
     if mesh is not None:
       states = sharding.shard_leading(states, mesh)
     group_metrics: list[dict] = []

@@ -81,7 +81,8 @@ def test_labels_out_of_range_for_the_model(small_mlp, count_compiles):
                      batch_size=2, epochs=1)
   state = algorithm.init(small_mlp.params, jax.random.key(0))
   before = count_compiles()
-  with pytest.raises(ValueError, match=r"client 1: labels must lie in \[0, 3\) for this model"):
+  with pytest.raises(ValueError, match=r"the model has 3 outputs but the data's labels go up to "
+                                       r"5 \(client 1's\)"):
     fs.run(algorithm, state, train, rounds=1, progress=False)
   assert count_compiles() == before
 

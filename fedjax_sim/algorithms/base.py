@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import keys, local
+from fedjax_sim import checks, keys, local
+from fedjax_sim.checks import check_labels  # noqa: F401 (re-exported)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.local import LocalResult
 from fedjax_sim.losses import cross_entropy
@@ -128,20 +129,13 @@ def weighted_sum(weights: jax.Array, stacked: Params) -> Params:
   return jax.tree_util.tree_map(lambda d: jnp.tensordot(weights, d, axes=1), stacked)
 
 
-def check_labels(apply, params, data: FederatedData) -> None:
-  """Raises ValueError if a label is negative or not below the model's output size."""
-  logits = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((1, *data.x.shape[2:]), data.x.dtype))
-  num_classes = logits.shape[-1]
-  y, counts = np.asarray(data.y), np.asarray(data.counts)
-  real = np.arange(data.max_examples) < counts[:, None]
-  # Per-token labels (extra axes) may hold IGNORE_LABEL (-1) at padded positions.
-  lowest = -1 if y.ndim > 2 else 0
-  bad = real.reshape(*real.shape, *([1] * (y.ndim - 2))) & ((y < lowest) | (y >= num_classes))
-  if bad.any():
-    i = int(np.argwhere(bad)[0, 0])
-    labels = y[i, :counts[i]]
-    raise ValueError(f"client {i}: labels must lie in [0, {num_classes}) for this model, "
-                     f"found {labels.min()}..{labels.max()}")
+def check_model_and_data(apply, params, data: FederatedData) -> None:
+  """Raises ValueError, naming both sides, if the model cannot take `data`'s examples, its
+  outputs do not fit the labels, or the features or parameters hold NaN or inf
+  (`fedjax_sim.checks`)."""
+  check_labels(apply, params, data)
+  checks.check_finite_features(data)
+  checks.check_finite_params(params, "the state's model parameters")
 
 
 # --- Pieces shared by the round engine and FedBuff's event driver. ---

@@ -33,9 +33,9 @@ import optax
 from fedjax_sim import keys
 from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
-                                       check_clients_per_round, check_labels, check_round_args,
-                                       init_client_states, model_bytes, resolve_chunk_size,
-                                       sample_clients, weighted_sum)
+                                       check_clients_per_round, check_model_and_data,
+                                       check_round_args, init_client_states, model_bytes,
+                                       resolve_chunk_size, sample_clients, weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim import local
 
@@ -345,7 +345,7 @@ def compose(
                        f"{name}'s {sorted(hparams)}: make the state with this algorithm's init")
     check_hparams(state.hp, hparam_checks)
     check_clients_per_round(clients_per_round, data)
-    check_labels(apply, state.params, data)
+    check_model_and_data(apply, state.params, data)
     if stateful:
       check_client_states(state, data)
     if getattr(aggregator, "validate", None) is not None:

@@ -51,7 +51,7 @@ import optax
 
 from fedjax_sim import keys as keys_lib
 from fedjax_sim import local, systems
-from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_labels,
+from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_model_and_data,
                                         check_round_args, client_key, client_weights,
                                         map_clients, model_bytes, resolve_chunk_size,
                                         round_keys, round_metrics,
@@ -202,7 +202,7 @@ def fedbuff(
     if not isinstance(slots, InFlight) or np.shape(slots.client_ids) != (concurrency,):
       raise ValueError("the state was not made by this fedbuff's init (it needs "
                        f"{concurrency} clients in flight in state.algorithm_state)")
-    check_labels(apply, state.params, data)
+    check_model_and_data(apply, state.params, data)
     if getattr(aggregator, "validate", None) is not None:
       aggregator.validate(buffer_size, data.num_clients)
 

@@ -1,0 +1,164 @@
+"""Host-side checks of a model against its data, run before anything compiles.
+
+Each names both sides of a mismatch: what the model expects and what the data hold
+(the model's input shape against the examples' shape, its number of outputs against
+the largest label), or the client and example whose features are not finite.
+Used by every algorithm's `validate` (training data) and by the evaluators (the
+central test set, per-client test splits).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim.data import FederatedData
+
+
+def _of(what: str) -> str:
+  """The possessive: "the data's", "the client test splits'"."""
+  return what + ("'" if what.endswith("s") else "'s")
+
+
+def _shape(text: str) -> tuple[int, ...]:
+  return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+
+
+def _input_mismatch(error: Exception, shape: tuple[int, ...], dtype, what: str) -> str:
+  """A message naming what the model expects and what `what` (e.g. "the data's
+  examples") hold, read from the error the model raised on one example if it can."""
+  message = str(error)
+  size = int(np.prod(shape))
+  dense = re.search(r"contracting dimensions to have the same shape, got "
+                    r"\(([\d, ]*)\) and \(([\d, ]*)\)", message)
+  if dense:  # x @ kernel: x's last axes against the kernel's first
+    got, wants = _shape(dense.group(1)), _shape(dense.group(2))
+    if got == shape or (len(got) == 1 and got[0] == size):
+      return (f"the model expects inputs of shape {wants} but {what} have shape {shape}")
+    return (f"a dense layer of the model expects inputs of shape {wants} but {what}, of "
+            f"shape {shape}, give it {got}")
+  reshape = re.search(r"cannot reshape array of shape \(([\d, ]*)\) \(size \d+\) into shape "
+                      r"\(([\d, ]*)\)", message)
+  if reshape:
+    target = _shape(reshape.group(2))
+    if target and target[0] == 1:  # the batch of one example, reshaped to the model's input
+      wants = target[1:]
+      return (f"the model expects inputs of shape {wants} ({int(np.prod(wants))} values) but "
+              f"{what} have shape {shape} ({size} values)")
+  first = message.strip().splitlines()[0] if message.strip() else ""
+  return (f"the model cannot take {what}, of shape {shape} and dtype {np.dtype(dtype).name}: "
+          f"{type(error).__name__}: {first}")
+
+
+def model_output(apply, params, example_shape, dtype, what: str) -> jax.ShapeDtypeStruct:
+  """The shape of `apply(params, x)` on a batch of one example of `example_shape`.
+
+  Raises:
+    ValueError: the model cannot take such examples, naming the shape it expects (when
+      its error says) and the examples' shape, e.g. "the model expects inputs of shape
+      (50,) but the data's examples have shape (60,)".
+  """
+  shape = tuple(int(s) for s in example_shape)
+  try:
+    return jax.eval_shape(apply, params, jax.ShapeDtypeStruct((1, *shape), dtype))
+  except Exception as e:  # flax/jax raise TypeError, ValueError... from inside the model
+    raise ValueError(_input_mismatch(e, shape, dtype, what)) from e
+
+
+def check_label_values(logits: jax.ShapeDtypeStruct, y: np.ndarray, real: np.ndarray,
+                       what: str, client_axis: bool) -> None:
+  """Raises ValueError if the labels `y` (at the real examples `real`) do not fit the
+  model's output `logits` (its shape on a batch of one example): labels per example of
+  another shape than the outputs', a label above the number of outputs, or below 0."""
+  label_shape = y.shape[2:] if client_axis else y.shape[1:]
+  if len(logits.shape) >= 2 and tuple(logits.shape[1:-1]) != tuple(label_shape):
+    raise ValueError(
+        f"the model's output for one example has shape {tuple(logits.shape[1:])} (the last "
+        f"axis over classes) but {_of(what)} labels for one example have shape "
+        f"{tuple(label_shape)}: it should output shape {(*label_shape, 'classes')}")
+  num_classes = logits.shape[-1]
+  # Per-token labels (extra axes) may hold IGNORE_LABEL (-1) at padded positions.
+  lowest = -1 if len(label_shape) else 0
+  mask = real.reshape(*real.shape, *([1] * len(label_shape)))
+  real_labels = y[np.broadcast_to(mask, y.shape)]
+  if real_labels.size == 0:
+    return
+  top, bottom = int(real_labels.max()), int(real_labels.min())
+  if top < num_classes and bottom >= lowest:
+    return
+  offender = top if top >= num_classes else bottom
+  where = ""
+  if client_axis:
+    i = int(np.argwhere(np.broadcast_to(mask, y.shape) & (y == offender))[0, 0])
+    where = f" (client {i}'s)"
+  if top >= num_classes:
+    raise ValueError(f"the model has {num_classes} outputs but {_of(what)} labels go up to "
+                     f"{top}{where}: build the model for at least {top + 1} classes, or fix the "
+                     f"labels")
+  raise ValueError(f"{_of(what)} labels must lie in [0, {num_classes}) for this model, found "
+                   f"{bottom}{where}")
+
+
+def check_labels(apply, params, data: FederatedData, what: str = "the data") -> None:
+  """Raises ValueError if the model cannot take `data`'s examples, or its labels do not fit
+  the model's outputs (negative, or not below the number of outputs)."""
+  logits = model_output(apply, params, data.x.shape[2:], data.x.dtype, f"{_of(what)} examples")
+  y, counts = np.asarray(data.y), np.asarray(data.counts)
+  real = np.arange(data.max_examples) < counts[:, None]
+  check_label_values(logits, y, real, what, client_axis=True)
+
+
+def _non_finite_kind(values: np.ndarray) -> str:
+  return "NaN" if np.isnan(values).any() else "inf"
+
+
+def check_finite_features(data: FederatedData, what: str = "the data") -> None:
+  """Raises ValueError naming the first client (and example) of `data` whose features hold
+  NaN or inf: a model trained on them has a NaN loss from the first round."""
+  x = data.x
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  if jax.default_backend() == "cpu":  # the host view: no copy, nothing compiled
+    host = np.asarray(x)
+    rows = np.isfinite(host.reshape(host.shape[0], -1)).all(axis=1)
+  else:  # one reduction on the device instead of copying the data to the host
+    rows = np.asarray(jax.jit(
+        lambda a: jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))(x))
+  if rows.all():
+    return
+  i = int(np.flatnonzero(~rows)[0])
+  xi = np.asarray(x[i])
+  bad = ~np.isfinite(xi.reshape(xi.shape[0], -1)).all(axis=1)
+  j, n = int(np.flatnonzero(bad)[0]), int(np.asarray(data.counts)[i])
+  place = f"example {j}" if j < n else f"padding slot {j}, past its {n} examples"
+  raise ValueError(f"{what}: client {i}'s features contain {_non_finite_kind(xi[j])} "
+                   f"({place}); {len(np.flatnonzero(~rows))} client(s) in all have non-finite "
+                   f"features: clean or drop those examples")
+
+
+def check_finite_array(x: np.ndarray, what: str) -> None:
+  """Raises ValueError naming the first example of host array `x` that holds NaN or inf."""
+  x = np.asarray(x)
+  if not np.issubdtype(x.dtype, np.inexact) or x.size == 0:
+    return
+  bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+  if bad.any():
+    j = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"{_of(what)} features contain {_non_finite_kind(x[j])} (example {j}; "
+                     f"{int(bad.sum())} example(s) in all): clean or drop those examples")
+
+
+def check_finite_params(params: Any, what: str = "the model's parameters") -> None:
+  """Raises ValueError naming the first leaf of `params` that holds NaN or inf."""
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  for path, leaf in leaves:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+      continue
+    host = np.asarray(leaf)
+    if not np.isfinite(host).all():
+      raise ValueError(f"{what} contain {_non_finite_kind(host)} (in "
+                       f"{jax.tree_util.keystr(path)}): start from finite parameters")

@@ -1,0 +1,134 @@
+"""Issue 15 item 5: a model that does not fit its data, and non-finite inputs, are refused on
+the host before anything compiles, with a message naming both sides (not a flax
+`dot_general` error, nor "Try a smaller learning rate" at round 1)."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import checks, cli, tasks
+
+RNG = np.random.default_rng(0)
+XS = [RNG.normal(size=(4, 6)).astype(np.float32) for _ in range(4)]
+YS = [RNG.integers(0, 3, 4).astype(np.int32) for _ in range(4)]
+YS[2][1] = 4  # labels 0..4: a model needs 5 outputs
+
+
+@pytest.fixture(scope="module")
+def models():
+  return {"six": fs.mlp(6, 5, seed=0), "five": fs.mlp(5, 5, seed=0),
+          "three_outputs": fs.mlp(6, 3, seed=0)}
+
+
+def algorithm(model, name="fedavg"):
+  return fs.build_algorithm(name, model.apply, client_lr=0.1, clients_per_round=2,
+                            batch_size=2, steps=1, num_clients=4)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "fedbuff"])
+def test_input_shape_mismatch_names_both_shapes(models, name, count_compiles):
+  data, model = fs.from_clients(XS, YS), models["five"]
+  if name == "fedbuff":
+    alg = fs.fedbuff(model.apply, client_optimizer=optax.sgd(0.1), batch_size=2, steps=1,
+                     profiles=fs.systems.sample_profiles(4, seed=0), concurrency=2,
+                     buffer_size=1)
+  else:
+    alg = algorithm(model, name)
+  state = alg.init(model.params, jax.random.key(0), 4)
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"^the model expects inputs of shape \(5,\) but the "
+                                       r"data's examples have shape \(6,\)$"):
+    fs.run(alg, state, data, rounds=1, progress=False)
+  assert count_compiles() == before
+
+
+def test_image_model_names_the_shape_it_reshapes_to():
+  with pytest.raises(ValueError, match=r"the model expects inputs of shape \(8, 8, 1\) \(64 "
+                                       r"values\) but the data's examples have shape \(8, 8, 3\)"):
+    checks.model_output(fs.cnn(3, image_size=8).apply, fs.cnn(3, image_size=8).params,
+                        (8, 8, 3), np.float32, "the data's examples")
+
+
+def test_test_set_of_another_shape_is_refused_before_training(models, count_compiles):
+  data = fs.from_clients(XS, YS)
+  evaluate = fs.make_evaluator(models["six"].apply,
+                               test=(np.zeros((3, 5), np.float32), np.zeros(3, np.int32)))
+  alg = algorithm(models["six"])
+  state = alg.init(models["six"].params, jax.random.key(0), 4)
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"expects inputs of shape \(6,\) but the test set's "
+                                       r"examples have shape \(5,\)"):
+    fs.run(alg, state, data, rounds=1, evaluate=evaluate, progress=False)
+  assert count_compiles() == before
+
+
+def test_fewer_outputs_than_classes_names_both(models, count_compiles):
+  data, model = fs.from_clients(XS, YS), models["three_outputs"]
+  alg = algorithm(model)
+  state = alg.init(model.params, jax.random.key(0), 4)
+  # (Building the central evaluator puts its padded batches on the device: compiles.)
+  evaluate = fs.make_evaluator(model.apply, test=(XS[0], np.array([0, 1, 2, 7], np.int32)))
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"the model has 3 outputs but the data's labels go up to 4 "
+                                       r"\(client 2's\): build the model for at least 5 classes"):
+    fs.run(alg, state, data, rounds=1, progress=False)
+  # The central test set and per-client test splits, through the evaluators.
+  ok = fs.from_clients(XS, [np.minimum(y, 2) for y in YS])
+  with pytest.raises(ValueError, match="the model has 3 outputs but the test set's labels go up "
+                                       "to 7"):
+    fs.run(alg, state, ok, rounds=1, evaluate=evaluate, progress=False)
+  personal = fs.make_personalized_evaluator(model.apply, data)
+  stacked = jax.tree_util.tree_map(lambda a: np.stack([a] * 4), model.params)
+  with pytest.raises(ValueError, match="the model has 3 outputs but the client test splits' "
+                                       r"labels go up to 4 \(client 2's\)"):
+    personal(stacked)
+  assert count_compiles() == before
+
+
+def test_non_finite_features_are_named_by_client(models, count_compiles):
+  bad = [x.copy() for x in XS]
+  bad[3][2, 1] = np.nan
+  with pytest.raises(ValueError, match=r"client 3's features contain NaN \(example 2"):
+    fs.from_clients(bad, YS)
+  # Data built directly (not through from_clients) are checked by validate.
+  data = fs.from_clients(XS, [np.minimum(y, 2) for y in YS])
+  x = np.array(data.x)
+  x[1, 0, 4] = np.inf
+  alg = algorithm(models["six"])
+  state = alg.init(models["six"].params, jax.random.key(0), 4)
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"client 1's features contain inf \(example 0\)"):
+    fs.run(alg, state, data._replace(x=x), rounds=1, progress=False)
+  # Test data: the central test set and per-client test splits.
+  test_x = np.zeros((3, 6), np.float32)
+  test_x[1, 0] = np.nan
+  with pytest.raises(ValueError, match=r"the test set's features contain NaN \(example 1"):
+    fs.make_evaluator(models["six"].apply, test=(test_x, np.zeros(3, np.int32)))
+  with pytest.raises(ValueError, match="the client test splits: client 1's features contain inf"):
+    fs.make_evaluator(models["six"].apply, client_test=data._replace(x=x))
+  assert count_compiles() == before
+
+
+def test_non_finite_parameters_are_refused(models):
+  data = fs.from_clients(XS, [np.minimum(y, 2) for y in YS])
+  params = jax.tree_util.tree_map(lambda a: np.array(a), models["six"].params)
+  leaf = jax.tree_util.tree_leaves(params)[0]
+  leaf.reshape(-1)[0] = np.nan
+  alg = algorithm(models["six"])
+  with pytest.raises(ValueError, match="the state's model parameters contain NaN"):
+    fs.run(alg, alg.init(params, jax.random.key(0), 4), data, rounds=1, progress=False)
+
+
+def test_cli_reports_a_model_that_does_not_fit_the_task(monkeypatch, capsys, tmp_path):
+  def mismatched(seed: int = 0):
+    train = fs.from_clients(XS, [np.minimum(y, 2) for y in YS])
+    return tasks.Task(train, (np.zeros((2, 6), np.float32), np.zeros(2, np.int32)), None, 3,
+                      lambda name, seed: fs.mlp(5, 3, seed), "mlp")
+  monkeypatch.setitem(tasks._TASKS, "mismatched", mismatched)
+  code = cli.main(["run", "--task", "mismatched", "--rounds", "1", "--clients-per-round", "2",
+                   "--no-progress", "--output", str(tmp_path / "out")])
+  err = capsys.readouterr().err
+  assert code == 2
+  assert "the model expects inputs of shape (5,) but the data's examples have shape (6,)" in err
