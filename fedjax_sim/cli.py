@@ -19,10 +19,12 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import jax
 
-from fedjax_sim import aggregation_options, evaluation, optimizers, partition, run_options
+from fedjax_sim import aggregation_options, evaluation, optimizers, partition, privacy
+from fedjax_sim import run_options
 from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
 from fedjax_sim import sweep_config
@@ -348,10 +350,12 @@ def run_command(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
-    if args.command == "run":
-      run_command(args)
-    elif args.command == "sweep":
-      sweep_command(args)
+    with warnings.catch_warnings():  # the CLI prints its own line for these
+      warnings.simplefilter("ignore", privacy.DPNoiseWarning)
+      if args.command == "run":
+        run_command(args)
+      elif args.command == "sweep":
+        sweep_command(args)
   except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
     print(f"fedjax-sim: error: {e}", file=sys.stderr)
     return 2

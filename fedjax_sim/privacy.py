@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -162,6 +163,46 @@ class DPState(NamedTuple):
                                # below 2 x the count noise: checked only at construction)
 
 
+# When the noise drowns the signal: the DP mean adds noise of standard deviation z*C/m to
+# every coordinate of the averaged update (z the noise multiplier, C the clipping norm, m
+# the clients per round), while C bounds the L2 norm of the whole clipped average. Above
+# NOISE_RATIO_LIMIT * C (z/m > 0.1) a run is warned. Measured (benchmarks/results/
+# privacy_epsilon.json, logistic regression on Synthetic-IID, 100 rounds): z/m = 0.08
+# reaches test accuracy 0.75 against 0.82 without noise, 0.16 reaches 0.64; the default
+# task's 10 of 30 clients calibrated to epsilon 4 (z = 17, z/m = 1.7) ended below chance.
+NOISE_RATIO_LIMIT = 0.1
+
+
+class DPNoiseWarning(UserWarning):
+  """The DP noise on the averaged update dwarfs the clipped signal (`noise_warning`)."""
+
+
+def noise_warning(noise_multiplier, clients_per_round: int,
+                  num_clients: int | None = None) -> str | None:
+  """The warning for DP noise that dwarfs the clipped updates, or None.
+
+  The rule: the noise on the averaged update has standard deviation z*C/m per
+  coordinate; warn when that is above `NOISE_RATIO_LIMIT` * C (z/m > 0.1), and say how
+  many clients per round would bring it to 0.1 * C at this z (ceil(10 z)).
+  """
+  if not is_concrete(noise_multiplier) or not noise_multiplier > 0:
+    return None
+  z, m = float(noise_multiplier), int(clients_per_round)
+  ratio = z / m
+  if ratio <= NOISE_RATIO_LIMIT:
+    return None
+  needed = math.ceil(z / NOISE_RATIO_LIMIT - 1e-9)
+  text = (f"the DP noise dwarfs the clipped updates: the noise on the averaged update has "
+          f"standard deviation z*C/m = {z:.4g}*C/{m} = {ratio:.3g}*C per coordinate, while the "
+          f"clipping norm C bounds the norm of the whole averaged update; the rule: warn above "
+          f"{NOISE_RATIO_LIMIT:g}*C (z/m > {NOISE_RATIO_LIMIT:g}), where a model learns little. "
+          f"{needed} clients per round would bring it to {NOISE_RATIO_LIMIT:g}*C at this noise "
+          f"multiplier")
+  if num_clients is not None and needed > num_clients:
+    text += f", more than the {num_clients} clients there are"
+  return text + "."
+
+
 def dp_mean(clip_norm: float, noise_multiplier: float, *,
             adaptive: AdaptiveClipping | None = None) -> Aggregator:
   """DP-FedAvg's reducer: clip each update, sum, add N(0, (z C)^2), divide by m.
@@ -177,7 +218,9 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
     An Aggregator (ignoring the example weights: see the module docstring) with
     metrics `clip_norm` (used this round), `clipped_fraction` and
     `noise_stddev` (of the mean's coordinates). `clipped_fraction` is a diagnostic
-    of the simulation: a real server sees only the noisy count.
+    of the simulation: a real server sees only the noisy count. Its `validate`, given
+    the data's number of clients (by `fs.run`, `fs.sweep`), warns (`DPNoiseWarning`)
+    when the noise dwarfs the clipped signal (`noise_warning`: z/m > 0.1).
   """
   _check_clip(clip_norm)
   _check_noise(noise_multiplier)
@@ -197,6 +240,10 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
   def validate(clients_per_round, num_clients=None):
     if adaptive is not None and is_concrete(noise_multiplier) and noise_multiplier > 0:
       update_noise_multiplier(noise_multiplier, count_stddev(adaptive, clients_per_round))
+    if num_clients is not None:  # against the data (not at construction): warned once per run
+      message = noise_warning(noise_multiplier, clients_per_round, num_clients)
+      if message is not None:
+        warnings.warn(message, DPNoiseWarning, stacklevel=2)
 
   def aggregate(state, deltas, weights, ids, key):
     del weights, ids

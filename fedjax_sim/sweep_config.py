@@ -519,7 +519,8 @@ class Builder:
     """Builds every grid value and static combination with concrete numbers, with
     `fedjax-sim run`'s checks and messages, and validates one state per static
     combination on the data, before anything compiles. Returns the notes of the
-    first build (malicious clients, a calibrated noise multiplier).
+    first build (malicious clients, a calibrated noise multiplier) and the warnings of
+    every other (DP noise that dwarfs the signal), naming the configuration.
 
     Raises:
       ConfigError: naming the file and the values refused.
@@ -553,7 +554,10 @@ class Builder:
           algorithm, setup = self.build(configuration)
         except (ValueError, FileNotFoundError) as e:
           raise ConfigError(f"{config.source}: {where}: {e}") from None
-        notes = notes or setup.notes
+        notes = notes or list(setup.notes)
+        for note in setup.notes:  # every configuration's warnings (DP noise...), named
+          if note.startswith("warning: ") and note not in notes:
+            notes.append(f"warning: {where}: {note[len('warning: '):]}")
       try:
         algorithm.validate(algorithm.init(params, jax.random.key(0), train.num_clients), train)
       except ValueError as e:
