@@ -202,9 +202,7 @@ def sweep_command(args: argparse.Namespace) -> dict:
     from matplotlib.figure import Figure  # no pyplot: leaves the caller's backend alone
     figure = Figure(figsize=(8, 4.5))
     ax = figure.subplots()
-    result.plot(config.plot, ax=ax)
-    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
-              ncol=1 + len(result.rows) // 25)
+    result.plot(config.plot, ax=ax)  # a colour per configuration, a line style per seed
     ax.set_title(f"{config.task}, {config.label}: {len(result.rows)} rows")
     figure.savefig(os.path.join(output, f"{config.plot}.png"), dpi=120, bbox_inches="tight")
   keys = [*config.static, *config.grid, "seed"]

@@ -73,24 +73,52 @@ class SweepResult:
     return np.array([r.get(name, np.nan) for r in self.rows])
 
   def plot(self, metric: str = "test_accuracy", ax=None):
-    """One curve per row of `metric` against rounds (needs matplotlib)."""
+    """Curves of `metric` against rounds (needs matplotlib): one colour per configuration
+    (distinct up to 20 with tab10/tab20, spread over a continuous colormap beyond), one
+    line style per seed, and a legend of configurations and seeds outside the axes."""
     import matplotlib.pyplot as plt  # lazy: an optional extra
+    from matplotlib.lines import Line2D
 
     if ax is None:
-      _, ax = plt.subplots(figsize=(6, 4))
+      _, ax = plt.subplots(figsize=(8, 4.5))
     if metric in self.eval_curves:
       x, ys = self.eval_rounds, self.eval_curves[metric]
     else:
       ys = self.curves[metric]
       x = np.arange(1, ys.shape[1] + 1)
-    for row, y in zip(self.rows, ys):
-      label = ", ".join(f"{k}={v}" for k, v in row.items()
-                        if not k.startswith(("final_", "best_")))
-      ax.plot(x, y, label=label)
+    skip = ("seed", "diverged", "diverged_round")
+    labels = [", ".join(f"{k}={v}" for k, v in row.items()
+                        if k not in skip and not k.startswith(("final_", "best_")))
+              for row in self.rows]
+    configs = list(dict.fromkeys(labels))
+    seeds = list(dict.fromkeys(row.get("seed") for row in self.rows))
+    colours = plot_colours(len(configs))
+    styles = ["-", "--", ":", "-."]
+    for row, label, y in zip(self.rows, labels, ys):
+      ax.plot(x, y, color=colours[configs.index(label)],
+              linestyle=styles[seeds.index(row.get("seed")) % len(styles)],
+              label=f"{label}, seed={row.get('seed')}")
+    handles = [Line2D([], [], color=c, label=label or "(one configuration)")
+               for c, label in zip(colours, configs)]
+    if len(seeds) > 1:
+      handles += [Line2D([], [], color="gray", linestyle=styles[i % len(styles)],
+                         label=f"seed={seed}") for i, seed in enumerate(seeds)]
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
-    ax.legend(fontsize="small")
+    ax.legend(handles=handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
+              ncol=1 + len(handles) // 25)
     return ax
+
+
+def plot_colours(n: int) -> list:
+  """`n` distinct colours: tab10 up to 10, tab20 up to 20, evenly over turbo beyond."""
+  from matplotlib import colormaps  # lazy: an optional extra
+
+  if n <= 10:
+    return [colormaps["tab10"](i) for i in range(n)]
+  if n <= 20:
+    return [colormaps["tab20"](i) for i in range(n)]
+  return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
 def _product(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
