@@ -2,14 +2,14 @@
 
 Two long-lived worker processes, one importing this checkout's fedjax_sim and one a
 checkout of the old commit (`--before PATH`, e.g. made with
-`git worktree add /tmp/before fbee7e2`), build the same algorithms on the same
+`git worktree add ../fedjax_sim_before fbee7e2`), build the same algorithms on the same
 synthetic data, model and keys through the public API both versions share, compile one
 round inside a `lax.scan` (as the runner does), check that both versions' first rounds
 give the same parameters, then time rounds round-robin: one round in the old process,
 one in the new, in turn, so both see the same load. Medians of wall time per round.
 
-  git worktree add /tmp/before fbee7e2
-  python benchmarks/engine_before_after.py --before /tmp/before
+  git worktree add ../fedjax_sim_before fbee7e2
+  python benchmarks/engine_before_after.py --before ../fedjax_sim_before
 
 writes benchmarks/results/engine_before_after_<platform>.{json,md}.
 """
