@@ -19,6 +19,12 @@ import numpy as np
 from fedjax_sim.data import FederatedData
 
 
+def is_concrete(value: Any) -> bool:
+  """False for a traced value (a hyperparameter inside a sweep's program or a round):
+  host-side checks of settings skip those, and `validate` checks the state's values."""
+  return not isinstance(value, jax.core.Tracer)
+
+
 def _of(what: str) -> str:
   """The possessive: "the data's", "the client test splits'"."""
   return what + ("'" if what.endswith("s") else "'s")

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim.checks import is_concrete
+
 CLIENT_OPTIMIZERS = ("sgd", "momentum", "adam")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 # Each server optimizer's default learning rate. The adaptive ones follow the tuned values
@@ -30,7 +32,7 @@ SERVER_LR_DEFAULTS = {"fedavg": 1.0, "fedavgm": 1.0, "fedadagrad": 0.1, "fedadam
 def _check_positive(name: str, value: float) -> None:
   """A concrete value must be a positive number; a traced one (a hyperparameter read
   from `state.hp` inside the round, or swept) is checked where it was set."""
-  if isinstance(value, jax.core.Tracer):
+  if not is_concrete(value):
     return
   if isinstance(value, jax.Array) and value.ndim == 0:
     value = float(value)

@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.aggregators import Aggregator, ClientTransform, ServerTransform, no_state
-from fedjax_sim.algorithms.engine import is_concrete
+from fedjax_sim.checks import is_concrete
 
 ACCOUNTANTS = ("rdp", "pld")
 

@@ -34,7 +34,7 @@ import os
 import jax
 import numpy as np
 
-from fedjax_sim import aggregation_options, conv, models, systems
+from fedjax_sim import aggregation_options, conv, models, optimizers, partition, systems, tasks
 from fedjax_sim import data as data_lib
 from fedjax_sim.algorithms import registry
 
@@ -367,3 +367,82 @@ def make_model(task, args: argparse.Namespace) -> models.Model:
     task.make_model(name, args.seed)  # the task's own error, if it offers no CNN
     raise ValueError("--conv-impl: this task's models take no conv_impl")
   return models.mixed_precision(model) if args.mixed_precision else model
+
+
+# --- `fedjax-sim run`'s flags (also the settings of a sweep config). ---
+
+TASK_OPTIONS = ("partition", "alpha", "num_clients", "shards_per_client", "sigma", "max_examples",
+                "data_dir", "data_seed")
+
+
+def chunk_size_arg(value: str) -> int | str | None:
+  """--client-chunk-size: a positive integer, 'auto' or 'all' (None: every client at once)."""
+  if value in ("auto", "all"):
+    return None if value == "all" else value
+  try:
+    size = int(value)
+  except ValueError:
+    size = 0
+  if size <= 0:
+    raise argparse.ArgumentTypeError(f"must be a positive integer, 'auto' or 'all', got {value!r}")
+  return size
+
+
+def add_run_flags(run: argparse.ArgumentParser) -> None:
+  """Adds `fedjax-sim run`'s flags (also the settings of a sweep config: see
+  `sweep_config.settings_spec`)."""
+  run.add_argument("--task", default="synthetic", choices=tasks.task_names(),
+                   help="the federated data set and its models")
+  run.add_argument("--model", default=None, help="model name (default: the task's)")
+  data = run.add_argument_group("task options", "passed to the task only when given")
+  data.add_argument("--partition", default=None, choices=partition.PARTITIONERS,
+                    help="how to split the data into clients (digits, mnist5k, TFDS tasks; "
+                         "default iid)")
+  data.add_argument("--alpha", type=float, default=None,
+                    help="the Dirichlet concentration under --partition dirichlet; task "
+                         "synthetic: Synthetic's alpha (default 0.5 and 1)")
+  data.add_argument("--num-clients", type=int, default=None,
+                    help="number of clients (default: the task's)")
+  data.add_argument("--shards-per-client", type=int, default=None,
+                    help="--partition shards: shards (so labels) per client (default 2)")
+  data.add_argument("--sigma", type=float, default=None,
+                    help="--partition quantity: lognormal sigma of the client sizes (default 1)")
+  data.add_argument("--max-examples", type=int, default=None,
+                    help="cap on training examples per client (drops the rest)")
+  data.add_argument("--data-dir", default=None,
+                    help="LEAF data folder, or TFDS data folder (default ~/tensorflow_datasets)")
+  data.add_argument("--data-seed", type=int, default=None,
+                    help="seed of the data split (default 0)")
+  run.add_argument("--algorithm", default="fedavg", choices=registry.ALGORITHMS + registry.ASYNC,
+                   help="the federated algorithm")
+  hyper = run.add_argument_group(
+      "algorithm hyperparameters",
+      "each applies to the algorithms named in its help, an error otherwise "
+      "(the table: fedjax_sim.algorithms.registry.HPARAMS)")
+  registry.add_flags(hyper, "algorithm")
+  run.add_argument("--rounds", type=int, default=200, help="rounds to run")
+  run.add_argument("--clients-per-round", type=int, default=10,
+                   help="clients sampled per round (fedbuff: its buffer size)")
+  schedule = run.add_mutually_exclusive_group()
+  schedule.add_argument("--epochs", type=int, default=None, help="local epochs (default 1)")
+  schedule.add_argument("--steps", type=int, default=None, help="local steps instead of epochs")
+  run.add_argument("--batch-size", type=int, default=10, help="local batch size")
+  run.add_argument("--client-optimizer", default="sgd", choices=optimizers.CLIENT_OPTIMIZERS,
+                   help="the clients' local optimizer")
+  run.add_argument("--server-optimizer", default="fedavg", choices=optimizers.SERVER_OPTIMIZERS,
+                   help="the server's optimizer on the averaged update (FedOpt)")
+  run.add_argument("--weighting", default="examples", choices=("examples", "uniform"),
+                   help="each client's weight in the mean: its number of examples, or 1")
+  run.add_argument("--client-chunk-size", type=chunk_size_arg, default="auto",
+                   help="train this many clients at a time to bound memory; 'all' trains "
+                        "them all at once; 'auto': all at once on accelerators, "
+                        "a few at a time on a CPU, where that is faster")
+  run.add_argument("--eval-every", type=int, default=10,
+                   help="rounds per compiled chunk; evaluation runs after each")
+  run.add_argument("--seed", type=int, default=0,
+                   help="seed of client sampling, shuffling and the initial model")
+  run.add_argument("--output", default=None,
+                   help="output directory (default runs/<task>-<algorithm>-seed<seed>)")
+  run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+  aggregation_options.add_flags(run)
+  add_flags(run)

@@ -109,13 +109,12 @@ def settings_spec() -> dict[str, tuple[Any, Any]]:
   kinds: int, number, bool, str, chunk, or a tuple of choices. The hyperparameters of
   `registry.HPARAMS` default to None here (their table default when the algorithm uses
   them: see `parse_config`)."""
-  from fedjax_sim import cli  # late: the CLI imports this module
   parser = argparse.ArgumentParser(add_help=False)
-  cli.add_run_flags(parser)
+  run_options.add_run_flags(parser)
   spec: dict[str, tuple[Any, Any]] = {}
   for action in parser._actions:  # pylint: disable=protected-access
     name = action.dest
-    if name in _NOT_SETTINGS or name in cli.TASK_OPTIONS:
+    if name in _NOT_SETTINGS or name in run_options.TASK_OPTIONS:
       continue
     if action.nargs == 0:
       kind = "bool"
@@ -125,7 +124,7 @@ def settings_spec() -> dict[str, tuple[Any, Any]]:
       kind = "int"
     elif action.type is float:
       kind = "number"
-    elif action.type is cli.chunk_size_arg:
+    elif action.type is run_options.chunk_size_arg:
       kind = "chunk"
     else:
       kind = "str"
@@ -136,8 +135,9 @@ def settings_spec() -> dict[str, tuple[Any, Any]]:
 
 @functools.cache
 def _run_defaults() -> dict[str, Any]:
-  from fedjax_sim import cli  # late: the CLI imports this module
-  return vars(cli.build_parser().parse_args(["run"]))
+  parser = argparse.ArgumentParser(add_help=False)
+  run_options.add_run_flags(parser)
+  return vars(parser.parse_args([]))
 
 
 class ConfigError(ValueError):

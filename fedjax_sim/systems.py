@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import keys
+from fedjax_sim.checks import is_concrete
 
 # Defaults of `sample_profiles`, roughly phones on mobile networks: a few hundred
 # examples per second of a small model, megabytes per second each way, 50 ms latency.
@@ -196,11 +197,6 @@ def _is_number(value: Any) -> bool:
           and np.issubdtype(np.asarray(value).dtype, np.number))
 
 
-def _is_concrete(value: Any) -> bool:
-  from fedjax_sim.algorithms.engine import is_concrete  # late: the engine imports this module
-  return is_concrete(value)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class SystemsConfig:
   """How a synchronous round treats client systems (`fedavg(..., systems=...)`).
@@ -235,18 +231,18 @@ class SystemsConfig:
     # deadline_s, dropout and straggler_fraction may be traced (a sweep builds the config
     # inside its program): they are checked when concrete.
     d = self.deadline_s
-    if d is not None and _is_concrete(d) and not (_is_number(d) and np.isfinite(d) and d > 0):
+    if d is not None and is_concrete(d) and not (_is_number(d) and np.isfinite(d) and d > 0):
       raise ValueError(f"deadline_s must be a number > 0 (or None for no deadline), got {d!r}")
     if not (isinstance(self.over_selection, (int, np.integer))
             and not isinstance(self.over_selection, bool) and self.over_selection >= 0):
       raise ValueError(f"over_selection must be an integer >= 0, got {self.over_selection!r}")
     if self.stragglers not in STRAGGLER_POLICIES:
       raise ValueError(f"stragglers must be 'drop' or 'partial', got {self.stragglers!r}")
-    if _is_concrete(self.dropout) and not (_is_number(self.dropout)
+    if is_concrete(self.dropout) and not (_is_number(self.dropout)
                                            and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"dropout must lie in [0, 1), got {self.dropout!r}")
     s = self.straggler_fraction
-    if _is_concrete(s) and not (_is_number(s) and 0.0 <= s <= 1.0):
+    if is_concrete(s) and not (_is_number(s) and 0.0 <= s <= 1.0):
       raise ValueError(f"straggler_fraction must lie in [0, 1], got {s!r}")
 
 
@@ -271,7 +267,7 @@ def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int | ja
   """round(s * sampled): how many sampled clients the FedProx protocol makes stragglers
   (Python's round, half to even; when s is traced, an int32 array: s * sampled in
   float32, rounded half to even)."""
-  if not _is_concrete(straggler_fraction):
+  if not is_concrete(straggler_fraction):
     return jnp.round(jnp.float32(sampled) * straggler_fraction).astype(jnp.int32)
   return int(round(straggler_fraction * sampled))
 

@@ -32,6 +32,7 @@ if (os.environ.get("FEDJAX_SIM_TEST_XLA_DEFAULTS") != "1"
       break
 
 import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -57,6 +58,14 @@ def ragged():
 def small_mlp():
   # A real nnx MLP with a small hidden layer: nonlinear, so ordering bugs show.
   return models.mlp(num_features=5, num_classes=3, seed=1)
+
+
+def tiny_mlp():
+  """5 -> 8 -> 3 with tanh: nonlinear, and cheap to compile; its last layer is (w2, b2)."""
+  rng = np.random.default_rng(0)
+  params = {"w1": jnp.asarray(rng.normal(size=(5, 8)) * 0.5, jnp.float32), "b1": jnp.zeros(8),
+            "w2": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, jnp.float32), "b2": jnp.zeros(3)}
+  return (lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
 
 
 def max_relative_error(a, b):

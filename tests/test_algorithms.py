@@ -13,7 +13,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import algorithms, evaluation
 from fedjax_sim import reference_algorithms as ref
-from conftest import max_relative_error, ragged_clients
+from conftest import max_relative_error, ragged_clients, tiny_mlp
 
 
 def run_rounds(algorithm, state, data, rounds):
@@ -28,14 +28,6 @@ def run_rounds(algorithm, state, data, rounds):
 
 
 # --- Agreement with the loop references --------------------------------------------------
-
-
-def _tiny_mlp():
-  """5 -> 8 -> 3 with tanh: nonlinear, and cheap to compile."""
-  rng = np.random.default_rng(0)
-  params = {"w1": jnp.asarray(rng.normal(size=(5, 8)) * 0.5, jnp.float32), "b1": jnp.zeros(8),
-            "w2": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, jnp.float32), "b2": jnp.zeros(3)}
-  return (lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
 
 
 # Epochs over ragged clients give unequal local step counts (SCAFFOLD's K_i, FedNova's tau_i);
@@ -70,7 +62,7 @@ def uneven():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_vectorized_equals_loop_reference(uneven, name):
   train = uneven
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   factory, reference_class, kwargs, chunking = CASES[name]
   kwargs = dict(clients_per_round=4, batch_size=4, **kwargs)
   algorithm, reference = factory(apply, **kwargs, **chunking), reference_class(apply, **kwargs)

@@ -13,15 +13,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import algorithms, systems
-from conftest import max_relative_error, ragged_clients
-
-
-def tiny_mlp():
-  """5 -> 8 -> 3 with tanh: nonlinear, and cheap to compile."""
-  rng = np.random.default_rng(0)
-  params = {"w1": jnp.asarray(rng.normal(size=(5, 8)) * 0.5, jnp.float32), "b1": jnp.zeros(8),
-            "w2": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, jnp.float32), "b2": jnp.zeros(3)}
-  return (lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
+from conftest import max_relative_error, ragged_clients, tiny_mlp
 
 
 @pytest.fixture(scope="module")

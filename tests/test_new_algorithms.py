@@ -15,7 +15,7 @@ from fedjax_sim.algorithms.fedexp import fedexp as make_fedexp
 from fedjax_sim.algorithms.fedrep import fedrep as make_fedrep
 from fedjax_sim.algorithms.fedrep import merge, personalized_evaluator, split
 import aggregation_reference as agg_ref
-from conftest import max_relative_error, ragged_clients
+from conftest import max_relative_error, ragged_clients, tiny_mlp
 
 
 def run_rounds(algorithm, state, data, rounds):
@@ -26,14 +26,6 @@ def run_rounds(algorithm, state, data, rounds):
     state, metrics = step(state, data)
     history.append(jax.device_get(metrics))
   return state, history
-
-
-def _tiny_mlp():
-  """5 -> 8 -> 3 with tanh; the head is the last layer, (w2, b2)."""
-  rng = np.random.default_rng(0)
-  params = {"w1": jnp.asarray(rng.normal(size=(5, 8)) * 0.5, jnp.float32), "b1": jnp.zeros(8),
-            "w2": jnp.asarray(rng.normal(size=(8, 3)) * 0.5, jnp.float32), "b2": jnp.zeros(3)}
-  return (lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
 
 
 HEAD = ("w2", "b2")
@@ -67,7 +59,7 @@ def compare_with_reference(algorithm, reference, data, params, rounds=3, statefu
 
 
 def test_fedexp_equals_loop_reference(uneven):
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   kwargs = dict(client_optimizer=optax.sgd(0.3), eps=1e-3, clients_per_round=4, batch_size=4,
                 epochs=1)
   _, history, ref_history = compare_with_reference(
@@ -81,7 +73,7 @@ def test_fedexp_equals_loop_reference(uneven):
 def test_fedexp_through_dp_mean_equals_loop_reference(uneven):
   # The DP mean clips and noises {'delta', 'sq_norm'} as one vector; its reducer ignores
   # the weights, so FedExP's ratio of means needs weighting='uniform'.
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   kwargs = dict(client_optimizer=optax.sgd(0.3), clients_per_round=4, batch_size=4, steps=3,
                 weighting="uniform")
   compare_with_reference(
@@ -138,7 +130,7 @@ def test_fedexp_is_fedavg_when_all_clients_send_the_same_update():
   # update (to float rounding), so mean ||Delta_i||^2 / ||mean Delta||^2 = 1, the
   # extrapolation 1/2 and eta_g = 1 exactly: the rounds are FedAvg's (to float32
   # rounding: the two are different XLA programs).
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   xs, ys = ragged_clients(sizes=(6,))
   data = fs.from_clients(xs * 6, ys * 6, num_classes=3)
   kwargs = dict(client_optimizer=optax.sgd(0.5), clients_per_round=4, batch_size=8, steps=2)
@@ -180,7 +172,7 @@ def test_fedexp_under_dropout_uses_the_aggregated_clients_only():
 
 
 def test_fedexp_rejects_a_nonpositive_eps():
-  apply, _ = _tiny_mlp()
+  apply, _ = tiny_mlp()
   with pytest.raises(ValueError, match="eps must be positive"):
     make_fedexp(apply, client_optimizer=optax.sgd(0.1), eps=0.0, clients_per_round=2,
                 batch_size=4, steps=1)
@@ -190,7 +182,7 @@ def test_fedexp_rejects_a_nonpositive_eps():
 
 
 def test_fedrep_equals_loop_reference(uneven):
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   kwargs = dict(head=HEAD, client_optimizer=optax.sgd(0.3), head_optimizer=optax.sgd(0.5),
                 head_steps=3, clients_per_round=4, batch_size=4, epochs=1)
   _, history, ref_history = compare_with_reference(
@@ -201,7 +193,7 @@ def test_fedrep_equals_loop_reference(uneven):
 
 
 def test_fedrep_through_coordinate_median_equals_loop_reference(uneven):
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   kwargs = dict(head=HEAD, client_optimizer=optax.sgd(0.3), head_epochs=1,
                 clients_per_round=4, batch_size=4, steps=3)
   compare_with_reference(
@@ -217,7 +209,7 @@ def head_rows(state):
 def test_fedrep_heads_change_only_when_their_client_is_sampled_and_aggregated(uneven):
   # Round by round: the sampled clients' heads move, every other head stays bit for bit;
   # under dropout, a sampled client that is dropped keeps its head too.
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   profiles = systems.make_profiles(6, examples_per_s=1e3, downlink_bytes_per_s=1e9,
                                    uplink_bytes_per_s=1e9)
   for config in (None, systems.SystemsConfig(profiles, dropout=0.5)):
@@ -253,7 +245,7 @@ def test_fedrep_heads_change_only_when_their_client_is_sampled_and_aggregated(un
 def test_fedrep_body_is_fedavg_over_bodies(uneven):
   # With a head that does not train (head learning rate 0), a FedRep round is FedAvg whose
   # clients freeze the head: the server averages the body deltas and nothing else.
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   common = dict(clients_per_round=4, batch_size=4, epochs=1)
   fedrep_alg = make_fedrep(apply, head=HEAD, client_optimizer=optax.sgd(0.3),
                            head_optimizer=optax.sgd(0.0), **common)
@@ -284,7 +276,7 @@ def label_map_clients(seed=0, n=60):
 
 
 def test_fedrep_personal_heads_beat_the_global_model_on_different_label_maps():
-  apply, params = _tiny_mlp()
+  apply, params = tiny_mlp()
   xs, ys = label_map_clients()
   train_x, train_y, test_x, test_y = fs.split_clients(xs, ys, 0.4, seed=0)
   train = fs.from_clients(train_x, train_y, num_classes=3)

@@ -31,11 +31,13 @@ import numpy as np
 import optax
 
 from fedjax_sim import keys
+from fedjax_sim.checks import is_concrete  # noqa: F401 (engine.is_concrete)
 from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
                                        check_clients_per_round, check_model_and_data,
-                                       check_round_args, init_client_states, model_bytes,
-                                       resolve_chunk_size, sample_clients, weighted_sum)
+                                       check_round_args, gather_rows, init_client_states,
+                                       model_bytes, resolve_chunk_size, sample_clients,
+                                       scatter_rows, weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim import local
 
@@ -199,15 +201,6 @@ class Check(NamedTuple):
 POSITIVE = Check(lambda v: v > 0, "be positive")
 NONNEGATIVE = Check(lambda v: v >= 0, "be >= 0")
 FRACTION = Check(lambda v: 0 <= v < 1, "lie in [0, 1)")
-
-
-def is_concrete(value: Any) -> bool:
-  """False for a traced value (a sweep's hyperparameter inside the program)."""
-  try:
-    np.asarray(value)
-    return True
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    return False
 
 
 def check_hparams(values: Mapping[str, Any], checks: Mapping[str, Check]) -> None:
@@ -398,7 +391,7 @@ def compose(
       weights = jnp.where(plan.aggregated, weights, 0.0)
       budgets = plan.step_budget
     message = server_rule.message(state, hp)
-    rows = (jax.tree_util.tree_map(lambda a: a[ids], state.client_states) if stateful else None)
+    rows = gather_rows(state.client_states, ids) if stateful else None
 
     def one(args):
       client_id, row, budget, rel = args
@@ -462,8 +455,7 @@ def compose(
         new_rows = jax.tree_util.tree_map(
             lambda new, old: jnp.where(
                 plan.aggregated.reshape(-1, *([1] * (new.ndim - 1))), new, old), new_rows, rows)
-      client_states = jax.tree_util.tree_map(lambda a, r: a.at[ids].set(r),
-                                             state.client_states, new_rows)
+      client_states = scatter_rows(state.client_states, ids, new_rows)
     loss_sum, num_trained = outputs.loss_sum, outputs.num_trained
     metrics = {
         "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
