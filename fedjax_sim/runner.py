@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -125,6 +125,7 @@ def run(
     summary_path: str | os.PathLike | None = None,
     progress: bool = True,
     round_metrics: Callable[[int], dict[str, float]] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[ServerState, History]:
   """Runs `rounds` rounds of `algorithm` from `state` on `data`.
 
@@ -140,6 +141,11 @@ def run(
     progress: show a tqdm progress bar.
     round_metrics: host-side `round -> dict` added to every round's row (the round
       counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far).
+    callbacks: host-side observers (metric writers), called between compiled chunks, so
+      the round program never waits on them: each may define `on_rounds(rows)` (the
+      chunk's new rows, after they are written to the metrics file) and `on_end(summary)`
+      (the summary dict, also when the run fails or is interrupted). Any method left out
+      is skipped.
 
   Returns:
     (final state, History of per-round metric rows).
@@ -198,6 +204,7 @@ def run(
         history.append(row)
         if metrics_file is not None:
           metrics_file.write(json.dumps(_jsonable(row)) + "\n")
+      _notify(callbacks, "on_rounds", rows)
       done += length
       bar.update(length)
       last = history[-1]
@@ -213,13 +220,20 @@ def run(
     bar.close()
     if metrics_file is not None:
       metrics_file.close()
-    if summary_path is not None:
-      write_summary(summary_path, history, status, time.perf_counter() - start)
+    summary = write_summary(summary_path, history, status, time.perf_counter() - start)
+    _notify(callbacks, "on_end", summary)
   return state, history
 
 
+def _notify(callbacks: Sequence[Any], method: str, *args) -> None:
+  for callback in callbacks:
+    hook = getattr(callback, method, None)
+    if hook is not None:
+      hook(*args)
+
+
 def write_summary(path, history: History, status: str, seconds: float) -> dict:
-  """Writes (and returns) the final and best metrics of a run as JSON."""
+  """Returns the final and best metrics of a run, written as JSON to `path` unless None."""
   rows = [_jsonable(r) for r in history]
   summary: dict[str, Any] = {"status": status, "rounds": len(rows), "seconds": round(seconds, 3)}
   if rows:
@@ -230,7 +244,8 @@ def write_summary(path, history: History, status: str, seconds: float) -> dict:
     accs = [r["test_accuracy"] for r in rows if "test_accuracy" in r]
     if accs:
       summary["best_test_accuracy"] = max(accs)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(summary, f, indent=2)
+  if path is not None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(summary, f, indent=2)
   return summary
