@@ -20,8 +20,11 @@ from fedjax_sim.losses import IGNORE_LABEL, cross_entropy
 from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, char_rnn, cnn,
                                from_nnx, logistic_regression, mlp, num_params)
 from fedjax_sim.optimizers import client_optimizer, server_optimizer
+from fedjax_sim.plots import plot_runs
 from fedjax_sim.reference import ReferenceFedAvg
-from fedjax_sim.runner import History, run
+from fedjax_sim import checkpoint
+from fedjax_sim.checkpoint import restore
+from fedjax_sim.runner import History, Interrupted, run
 from fedjax_sim.sweep import SweepResult, sweep
 from fedjax_sim.synthetic import synthetic
 from fedjax_sim.tasks import Task, load_task, register_task, task_names
@@ -42,4 +45,5 @@ __all__ = [
     "ClientInput", "ClientOutput", "ClientWork", "RoundInfo", "ServerRule", "ServerUpdate",
     "compose", "engine", "fedopt", "get_hparams", "set_hparams", "keys",
     "fedexp", "fedrep", "make_merged_personalized_evaluator",
+    "plot_runs",
 ]

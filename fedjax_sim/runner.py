@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm  # the text bar: works in terminals and notebooks alike
 
+from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
@@ -113,6 +114,73 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in row.items() if not isinstance(v, np.ndarray)}
 
 
+# The default checkpoint cadence when none is given in rounds: after the first chunk that
+# ends at least CHECKPOINT_SECONDS of wall time after the last checkpoint, and not more
+# often than every CHECKPOINT_COST_FACTOR x the last save's duration. A preempted run
+# loses at most about a minute of work, and saving costs at most about 5% of the run
+# (a small state saves in ~50 ms; one of many GiB takes seconds).
+CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_COST_FACTOR = 20.0
+
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT or SIGTERM stopped a run at a chunk boundary: every finished round is in the
+  metrics file and, with `checkpoint_dir`, in a checkpoint to resume from."""
+
+  def __init__(self, signum: int, round_index: int, checkpoint: str | None):
+    import signal as signal_lib
+    self.signum = signum
+    self.round = round_index
+    self.checkpoint = checkpoint
+    self.exit_code = 128 + signum  # the shell's code for a process ended by this signal
+    where = f"; checkpoint at round {round_index} in {checkpoint}" if checkpoint else ""
+    super().__init__(f"interrupted by {signal_lib.Signals(signum).name} after round "
+                     f"{round_index}{where}")
+
+
+class _Signals:
+  """Defers SIGINT/SIGTERM to the next chunk boundary while installed (main thread only:
+  elsewhere Python cannot set handlers, and the signals keep their usual effect). A
+  second signal restores the previous handlers' effect at once."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    import signal as signal_lib
+    import threading
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal_lib.SIGINT, signal_lib.SIGTERM):
+        self._previous[sig] = signal_lib.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    import signal as signal_lib
+    if self.signum is not None:  # the second one: stop now
+      self.__exit__()
+      if signum == signal_lib.SIGINT:
+        raise KeyboardInterrupt
+      signal_lib.raise_signal(signum)
+      return
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    import signal as signal_lib
+    for sig, handler in self._previous.items():
+      signal_lib.signal(sig, handler if handler is not None else signal_lib.SIG_DFL)
+    self._previous = {}
+
+
+def _open_metrics(path, lines: list[str] | None):
+  """The metrics file, unbuffered for appending. `lines`: a resumed run's lines up to its
+  checkpoint, rewritten first (atomically), which drops any row after the checkpoint and
+  any partial last line; None: a new file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  checkpoint_lib.write_text_atomic(path, "".join(line + "\n" for line in lines or []))
+  return open(path, "ab", buffering=0)
+
+
 def run(
     algorithm: FederatedAlgorithm,
     state: ServerState,
@@ -126,18 +194,25 @@ def run(
     progress: bool = True,
     round_metrics: Callable[[int], dict[str, float]] | None = None,
     callbacks: Sequence[Any] = (),
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
 ) -> tuple[ServerState, History]:
   """Runs `rounds` rounds of `algorithm` from `state` on `data`.
 
   Args:
     algorithm: a FederatedAlgorithm, e.g. from `fedavg(...)`.
-    state: the starting ServerState (not modified; the run works on a copy).
+    state: the starting ServerState (not modified; the run works on a copy). When
+      resuming, the template the checkpoint is restored into (same structure).
     data: the training FederatedData.
-    rounds: number of rounds to run.
-    rounds_per_chunk: rounds per compiled call; evaluation happens after each chunk.
+    rounds: number of rounds to run (from `state`'s round; a resumed run ends where
+      the run it continues would have ended).
+    rounds_per_chunk: rounds per compiled call; evaluation happens after each.
     evaluate: `params -> dict` of held-out metrics, added to each chunk's last round.
-    metrics_path: JSON-lines file, one line per round, written as rounds finish.
-    summary_path: JSON file with the final metrics and timings.
+    metrics_path: JSON-lines file, one line per round, written as rounds finish (one
+      write per line, fsynced at each checkpoint, so a kill never leaves half a line).
+    summary_path: JSON file with the final metrics and timings (written atomically).
     progress: show a tqdm progress bar.
     round_metrics: host-side `round -> dict` added to every round's row (the round
       counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far).
@@ -146,72 +221,137 @@ def run(
       chunk's new rows, after they are written to the metrics file) and `on_end(summary)`
       (the summary dict, also when the run fails or is interrupted). Any method left out
       is skipped.
+    checkpoint_dir: save the whole simulation here (orbax; see `fedjax_sim.checkpoint`)
+      at chunk boundaries, at the end, and when SIGINT/SIGTERM stops the run.
+    checkpoint_every: rounds between checkpoints (rounded up to whole chunks, so a
+      resumed run compiles and evaluates the same chunks); None: by wall time, about
+      every `CHECKPOINT_SECONDS`; 0: only at the end and on interruption.
+    keep_checkpoints: how many of the latest checkpoints to keep.
+    resume: continue from the newest good checkpoint in `checkpoint_dir` (if it has
+      none, start from `state`). The rounds, metrics rows, evaluations and final
+      state are those of the uninterrupted run, bit for bit on the same device.
 
   Returns:
-    (final state, History of per-round metric rows).
+    (final state, History of per-round metric rows; a resumed run's rows before its
+    checkpoint come back from the metrics lines, without per-client arrays).
 
   Raises:
-    ValueError: bad arguments or data, before anything compiles.
+    ValueError: bad arguments or data, before anything compiles; `checkpoint_dir`
+      holding checkpoints while `resume` is False (continue it, or remove it).
     Diverged (a FloatingPointError): the training loss diverged (`DIVERGENCE_RULE`: not
       finite, above 1e6, or above 1e3 x max(the first round's loss, 1)), naming the
       round; the run stops there and the rounds before it stay in the metrics file (a
       finite diverged round too), the summary's status says "diverged at round r".
+    Interrupted (a KeyboardInterrupt): SIGINT or SIGTERM arrived; the run stopped at
+      the end of the chunk in progress, after writing its rows, a checkpoint (with
+      `checkpoint_dir`) and the summary (status "interrupted").
   """
   if not isinstance(rounds, int) or rounds <= 0:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
   if not isinstance(rounds_per_chunk, int) or rounds_per_chunk <= 0:
     raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
+  if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                       or checkpoint_every < 0):
+    raise ValueError(f"checkpoint_every must be an integer >= 0 or None, got "
+                     f"{checkpoint_every!r}")
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume=True needs the checkpoint_dir to resume from")
   algorithm.validate(state, data)
   check_evaluator(evaluate, state.params)
+  checkpoints = None
+  record: dict[str, Any] | None = None
+  if checkpoint_dir is not None:
+    checkpoints = checkpoint_lib.Checkpoints(checkpoint_dir, max_to_keep=keep_checkpoints)
+    if checkpoints.steps() and not resume:
+      raise ValueError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} holds checkpoints of "
+                       f"an earlier run (rounds {checkpoints.steps()}): pass resume=True to "
+                       f"continue it, or remove the folder to start over")
+    if resume and checkpoints.steps():
+      state, record = checkpoints.restore(state)
+      if record["rounds_per_chunk"] != rounds_per_chunk:
+        raise ValueError(f"the checkpoint was written with rounds_per_chunk="
+                         f"{record['rounds_per_chunk']}, this run has {rounds_per_chunk}: "
+                         f"resume with the same chunks (they set the evaluation rounds)")
   # The chunk donates its input state; copy so the caller's arrays stay valid.
   state = jax.tree_util.tree_map(jnp.copy, state)
-  history = History()
   start = time.perf_counter()
-  metrics_file = None
-  if metrics_path is not None:
-    os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-    metrics_file = open(metrics_path, "w", buffering=1)
+  if record is not None:
+    lines = list(record["lines"])
+    first = record["start_round"]
+    first_loss = record["first_loss"]
+    seconds_before = record.get("seconds", 0.0)
+  else:
+    lines, first, first_loss, seconds_before = [], int(state.round), None, 0.0
+  history = History(json.loads(line) for line in lines)
+  end = first + rounds
+  metrics_file = None if metrics_path is None else _open_metrics(metrics_path, lines)
   status = "completed"
-  first_loss = None
-  bar = tqdm(total=rounds, unit="round", disable=not progress, dynamic_ncols=True)
+  done = int(state.round)
+  bar = tqdm(total=end - first, initial=done - first, unit="round", disable=not progress,
+             dynamic_ncols=True)
+  last_save = {"round": done, "time": time.perf_counter(), "cost": 0.0}
+
+  def save_checkpoint():
+    if metrics_file is not None:
+      os.fsync(metrics_file.fileno())  # the rows before the checkpoint that records them
+    t = time.perf_counter()
+    checkpoints.save(state, {"start_round": first, "end_round": end,
+                             "rounds_per_chunk": rounds_per_chunk, "first_loss": first_loss,
+                             "lines": lines, "seconds": seconds_before + t - start})
+    last_save.update(round=done, time=time.perf_counter(), cost=time.perf_counter() - t)
+
+  def checkpoint_due() -> bool:
+    if checkpoint_every is None:
+      waited = time.perf_counter() - last_save["time"]
+      return waited >= max(CHECKPOINT_SECONDS, CHECKPOINT_COST_FACTOR * last_save["cost"])
+    return checkpoint_every > 0 and done - last_save["round"] >= checkpoint_every
+
+  def write(row):
+    history.append(row)
+    line = json.dumps(_jsonable(row))
+    lines.append(line)
+    if metrics_file is not None:
+      metrics_file.write((line + "\n").encode())  # one write: never half a line
+
   try:
-    done = int(state.round)
-    first = done
-    while done < first + rounds:
-      length = min(rounds_per_chunk, first + rounds - done)
-      state, metrics = make_chunk(algorithm, length)(state, data)
-      metrics = _fetch(metrics)
-      rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
-      if round_metrics is not None:
+    with _Signals() as signals:
+      while done < end:
+        length = min(rounds_per_chunk, end - done)
+        state, metrics = make_chunk(algorithm, length)(state, data)
+        metrics = _fetch(metrics)
+        rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
+        if round_metrics is not None:
+          for row in rows:
+            row.update(round_metrics(row["round"]))
+        if first_loss is None:
+          first_loss = rows[0]["train_loss"]
+        bad = next((r for r in rows if is_diverged(r["train_loss"], first_loss)), None)
+        if bad is None and evaluate is not None:
+          rows[-1].update(evaluate(state.params))
         for row in rows:
-          row.update(round_metrics(row["round"]))
-      if first_loss is None:
-        first_loss = rows[0]["train_loss"]
-      bad = next((r for r in rows if is_diverged(r["train_loss"], first_loss)), None)
-      if bad is None and evaluate is not None:
-        rows[-1].update(evaluate(state.params))
-      for row in rows:
-        if row is bad:
-          status = f"diverged at round {row['round']}"
-          if math.isfinite(row["train_loss"]):
-            history.append(row)
-            if metrics_file is not None:
-              metrics_file.write(json.dumps(_jsonable(row)) + "\n")
-          raise Diverged(
-              f"diverged: training loss {row['train_loss']:.4g} at round {row['round']} "
-              f"(the first round's: {first_loss:.4g}; the rule: {DIVERGENCE_RULE}); the run "
-              f"stopped, rounds before it are kept. Try a smaller learning rate.")
-        history.append(row)
-        if metrics_file is not None:
-          metrics_file.write(json.dumps(_jsonable(row)) + "\n")
-      _notify(callbacks, "on_rounds", rows)
-      done += length
-      bar.update(length)
-      last = history[-1]
-      postfix = {"loss": f"{last['train_loss']:.4f}"}
-      if "test_accuracy" in last:
-        postfix["acc"] = f"{last['test_accuracy']:.4f}"
-      bar.set_postfix(postfix)
+          if row is bad:
+            status = f"diverged at round {row['round']}"
+            if math.isfinite(row["train_loss"]):
+              write(row)
+            raise Diverged(
+                f"diverged: training loss {row['train_loss']:.4g} at round {row['round']} "
+                f"(the first round's: {first_loss:.4g}; the rule: {DIVERGENCE_RULE}); the run "
+                f"stopped, rounds before it are kept. Try a smaller learning rate.")
+          write(row)
+        _notify(callbacks, "on_rounds", rows)
+        done += length
+        bar.update(length)
+        last = history[-1]
+        postfix = {"loss": f"{last['train_loss']:.4f}"}
+        if "test_accuracy" in last:
+          postfix["acc"] = f"{last['test_accuracy']:.4f}"
+        bar.set_postfix(postfix)
+        if checkpoints is not None and (done >= end or signals.signum or checkpoint_due()):
+          save_checkpoint()
+        if signals.signum is not None:
+          status = "interrupted"
+          raise Interrupted(signals.signum, done,
+                            checkpoints.directory if checkpoints is not None else None)
   except BaseException as e:
     if status == "completed":
       status = f"failed: {type(e).__name__}: {e}"
@@ -220,7 +360,10 @@ def run(
     bar.close()
     if metrics_file is not None:
       metrics_file.close()
-    summary = write_summary(summary_path, history, status, time.perf_counter() - start)
+    if checkpoints is not None:
+      checkpoints.close()
+    summary = write_summary(summary_path, history, status,
+                            seconds_before + time.perf_counter() - start)
     _notify(callbacks, "on_end", summary)
   return state, history
 
@@ -246,6 +389,5 @@ def write_summary(path, history: History, status: str, seconds: float) -> dict:
       summary["best_test_accuracy"] = max(accs)
   if path is not None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(summary, f, indent=2)
+    checkpoint_lib.write_json_atomic(path, summary)
   return summary
