@@ -25,6 +25,7 @@ import jax
 
 from fedjax_sim import aggregation_options, evaluation, optimizers, privacy
 from fedjax_sim import run_options
+from fedjax_sim import cli_results  # fedjax-sim plot, fedjax-sim runs
 from fedjax_sim.run_options import TASK_OPTIONS, add_run_flags, chunk_size_arg  # noqa: F401
 from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--plot", default=None, metavar="METRIC",
                      help="plot this metric per round for every row (overrides the config's "
                           "'plot'; 'none' for no plot)")
+  cli_results.add_parsers(commands)
   return parser
 
 
@@ -278,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         run_command(args)
       elif args.command == "sweep":
         sweep_command(args)
+      elif args.command == "plot":
+        cli_results.plot_command(args)
+      elif args.command == "runs":
+        cli_results.runs_command(args)
   except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
     print(f"fedjax-sim: error: {e}", file=sys.stderr)
     return 2

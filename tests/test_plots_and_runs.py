@@ -1,0 +1,151 @@
+"""`fedjax-sim plot` / `fs.plot_runs` and `fedjax-sim runs` on real run and sweep folders.
+
+One module fixture makes them cheaply: two 4-round `fedjax-sim run`s that differ in the
+client learning rate (one with the simulated clock) and a 2 x 2-seed sweep, all in-process.
+"""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+import fedjax_sim as fs  # noqa: E402
+from fedjax_sim import cli, cli_results, plots, results  # noqa: E402
+
+RUN = ["run", "--rounds", "4", "--eval-every", "2", "--clients-per-round", "3", "--steps", "2",
+       "--batch-size", "10", "--deadline", "5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp("results")
+  for lr in ("0.05", "0.1"):
+    assert cli.main([*RUN, "--client-lr", lr, "--output", str(root / "runs" / f"lr{lr}")]) == 0
+  config = {"task": "synthetic", "algorithm": "fedavg",
+            "settings": {"rounds": 4, "eval_every": 2, "clients_per_round": 3, "steps": 2,
+                         "batch_size": 10},
+            "grid": {"client_lr": [0.02, 0.05]}, "seeds": [0, 1]}
+  (root / "sweep.json").write_text(json.dumps(config))
+  assert cli.main(["sweep", "--config", str(root / "sweep.json"), "--output",
+                   str(root / "sweep")]) == 0
+  return root
+
+
+def _plot(argv):
+  return cli_results.plot_command(cli.build_parser().parse_args(["plot", *argv]))
+
+
+def _legend(ax):
+  return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_plot_two_runs_labels_them_by_their_configuration_difference(folders, tmp_path):
+  png = tmp_path / "fig.png"
+  ax = _plot([str(folders / "runs" / "lr0.05"), str(folders / "runs" / "lr0.1"),
+              "--output", str(png)])
+  assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+  assert _legend(ax) == ["client_lr=0.05", "client_lr=0.1"]
+  assert ax.get_xlabel() == "round" and ax.get_ylabel() == "test accuracy (fraction correct)"
+  # The line is the run's test accuracy at its evaluated rounds.
+  rows = [json.loads(line) for line in
+          (folders / "runs" / "lr0.1" / "metrics.jsonl").read_text().splitlines()]
+  line = ax.get_lines()[1]
+  assert list(line.get_xdata()) == [2, 4]
+  np.testing.assert_allclose(line.get_ydata(), [r["test_accuracy"] for r in rows
+                                                if "test_accuracy" in r])
+  # Distinguishable: colour or line style differ.
+  a, b = ax.get_lines()[:2]
+  assert (a.get_color(), a.get_linestyle()) != (b.get_color(), b.get_linestyle())
+
+
+def test_plot_sweep_draws_seeds_as_mean_and_band(folders, tmp_path):
+  png = tmp_path / "sweep.png"
+  ax = _plot([str(folders / "sweep"), "--output", str(png)])
+  assert png.stat().st_size > 10_000
+  assert _legend(ax) == ["client_lr=0.02 (mean of 2 seeds)", "client_lr=0.05 (mean of 2 seeds)"]
+  curves = np.load(folders / "sweep" / "curves.npz")
+  accuracy = curves["eval_test_accuracy"]  # rows: (0.02, seed 0), (0.02, 1), (0.05, 0), (0.05, 1)
+  np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), accuracy[:2].mean(axis=0))
+  np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), accuracy[2:].mean(axis=0))
+  bands = ax.collections
+  assert len(bands) == 2
+  low, high = bands[1].get_paths()[0].vertices[:, 1].min(), accuracy[2:].max()
+  assert low == pytest.approx(accuracy[2:].min()) and high >= low
+  # Runs and sweep rows together: labelled by what differs among all of them (here the
+  # learning rate, the steps... and the deadline, which only the runs set).
+  ax = fs.plot_runs([folders / "runs" / "lr0.1", folders / "sweep"], metric="train_loss")
+  labels = _legend(ax)
+  assert len(labels) == 3 and all("client_lr=" in label for label in labels)
+  assert "deadline=5" in labels[0] and "deadline=None" in labels[1]
+
+
+def test_plot_x_axes_are_cumulative_bytes_and_simulated_time(folders):
+  run = folders / "runs" / "lr0.05"
+  rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+  ax = fs.plot_runs([run], metric="train_loss", x="uplink_bytes")
+  uplink = np.cumsum([r["uplink_bytes"] for r in rows])  # bytes per round, summed
+  divisor = {"kB": 1e3, "MB": 1e6, "bytes": 1.0}[ax.get_xlabel().split("(")[1][:-1]]
+  np.testing.assert_allclose(ax.get_lines()[0].get_xdata() * divisor, uplink, rtol=1e-6)
+  assert ax.get_xlabel().startswith("cumulative uplink (")
+  assert ax.get_ylabel() == "training loss (mean per example)"
+  ax = fs.plot_runs([run], x="sim_time_s")
+  assert ax.get_xlabel() == "simulated time (s)"
+  np.testing.assert_allclose(ax.get_lines()[0].get_xdata(),
+                             [r["sim_time_s"] for r in rows if "test_accuracy" in r])
+  # The sweep ran without the simulated clock: a clear error.
+  with pytest.raises(ValueError, match="no per-round 'sim_time_s'.*--deadline"):
+    fs.plot_runs([folders / "sweep"], x="sim_time_s")
+
+
+def test_plot_scales_styles_and_errors(folders, capsys):
+  assert plots.spans_decades(np.array([1e3, 1e6])) and not plots.spans_decades(np.array([2., 9.]))
+  twenty = {(str(s["color"]), s["linestyle"]) for s in (plots.style(i, 20) for i in range(20))}
+  assert len(twenty) == 20
+  assert cli.main(["plot", str(folders / "runs" / "lr0.1"), "--metric", "nope"]) == 2
+  assert "no run has metric 'nope'; they have" in capsys.readouterr().err
+  assert cli.main(["plot", str(folders)]) == 2
+  assert "not a run folder" in capsys.readouterr().err
+
+
+def test_runs_table_shows_each_status(folders, tmp_path, capsys):
+  root = tmp_path / "many"
+  done = folders / "runs" / "lr0.1"
+  for name in ("finished", "failed", "interrupted", "killed"):
+    shutil.copytree(done, root / name)
+  summary = json.loads((done / "summary.json").read_text())
+  (root / "failed" / "summary.json").write_text(
+      json.dumps({**summary, "status": "failed: ValueError: boom", "rounds": 4}))
+  lines = (done / "metrics.jsonl").read_text().splitlines()
+  (root / "interrupted" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
+  (root / "interrupted" / "summary.json").write_text(
+      json.dumps({**summary, "status": "interrupted", "rounds": 2}))
+  (root / "killed" / "summary.json").unlink()
+  (root / "killed" / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"round": 4, "tr')
+  shutil.copytree(folders / "sweep", root / "sweep")
+  (root / "finished" / "tensorboard").mkdir()  # folders inside a run are not runs
+  out = tmp_path / "runs.csv"
+  assert cli.main(["runs", str(root), "--sort", "best_test_accuracy", "--csv", str(out)]) == 0
+  printed = capsys.readouterr().out
+  with open(out) as f:
+    rows = {r["run"]: r for r in csv.DictReader(f)}
+  assert set(rows) == {"finished", "failed", "interrupted", "killed", *(f"sweep[{i}]"
+                                                                        for i in range(4))}
+  assert rows["finished"]["status"] == "completed" and rows["finished"]["rounds"] == "4"
+  assert rows["failed"]["status"] == "failed: ValueError: boom"
+  assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds"] == "2"
+  assert rows["killed"]["status"] == results.NO_SUMMARY and rows["killed"]["rounds"] == "3"
+  assert rows["sweep[1]"]["status"] == "completed" and rows["sweep[1]"]["seed"] == "1"
+  for name in ("finished", "failed", "interrupted", "killed", "sweep[0]"):
+    assert f"{name} " in printed
+  assert "client_lr" in printed.splitlines()[0]  # the configuration difference is a column
+  # Sorted by best test accuracy, highest first.
+  best = [float(r["best_test_accuracy"]) for r in rows.values()]
+  with open(out) as f:
+    order = [float(r["best_test_accuracy"]) for r in csv.DictReader(f)]
+  assert order == sorted(best, reverse=True)
+  assert float(rows["interrupted"]["final_test_accuracy"]) == pytest.approx(
+      json.loads(lines[1])["test_accuracy"])
