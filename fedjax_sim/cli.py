@@ -17,13 +17,17 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 
 import jax
 
 from fedjax_sim import aggregation_options, evaluation, optimizers, privacy
+from fedjax_sim import checkpoint as checkpoint_lib
+from fedjax_sim import run_dir
 from fedjax_sim import run_options
 from fedjax_sim import cli_results  # fedjax-sim plot, fedjax-sim runs
 from fedjax_sim.run_options import TASK_OPTIONS, add_run_flags, chunk_size_arg  # noqa: F401
@@ -49,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
   run = commands.add_parser("run", help="train one federated task",
                             formatter_class=_HelpFormatter)
   add_run_flags(run)
+  run_dir.add_flags(run)
   sweep = commands.add_parser(
       "sweep", help="run a grid of hyperparameters x seeds from a config file as one program",
       description="Runs the grid x seeds of a JSON or TOML config as one compiled program per "
@@ -61,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
   sweep.add_argument("--plot", default=None, metavar="METRIC",
                      help="plot this metric per round for every row (overrides the config's "
                           "'plot'; 'none' for no plot)")
+  sweep.add_argument("--no-compile-cache", action="store_true",
+                     help="do not use XLA's persistent compilation cache")
   cli_results.add_parsers(commands)
   return parser
 
@@ -159,7 +166,18 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds:.2f} s"
 
 
-def run_command(args: argparse.Namespace) -> dict:
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,
+                argv: list[str] | None = None) -> dict:
+  parser = parser or build_parser()
+  run_dir.check_flags(args)
+  resuming = args.resume is not None
+  if resuming:  # the flags of the run's config.json
+    args = run_dir.resume_args(parser, args)
+  # The folder and its checks use the flags as given (the checks below fill in defaults).
+  output = args.output or run_dir.default_output(args)
+  identity = run_dir.config_hash(args)
+  if not resuming:  # a folder that cannot be written, or holds another run: before loading
+    run_dir.check_folder(output, args, parser)
   run_options.check_flags(args)  # flag values and combinations, before loading anything
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
   options = {name: getattr(args, name) for name in TASK_OPTIONS
@@ -198,9 +216,10 @@ def run_command(args: argparse.Namespace) -> dict:
       evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test),
       model.apply, task.test, setup.backdoor)
   key = jax.random.key(args.seed)
-  if args.warm_start_steps is not None:
-    # The run's checks (which fs.run makes again), before the warm start compiles.
-    algorithm.validate(algorithm.init(params, key, train.num_clients), train)
+  # The run's checks (which fs.run makes again), before the warm start compiles and before
+  # anything is written to the run folder.
+  algorithm.validate(algorithm.init(params, key, train.num_clients), train)
+  runner.check_evaluator(evaluate, params)
   for note in setup.notes:
     print(f"fedjax-sim: {note}")
   if profiles is not None:
@@ -208,16 +227,22 @@ def run_command(args: argparse.Namespace) -> dict:
     source = args.profiles or f"drawn with seed {args.profiles_seed or 0}"
     print(f"fedjax-sim: client profiles ({source}): examples/s median {speed['median']:.4g}, "
           f"10th-90th percentile {speed['p10']:.4g}-{speed['p90']:.4g}")
-  name = args.server_optimizer if args.algorithm == "fedavg" else args.algorithm
-  output = args.output or os.path.join("runs", f"{args.task}-{name}-seed{args.seed}")
-  os.makedirs(output, exist_ok=True)
+  try:
+    if not resuming:
+      run_dir.clear(output)  # --overwrite, or a finished run of this configuration again
+    os.makedirs(output, exist_ok=True)
+  except OSError as e:
+    raise run_dir.RunDirError(f"--output {output!r}: {e.strerror or e}") from None
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
                 device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier)
   if profiles is not None:
     config["profiles_summary"] = systems.describe(profiles)
-  with open(os.path.join(output, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  # The command line itself: `--resume` parses it again.
+  config.update(argv=list(sys.argv[1:] if argv is None else argv),
+                config_hash=identity)
+  if not resuming:  # a resumed run keeps the config.json it continues
+    checkpoint_lib.write_json_atomic(os.path.join(output, "config.json"), config)
   warm = None
   if args.warm_start_steps is not None:
     lr = args.client_lr if args.warm_start_lr is None else args.warm_start_lr
@@ -233,11 +258,18 @@ def run_command(args: argparse.Namespace) -> dict:
           f"server examples, training loss {warm['server_train_loss']:.4f}{accuracy}")
   state = algorithm.init(params, key, train.num_clients)
   summary_path = os.path.join(output, "summary.json")
-  state, _ = runner.run(algorithm, state, train, rounds=setup.rounds,
-                        rounds_per_chunk=args.eval_every, evaluate=evaluate,
-                        metrics_path=os.path.join(output, "metrics.jsonl"),
-                        summary_path=summary_path, progress=not args.no_progress,
-                        round_metrics=setup.accountant)
+  try:
+    state, _ = runner.run(algorithm, state, train, rounds=setup.rounds,
+                          rounds_per_chunk=args.eval_every, evaluate=evaluate,
+                          metrics_path=os.path.join(output, "metrics.jsonl"),
+                          summary_path=summary_path, progress=not args.no_progress,
+                          round_metrics=setup.accountant,
+                          checkpoint_dir=os.path.join(output, run_dir.CHECKPOINTS),
+                          checkpoint_every=args.checkpoint_every,
+                          keep_checkpoints=args.keep_checkpoints, resume=resuming)
+  except runner.Interrupted as e:
+    e.resume_command = run_dir.resume_command(output)
+    raise
   with open(summary_path) as f:
     summary = json.load(f)
   changed = False
@@ -259,8 +291,7 @@ def run_command(args: argparse.Namespace) -> dict:
     print(f"{args.algorithm}'s personalized models: client test accuracy "
           f"{personal['personal_client_test_accuracy']:.4f}")
   if changed:
-    with open(summary_path, "w") as f:
-      json.dump(summary, f, indent=2)
+    checkpoint_lib.write_json_atomic(summary_path, summary)
   final = summary.get("final", {})
   simulated = (f"; simulated time {_format_seconds(final['sim_time_s'])}"
                if "sim_time_s" in final else "")
@@ -271,13 +302,27 @@ def run_command(args: argparse.Namespace) -> dict:
   return summary
 
 
+class _Terminated(KeyboardInterrupt):
+  """SIGTERM before the rounds start (during them `runner.run` defers it)."""
+
+
+def _terminate(signum, frame):
+  raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.command in ("run", "sweep") and not args.no_compile_cache and \
+      os.environ.get("FEDJAX_SIM_COMPILE_CACHE", "").lower() not in ("0", "off", "false"):
+    run_dir.enable_compile_cache()
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
   try:
     with warnings.catch_warnings():  # the CLI prints its own line for these
       warnings.simplefilter("ignore", privacy.DPNoiseWarning)
       if args.command == "run":
-        run_command(args)
+        run_command(args, parser, argv)
       elif args.command == "sweep":
         sweep_command(args)
       elif args.command == "plot":
@@ -287,6 +332,22 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as e:
     print(f"fedjax-sim: error: {e}", file=sys.stderr)
     return 2
+  except runner.Interrupted as e:  # one line, no traceback
+    name = signal.Signals(e.signum).name
+    command = getattr(e, "resume_command", None)
+    then = f"; resume with: {command}" if command else ""
+    print(f"fedjax-sim: {name}: stopped after round {e.round}"
+          f"{' (checkpointed)' if e.checkpoint else ''}{then}", file=sys.stderr)
+    return e.exit_code
+  except _Terminated:
+    print("fedjax-sim: SIGTERM before the first round: nothing to resume", file=sys.stderr)
+    return 128 + signal.SIGTERM
+  except KeyboardInterrupt:
+    print("fedjax-sim: SIGINT before the first round: nothing to resume", file=sys.stderr)
+    return 128 + signal.SIGINT
+  finally:
+    if previous_term is not None:
+      signal.signal(signal.SIGTERM, previous_term)
   return 0
 
 

@@ -31,6 +31,10 @@ if (os.environ.get("FEDJAX_SIM_TEST_XLA_DEFAULTS") != "1"
       os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
       break
 
+# The CLI's persistent compilation cache stays off in tests (cache hits would change the
+# compilation counts tests assert); tests/test_checkpoint.py turns it on where it tests it.
+os.environ.setdefault("FEDJAX_SIM_COMPILE_CACHE", "off")
+
 import jax  # noqa: E402  (after XLA_FLAGS: the backend reads them when it starts)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
