@@ -19,11 +19,19 @@ from fedjax_sim.losses import IGNORE_LABEL
 
 
 class FederatedData(NamedTuple):
-  """Padded per-client arrays plus per-client example counts (a pytree)."""
+  """Padded per-client arrays plus per-client example counts (a pytree).
+
+  `count_range`, when not None, is `(min(counts), max(counts))` as Python ints, known on
+  the host when the data was built (`from_clients` sets it). It is static pytree data,
+  not a leaf, so a jitted round sees it at trace time: when every client has the same
+  count that divides into minibatches, local training compiles without padding masks
+  (`local.make_local_update`). Data built by hand may leave it None (the general path).
+  """
 
   x: jax.Array
   y: jax.Array
   counts: jax.Array
+  count_range: tuple[int, int] | None = None
 
   @property
   def num_clients(self) -> int:
@@ -38,10 +46,44 @@ class FederatedData(NamedTuple):
     """Real examples divided by padded slots (1.0 means no padding)."""
     return float(np.sum(np.asarray(self.counts))) / (self.num_clients * self.max_examples)
 
+  @property
+  def equal_count(self) -> int | None:
+    """The count every client has, when `count_range` says they all have the same."""
+    if self.count_range is None or self.count_range[0] != self.count_range[1]:
+      return None
+    return self.count_range[0]
+
   def client(self, i: int) -> tuple[np.ndarray, np.ndarray]:
     """Client `i`'s real examples as host arrays, padding removed."""
     n = int(self.counts[i])
     return np.asarray(self.x[i, :n]), np.asarray(self.y[i, :n])
+
+
+# count_range is static (aux) data: leaves are x, y, counts, as for the plain NamedTuple.
+jax.tree_util.register_pytree_with_keys(
+    FederatedData,
+    lambda d: (((jax.tree_util.GetAttrKey("x"), d.x), (jax.tree_util.GetAttrKey("y"), d.y),
+                (jax.tree_util.GetAttrKey("counts"), d.counts)), d.count_range),
+    lambda count_range, leaves: FederatedData(*leaves, count_range),
+    flatten_func=lambda d: ((d.x, d.y, d.counts), d.count_range))
+
+
+def count_range_of(counts) -> tuple[int, int]:
+  """`(min, max)` of concrete per-client counts, as Python ints."""
+  counts = np.asarray(counts)
+  return (int(counts.min()), int(counts.max())) if counts.size else (0, 0)
+
+
+def check_count_range(data: FederatedData) -> None:
+  """Raises ValueError where `data.count_range` disagrees with its concrete counts (a
+  FederatedData rebuilt with `_replace(counts=...)` keeps the old range)."""
+  if data.count_range is None:
+    return
+  actual = count_range_of(data.counts)
+  if tuple(data.count_range) != actual:
+    raise ValueError(f"the data's count_range {tuple(data.count_range)} is not its counts' "
+                     f"(min, max) {actual}: rebuild it with from_clients, or pass "
+                     f"count_range=None")
 
 
 def from_clients(
@@ -125,7 +167,8 @@ def from_clients(
   for i, (xi, yi) in enumerate(zip(xs, ys)):
     x[i, : len(xi)] = xi
     y[i, : len(yi)] = yi
-  return FederatedData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts))
+  return FederatedData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(counts),
+                       count_range_of(counts))
 
 
 def split_clients(

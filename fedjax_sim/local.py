@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Params = Any
@@ -35,6 +36,11 @@ class LocalResult(NamedTuple):
 Regularizer = Callable[[Params, Any], jax.Array]
 
 
+def _sort_keys(key: jax.Array, size: int) -> jax.Array:
+  """Example i's sort key: a uniform draw from `fold_in(key, i)`, for i < size."""
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(size))
+
+
 def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> jax.Array:
   """A random order of the real examples `0..num_examples-1`, then the padding slots.
 
@@ -42,8 +48,13 @@ def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> j
   examples is the same whatever the padding: that is what makes padding invariant.
   """
   index = jnp.arange(max_examples)
-  u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(index)
+  u = _sort_keys(key, max_examples)
   return jnp.argsort(jnp.where(index < num_examples, u, 2.0), stable=True)
+
+
+# The most epoch orders (in int32 slots per client) that `steps=` mode computes up front
+# for ragged clients; past it each step recomputes its epoch's order.
+_ORDER_SLOTS = 1 << 20
 
 
 def steps_per_epoch(num_examples, batch_size: int):
@@ -59,10 +70,16 @@ def make_local_update(
     steps: int | None = None,
     regularizer: Regularizer | None = None,
 ) -> Callable[..., LocalResult]:
-  """Builds `local_update(params, x, y, n, key, context=None, step_budget=None)`.
+  """Builds `local_update(params, x, y, n, key, context=None, step_budget=None, *,
+  min_examples=None)`.
 
   The returned function trains one padded client: `x [max_examples, ...]`,
   `y [max_examples, ...]`, `n` real examples, a per-client `key`. It vmaps over clients.
+  `n` may be a Python int, known on the host to be every client's count: then, without
+  a `step_budget` and when `n` divides into batches, no batch has a padded slot and the
+  step is compiled without masks (the same results to float rounding). `min_examples`
+  (static, optional) is a lower bound on `n` over the clients trained together: it
+  bounds how many epoch orders `steps=` mode computes up front.
 
   Args:
     loss: per-example loss function.
@@ -88,6 +105,13 @@ def make_local_update(
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+  def full_objective(params, xb, yb, context):
+    data_loss = jnp.sum(loss(params, xb, yb)) / float(batch_size)
+    total = data_loss if regularizer is None else data_loss + regularizer(params, context)
+    return total, data_loss
+
+  full_grad_fn = jax.value_and_grad(full_objective, has_aux=True)
+
   def train_step(carry, x, y, index, mask, context, budget):
     params, opt_state, loss_sum, count, taken = carry
     active = taken < budget
@@ -101,8 +125,49 @@ def make_local_update(
     num = jnp.where(active, jnp.sum(mask), 0.0)
     return params, opt_state, loss_sum + value * num, count + num, taken + active
 
-  def local_update(params, x, y, n, key, context=None, step_budget=None) -> LocalResult:
+  def full_batches_update(params, x, y, n: int, key, context) -> LocalResult:
+    """Every client has exactly `n` examples, a multiple of the batch size (static):
+    every batch is full, so a step has no mask, no normalisation by a count and no
+    keep-or-discard select, and the loops have static lengths. The same order and
+    arithmetic as the general path (to float rounding)."""
+    spe = n // batch_size
+    total = epochs * spe if epochs is not None else steps
+    full_epochs, rest = divmod(total, spe)
+
+    def step(carry, index):
+      params, opt_state, loss_sum = carry
+      (_, value), grads = full_grad_fn(params, x[index], y[index], context)
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), opt_state,
+              loss_sum + value * float(batch_size)), None
+
+    def run_epoch(carry, epoch, length):
+      # The epoch's order once, then `length` steps through it.
+      order = jnp.argsort(_sort_keys(jax.random.fold_in(key, epoch), n), stable=True)
+      return jax.lax.scan(step, carry, order.reshape(spe, batch_size)[:length])[0]
+
+    carry = (params, optimizer.init(params), jnp.zeros(()))
+    if full_epochs:
+      carry = jax.lax.scan(lambda c, e: (run_epoch(c, e, spe), None), carry,
+                           jnp.arange(full_epochs))[0]
+    if rest:  # steps= mode: the last epoch is cut short
+      carry = run_epoch(carry, full_epochs, rest)
+    trained, _, loss_sum = carry
+    delta = jax.tree_util.tree_map(jnp.subtract, trained, params)
+    return LocalResult(delta, loss_sum, jnp.float32(total * batch_size), jnp.int32(total))
+
+  def local_update(params, x, y, n, key, context=None, step_budget=None, *,
+                   min_examples: int | None = None) -> LocalResult:
+    x, y = jnp.asarray(x), jnp.asarray(y)
     max_n = x.shape[0]
+    if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
+      n = int(n)
+      if not 0 <= n <= max_n:
+        raise ValueError(f"n={n} examples but the client has {max_n} slots")
+      if step_budget is None and n > 0 and n % batch_size == 0:
+        return full_batches_update(params, x, y, n, key, context)
+      min_examples = n
+      n = jnp.asarray(n, jnp.int32)
     num_batches = math.ceil(max_n / batch_size)
     positions = jnp.arange(batch_size)
     spe = steps_per_epoch(n, batch_size)
@@ -131,11 +196,23 @@ def make_local_update(
 
       carry = jax.lax.scan(epoch_body, carry, jnp.arange(epochs))[0]
     else:
+      # Epochs a client with >= min_examples examples starts within `steps` steps.
+      num_epochs = steps
+      if min_examples is not None and min_examples > 0:
+        num_epochs = min(steps, -(-steps // -(-min_examples // batch_size)))
+      if num_epochs * num_batches * batch_size <= _ORDER_SLOTS:
+        # Every epoch's order once, up front; a step slices its batch out of it.
+        orders = jax.vmap(padded_order)(jnp.arange(num_epochs))
+        batch_of = lambda epoch, b: jax.lax.dynamic_slice(
+            orders, (epoch, b * batch_size), (1, batch_size))[0]
+      else:
+        batch_of = lambda epoch, b: jax.lax.dynamic_slice(
+            padded_order(epoch), (b * batch_size,), (batch_size,))
+
       def step_body(carry, s):
         epoch, b = s // spe, s % spe
-        index = jax.lax.dynamic_slice(padded_order(epoch), (b * batch_size,), (batch_size,))
         mask = b * batch_size + positions < n
-        return train_step(carry, x, y, index, mask, context, budget), None
+        return train_step(carry, x, y, batch_of(epoch, b), mask, context, budget), None
 
       carry = jax.lax.scan(step_body, carry, jnp.arange(steps))[0]
 

@@ -38,7 +38,7 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        check_round_args, gather_rows, init_client_states,
                                        model_bytes, resolve_chunk_size, sample_clients,
                                        scatter_rows, weighted_sum)
-from fedjax_sim.data import FederatedData
+from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import local
 
 if TYPE_CHECKING:
@@ -69,6 +69,10 @@ class ClientInput(NamedTuple):
   budget: Any             # its step budget under `systems`, else None
   relative_weight: jax.Array  # its weight over the mean weight of all clients (FedDyn)
   hp: Hparams
+  # (min, max) of the real counts of every client this round, known on the host (static
+  # Python ints), or None: when min == max, `n` equals it and local training can drop the
+  # padding masks (see `local.make_local_update`).
+  count_range: tuple[int, int] | None = None
 
 
 class ClientOutput(NamedTuple):
@@ -178,8 +182,12 @@ def local_train(inp: ClientInput, loss: local.PerExampleLoss,
   update = local.make_local_update(loss, optimizer, batch_size=schedule.batch_size,
                                    epochs=schedule.epochs, steps=schedule.steps,
                                    regularizer=regularizer)
-  return update(inp.params if start is None else start, inp.x, inp.y, inp.n,
-                inp.key if key is None else key, context, inp.budget)
+  n, low = inp.n, None
+  if inp.count_range is not None:
+    low, high = inp.count_range
+    n = low if low == high else n  # a static count: the unpadded step where it fits
+  return update(inp.params if start is None else start, inp.x, inp.y, n,
+                inp.key if key is None else key, context, inp.budget, min_examples=low)
 
 
 def full_batch_loss(loss: local.PerExampleLoss, params: Params, inp: ClientInput) -> jax.Array:
@@ -339,6 +347,7 @@ def compose(
     check_hparams(state.hp, hparam_checks)
     check_clients_per_round(clients_per_round, data)
     check_model_and_data(apply, state.params, data)
+    check_count_range(data)
     if stateful:
       check_client_states(state, data)
     if getattr(aggregator, "validate", None) is not None:
@@ -392,6 +401,10 @@ def compose(
       budgets = plan.step_budget
     message = server_rule.message(state, hp)
     rows = gather_rows(state.client_states, ids) if stateful else None
+    # The host's (min, max) of the counts holds for the data clients train on unless a
+    # schedule or a transform changes it.
+    count_range = (data.count_range if client_data_schedule is None
+                   and client_data_transform is None else None)
 
     def one(args):
       client_id, row, budget, rel = args
@@ -401,7 +414,7 @@ def compose(
                                         keys.client_data_key(train_key, client_id))
       return client_work.train(ClientInput(
           state.params, message, row, x, y, n, client_id, keys.client_key(train_key, client_id),
-          keys.client_key(second_key, client_id), budget, rel, hp))
+          keys.client_key(second_key, client_id), budget, rel, hp, count_range))
 
     def train_chunk(args):
       if client_sharding is None:
