@@ -30,6 +30,7 @@ from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import run_dir
 from fedjax_sim import run_options
 from fedjax_sim import cli_results  # fedjax-sim plot, fedjax-sim runs
+from fedjax_sim import writers as writers_lib  # --tensorboard, --wandb
 from fedjax_sim.run_options import TASK_OPTIONS, add_run_flags, chunk_size_arg  # noqa: F401
 from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
@@ -179,6 +180,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   if not resuming:  # a folder that cannot be written, or holds another run: before loading
     run_dir.check_folder(output, args, parser)
   run_options.check_flags(args)  # flag values and combinations, before loading anything
+  writers_lib.check(args)  # a missing writer package: one line naming its extra
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
   options = {name: getattr(args, name) for name in TASK_OPTIONS
              if getattr(args, name) is not None}
@@ -258,6 +260,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
           f"server examples, training loss {warm['server_train_loss']:.4f}{accuracy}")
   state = algorithm.init(params, key, train.num_clients)
   summary_path = os.path.join(output, "summary.json")
+  writers = writers_lib.from_args(args, output, config)  # started before compiling
   try:
     state, _ = runner.run(algorithm, state, train, rounds=setup.rounds,
                           rounds_per_chunk=args.eval_every, evaluate=evaluate,
@@ -266,7 +269,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
                           round_metrics=setup.accountant,
                           checkpoint_dir=os.path.join(output, run_dir.CHECKPOINTS),
                           checkpoint_every=args.checkpoint_every,
-                          keep_checkpoints=args.keep_checkpoints, resume=resuming)
+                          keep_checkpoints=args.keep_checkpoints, resume=resuming,
+                          callbacks=writers)
   except runner.Interrupted as e:
     e.resume_command = run_dir.resume_command(output)
     raise

@@ -33,7 +33,8 @@ NO_SUMMARY = "running or killed (no summary.json)"
 # one mean and band), the device.
 IGNORED_KEYS = frozenset({"output", "no_progress", "seed", "command", "plot", "tensorboard",
                           "wandb", "wandb_mode", "resume", "checkpoint_every",
-                          "keep_checkpoints", "argv", "config_hash", "profiles_summary",
+                          "keep_checkpoints", "overwrite", "no_compile_cache", "argv",
+                          "config_hash", "profiles_summary",
                           "device"})
 # Per-round metrics that are amounts per round: an x axis sums them over the rounds.
 PER_ROUND_AMOUNTS = ("uplink_bytes", "downlink_bytes")

@@ -446,3 +446,14 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
   add_flags(run)
+  logs = run.add_argument_group("metric writers", "every round's metrics, the configuration "
+                                "and the summary (fedjax_sim.writers)")
+  logs.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                    help="write TensorBoard event files to DIR (default RUN_DIR/tensorboard); "
+                         "pip install 'fedjax_sim[tensorboard]'")
+  logs.add_argument("--wandb", default=None, metavar="PROJECT",
+                    help="log to this Weights & Biases project (under RUN_DIR/wandb); "
+                         "pip install 'fedjax_sim[wandb]'")
+  logs.add_argument("--wandb-mode", default=None, choices=("online", "offline"),
+                    help="offline needs no network ('wandb sync' uploads later); default "
+                         "WANDB_MODE, else online")

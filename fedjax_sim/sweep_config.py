@@ -92,7 +92,7 @@ SERVER_ALIASES = tuple(o for o in optimizers.SERVER_OPTIMIZERS if o != "fedavg")
 # `fedjax-sim run`'s flags that are not settings of a sweep.
 _NOT_SETTINGS = ("help", "task", "algorithm", "output", "no_progress", "seed", "concurrency",
                  "staleness", "warm_start_steps", "server_examples", "warm_start_lr",
-                 "init_params", "save_params")
+                 "init_params", "save_params", "tensorboard", "wandb", "wandb_mode")
 # Settings every row shares (the model and its initial parameters, the run's length).
 NOT_STATIC = ("rounds", "eval_every", "init_seed", "model", "mixed_precision", "conv_impl",
               "profiles")
