@@ -42,22 +42,35 @@ def test_every_python_block_runs_in_order(monkeypatch, tmp_path):
   assert len(rounds) == 2 and all(0.0 <= a <= 1.0 for a in accuracy)
 
 
+RESULTS_COMMANDS = ("fedjax-sim plot", "fedjax-sim runs")  # they read what runs wrote
+
+
 def commands():
+  """Each command alone; a block with `fedjax-sim plot`/`runs` as one list, run in order
+  (its runs write the folders the later commands read)."""
   for language, code, line in BLOCKS:
     if language != "bash":
       continue
-    for command in code.splitlines():
-      command = command.split("#")[0].split("&&")[-1].strip()
-      if command.startswith("fedjax-sim"):
+    block = [c.split("#")[0].split("&&")[-1].strip() for c in code.splitlines()]
+    block = [c for c in block if c.startswith("fedjax-sim")]
+    if any(c.startswith(RESULTS_COMMANDS) for c in block):
+      yield pytest.param(block, id=f"line{line}:{len(block)} commands in order")
+    else:
+      for command in block:
         yield pytest.param(command, id=f"line{line}:{command[:60]}")
 
 
 @pytest.mark.parametrize("command", list(commands()))
 def test_every_cli_example_runs(command, monkeypatch, tmp_path):
-  reason = next((why for marker, why in NOT_RUN.items() if marker in command), None)
+  reason = next((why for marker, why in NOT_RUN.items() if marker in str(command)), None)
   if reason:
     pytest.skip(reason)
   monkeypatch.chdir(tmp_path)  # examples that write files write them here
+  if isinstance(command, list):  # a block: runs keep their own --output for what follows
+    for line in command:
+      extra = [] if line.startswith(RESULTS_COMMANDS) else ["--rounds", "2", "--no-progress"]
+      assert cli.main(shlex.split(line)[1:] + extra) == 0, line
+    return
   argv = shlex.split(command)[1:] + ["--rounds", "2", "--no-progress", "--output",
                                       str(tmp_path / "run")]
   assert cli.main(argv) == 0, command
