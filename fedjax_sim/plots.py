@@ -6,7 +6,8 @@ and different seeds, a sweep's rows among them, are drawn as one line, the mean 
 seeds, with a band from their minimum to their maximum. The x axis is the round, the
 simulated time (`sim_time_s`) or the cumulative uplink (`uplink_bytes`, an amount per
 round summed). Axes say their units; an axis whose values span two decades or more
-(bytes, a falling loss) is logarithmic; colour, line style and marker tell up to 20 lines
+(a loss falling by 100x) is logarithmic, and so is an x axis of time or bytes where the
+runs' totals differ tenfold (compressed against full uplinks); colour, line style and marker tell up to 20 lines
 apart, and the legend sits outside the axes.
 
 Uses matplotlib's object API (no pyplot state): it draws on `ax` when given, else on a
@@ -114,7 +115,8 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
     seeds: "band": runs whose configurations differ only by seed are one line, the mean
       over the seeds at each point (x too), with a min-max band; "lines": a line each.
     title: the axes title (default: what is common to the runs, e.g. the task).
-    xscale, yscale: "linear" or "log"; default log where the values span 2 decades.
+    xscale, yscale: "linear" or "log"; default: y log where its values span 2 decades
+      (never for accuracies), x log where the runs' final x values span one.
 
   Returns:
     The Axes (`ax.figure.savefig(...)` to save it).
@@ -180,7 +182,10 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
                       linewidth=0)
   ax.set_xlabel(axis_label(x, unit=unit))
   ax.set_ylabel(axis_label(metric))
-  ax.set_xscale(xscale or ("log" if x != "round" and spans_decades(all_x) else "linear"))
+  # x: log when the runs' totals differ by a decade (compressed against full uplinks, say);
+  # one run's cumulative bytes always span decades from round 1, which log would stretch.
+  finals = np.array([xs.mean(axis=0)[-1] for _, xs, _ in lines if xs.shape[1]])
+  ax.set_xscale(xscale or ("log" if x != "round" and spans_decades(finals, 1.0) else "linear"))
   ax.set_yscale(yscale or ("log" if "accuracy" not in metric and spans_decades(all_y)
                            else "linear"))
   if title is None:

@@ -91,6 +91,7 @@ def test_plot_x_axes_are_cumulative_bytes_and_simulated_time(folders):
   divisor = {"kB": 1e3, "MB": 1e6, "bytes": 1.0}[ax.get_xlabel().split("(")[1][:-1]]
   np.testing.assert_allclose(ax.get_lines()[0].get_xdata() * divisor, uplink, rtol=1e-6)
   assert ax.get_xlabel().startswith("cumulative uplink (")
+  assert ax.get_xscale() == "linear"  # one run's bytes span decades from round 1: not log
   assert ax.get_ylabel() == "training loss (mean per example)"
   ax = fs.plot_runs([run], x="sim_time_s")
   assert ax.get_xlabel() == "simulated time (s)"
