@@ -1,0 +1,292 @@
+"""Checkpoints and exact resume: CLI runs killed (SIGKILL), interrupted (SIGINT, SIGTERM)
+at a random round and resumed equal the uninterrupted run, metrics line for line and
+final parameters bit for bit (FedAvg; SCAFFOLD with DP, whose epsilon continues; a
+systems run, whose simulated time continues); the persistent compilation cache is hit
+by the second run; fs.run's checkpoints from Python (typed keys, the last K kept, a
+corrupt checkpoint skipped for the previous one, callbacks told of an interruption).
+
+Each CLI run is a subprocess (~3-5 s of jax import and compiling); the runs of one
+configuration share one compilation cache folder, and each scenario's runs are made
+once (module fixtures) for all of its assertions."""
+
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import checkpoint as checkpoint_lib
+from fedjax_sim import runner
+
+REPO = pathlib.Path(__file__).parents[1]
+# The CLI in a subprocess, counting persistent-cache hits and misses (compilations) into
+# $COUNTS (jax.monitoring: jax 0.10 and 0.12 both record these events).
+RUN_CLI = """
+import json, os, sys, jax
+counts = {"cache_hits": 0, "cache_misses": 0}
+def event(name, **kw):
+  for kind in counts:
+    if name == "/jax/compilation_cache/" + kind:
+      counts[kind] += 1
+jax.monitoring.register_event_listener(event)
+from fedjax_sim import cli
+code = cli.main(sys.argv[1:])
+with open(os.environ["COUNTS"], "w") as f:
+  json.dump(counts, f)
+sys.exit(code)
+"""
+# Random rounds to stop at, drawn once per session but reproducibly (printed on failure).
+SEED = int(os.environ.get("FEDJAX_SIM_TEST_KILL_SEED", "14"))
+ROUNDS = 12  # 6 chunks of 2 rounds, each checkpointed: a stop lands mid-run
+
+
+class Cli:
+  def __init__(self, tmp: pathlib.Path):
+    self.tmp = tmp
+    self.env = {**os.environ, "PYTHONPATH": str(REPO),
+                "FEDJAX_SIM_COMPILE_CACHE": str(tmp / "compile-cache"), "JAX_PLATFORMS": "cpu"}
+    self.runs = 0
+
+  def start(self, argv):
+    self.runs += 1
+    counts = self.tmp / f"counts{self.runs}.json"
+    proc = subprocess.Popen([sys.executable, "-c", RUN_CLI, *argv], cwd=self.tmp,
+                            env={**self.env, "COUNTS": str(counts)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.counts_path = counts
+    return proc
+
+  def finish(self, proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    counts = json.loads(proc.counts_path.read_text()) if proc.counts_path.exists() else None
+    return proc.returncode, out, err, counts
+
+  def stop_at(self, proc, output: pathlib.Path, lines: int, sig: int):
+    """Sends `sig` to the CLI run `proc` once its metrics file has `lines` lines."""
+    metrics = output / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+      if metrics.exists() and metrics.read_bytes().count(b"\n") >= lines:
+        proc.send_signal(sig)
+        break
+      time.sleep(0.005)
+    result = self.finish(proc)
+    summary = output / "summary.json"
+    return dict(result=result, metrics=metrics.read_bytes(),
+                summary=json.loads(summary.read_text()) if summary.exists() else None,
+                lines=lines, output=output)
+
+
+def params_of(path):
+  with np.load(path) as f:
+    return {k: f[k] for k in f.files}
+
+
+def run_args(flags, output, tmp):
+  return ["run", "--rounds", str(ROUNDS), "--eval-every", "2", "--clients-per-round", "5",
+          "--checkpoint-every", "2", "--no-progress", *flags, "--output", str(tmp / output),
+          "--save-params", str(tmp / f"{output}.npz")]
+
+
+def stop_round(name):
+  """A random number of metrics lines to stop at (mid-run), reproducible from SEED."""
+  return random.Random(f"{SEED}-{name}").randint(2, ROUNDS - 4)
+
+
+def scenario(tmp, flags, stops, reference_flags=()):
+  """The uninterrupted run and, beside it, runs stopped by each signal of `stops` at a
+  random round, then their resumes. Runs that do not depend on each other overlap."""
+  cli = Cli(tmp)
+  reference = cli.start(run_args([*flags, *reference_flags], "full", tmp))
+  stopped, pending = {}, None
+  for name, sig in stops.items():
+    proc = cli.start(run_args(flags, name, tmp))
+    stopped[name] = cli.stop_at(proc, tmp / name, stop_round(name), sig)
+    if pending is not None:
+      stopped[pending]["resumed"] = cli.finish(stopped[pending].pop("resume"))
+    stopped[name]["resume"] = cli.start(["run", "--resume", str(tmp / name), "--no-progress"])
+    pending = name
+    if not isinstance(reference, tuple):
+      reference = cli.finish(reference)
+      assert reference[0] == 0, reference[2]
+  stopped[pending]["resumed"] = cli.finish(stopped[pending].pop("resume"))
+  return dict(tmp=tmp, full=tmp / "full", reference=reference, **stopped)
+
+
+def assert_identical(s, name):
+  run = s[name]
+  assert run["resumed"][0] == 0, run["resumed"][2]
+  cut = run["output"]
+  assert (cut / "metrics.jsonl").read_bytes() == (s["full"] / "metrics.jsonl").read_bytes(), \
+      f"stopped at {run['lines']} lines (FEDJAX_SIM_TEST_KILL_SEED={SEED})"
+  a, b = params_of(s["tmp"] / "full.npz"), params_of(s["tmp"] / f"{name}.npz")
+  assert a.keys() == b.keys()
+  for leaf in a:
+    np.testing.assert_array_equal(a[leaf], b[leaf])  # bit for bit
+  full = json.loads((s["full"] / "summary.json").read_text())
+  resumed = json.loads((cut / "summary.json").read_text())
+  assert resumed["status"] == "completed" and resumed["rounds"] == ROUNDS
+  assert resumed["final"] == full["final"]
+
+
+@pytest.fixture(scope="module")
+def fedavg(tmp_path_factory):
+  return scenario(tmp_path_factory.mktemp("fedavg"), [],
+                  {"killed": signal.SIGKILL, "interrupted": signal.SIGINT})
+
+
+def test_sigkill_at_a_random_round_then_resume_equals_the_uninterrupted_run(fedavg):
+  killed = fedavg["killed"]
+  assert killed["result"][0] == -signal.SIGKILL  # killed mid-run, not finished
+  # Never half a line: every line the kill left is a whole JSON row.
+  text = killed["metrics"].decode()
+  assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+  assert_identical(fedavg, "killed")
+
+
+def test_sigint_stops_at_a_chunk_with_one_line_and_exit_130_then_resumes(fedavg):
+  run = fedavg["interrupted"]
+  code, out, err, _ = run["result"]
+  assert code == 130, err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+  assert f"--resume {run['output']}" in err
+  assert run["summary"]["status"] == "interrupted"
+  rows = [json.loads(line) for line in run["metrics"].decode().splitlines()]
+  stopped_round = int(err.split("after round ")[1].split()[0])
+  # Every finished round was written, up to the chunk boundary it stopped at.
+  assert [r["round"] for r in rows] == list(range(1, stopped_round + 1))
+  assert stopped_round % 2 == 0 and "test_accuracy" in rows[-1]
+  assert run["summary"]["rounds"] == stopped_round
+  assert_identical(fedavg, "interrupted")
+
+
+def test_compilation_cache_is_hit_by_the_second_run(fedavg):
+  first, later = fedavg["reference"][3], fedavg["interrupted"]["result"][3]
+  # The first runs (side by side) fill a fresh cache folder; the SIGINT run, started after
+  # the first finished, finds every program there and compiles none.
+  assert first["cache_misses"] > 0, first
+  assert later["cache_hits"] >= 3 and later["cache_misses"] == 0, later
+  assert os.listdir(fedavg["tmp"] / "compile-cache")
+
+
+@pytest.fixture(scope="module")
+def scaffold_dp(tmp_path_factory):
+  return scenario(tmp_path_factory.mktemp("scaffold_dp"),
+                  ["--algorithm", "scaffold", "--noise-multiplier", "0.5", "--clip", "1.0"],
+                  {"killed": signal.SIGKILL})
+
+
+def test_scaffold_with_dp_resumes_exactly_and_epsilon_continues(scaffold_dp):
+  assert scaffold_dp["killed"]["result"][0] == -signal.SIGKILL
+  assert_identical(scaffold_dp, "killed")
+  rows = [json.loads(line) for line in (scaffold_dp["full"] / "metrics.jsonl").read_text()
+          .splitlines()]
+  epsilon = [r["epsilon"] for r in rows]
+  assert all(b > a for a, b in zip(epsilon, epsilon[1:]))  # continues, never restarts
+
+
+@pytest.fixture(scope="module")
+def systems_run(tmp_path_factory):
+  return scenario(tmp_path_factory.mktemp("systems"), ["--deadline", "0.5"],
+                  {"terminated": signal.SIGTERM}, reference_flags=["--no-compile-cache"])
+
+
+def test_systems_run_stopped_by_sigterm_resumes_and_sim_time_continues(systems_run):
+  code, _, err, _ = systems_run["terminated"]["result"]
+  assert code == 143 and "Traceback" not in err and "SIGTERM" in err, err
+  assert_identical(systems_run, "terminated")
+  rows = [json.loads(line) for line in (systems_run["full"] / "metrics.jsonl").read_text()
+          .splitlines()]
+  sim_time = [r["sim_time_s"] for r in rows]
+  assert all(b > a for a, b in zip(sim_time, sim_time[1:]))
+  # --no-compile-cache: the cache is not even looked at.
+  assert systems_run["reference"][3] == {"cache_hits": 0, "cache_misses": 0}
+
+
+# --- fs.run from Python. ---
+
+
+@pytest.fixture(scope="module")
+def setup():
+  task = fs.load_task("synthetic", seed=0)
+  model = task.make_model("logreg", 0)
+  algorithm = fs.build_algorithm("fedbuff", model.apply, client_optimizer="sgd",
+                                 server_optimizer="fedavg", clients_per_round=3, batch_size=10,
+                                 epochs=1, num_clients=task.train.num_clients, client_lr=0.05)
+  state = algorithm.init(model.params, jax.random.key(0), task.train.num_clients)
+  return algorithm, state, task.train, fs.make_evaluator(model.apply, test=task.test)
+
+
+def leaves(state):
+  return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                     else x) for x in jax.tree_util.tree_leaves(state)]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax, reading
+def test_python_checkpoints_keys_keep_and_corrupt_fallback(setup, tmp_path, capsys):
+  algorithm, state, train, evaluate = setup
+  kw = dict(rounds=8, rounds_per_chunk=2, evaluate=evaluate, progress=False)
+  full, history = fs.run(algorithm, state, train, metrics_path=tmp_path / "full.jsonl", **kw)
+  ckpt = tmp_path / "ckpt"
+  fs.run(algorithm, state, train, metrics_path=tmp_path / "cut.jsonl", checkpoint_dir=ckpt,
+         checkpoint_every=2, keep_checkpoints=2, **kw)
+  assert sorted(int(p) for p in os.listdir(ckpt)) == [6, 8]  # the last 2 kept
+  # Typed keys (FedBuff's state holds a key per client in flight) come back typed.
+  restored, record = fs.restore(ckpt, state)
+  assert record["round"] == 8 and restored.key.dtype == state.key.dtype
+  assert restored.algorithm_state.keys.dtype == state.algorithm_state.keys.dtype
+  for a, b in zip(leaves(restored), leaves(full)):
+    np.testing.assert_array_equal(a, b)
+  # Truncate the newest checkpoint's largest file: it is detected, round 6 is used.
+  files = [p for p in (ckpt / "8").rglob("*") if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  capsys.readouterr()
+  resumed, resumed_history = fs.run(algorithm, state, train, metrics_path=tmp_path / "cut.jsonl",
+                                    checkpoint_dir=ckpt, resume=True, **kw)
+  err = capsys.readouterr().err
+  assert "is corrupt or partial" in err and "previous one (round 6)" in err, err
+  assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()
+  for a, b in zip(leaves(resumed), leaves(full)):
+    np.testing.assert_array_equal(a, b)
+  assert [r["round"] for r in resumed_history] == list(range(1, 9))
+  # A checkpoint folder is continued only on purpose, with the same chunks.
+  with pytest.raises(ValueError, match="resume=True to continue it"):
+    fs.run(algorithm, state, train, checkpoint_dir=ckpt, **kw)
+  with pytest.raises(ValueError, match="rounds_per_chunk=2"):
+    fs.run(algorithm, state, train, checkpoint_dir=ckpt, resume=True,
+           **{**kw, "rounds_per_chunk": 4})
+
+
+def test_python_interrupt_checkpoints_and_tells_callbacks(setup, tmp_path):
+  algorithm, state, train, _ = setup
+
+  class Stop:
+    ended = None
+
+    def on_rounds(self, rows):
+      if rows[-1]["round"] == 4:
+        signal.raise_signal(signal.SIGINT)  # as Ctrl-C would, mid-run
+
+    def on_end(self, summary):
+      Stop.ended = summary
+
+  with pytest.raises(fs.Interrupted) as info:
+    fs.run(algorithm, state, train, rounds=8, rounds_per_chunk=2, progress=False,
+           checkpoint_dir=tmp_path / "c", checkpoint_every=0, callbacks=[Stop()])
+  assert info.value.round == 4 and info.value.exit_code == 130
+  assert Stop.ended["status"] == "interrupted" and Stop.ended["rounds"] == 4
+  assert checkpoint_lib.Checkpoints(tmp_path / "c").steps() == [4]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  _, history = fs.run(algorithm, state, train, rounds=8, rounds_per_chunk=2, progress=False,
+                      checkpoint_dir=tmp_path / "c", resume=True)
+  assert [r["round"] for r in history] == list(range(1, 9))
