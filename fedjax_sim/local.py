@@ -52,9 +52,10 @@ def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> j
   return jnp.argsort(jnp.where(index < num_examples, u, 2.0), stable=True)
 
 
-# The most epoch orders (in int32 slots per client) that `steps=` mode computes up front
-# for ragged clients; past it each step recomputes its epoch's order.
-_ORDER_SLOTS = 1 << 20
+# The most epoch-order slots (int32, per client) computed up front, before the steps;
+# past it orders are computed in the loop (once per epoch where counts are static, in
+# every step for ragged clients in `steps=` mode), so memory stays bounded.
+_ORDER_SLOTS = 1 << 16
 
 
 def steps_per_epoch(num_examples, batch_size: int):
@@ -141,17 +142,23 @@ def make_local_update(
       return (optax.apply_updates(params, updates), opt_state,
               loss_sum + value * float(batch_size)), None
 
-    def run_epoch(carry, epoch, length):
-      # The epoch's order once, then `length` steps through it.
-      order = jnp.argsort(_sort_keys(jax.random.fold_in(key, epoch), n), stable=True)
-      return jax.lax.scan(step, carry, order.reshape(spe, batch_size)[:length])[0]
+    def order(epoch):
+      return jnp.argsort(_sort_keys(jax.random.fold_in(key, epoch), n), stable=True)
 
     carry = (params, optimizer.init(params), jnp.zeros(()))
-    if full_epochs:
-      carry = jax.lax.scan(lambda c, e: (run_epoch(c, e, spe), None), carry,
-                           jnp.arange(full_epochs))[0]
-    if rest:  # steps= mode: the last epoch is cut short
-      carry = run_epoch(carry, full_epochs, rest)
+    num_epochs = full_epochs + (rest > 0)
+    if num_epochs * n <= _ORDER_SLOTS:
+      # Every epoch's order once, up front, then one scan over the steps' index rows.
+      rows = jax.vmap(order)(jnp.arange(num_epochs)).reshape(-1, batch_size)[:total]
+      carry = jax.lax.scan(step, carry, rows)[0]
+    else:  # bounded memory: a scan over epochs, each sorting its order once
+      run_epoch = lambda carry, epoch, length: jax.lax.scan(
+          step, carry, order(epoch).reshape(spe, batch_size)[:length])[0]
+      if full_epochs:
+        carry = jax.lax.scan(lambda c, e: (run_epoch(c, e, spe), None), carry,
+                             jnp.arange(full_epochs))[0]
+      if rest:  # steps= mode: the last epoch is cut short
+        carry = run_epoch(carry, full_epochs, rest)
     trained, _, loss_sum = carry
     delta = jax.tree_util.tree_map(jnp.subtract, trained, params)
     return LocalResult(delta, loss_sum, jnp.float32(total * batch_size), jnp.int32(total))
