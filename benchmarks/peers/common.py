@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -43,13 +44,19 @@ def add_task_args(parser) -> None:
   parser.add_argument("--server-lr", type=float, default=d["server_lr"])
   parser.add_argument("--rounds", type=int, default=d["rounds"])
   parser.add_argument("--seed", type=int, default=d["seed"])
+  parser.add_argument("--eval-every", type=int, default=0,
+                      help="time-to-accuracy runs: evaluate on the held-out set every K "
+                           "rounds inside the timed loop (0: only before/after training)")
+  parser.add_argument("--target-accuracy", type=float, default=None,
+                      help="with --eval-every: stop at the first evaluation reaching it")
   parser.add_argument("--output", required=True, help="JSON file the worker writes")
 
 
 def task_config(args) -> dict:
   return {k: getattr(args, k) for k in (
       "model", "num_clients", "clients_per_round", "examples_per_client", "batch_size",
-      "epochs", "client_lr", "server_lr", "rounds", "seed")}
+      "epochs", "client_lr", "server_lr", "rounds", "seed", "eval_every",
+      "target_accuracy") if hasattr(args, k)}
 
 
 def _teacher(seed: int) -> np.ndarray:
@@ -80,6 +87,51 @@ def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
   z = z - z.max(axis=1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
   return float(-logp[np.arange(len(y)), y].mean())
+
+
+def accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+  return float((np.asarray(logits).argmax(axis=1) == y).mean())
+
+
+class Evaluator:
+  """Held-out evaluation inside the timed loop, for time-to-accuracy runs.
+
+  Every worker calls `after_round(r, logits_fn)` after round r (1-based) with a function
+  returning the logits of the current global model on the held-out inputs; it evaluates
+  every `--eval-every` rounds (the evaluation's own time counts in the run, alike for
+  every simulator) and says whether `--target-accuracy` is reached (stop then).
+  """
+
+  def __init__(self, args, launch: float):
+    self.every, self.target, self.launch = args.eval_every, args.target_accuracy, launch
+    self.x, self.y = eval_data(args.seed)
+    self.history: list[dict] = []
+    self.reached: dict | None = None
+
+  def due(self, rnd: int) -> bool:
+    return bool(self.every) and rnd % self.every == 0
+
+  def after_round(self, rnd: int, logits_fn) -> bool:
+    """Evaluates if due; True when the target is reached (the worker stops)."""
+    if not self.due(rnd):
+      return False
+    logits = np.asarray(logits_fn(self.x))
+    acc = accuracy(logits, self.y)
+    entry = {"round": rnd, "time_s": time.time() - self.launch, "accuracy": acc,
+             "loss": cross_entropy(logits, self.y)}
+    self.history.append(entry)
+    if self.reached is None and self.target is not None and acc >= self.target:
+      self.reached = entry
+    return self.reached is not None
+
+  def extra(self) -> dict:
+    if not self.every:
+      return {}
+    return {"eval_every": self.every, "target_accuracy": self.target,
+            "eval_history": self.history,
+            "target_reached": self.reached is not None,
+            "time_to_target_s": self.reached["time_s"] if self.reached else None,
+            "rounds_to_target": self.reached["round"] if self.reached else None}
 
 
 def launch_time(main_start: float) -> float:

@@ -6,9 +6,9 @@ reference, so each Ray actor imports it once and its jitted steps compile once p
 actor, as in Flower's own JAX example (a `task.py` next to the app).
 
 The models are plain JAX functions over a list of numpy arrays (what Flower's
-ArrayRecord carries): the 2NN MLP 784-200-200-10 and the FedAvg CNN (5x5 conv 32 and
-64 'SAME' with `lax.conv_general_dilated`, 2x2 max pool, 512 dense), the same shapes as
-fedjax_sim's and FedJAX's. Local training: `epochs` passes over the client's examples
+ArrayRecord carries), from jax_models.py: the 2NN MLP 784-200-200-10 and the FedAvg CNN
+(5x5 conv 32 and 64 'SAME' with `lax.conv_general_dilated`, 2x2 max pool, 512 dense),
+the same shapes as fedjax_sim's and FedJAX's. Local training: `epochs` passes over the client's examples
 in a fresh random order, minibatches of `batch-size`, optax SGD; `client-loop = step`
 jits one minibatch step and loops in Python (Flower's JAX example, FedJAX and
 fedjax_sim's loop reference do the same); `epoch` jits a whole epoch as one `lax.scan`
@@ -27,49 +27,14 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import common
+import jax_models
 
 
 # ---------------------------------------------------------------- models (pure JAX)
 
-def _dense(key, n_in, n_out):
-  w = jax.random.normal(key, (n_in, n_out), jnp.float32) * np.sqrt(1.0 / n_in)
-  return [np.asarray(w), np.zeros((n_out,), np.float32)]
-
-
-def _conv(key, k, c_in, c_out):
-  w = jax.random.normal(key, (k, k, c_in, c_out), jnp.float32) * np.sqrt(1.0 / (k * k * c_in))
-  return [np.asarray(w), np.zeros((c_out,), np.float32)]
-
-
-def init_params(model: str, seed: int) -> list[np.ndarray]:
-  """LeCun-normal weights, zero biases, as a list of numpy arrays."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  if model == "mlp":
-    return _dense(keys[0], 784, 200) + _dense(keys[1], 200, 200) + _dense(keys[2], 200, 10)
-  return (_conv(keys[0], 5, 1, 32) + _conv(keys[1], 5, 32, 64)
-          + _dense(keys[2], 7 * 7 * 64, 512) + _dense(keys[3], 512, 10))
-
-
-def _pool(x):
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-
-def apply(model: str, params, x):
-  """Logits of `model` for inputs x [batch, 28, 28]."""
-  if model == "mlp":
-    w1, b1, w2, b2, w3, b3 = params
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ w1 + b1)
-    h = jax.nn.relu(h @ w2 + b2)
-    return h @ w3 + b3
-  c1, cb1, c2, cb2, w1, b1, w2, b2 = params
-  conv = lambda v, k: jax.lax.conv_general_dilated(
-      v, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  h = x.reshape(x.shape[0], *common.IMAGE, 1)
-  h = _pool(jax.nn.relu(conv(h, c1) + cb1))
-  h = _pool(jax.nn.relu(conv(h, c2) + cb2))
-  h = jax.nn.relu(h.reshape(h.shape[0], -1) @ w1 + b1)
-  return h @ w2 + b2
+# In jax_models.py, shared with the DrJAX worker; run_flower.py uses them from here.
+init_params = jax_models.init_params
+apply = jax_models.apply
 
 
 def _loss(model, params, x, y):

@@ -41,15 +41,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import common  # noqa: E402
 
+# The time-to-accuracy case's target (accuracy on the 2,000 held-out examples of the
+# teacher task) and its cap on rounds.
+TTA_TARGET = 0.4
+TTA_MAX_ROUNDS = 80
 # Cases: the task variants; rounds are fewer for the CNN, whose local training is
 # ~100x the MLP's FLOPs and takes seconds per round on a small CPU.
 # The CNN's compute-bound rounds gain nothing from more rounds per call or an
 # epoch-jitted Flower client, so those rows are skipped for it.
 CASES = {
-    "mlp600": dict(model="mlp", examples_per_client=600, rounds=20),
+    "mlp600": dict(model="mlp", examples_per_client=600, rounds=20,
+                   skip=["pfl_1thread"]),
     "mlp100": dict(model="mlp", examples_per_client=100, rounds=20),
+    # DrJAX's CNN (lax.conv vmapped over clients: a grouped convolution, which XLA:CPU
+    # runs very slowly) takes minutes per round here: 2 rounds (the second timed), in
+    # the first repetition only; its end to end is then not comparable.
     "cnn100": dict(model="cnn", examples_per_client=100, rounds=6,
-                   skip=["fedjax_sim_scan", "flower_epoch"]),
+                   skip=["fedjax_sim_scan", "flower_epoch", "pfl_1thread"],
+                   sim_rounds={"drjax": 2, "drjax_opts": 2},
+                   sim_repeats={"drjax": 1, "drjax_opts": 1}),
+    # The scale case: 100 of 1,000 clients per round (10x the work of a round of mlp100).
+    # pfl here and in the time-to-accuracy case with torch at 1 thread: at torch's
+    # default (one thread per core) its rounds slowed 5-20x whenever other processes
+    # shared the 2 cores (compare the pfl rows of mlp100), which would leave the run's
+    # length unbounded on a busy machine.
+    "scale1000": dict(model="mlp", examples_per_client=100, rounds=4, num_clients=1000,
+                      clients_per_round=100,
+                      skip=["fedjax_sim_scan", "flower_epoch", "pfl"]),
+    # Time to a target accuracy (held-out set, evaluated after every round, inside the
+    # timed loop, by every simulator alike): each run stops at the first round reaching
+    # it, or after `rounds`. One round per call (no R/2-per-call variant).
+    "tta_mlp600": dict(model="mlp", examples_per_client=600, rounds=TTA_MAX_ROUNDS,
+                       eval_every=1, target_accuracy=TTA_TARGET,
+                       skip=["fedjax_sim_scan", "flower_epoch", "pfl"]),
 }
 CASE_NAMES = {
     "mlp": "2NN MLP 784-200-200-10 (199,210 parameters)",
@@ -65,8 +89,20 @@ SIMULATORS = {
     "flower": ("Flower 1.42", "flower", "run_flower.py", []),
     "flower_epoch": ("Flower 1.42, epoch-jitted client", "flower", "run_flower.py",
                      ["--client-loop", "epoch"]),
+    "drjax": ("DrJAX 0.2.1, plain jax.jit", "drjax", "run_drjax.py", []),
+    "drjax_opts": ("DrJAX 0.2.1, fedjax_sim's CPU compiler options", "drjax", "run_drjax.py",
+                   ["--compiler-options", "fedjax_sim"]),
+    "pfl": ("pfl-research 0.6.0 (PyTorch)", "pfl", "run_pfl.py", []),
+    "pfl_1thread": ("pfl-research 0.6.0, 1 torch thread", "pfl", "run_pfl.py",
+                    ["--torch-threads", "1"]),
 }
-DEFAULT_SIMULATORS = ["fedjax_sim", "fedjax_sim_scan", "fedjax", "flower", "flower_epoch"]
+# flower_epoch (the fastest a Flower client can train; within a few % of `flower` in
+# every run so far) is left out by default to keep the whole run within ~20 minutes.
+DEFAULT_SIMULATORS = ["fedjax_sim", "fedjax_sim_scan", "fedjax", "drjax", "drjax_opts",
+                      "pfl", "pfl_1thread", "flower"]
+# Each environment's python: flag, environment variable, default under the venv root.
+ENVS = ("fedjax", "flower", "drjax", "pfl")
+VENV_ROOT = os.environ.get("PEERS_VENVS", "~/.venvs")
 # The simulator that speedups are quoted against fedjax_sim for.
 BASELINE = "fedjax_sim"
 
@@ -78,7 +114,12 @@ def parse_args(argv=None):
   p.add_argument("--simulators", nargs="+", default=DEFAULT_SIMULATORS, choices=list(SIMULATORS))
   p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
   p.add_argument("--rounds", type=int, default=None,
-                 help="override every case's rounds (an even number, for fedjax_sim_scan)")
+                 help="override every case's rounds but the time-to-accuracy case's cap "
+                      "(an even number, for fedjax_sim_scan)")
+  p.add_argument("--tta-target", type=float, default=TTA_TARGET,
+                 help="the time-to-accuracy case's target held-out accuracy")
+  p.add_argument("--tta-max-rounds", type=int, default=TTA_MAX_ROUNDS,
+                 help="the time-to-accuracy case's cap on rounds")
   p.add_argument("--num-clients", type=int, default=common.DEFAULTS["num_clients"])
   p.add_argument("--clients-per-round", type=int, default=common.DEFAULTS["clients_per_round"])
   p.add_argument("--batch-size", type=int, default=common.DEFAULTS["batch_size"])
@@ -87,14 +128,13 @@ def parse_args(argv=None):
   p.add_argument("--seed", type=int, default=common.DEFAULTS["seed"])
   p.add_argument("--fedjax-sim-python", default=sys.executable,
                  help="python with fedjax_sim installed (default: this one)")
-  p.add_argument("--fedjax-python",
-                 default=os.environ.get("FEDJAX_PYTHON", "~/.venvs/fedjax/bin/python"),
-                 help="python of FedJAX's environment (default $FEDJAX_PYTHON, else "
-                      "~/.venvs/fedjax/bin/python)")
-  p.add_argument("--flower-python",
-                 default=os.environ.get("FLOWER_PYTHON", "~/.venvs/flower/bin/python"),
-                 help="python of Flower's environment (default $FLOWER_PYTHON, else "
-                      "~/.venvs/flower/bin/python)")
+  for env in ENVS:
+    p.add_argument(f"--{env}-python",
+                   default=os.environ.get(f"{env.upper()}_PYTHON",
+                                          os.path.join(VENV_ROOT, env, "bin", "python")),
+                   help=f"python of {env}'s environment (default ${env.upper()}_PYTHON, "
+                        f"else $PEERS_VENVS/{env}/bin/python, PEERS_VENVS defaulting to "
+                        "~/.venvs; benchmarks/peers/setup_venvs.sh makes them)")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
   p.add_argument("--output", default=os.path.join(HERE, "..", "results", "peers_cpu.json"))
   p.add_argument("--merge", action="store_true",
@@ -105,30 +145,39 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def case_rounds(args, case: str) -> int:
-  return args.rounds if args.rounds is not None else CASES[case]["rounds"]
+def case_rounds(args, case: str, sim: str | None = None) -> int:
+  c = CASES[case]
+  if sim in c.get("sim_rounds", {}):
+    return c["sim_rounds"][sim]
+  if args.rounds is not None and not is_tta(case):
+    return args.rounds
+  return c["rounds"]
 
 
-def case_flags(args, case: str) -> list[str]:
-  c = dict(CASES[case], rounds=case_rounds(args, case))
-  flags = {"model": c["model"], "num-clients": args.num_clients,
-           "clients-per-round": args.clients_per_round,
+def is_tta(case: str) -> bool:
+  return "target_accuracy" in CASES[case]
+
+
+def case_flags(args, case: str, sim: str) -> list[str]:
+  c = dict(CASES[case], rounds=case_rounds(args, case, sim))
+  flags = {"model": c["model"], "num-clients": c.get("num_clients", args.num_clients),
+           "clients-per-round": c.get("clients_per_round", args.clients_per_round),
            "examples-per-client": c["examples_per_client"], "batch-size": args.batch_size,
            "epochs": args.epochs, "client-lr": args.client_lr, "server-lr": 1.0,
            "rounds": c["rounds"], "seed": args.seed}
+  if is_tta(case):
+    flags.update({"eval-every": c["eval_every"], "target-accuracy": c["target_accuracy"]})
   return [t for k, v in flags.items() for t in (f"--{k}", str(v))]
 
 
 def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   label, env_name, script, extra = SIMULATORS[sim]
-  python = os.path.expanduser({"fedjax_sim": args.fedjax_sim_python,
-                               "fedjax": args.fedjax_python,
-                               "flower": args.flower_python}[env_name])
+  python = os.path.expanduser(getattr(args, f"{env_name}_python"))
   out = os.path.join(log_dir, f"{case}-{sim}-{rep}.json")
   log = os.path.join(log_dir, f"{case}-{sim}-{rep}.log")
   if callable(extra):
-    extra = extra(case_rounds(args, case))
-  cmd = [python, os.path.join(HERE, script), *case_flags(args, case), *extra, "--output", out]
+    extra = extra(case_rounds(args, case, sim))
+  cmd = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra, "--output", out]
   load_before = list(os.getloadavg())
   env = dict(os.environ)
   env[common.LAUNCH_ENV] = repr(time.time())
@@ -189,14 +238,29 @@ def summarize(runs: list[dict], cases, sims) -> list[dict]:
             eval_loss_initial=median([r.get("eval_loss_initial") for r in ok]),
             eval_loss_final=median([r.get("eval_loss_final") for r in ok]),
         )
+        if is_tta(case):
+          reached = [r for r in ok if r.get("target_reached")]
+          row.update(
+              target_accuracy=CASES[case]["target_accuracy"], reached=len(reached),
+              time_to_target_s=median([r["time_to_target_s"] for r in reached]),
+              time_to_target_s_all=[r.get("time_to_target_s") for r in ok],
+              rounds_to_target=median([r["rounds_to_target"] for r in reached]),
+              rounds_to_target_all=[r.get("rounds_to_target") for r in ok])
+          pairs = [(r, base[r["repeat"]]) for r in reached if r["repeat"] in base
+                   and base[r["repeat"]].get("target_reached")]
+          if pairs:
+            row["time_to_target_over_fedjax_sim"] = median(
+                [r["time_to_target_s"] / b["time_to_target_s"] for r, b in pairs])
         pairs = [(r, base[r["repeat"]]) for r in ok if r["repeat"] in base]
         if pairs:
           row["over_fedjax_sim_per_round"] = median(
               [r["timings"]["per_round_warm_median_s"] / b["timings"]["per_round_warm_median_s"]
                for r, b in pairs if r["timings"]["per_round_warm_median_s"]
                and b["timings"]["per_round_warm_median_s"]])
+          # Only between runs of the same number of rounds.
           row["over_fedjax_sim_end_to_end"] = median(
-              [r["timings"]["end_to_end_s"] / b["timings"]["end_to_end_s"] for r, b in pairs])
+              [r["timings"]["end_to_end_s"] / b["timings"]["end_to_end_s"] for r, b in pairs
+               if r["task"]["rounds"] == b["task"]["rounds"] and not is_tta(case)])
       rows.append(row)
   return rows
 
@@ -219,7 +283,7 @@ def markdown(result: dict) -> str:
   for r in result["runs"]:
     reps.setdefault(r["case"], set()).add(r["repeat"])
   lines = [
-      "# Peers side by side: fedjax_sim, FedJAX, Flower (CPU)",
+      "# Peers side by side: fedjax_sim, FedJAX, DrJAX, pfl-research, Flower (CPU)",
       "",
       f"Device: {meta['cpu_count']} CPUs ({meta['cpu_model']}), no accelerator; every "
       "simulator on the CPU. Invocations: " + "; ".join(
@@ -230,18 +294,29 @@ def markdown(result: dict) -> str:
       f"{cfg['epochs']} local epoch(s) of batch {cfg['batch_size']}, client SGD lr "
       f"{cfg['client_lr']}, server FedAvg (lr 1), example-weighted; synthetic MNIST-shaped "
       "data (common.py: per-client numpy generators seeded by (seed, client), labels from "
-      "a fixed random linear teacher), the same examples for every simulator. "
+      "a fixed random linear teacher), the same examples for every simulator"
+      + ("; the scale case scale1000: 100 of 1,000 clients per round. "
+         if "scale1000" in reps else ". ") +
       "Interleaved repetitions per case: " + ", ".join(
           f"{c} {len(v)}" for c, v in reps.items()) + "; each figure is the median over them.",
       "",
-      "| case | simulator | s/round (warm) | first round | imports + setup | end to end "
-      "| per round / fedjax_sim | end to end / fedjax_sim | eval loss | runs |",
-      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
   ]
+  if any(not is_tta(row["case"]) for row in result["summary"]):
+    lines += [
+        "| case | simulator | s/round (warm) | first round | imports + setup | end to end "
+        "| per round / fedjax_sim | end to end / fedjax_sim | eval loss | runs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
   for row in result["summary"]:
+    if is_tta(row["case"]):
+      continue
     c = CASES[row["case"]]
-    rounds = row.get("task", {}).get("rounds", c["rounds"])
-    case = (f"{row['case']}: {c['model']}, {c['examples_per_client']} ex/client "
+    task = row.get("task", {})
+    rounds = task.get("rounds", c["rounds"])
+    clients = (f"{task.get('clients_per_round', c.get('clients_per_round', '?'))} of "
+               f"{task.get('num_clients', c.get('num_clients', '?'))} clients, "
+               if "num_clients" in c else "")
+    case = (f"{row['case']}: {c['model']}, {clients}{c['examples_per_client']} ex/client "
             f"({row.get('steps_per_client', '?')} steps), {rounds} rounds")
     if "per_round_s" not in row:
       lines.append(f"| {case} | {row['label']} | failed | | | | | | | {row['runs']} |")
@@ -254,6 +329,35 @@ def markdown(result: dict) -> str:
         f"| {_s(row['imports_and_setup_s'])} | {_s(row['end_to_end_s'])} "
         f"| {_x(row.get('over_fedjax_sim_per_round'))} "
         f"| {_x(row.get('over_fedjax_sim_end_to_end'))} | {loss} | {row['runs']}{fails} |")
+  tta = [row for row in result["summary"] if is_tta(row["case"])]
+  if tta:
+    c = CASES[tta[0]["case"]]
+    lines += [
+        "",
+        f"## Time to {c['target_accuracy']} held-out accuracy ({tta[0]['case']})",
+        "",
+        f"The {c['model']} case with {c['examples_per_client']} examples per client "
+        f"({tta[0].get('steps_per_client', '?')} local steps), evaluated on the 2,000 "
+        f"held-out examples after every round inside the timed loop; each run stops at "
+        f"the first round whose accuracy reaches {c['target_accuracy']} (at most "
+        f"{c['rounds']} rounds). Time: from the launch of the process (interpreter, "
+        "imports, data, model, compilation, every round and evaluation before it).",
+        "",
+        "| simulator | time to target | rounds to target | reached | per round (warm) "
+        "| time to target / fedjax_sim | every run: s (rounds) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in tta:
+      if "per_round_s" not in row:
+        lines.append(f"| {row['label']} | failed | | | | | |")
+        continue
+      runs = ", ".join("not reached" if t is None else f"{t:.1f} ({n})" for t, n in zip(
+          row["time_to_target_s_all"], row["rounds_to_target_all"]))
+      rounds = "-" if row["rounds_to_target"] is None else f"{row['rounds_to_target']:g}"
+      lines.append(
+          f"| {row['label']} | {_s(row['time_to_target_s'])} | {rounds} "
+          f"| {row['reached']} of {row['runs']} | {_s(row['per_round_s'])} "
+          f"| {_x(row.get('time_to_target_over_fedjax_sim'))} | {runs} |")
   lines += [
       "",
       "s/round (warm): median over rounds 2..R of one run, then median over runs (for "
@@ -267,7 +371,7 @@ def markdown(result: dict) -> str:
       "the same repetition, median over repetitions; above 1 fedjax_sim is faster. "
       "Eval loss: cross-entropy on 2,000 held-out examples of the teacher task, before "
       "and after training (each simulator's own initialization), a check that all "
-      "three do the same training.",
+      "simulators do the same training.",
       "",
       f"Load: the 1-minute load average before each worker run was {min(loads):.1f} to "
       f"{max(loads):.1f} on {meta['cpu_count']} CPUs (in the JSON per run; the previous "
@@ -302,7 +406,9 @@ def plot(result: dict, path: str) -> bool:
     import matplotlib.pyplot as plt
   except ImportError:
     return False
-  rows = [r for r in result["summary"] if "per_round_s" in r]
+  rows = [r for r in result["summary"] if "per_round_s" in r and not is_tta(r["case"])]
+  if not rows:
+    return False
   cases = list(dict.fromkeys(r["case"] for r in rows))
   sims = list(dict.fromkeys(r["simulator"] for r in rows))
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -337,8 +443,7 @@ def command_line(argv: list[str]) -> str:
       skip = False
       continue
     name = token.split("=", 1)[0]
-    if name in ("--log-dir", "--fedjax-sim-python", "--fedjax-python", "--flower-python",
-                "--output"):
+    if name in ("--log-dir", "--output") or name.endswith("-python"):
       skip = "=" not in token
       continue
     out.append(token)
@@ -355,6 +460,8 @@ def _git_commit():
 
 def main(argv=None):
   args = parse_args(argv)
+  started = time.time()
+  CASES["tta_mlp600"].update(target_accuracy=args.tta_target, rounds=args.tta_max_rounds)
   log_dir = args.log_dir or tempfile.mkdtemp(prefix="peer-bench-")
   os.makedirs(log_dir, exist_ok=True)
   print(f"worker logs in {log_dir}", flush=True)
@@ -370,6 +477,8 @@ def main(argv=None):
       for sim in args.simulators:
         if sim in CASES[case].get("skip", ()):
           continue
+        if rep - first_rep >= CASES[case].get("sim_repeats", {}).get(sim, args.repeats):
+          continue
         print(f"[repeat {rep + 1 - first_rep}/{args.repeats}] {case} {sim}", flush=True)
         res = run_worker(args, case, sim, rep, log_dir)
         if "timings" in res:
@@ -382,7 +491,9 @@ def main(argv=None):
       "command": command_line(argv if argv is not None else sys.argv[1:]),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "git_commit": _git_commit(), "cases": args.cases, "simulators": args.simulators,
-      "repeats": args.repeats, "rounds_override": args.rounds}
+      "repeats": args.repeats, "rounds_override": args.rounds,
+      "tta_target": args.tta_target, "tta_max_rounds": args.tta_max_rounds,
+      "duration_s": time.time() - started}
   config = {"cases": {c: CASES[c] for c in CASES}, "num_clients": args.num_clients,
             "clients_per_round": args.clients_per_round, "batch_size": args.batch_size,
             "epochs": args.epochs, "client_lr": args.client_lr, "server_lr": 1.0,
@@ -423,7 +534,8 @@ def main(argv=None):
   plotted = plot(result, os.path.splitext(out)[0] + ".png")
   print()
   print(table)
-  print(f"wrote {out}, .md" + (", .png" if plotted else ""))
+  print(f"wrote {out}, .md" + (", .png" if plotted else "")
+        + f" ({invocation['duration_s'] / 60:.1f} minutes)")
   return result
 
 

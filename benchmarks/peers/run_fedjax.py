@@ -78,16 +78,19 @@ def main(argv=None):
   state = algorithm.init(params)
   sampler = fedjax.client_samplers.UniformGetClientSampler(
       fd, num_clients=args.clients_per_round, seed=args.seed)
+  apply = jax.jit(lambda p, x: model.apply_for_eval(p, {"x": x}))
+  evaluator = common.Evaluator(args, launch)
   setup_done = time.time()
 
   round_ends = []
-  for _ in range(args.rounds):
+  for rnd in range(1, args.rounds + 1):
     state, _ = algorithm.apply(state, sampler.sample())
     jax.block_until_ready(state.params)
     round_ends.append(time.time())
+    if evaluator.after_round(rnd, lambda x: apply(state.params, x)):
+      break
 
   ex, ey = common.eval_data(args.seed)
-  apply = jax.jit(lambda p, x: model.apply_for_eval(p, {"x": x}))
   final = common.cross_entropy(np.asarray(apply(state.params, ex)), ey)
   initial = common.cross_entropy(np.asarray(apply(params, ex)), ey)
   dev = jax.devices()[0]
@@ -97,6 +100,7 @@ def main(argv=None):
       round_ends=round_ends, device=f"{dev.platform}: {dev.device_kind}",
       packages=common.versions("fedjax", "jax", "jaxlib", "dm-haiku", "optax"),
       extra={"eval_loss_initial": initial, "eval_loss_final": final, "params": num_params,
+             **evaluator.extra(),
              "implementation": "fedjax.algorithms.fed_avg.federated_averaging, default "
                                "for_each_client backend ("
                                + type(for_each_client.get_for_each_client_backend()).__name__

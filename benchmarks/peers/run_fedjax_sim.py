@@ -52,19 +52,24 @@ def main(argv=None):
   algorithm.validate(state, data)
   state = jax.tree_util.tree_map(lambda a: a.copy(), state)  # the chunk donates it
   chunk = runner.make_chunk(algorithm, args.rounds_per_call)
+  apply = jax.jit(model.apply)
+  evaluator = common.Evaluator(args, launch)
   setup_done = time.time()
 
   round_ends, train_loss = [], []
-  for _ in range(args.rounds // args.rounds_per_call):
+  for call in range(1, args.rounds // args.rounds_per_call + 1):
     state, metrics = chunk(state, data)
     metrics = jax.device_get(metrics)
     jax.block_until_ready(state)
     round_ends.append(time.time())
     train_loss += [float(v) for v in np.atleast_1d(metrics["train_loss"])]
+    if evaluator.after_round(call * args.rounds_per_call,
+                             lambda x: apply(state.params, x)):
+      break
 
   ex, ey = common.eval_data(args.seed)
-  final = common.cross_entropy(np.asarray(jax.jit(model.apply)(state.params, ex)), ey)
-  initial = common.cross_entropy(np.asarray(jax.jit(model.apply)(model.params, ex)), ey)
+  final = common.cross_entropy(np.asarray(apply(state.params, ex)), ey)
+  initial = common.cross_entropy(np.asarray(apply(model.params, ex)), ey)
   dev = jax.devices()[0]
   name = "fedjax_sim" + (f" ({args.rounds_per_call} rounds per call)"
                          if args.rounds_per_call > 1 else "")
@@ -74,7 +79,7 @@ def main(argv=None):
       device=f"{dev.platform}: {dev.device_kind}",
       packages=common.versions("jax", "jaxlib", "optax", "flax"),
       extra={"eval_loss_initial": initial, "eval_loss_final": final,
-             "train_loss_per_round": train_loss,
+             "train_loss_per_round": train_loss, **evaluator.extra(),
              "implementation": "fedjax_sim.fedavg rounds through runner.make_chunk "
                                f"({args.rounds_per_call} per call); model "
                                f"fedjax_sim.{args.model}() (flax nnx"

@@ -9,7 +9,9 @@ backend (`--client-cpus` CPUs per ClientApp: Flower's default is 2, which on a 2
 machine means one Ray actor running the clients one after another).
 
 Round times come from the strategy's `evaluate_fn` hook, which Flower calls before the
-first round and after every round; it only takes the time. End to end is from the
+first round and after every round; it only takes the time (and, in time-to-accuracy
+runs, evaluates the global model on the held-out set when due, ending training by an
+exception caught in the ServerApp once the target is reached). End to end is from the
 driver's launch of this process to the end of the last round (Ray's shutdown after it
 is not counted). Writes one JSON record (common.record).
 
@@ -56,7 +58,20 @@ def main(argv=None):
   ticks: list[float] = []
   out: dict = {}
   initial = flower_client.init_params(args.model, args.seed)
+  apply = jax.jit(lambda prm, x: flower_client.apply(args.model, prm, x))
+  evaluator = common.Evaluator(args, launch)
   server_app = ServerApp()
+
+  class TargetReached(Exception):
+    """Raised from the evaluate_fn hook to end training at the target accuracy."""
+
+  def on_round(rnd, arrays):
+    ticks.append(time.time())
+    if rnd and evaluator.due(rnd):
+      params = arrays.to_numpy_ndarrays()
+      if evaluator.after_round(rnd, lambda x: apply(params, x)):
+        out["arrays"] = params
+        raise TargetReached()
 
   @server_app.main()
   def _main(grid: Grid, context: Context) -> None:
@@ -66,9 +81,12 @@ def main(argv=None):
                         "batch-size": args.batch_size, "epochs": args.epochs,
                         "seed": args.seed, "examples-per-client": args.examples_per_client,
                         "client-loop": args.client_loop})
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
-                            num_rounds=args.rounds, train_config=cfg,
-                            evaluate_fn=lambda rnd, arrays: ticks.append(time.time()))
+    try:
+      result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial),
+                              num_rounds=args.rounds, train_config=cfg,
+                              evaluate_fn=on_round)
+    except TargetReached:
+      return
     out["arrays"] = result.arrays.to_numpy_ndarrays()
     out["train_loss"] = [float(m["train_loss"])
                          for _, m in sorted(result.train_metrics_clientapp.items())]
@@ -77,11 +95,10 @@ def main(argv=None):
                  num_supernodes=args.num_clients,
                  backend_config={"client_resources": {"num_cpus": args.client_cpus,
                                                       "num_gpus": 0.0}})
-  if len(ticks) != args.rounds + 1:
+  if len(ticks) != args.rounds + 1 and evaluator.reached is None:
     raise SystemExit(f"Flower ran {len(ticks) - 1} of {args.rounds} rounds")
 
   ex, ey = common.eval_data(args.seed)
-  apply = jax.jit(lambda prm, x: flower_client.apply(args.model, prm, x))
   final = common.cross_entropy(np.asarray(apply(out["arrays"], ex)), ey)
   init_loss = common.cross_entropy(np.asarray(apply(initial, ex)), ey)
   result = common.record(
@@ -90,7 +107,7 @@ def main(argv=None):
       + " CPUs per ClientApp)",
       packages=common.versions("flwr", "ray", "jax", "jaxlib", "optax", "protobuf"),
       extra={"eval_loss_initial": init_loss, "eval_loss_final": final,
-             "train_loss_per_round": out["train_loss"],
+             "train_loss_per_round": out.get("train_loss"), **evaluator.extra(),
              "client_loop": args.client_loop, "client_cpus": args.client_cpus,
              "implementation": "flwr.simulation.run_simulation (Ray backend); ServerApp "
                                "with flwr.serverapp.strategy.FedAvg; ClientApp training "
