@@ -1,7 +1,8 @@
 """Checkpoints and exact resume: CLI runs killed (SIGKILL), interrupted (SIGINT, SIGTERM)
 at a random round and resumed equal the uninterrupted run, metrics line for line and
-final parameters bit for bit (FedAvg; SCAFFOLD with DP, whose epsilon continues; a
-systems run, whose simulated time continues); the persistent compilation cache is hit
+final parameters bit for bit (FedAvg with DP, whose epsilon continues; SCAFFOLD, with
+per-client state, in a systems run, whose simulated time continues); the persistent
+compilation cache is hit
 by the second run; fs.run's checkpoints from Python (typed keys, the last K kept, a
 corrupt checkpoint skipped for the previous one, callbacks told of an interruption).
 
@@ -46,7 +47,9 @@ sys.exit(code)
 """
 # Random rounds to stop at, drawn once per session but reproducibly (printed on failure).
 SEED = int(os.environ.get("FEDJAX_SIM_TEST_KILL_SEED", "14"))
-ROUNDS = 12  # 6 chunks of 2 rounds, each checkpointed: a stop lands mid-run
+# 6 chunks of 2 rounds, a checkpoint every other chunk (a SIGKILL loses the rounds since
+# the last one: the resumed run rewrites them); a stop lands mid-run.
+ROUNDS = 12
 
 
 class Cli:
@@ -93,7 +96,7 @@ def params_of(path):
 
 def run_args(flags, output, tmp):
   return ["run", "--rounds", str(ROUNDS), "--eval-every", "2", "--clients-per-round", "5",
-          "--checkpoint-every", "2", "--no-progress", *flags, "--output", str(tmp / output),
+          "--checkpoint-every", "4", "--no-progress", *flags, "--output", str(tmp / output),
           "--save-params", str(tmp / f"{output}.npz")]
 
 
@@ -138,9 +141,13 @@ def assert_identical(s, name):
   assert resumed["final"] == full["final"]
 
 
+DP = ["--noise-multiplier", "0.5", "--clip", "1.0"]
+
+
 @pytest.fixture(scope="module")
 def fedavg(tmp_path_factory):
-  return scenario(tmp_path_factory.mktemp("fedavg"), [],
+  """FedAvg with DP (the accountant's epsilon), stopped by SIGKILL and by SIGINT."""
+  return scenario(tmp_path_factory.mktemp("fedavg"), DP,
                   {"killed": signal.SIGKILL, "interrupted": signal.SIGINT})
 
 
@@ -169,6 +176,14 @@ def test_sigint_stops_at_a_chunk_with_one_line_and_exit_130_then_resumes(fedavg)
   assert_identical(fedavg, "interrupted")
 
 
+def test_dp_epsilon_continues_after_resume(fedavg):
+  # Identical lines (above) include epsilon; here: it grows through the resumed rounds.
+  rows = [json.loads(line) for line in (fedavg["killed"]["output"] / "metrics.jsonl")
+          .read_text().splitlines()]
+  epsilon = [r["epsilon"] for r in rows]
+  assert len(epsilon) == ROUNDS and all(b > a for a, b in zip(epsilon, epsilon[1:]))
+
+
 def test_compilation_cache_is_hit_by_the_second_run(fedavg):
   first, later = fedavg["reference"][3], fedavg["interrupted"]["result"][3]
   # The first runs (side by side) fill a fresh cache folder; the SIGINT run, started after
@@ -179,37 +194,26 @@ def test_compilation_cache_is_hit_by_the_second_run(fedavg):
 
 
 @pytest.fixture(scope="module")
-def scaffold_dp(tmp_path_factory):
-  return scenario(tmp_path_factory.mktemp("scaffold_dp"),
-                  ["--algorithm", "scaffold", "--noise-multiplier", "0.5", "--clip", "1.0"],
-                  {"killed": signal.SIGKILL})
-
-
-def test_scaffold_with_dp_resumes_exactly_and_epsilon_continues(scaffold_dp):
-  assert scaffold_dp["killed"]["result"][0] == -signal.SIGKILL
-  assert_identical(scaffold_dp, "killed")
-  rows = [json.loads(line) for line in (scaffold_dp["full"] / "metrics.jsonl").read_text()
-          .splitlines()]
-  epsilon = [r["epsilon"] for r in rows]
-  assert all(b > a for a, b in zip(epsilon, epsilon[1:]))  # continues, never restarts
-
-
-@pytest.fixture(scope="module")
-def systems_run(tmp_path_factory):
-  return scenario(tmp_path_factory.mktemp("systems"), ["--deadline", "0.5"],
+def scaffold_systems(tmp_path_factory):
+  """SCAFFOLD (per-client control variates) with a deadline (the simulated clock),
+  stopped by SIGTERM; its reference run without the compilation cache."""
+  return scenario(tmp_path_factory.mktemp("scaffold_systems"),
+                  ["--algorithm", "scaffold", "--deadline", "0.5"],
                   {"terminated": signal.SIGTERM}, reference_flags=["--no-compile-cache"])
 
 
-def test_systems_run_stopped_by_sigterm_resumes_and_sim_time_continues(systems_run):
-  code, _, err, _ = systems_run["terminated"]["result"]
+def test_scaffold_systems_run_stopped_by_sigterm_resumes_and_sim_time_continues(
+    scaffold_systems):
+  code, _, err, _ = scaffold_systems["terminated"]["result"]
   assert code == 143 and "Traceback" not in err and "SIGTERM" in err, err
-  assert_identical(systems_run, "terminated")
-  rows = [json.loads(line) for line in (systems_run["full"] / "metrics.jsonl").read_text()
-          .splitlines()]
+  assert_identical(scaffold_systems, "terminated")
+  rows = [json.loads(line) for line in (scaffold_systems["terminated"]["output"]
+                                        / "metrics.jsonl").read_text().splitlines()]
   sim_time = [r["sim_time_s"] for r in rows]
-  assert all(b > a for a, b in zip(sim_time, sim_time[1:]))
+  assert len(sim_time) == ROUNDS and all(b > a for a, b in zip(sim_time, sim_time[1:]))
+  assert all("control_variate_norm" in r for r in rows)
   # --no-compile-cache: the cache is not even looked at.
-  assert systems_run["reference"][3] == {"cache_hits": 0, "cache_misses": 0}
+  assert scaffold_systems["reference"][3] == {"cache_hits": 0, "cache_misses": 0}
 
 
 # --- fs.run from Python. ---
