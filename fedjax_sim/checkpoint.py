@@ -150,7 +150,7 @@ class Checkpoints:
       except CheckpointError:
         raise
       except Exception as e:  # noqa: BLE001  (any unreadable file means: try the one before)
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". See full")[0][:160]
         errors.append(s)
         older = [t for t in steps if t < s]
         then = f"using the previous one (round {older[-1]})" if older else "none is left"

@@ -242,23 +242,33 @@ def test_python_checkpoints_keys_keep_and_corrupt_fallback(setup, tmp_path, caps
   full, history = fs.run(algorithm, state, train, metrics_path=tmp_path / "full.jsonl", **kw)
   ckpt = tmp_path / "ckpt"
   fs.run(algorithm, state, train, metrics_path=tmp_path / "cut.jsonl", checkpoint_dir=ckpt,
-         checkpoint_every=2, keep_checkpoints=2, **kw)
-  assert sorted(int(p) for p in os.listdir(ckpt)) == [6, 8]  # the last 2 kept
+         checkpoint_every=2, keep_checkpoints=3, **kw)
+  assert sorted(int(p) for p in os.listdir(ckpt)) == [4, 6, 8]  # the last 3 kept
   # Typed keys (FedBuff's state holds a key per client in flight) come back typed.
   restored, record = fs.restore(ckpt, state)
   assert record["round"] == 8 and restored.key.dtype == state.key.dtype
   assert restored.algorithm_state.keys.dtype == state.algorithm_state.keys.dtype
   for a, b in zip(leaves(restored), leaves(full)):
     np.testing.assert_array_equal(a, b)
-  # Truncate the newest checkpoint's largest file: it is detected, round 6 is used.
-  files = [p for p in (ckpt / "8").rglob("*") if p.is_file()]
-  victim = max(files, key=lambda p: p.stat().st_size)
+  # The newest checkpoint's largest file truncated (orbax cannot read it), and one byte
+  # of the one before flipped (it reads, but not the bytes saved: the SHA-256 tells):
+  # both are skipped with a message, round 4 is used.
+  def largest(step):
+    return max((p for p in (ckpt / str(step)).rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  victim = largest(8)
   victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  victim = largest(6)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  victim.write_bytes(bytes(data))
   capsys.readouterr()
   resumed, resumed_history = fs.run(algorithm, state, train, metrics_path=tmp_path / "cut.jsonl",
                                     checkpoint_dir=ckpt, resume=True, **kw)
   err = capsys.readouterr().err
-  assert "is corrupt or partial" in err and "previous one (round 6)" in err, err
+  assert "8 is corrupt or partial" in err and "previous one (round 6)" in err, err
+  assert "6 is corrupt or partial (its arrays do not match" in err, err
+  assert "previous one (round 4)" in err, err
   assert (tmp_path / "cut.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()
   for a, b in zip(leaves(resumed), leaves(full)):
     np.testing.assert_array_equal(a, b)
