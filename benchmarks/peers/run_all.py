@@ -1,27 +1,37 @@
-"""Peers side by side: fedjax_sim, FedJAX 0.0.17 and Flower 1.42 on the same FedAvg task.
+"""Peers side by side: fedjax_sim, FedJAX 0.0.17, DrJAX 0.2.1, pfl-research 0.6.0, Flower 1.42.
 
-Each simulator runs in its own process (FedJAX and Flower in their own virtual
-environments, see benchmarks/README.md), started one after another and interleaved
-(A, B, C, A, B, C, ...) for `--repeats` repetitions, so that load from other work on
-the machine falls on all of them alike; the tables report medians over repetitions.
+The whole measurement is one command, from the repository root, with fedjax_sim
+installed in the current python (`pip install -e .`) and the peers' environments made
+once by `bash benchmarks/peers/setup_venvs.sh` (under $PEERS_VENVS, default ~/.venvs):
+
+  python benchmarks/peers/run_all.py --repeats 3
+
+It runs every case (per warm round and end to end: mlp600, mlp100, cnn100, scale1000;
+time to a target accuracy: tta_mlp600) and writes benchmarks/results/peers_cpu.json,
+.md and .png.
+
+Each simulator runs in its own process (the peers in their own virtual environments,
+see benchmarks/README.md), started one after another and interleaved (A, B, C, A, B, C,
+...) for `--repeats` repetitions, so that load from other work on the machine falls on
+all of them alike; the tables report medians over repetitions, and ratios to fedjax_sim
+are taken within a repetition.
 
 The task (common.py): the 2NN MLP or the FedAvg CNN on MNIST-shaped synthetic data,
 `--num-clients` clients of `examples-per-client` examples, `--clients-per-round`
-sampled per round, `--epochs` local epochs of batch `--batch-size`, client SGD
-`--client-lr`, server FedAvg (learning rate 1). Every simulator trains its own model
-from its own initialization on exactly the same per-client examples.
+sampled per round (the scale case: 100 of 1,000), `--epochs` local epochs of batch
+`--batch-size`, client SGD `--client-lr`, server FedAvg (learning rate 1,
+example-weighted). Every simulator trains its own model from its own initialization on
+exactly the same per-client examples.
 
 Per run it records seconds per round after warm-up (median over rounds 2..R), the first
 round (compilation, actor start-up), and end to end: from the launch of the process to
-the end of round R, interpreter start, imports, data, model and compilation included.
+the end of round R, interpreter start, imports, data, model and compilation included;
+in the time-to-accuracy case, the time from launch to the first round whose held-out
+accuracy reaches the target (evaluated after every round by every simulator).
 
-Run from the repository root with the package installed (`pip install -e .`):
-
-  FEDJAX_PYTHON=~/.venvs/fedjax/bin/python FLOWER_PYTHON=~/.venvs/flower/bin/python \\
-      python benchmarks/peers/run_all.py --repeats 3
-
-It writes `--output` (default benchmarks/results/peers_cpu.json), a markdown table
-next to it (.md) and, where matplotlib is installed, a plot (.png).
+`--fedjax-python`, `--flower-python`, `--drjax-python`, `--pfl-python` (or
+$FEDJAX_PYTHON, ... $PFL_PYTHON) point at other environments; `--cases` and
+`--simulators` run a subset, `--merge` adds to an existing results file.
 """
 
 from __future__ import annotations
@@ -45,13 +55,18 @@ import common  # noqa: E402
 # teacher task) and its cap on rounds.
 TTA_TARGET = 0.4
 TTA_MAX_ROUNDS = 80
+# pfl runs with torch at 1 thread (pfl_1thread) in every MLP case, and also at torch's
+# default (one thread per core: pfl) in mlp100 and cnn100 only: at the default its MLP
+# rounds slowed 5-25x whenever other processes shared the 2 cores (compare the two pfl
+# rows of mlp100), which left a run's length unbounded on a busy machine (minutes per
+# worker). fedjax_sim_scan (fedjax_sim at R/2 rounds per call) runs in mlp100 only.
 # Cases: the task variants; rounds are fewer for the CNN, whose local training is
 # ~100x the MLP's FLOPs and takes seconds per round on a small CPU.
 # The CNN's compute-bound rounds gain nothing from more rounds per call or an
 # epoch-jitted Flower client, so those rows are skipped for it.
 CASES = {
     "mlp600": dict(model="mlp", examples_per_client=600, rounds=20,
-                   skip=["pfl_1thread"]),
+                   skip=["fedjax_sim_scan", "flower_epoch", "pfl"]),
     "mlp100": dict(model="mlp", examples_per_client=100, rounds=20),
     # DrJAX's CNN (lax.conv vmapped over clients: a grouped convolution, which XLA:CPU
     # runs very slowly) takes minutes per round here: 2 rounds (the second timed), in
@@ -61,10 +76,6 @@ CASES = {
                    sim_rounds={"drjax": 2, "drjax_opts": 2},
                    sim_repeats={"drjax": 1, "drjax_opts": 1}),
     # The scale case: 100 of 1,000 clients per round (10x the work of a round of mlp100).
-    # pfl here and in the time-to-accuracy case with torch at 1 thread: at torch's
-    # default (one thread per core) its rounds slowed 5-20x whenever other processes
-    # shared the 2 cores (compare the pfl rows of mlp100), which would leave the run's
-    # length unbounded on a busy machine.
     "scale1000": dict(model="mlp", examples_per_client=100, rounds=4, num_clients=1000,
                       clients_per_round=100,
                       skip=["fedjax_sim_scan", "flower_epoch", "pfl"]),
