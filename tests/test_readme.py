@@ -18,6 +18,7 @@ BLOCKS = [(m.group(1), m.group(2), README[:m.start()].count("\n") + 1)
 NOT_RUN = {
     "jax.distributed.initialize": "needs several processes (tests/test_multihost.py runs it)",
     "--data-dir path/to": "needs LEAF data prepared on disk",
+    "--resume": "continues a folder the command before wrote (tests/test_checkpoint.py does)",
 }
 
 
