@@ -1,18 +1,23 @@
-"""Executes the notebooks in notebooks/ at tiny sizes, so they keep running as the API moves.
+"""Executes the notebooks in notebooks/ at tiny sizes, so they keep running as the API moves,
+and checks that the outputs committed with them come from the current code.
 
 Each notebook keeps its sizes in one code cell tagged `parameters` (as papermill does).
 `execute_notebook` inserts a cell right after it that reassigns the overridden names,
-runs the notebook in a fresh python3 kernel with matplotlib's Agg backend, and returns
-the executed notebook; any cell that raises fails the test. To cover a new notebook,
-add it to NOTEBOOKS with overrides that make it fast.
+runs the notebook in a fresh python3 kernel (matplotlib inline, this checkout's
+fedjax_sim), and returns the executed notebook; any cell that raises fails the test. The
+notebooks are committed executed at a reader's sizes by notebooks/execute.py: the same
+execution here checks the committed copy has no errors, that its code cells are the ones
+it ran (their hash), and that it shows as many figures as the current code draws. To cover
+a new notebook, add it to NOTEBOOKS with overrides that make it fast (and that keep the
+number of figures: a figure per value of a list parameter needs as many values).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import pathlib
+import sys
 import time
 
 import pytest
@@ -23,16 +28,20 @@ pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
+sys.path.insert(0, str(NOTEBOOK_DIR))
+import execute as notebook_execute  # noqa: E402  (notebooks/execute.py)
+
+TMP = "<tmp>"  # an override replaced by the test's own temporary folder
 
 # notebook file -> (overrides for its parameters cell, small enough for a 2-core CPU;
 #                   strings its printed output must contain at those sizes).
 NOTEBOOKS = {
     "quickstart.ipynb": (
-        {"ROUNDS": 4, "EVAL_EVERY": 2, "CLIENTS_PER_ROUND": 2},
+        {"ROUNDS": 4, "EVAL_EVERY": 2, "CLIENTS_PER_ROUND": 2, "RUNS_DIR": TMP},
         ["4 rounds in", "round 4: train loss", "after round 4", "FedAvg (SGD, lr 1)",
-         "FedAdam (lr 0.03)"]),
+         "FedAdam (lr 0.03)", "server_optimizer", "fedadam", "completed"]),
     "non_iid.ipynb": (
-        {"ALPHAS": [100.0, 0.1], "NUM_CLIENTS": 10, "ROUNDS": 2, "EVAL_EVERY": 2,
+        {"ALPHAS": [100.0, 1.0, 0.1], "NUM_CLIENTS": 10, "ROUNDS": 2, "EVAL_EVERY": 2,
          "CLIENTS_PER_ROUND": 2, "LOCAL_EPOCHS": 1},
         ["alpha=100: 10 clients", "alpha=0.1: test accuracy", "after 2 rounds",
          "labels per client", "shards:", "padding efficiency"]),
@@ -97,7 +106,7 @@ def execute_notebook(path, overrides: dict | None = None, *, timeout: int = 120,
         "# Parameters injected by tests/test_notebooks.py\n" + source,
         metadata={"tags": ["injected-parameters"]})
     nb.cells.insert(index + 1, injected)
-  env = {**os.environ, "MPLBACKEND": "Agg"}
+  env = notebook_execute.kernel_env()  # inline figures, as committed; this checkout's code
   client = nbclient.NotebookClient(
       nb, timeout=timeout, kernel_name=kernel_name,
       resources={"metadata": {"path": str(path.parent)}})
@@ -117,6 +126,11 @@ def _text(nb) -> str:
   return "\n".join(parts)
 
 
+def _figures(nb) -> int:
+  return sum("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
+             for out in cell.get("outputs", []))
+
+
 def test_notebook_list_is_current():
   missing = [name for name in NOTEBOOKS if not (NOTEBOOK_DIR / name).exists()]
   assert not missing, f"NOTEBOOKS names files that are not in notebooks/: {missing}"
@@ -125,8 +139,9 @@ def test_notebook_list_is_current():
 @pytest.mark.skipif(importlib.util.find_spec("fedjax_sim") is None,
                     reason="fedjax_sim must be installed for the notebook kernel")
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_runs(name):
+def test_notebook_runs(name, tmp_path):
   overrides, expected = NOTEBOOKS[name]
+  overrides = {k: str(tmp_path) if v == TMP else v for k, v in overrides.items()}
   start = time.perf_counter()
   nb = execute_notebook(NOTEBOOK_DIR / name, overrides)
   seconds = time.perf_counter() - start
@@ -137,6 +152,18 @@ def test_notebook_runs(name):
   assert text.strip(), f"{name} printed nothing"
   missing = [s for s in expected if s not in text]
   assert not missing, f"{name} output lacks {missing}; it printed:\n{text}"
+  # The committed copy: executed whole by notebooks/execute.py from these code cells.
+  committed = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+  rerun = "run python notebooks/execute.py " + name
+  assert not _outputs(committed, "error"), f"{name} is committed with an error; {rerun}"
+  counts = [cell.get("execution_count") for cell in committed.cells if cell.cell_type == "code"]
+  assert counts == list(range(1, len(counts) + 1)), f"{name} is not committed executed; {rerun}"
+  recorded = committed.metadata.get("fedjax_sim", {}).get("sources_sha256")
+  assert recorded == notebook_execute.sources_sha256(committed), (
+      f"{name}'s code cells changed after its outputs were made; {rerun}")
+  assert _figures(committed) == _figures(nb) > 0, (
+      f"{name}: {_figures(committed)} figure(s) committed, the current code draws "
+      f"{_figures(nb)}; {rerun}")
   print(f"{name}: {seconds:.1f} s")
 
 
