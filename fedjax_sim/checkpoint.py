@@ -110,11 +110,12 @@ class Checkpoints:
       return []
     return sorted(self._open().all_steps())
 
-  def save(self, state: Any, record: dict[str, Any]) -> None:
-    """Saves `state` at step `int(state.round)` with the JSON-able `record`."""
+  def save(self, state: Any, record: dict[str, Any], step: int | None = None) -> None:
+    """Saves `state` (any pytree of arrays) at `step` (default `int(state.round)`) with
+    the JSON-able `record`."""
     ocp = _ocp()
     flat, keys, treedef = _to_saveable(state)
-    step = int(jax.device_get(state.round))
+    step = int(jax.device_get(state.round)) if step is None else int(step)
     meta = {**record, "format": FORMAT, "round": step, "key_leaves": keys, "treedef": treedef,
             "sha256": _digest(flat)}
     manager = self._open()

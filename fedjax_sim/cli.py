@@ -17,6 +17,8 @@ import importlib.util
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -69,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "'plot'; 'none' for no plot)")
   sweep.add_argument("--no-compile-cache", action="store_true",
                      help="do not use XLA's persistent compilation cache")
+  sweep.add_argument("--resume", action="store_true",
+                     help="continue the interrupted sweep in the output folder from its "
+                          "checkpoints (each static group from its last chunk checkpointed; "
+                          "finished groups are not run again)")
+  sweep.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="checkpoint every N rounds (whole eval_every chunks); default about "
+                          "once a minute; 0: at the end of each group and when interrupted")
   cli_results.add_parsers(commands)
   return parser
 
@@ -111,19 +120,40 @@ def sweep_command(args: argparse.Namespace) -> dict:
                                      f"choose from {', '.join(metrics)}")
   stem = os.path.splitext(os.path.basename(config.source))[0]
   output = args.output or config.output or os.path.join("runs", f"sweep-{stem}")
+  run_dir.check_output(output)
+  checkpoint_dir = os.path.join(output, run_dir.CHECKPOINTS)
+  config_path = os.path.join(output, "config.json")
+  resume = f"fedjax-sim sweep --config {shlex.quote(args.config)} --resume" + (
+      f" --output {shlex.quote(args.output)}" if args.output else "")
+  if args.resume:
+    if not os.path.isdir(checkpoint_dir):
+      raise run_dir.RunDirError(f"--resume: {output!r} holds no checkpoints of a sweep")
+    with open(config_path) as f:
+      if json.load(f) != json.loads(json.dumps(config.to_json())):
+        raise run_dir.RunDirError(f"--resume: {config_path} is not {args.config}'s sweep (the "
+                                  f"config changed since): run it without --resume elsewhere")
+  elif os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
+    raise run_dir.RunDirError(f"{output!r} holds an unfinished sweep: continue it with "
+                              f"`{resume}`, or remove {checkpoint_dir!r} to start over")
   os.makedirs(output, exist_ok=True)
-  with open(os.path.join(output, "config.json"), "w") as f:
-    json.dump(config.to_json(), f, indent=2)
+  checkpoint_lib.write_json_atomic(config_path, config.to_json())
   configurations = math.prod(len(v) for v in [*config.grid.values(), *config.static.values()])
   groups = math.prod(len(v) for v in config.static.values())
   print(f"fedjax-sim: sweeping {configurations} configuration(s) x {len(config.seeds)} seed(s) "
         f"for {settings['rounds']} rounds, {groups} compiled program(s)")
   start = time.perf_counter()
-  result = run_sweep(
-      builder.factory(), model.params, task.train,
-      grid=config.grid, seeds=config.seeds, static=config.static or None,
-      rounds=settings["rounds"], rounds_per_chunk=settings["eval_every"], evaluate=evaluate,
-      num_clients=task.train.num_clients)
+  try:
+    result = run_sweep(
+        builder.factory(), model.params, task.train,
+        grid=config.grid, seeds=config.seeds, static=config.static or None,
+        rounds=settings["rounds"], rounds_per_chunk=settings["eval_every"], evaluate=evaluate,
+        num_clients=task.train.num_clients, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, resume=args.resume)
+  except runner.Interrupted as e:
+    e.resume_command = resume
+    raise
+  # The results below hold what a rerun needs; the checkpoints only served a resume.
+  shutil.rmtree(checkpoint_dir, ignore_errors=True)
   seconds = time.perf_counter() - start
   for row in result.rows:
     epsilon = builder.epsilon(row)

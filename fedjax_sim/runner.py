@@ -138,7 +138,7 @@ class Interrupted(KeyboardInterrupt):
                      f"{round_index}{where}")
 
 
-class _Signals:
+class DeferredSignals:
   """Defers SIGINT/SIGTERM to the next chunk boundary while installed (main thread only:
   elsewhere Python cannot set handlers, and the signals keep their usual effect). A
   second signal restores the previous handlers' effect at once."""
@@ -314,7 +314,7 @@ def run(
       metrics_file.write((line + "\n").encode())  # one write: never half a line
 
   try:
-    with _Signals() as signals:
+    with DeferredSignals() as signals:
       while done < end:
         length = min(rounds_per_chunk, end - done)
         state, metrics = make_chunk(algorithm, length)(state, data)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import runner, sharding
 from fedjax_sim.algorithms.base import FederatedAlgorithm
@@ -165,6 +167,9 @@ def sweep(
     evaluate: Callable[[Any], dict[str, float]] | None = None,
     num_clients: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> SweepResult:
   """Runs every configuration of `grid` x `seeds` (x `static`) for `rounds` rounds.
 
@@ -186,6 +191,13 @@ def sweep(
     num_clients: passed to `init` for algorithms with per-client state.
     mesh: split the configurations over this mesh's first axis (their number a
       multiple of its size); the data is replicated on it.
+    checkpoint_dir: checkpoint each static group's vmapped states, curves and
+      evaluations here (`group<i>/`, orbax) at chunk boundaries, at the group's end and
+      when SIGINT/SIGTERM stops the sweep (`runner.Interrupted`, after the chunk).
+    checkpoint_every: rounds between checkpoints (whole chunks); None: about every
+      `runner.CHECKPOINT_SECONDS` of wall time; 0: at group ends and interruptions.
+    resume: continue each group from its newest checkpoint in `checkpoint_dir` (a
+      finished group is not run again); the result equals the uninterrupted sweep's.
 
   Returns:
     A SweepResult: rows in the order static x grid x seeds.
@@ -210,11 +222,13 @@ def sweep(
       raise ValueError(f"{len(traced)} configurations do not split over {size} devices")
     hparams = sharding.shard_leading(hparams, mesh)
     data = sharding.replicate(data, mesh)
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume=True needs the checkpoint_dir to resume from")
   rows, params_out, seconds = [], [], []
   curves: dict[str, list] = {}
   eval_curves: dict[str, list] = {}
   eval_rounds: list[int] = []
-  for static_config in _product(static or {}) if static else [{}]:
+  for group, static_config in enumerate(_product(static or {}) if static else [{}]):
     start = time.perf_counter()
     # Validate one configuration (with concrete values) before anything compiles.
     probe = make_algorithm({**traced[0], **static_config})
@@ -231,18 +245,64 @@ def sweep(
     group_eval_rounds = []
     chunks: dict[int, Callable] = {}  # one compilation per chunk length, as in `run`
     done = 0
-    while done < rounds:
-      length = min(rounds_per_chunk, rounds - done)
-      if length not in chunks:
-        chunks[length] = make_sweep_chunk(make_algorithm, static_config, length)
-      states, metrics = chunks[length](states, hparams, data)
-      group_metrics.append(jax.device_get(metrics))
-      done += length
-      if evaluate is not None:
-        group_eval_rounds.append(done)
-        group_evals.append([evaluate(jax.tree_util.tree_map(lambda a, i=i: a[i], states.params))
-                            for i in range(len(traced))])
-    seconds.append(time.perf_counter() - start)
+    checkpoints, seconds_before = None, 0.0
+    if checkpoint_dir is not None:
+      checkpoints = checkpoint_lib.Checkpoints(os.path.join(checkpoint_dir, f"group{group}"))
+      if checkpoints.steps() and not resume:
+        raise ValueError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} holds checkpoints of "
+                         f"an earlier sweep: pass resume=True to continue it, or remove it")
+      if resume and checkpoints.steps():
+        states, record = checkpoints.restore(states)
+        if record["rounds_per_chunk"] != rounds_per_chunk or record["rows"] != len(traced):
+          raise ValueError(f"{checkpoints.directory}: written by a sweep of "
+                           f"{record['rows']} rows with rounds_per_chunk="
+                           f"{record['rounds_per_chunk']}, not this one")
+        done, seconds_before = record["round"], record["seconds"]
+        # Exact: float32/int32 values survive JSON as Python numbers.
+        group_metrics.append({n: np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"])
+                              for n, c in record["curves"].items()})
+        group_evals, group_eval_rounds = record["evals"], record["eval_rounds"]
+    last_save = time.perf_counter()
+
+    def save_checkpoint():
+      curves_so_far = {n: np.concatenate([m[n] for m in group_metrics], axis=1)
+                       for n, v in group_metrics[0].items() if np.ndim(v) == 2}
+      checkpoints.save(states, {
+          "rounds_per_chunk": rounds_per_chunk, "rows": len(traced), "evals": group_evals,
+          "eval_rounds": group_eval_rounds,
+          "seconds": seconds_before + time.perf_counter() - start,
+          "curves": {n: {"dtype": c.dtype.str, "shape": list(c.shape),
+                         "values": c.reshape(-1).tolist()}
+                     for n, c in curves_so_far.items()}}, step=done)
+
+    try:
+      with runner.DeferredSignals() as signals:
+        while done < rounds:
+          length = min(rounds_per_chunk, rounds - done)
+          if length not in chunks:
+            chunks[length] = make_sweep_chunk(make_algorithm, static_config, length)
+          states, metrics = chunks[length](states, hparams, data)
+          group_metrics.append(jax.device_get(metrics))
+          done += length
+          if evaluate is not None:
+            group_eval_rounds.append(done)
+            group_evals.append(
+                [evaluate(jax.tree_util.tree_map(lambda a, i=i: a[i], states.params))
+                 for i in range(len(traced))])
+          if checkpoints is not None:
+            due = (time.perf_counter() - last_save >= runner.CHECKPOINT_SECONDS
+                   if checkpoint_every is None else
+                   checkpoint_every > 0 and done % checkpoint_every < length)
+            if done >= rounds or signals.signum is not None or due:
+              save_checkpoint()
+              last_save = time.perf_counter()
+          if signals.signum is not None:
+            raise runner.Interrupted(signals.signum, done, checkpoint_dir and os.fspath(
+                checkpoint_dir))
+    finally:
+      if checkpoints is not None:
+        checkpoints.close()
+    seconds.append(seconds_before + time.perf_counter() - start)
     eval_rounds = group_eval_rounds
     scalar_names = [n for n, v in group_metrics[0].items() if np.ndim(v) == 2]
     group_curves = {n: np.concatenate([m[n] for m in group_metrics], axis=1) for n in scalar_names}
