@@ -21,6 +21,7 @@ from fedjax_sim.models import (CNN, MLP, CharRNN, LogisticRegression, Model, cha
                                from_nnx, logistic_regression, mlp, num_params)
 from fedjax_sim.optimizers import client_optimizer, server_optimizer
 from fedjax_sim.plots import plot_runs
+from fedjax_sim import writers  # TensorBoardWriter, WandbWriter: fs.run(callbacks=...)
 from fedjax_sim.reference import ReferenceFedAvg
 from fedjax_sim import checkpoint
 from fedjax_sim.checkpoint import restore
@@ -45,6 +46,6 @@ __all__ = [
     "ClientInput", "ClientOutput", "ClientWork", "RoundInfo", "ServerRule", "ServerUpdate",
     "compose", "engine", "fedopt", "get_hparams", "set_hparams", "keys",
     "fedexp", "fedrep", "make_merged_personalized_evaluator",
-    "plot_runs",
+    "plot_runs", "writers",
     "checkpoint", "restore", "Interrupted",
 ]

@@ -102,8 +102,18 @@ def test_plot_x_axes_are_cumulative_bytes_and_simulated_time(folders):
     fs.plot_runs([folders / "sweep"], x="sim_time_s")
 
 
-def test_plot_scales_styles_and_errors(folders, capsys):
+def test_plot_scales_styles_and_errors(folders, tmp_path, capsys):
   assert plots.spans_decades(np.array([1e3, 1e6])) and not plots.spans_decades(np.array([2., 9.]))
+  # A loss falling from 100 to 0.1 is drawn on a log axis; an accuracy never is.
+  falling = tmp_path / "falling"
+  falling.mkdir()
+  (falling / "config.json").write_text(json.dumps({"task": "synthetic", "seed": 0}))
+  (falling / "metrics.jsonl").write_text("".join(
+      json.dumps({"round": r, "train_loss": 100.0 / 10 ** r, "test_accuracy": 0.001 * 10 ** r})
+      + "\n" for r in range(4)))
+  assert fs.plot_runs(falling, metric="train_loss").get_yscale() == "log"
+  assert fs.plot_runs(falling, metric="test_accuracy").get_yscale() == "linear"
+  assert fs.plot_runs(folders / "runs" / "lr0.1", metric="train_loss").get_yscale() == "linear"
   twenty = {(str(s["color"]), s["linestyle"]) for s in (plots.style(i, 20) for i in range(20))}
   assert len(twenty) == 20
   assert cli.main(["plot", str(folders / "runs" / "lr0.1"), "--metric", "nope"]) == 2
