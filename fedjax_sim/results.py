@@ -224,8 +224,15 @@ def load_sweep(path: str) -> list[Run]:
   return runs
 
 
+def is_unfinished_sweep(path: str) -> bool:
+  """A sweep folder before its results: config.json (with a grid) and nothing else yet."""
+  config = os.path.join(path, "config.json")
+  return not is_sweep(path) and os.path.isfile(config) and "grid" in _read_json(config)
+
+
 def load(path: str | os.PathLike) -> list[Run]:
-  """The runs of a run folder (one) or of a sweep folder (one per row).
+  """The runs of a run folder (one) or of a sweep folder (one per row; one row with no
+  metrics for a sweep still running, or killed, before its results).
 
   Raises:
     FileNotFoundError: the folder is neither.
@@ -233,6 +240,11 @@ def load(path: str | os.PathLike) -> list[Run]:
   path = os.fspath(path)
   if is_sweep(path):
     return load_sweep(path)
+  if os.path.isdir(path) and is_unfinished_sweep(path):
+    raw = _read_json(os.path.join(path, "config.json"))
+    return [Run(path=path, name=f"{os.path.basename(os.path.normpath(path))}[*]", kind="sweep",
+                config=_sweep_settings(raw), seed=None, status=NO_SUMMARY, seconds=None,
+                series={})]
   if os.path.isdir(path) and is_run(path):
     return [load_run(path)]
   raise FileNotFoundError(f"{path}: not a run folder (config.json, metrics.jsonl) or a sweep "
@@ -248,7 +260,7 @@ def find(folder: str | os.PathLike) -> list[Run]:
   runs: list[Run] = []
   for root, dirs, _ in os.walk(folder):
     dirs.sort()
-    if is_sweep(root) or is_run(root):
+    if is_sweep(root) or is_run(root) or is_unfinished_sweep(root):
       runs.extend(load(root))
       dirs.clear()
   return runs

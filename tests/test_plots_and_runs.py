@@ -137,14 +137,17 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   (root / "killed" / "summary.json").unlink()
   (root / "killed" / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"round": 4, "tr')
   shutil.copytree(folders / "sweep", root / "sweep")
+  (root / "sweep-running").mkdir()  # a sweep before its results: its config only
+  shutil.copy(folders / "sweep" / "config.json", root / "sweep-running" / "config.json")
   (root / "finished" / "tensorboard").mkdir()  # folders inside a run are not runs
   out = tmp_path / "runs.csv"
   assert cli.main(["runs", str(root), "--sort", "best_test_accuracy", "--csv", str(out)]) == 0
   printed = capsys.readouterr().out
   with open(out) as f:
     rows = {r["run"]: r for r in csv.DictReader(f)}
-  assert set(rows) == {"finished", "failed", "interrupted", "killed", *(f"sweep[{i}]"
-                                                                        for i in range(4))}
+  assert set(rows) == {"finished", "failed", "interrupted", "killed", "sweep-running[*]",
+                       *(f"sweep[{i}]" for i in range(4))}
+  assert rows["sweep-running[*]"]["status"] == results.NO_SUMMARY
   assert rows["finished"]["status"] == "completed" and rows["finished"]["rounds"] == "4"
   assert rows["failed"]["status"] == "failed: ValueError: boom"
   assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds"] == "2"
@@ -153,10 +156,10 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   for name in ("finished", "failed", "interrupted", "killed", "sweep[0]"):
     assert f"{name} " in printed
   assert "client_lr" in printed.splitlines()[0]  # the configuration difference is a column
-  # Sorted by best test accuracy, highest first.
-  best = [float(r["best_test_accuracy"]) for r in rows.values()]
+  # Sorted by best test accuracy, highest first, the row without one last.
+  best = [float(r["best_test_accuracy"]) for r in rows.values() if r["best_test_accuracy"]]
   with open(out) as f:
-    order = [float(r["best_test_accuracy"]) for r in csv.DictReader(f)]
-  assert order == sorted(best, reverse=True)
+    order = [r["best_test_accuracy"] for r in csv.DictReader(f)]
+  assert order[:-1] == [str(v) for v in sorted(best, reverse=True)] and order[-1] == ""
   assert float(rows["interrupted"]["final_test_accuracy"]) == pytest.approx(
       json.loads(lines[1])["test_accuracy"])
