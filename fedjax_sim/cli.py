@@ -207,6 +207,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   # The folder and its checks use the flags as given (the checks below fill in defaults).
   output = args.output or run_dir.default_output(args)
   identity = run_dir.config_hash(args)
+  run_dir.check_output(output)
   if not resuming:  # a folder that cannot be written, or holds another run: before loading
     run_dir.check_folder(output, args, parser)
   run_options.check_flags(args)  # flag values and combinations, before loading anything
@@ -374,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (checkpointed)' if e.checkpoint else ''}{then}", file=sys.stderr)
     return e.exit_code
   except _Terminated:
-    print("fedjax-sim: SIGTERM before the first round: nothing to resume", file=sys.stderr)
+    print("fedjax-sim: stopped by SIGTERM before a round finished", file=sys.stderr)
     return 128 + signal.SIGTERM
   except KeyboardInterrupt:
-    print("fedjax-sim: SIGINT before the first round: nothing to resume", file=sys.stderr)
+    print("fedjax-sim: stopped by SIGINT before a round finished", file=sys.stderr)
     return 128 + signal.SIGINT
   finally:
     if previous_term is not None:

@@ -143,10 +143,14 @@ def check_folder(path: str, args: argparse.Namespace,
                       f"readable config.json): choose another --output")
   if args.overwrite:
     return
+  if not isinstance(config.get("argv"), list):
+    raise RunDirError(f"--output {path!r} holds a run whose config.json does not record its "
+                      f"command line (an older fedjax-sim): replace it with --overwrite, or "
+                      f"choose another --output")
   try:  # its flags as this version parses them (a flag added since has its default)
     old = flag_config(parser.parse_args(config["argv"]))
-  except (KeyError, TypeError, SystemExit):
-    old = {"config.json": "without the flags of `fedjax-sim run`"}
+  except SystemExit:
+    old = {"argv": config["argv"]}
   new = flag_config(args)
   if old != new:
     diff = _differences(old, new)
