@@ -25,13 +25,16 @@ def add_parsers(commands) -> None:
                   "configurations; runs differing only by seed as a mean and a min-max band.")
   plot.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="run or sweep folders")
   plot.add_argument("--metric", default="test_accuracy",
-                    help="the metric to plot (test_accuracy, train_loss, test_loss...)")
+                    help="the metric to plot: test_accuracy (the default), train_loss, "
+                         "test_loss...")
   plot.add_argument("--x", default="round", choices=plots.X_AXES,
-                    help="the x axis: round, simulated time, or bytes sent summed over rounds")
+                    help="the x axis: round (the default), simulated time, or bytes sent "
+                         "summed over rounds")
   plot.add_argument("--seeds", default="band", choices=("band", "lines"),
-                    help="runs differing only by seed: mean and band, or a line each")
+                    help="runs differing only by seed: mean and min-max band (the default), "
+                         "or a line each")
   plot.add_argument("--xscale", default=None, choices=("linear", "log"),
-                    help="default: log where the values span two decades")
+                    help="default: log where the runs' final x values differ tenfold")
   plot.add_argument("--yscale", default=None, choices=("linear", "log"),
                     help="default: log where the values span two decades (not accuracies)")
   plot.add_argument("--title", default=None, help="default: what the runs share")
