@@ -151,6 +151,8 @@ def parse_args(argv=None):
   p.add_argument("--merge", action="store_true",
                  help="add this invocation's runs to those already in --output (same task "
                       "configuration) and summarize them all")
+  p.add_argument("--readme-table", action="store_true",
+                 help="print the README's compact table from --output and exit (no run)")
   p.add_argument("--log-dir", default=None,
                  help="where worker logs go (default: a fresh temporary folder)")
   return p.parse_args(argv)
@@ -410,6 +412,49 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def readme_table(result: dict) -> str:
+  """The compact table of the README: a row per case, a column per simulator; per warm
+  round (its ratio to fedjax_sim's) and end to end, or the time to the target."""
+  short = {"fedjax_sim": "fedjax_sim", "fedjax_sim_scan": "fedjax_sim, R/2 rounds per call",
+           "fedjax": "FedJAX", "drjax": "DrJAX, plain jit",
+           "drjax_opts": "DrJAX, fedjax_sim's options", "pfl": "pfl, torch default threads",
+           "pfl_1thread": "pfl, 1 thread", "flower": "Flower",
+           "flower_epoch": "Flower, epoch-jitted client"}
+  rows = [r for r in result["summary"] if "per_round_s" in r]
+  order = DEFAULT_SIMULATORS + [k for k in SIMULATORS if k not in DEFAULT_SIMULATORS]
+  sims = [k for k in order if any(r["simulator"] == k for r in rows)]
+  cases = list(dict.fromkeys(r["case"] for r in rows))
+  out = ["| case | " + " | ".join(short[k] for k in sims) + " |",
+         "| --- |" + " ---: |" * len(sims)]
+  for case in cases:
+    c = CASES[case]
+    if is_tta(case):
+      name = f"time to {c['target_accuracy']} accuracy (MLP, 30 steps), s (rounds)"
+    else:
+      clients = (f"{c.get('clients_per_round', 10)} of {c.get('num_clients', 100)} clients, ")
+      name = (f"{case}: {c['model'].upper()}, {clients}"
+              f"{c['examples_per_client'] // 20} steps")
+    cells = []
+    for k in sims:
+      r = next((r for r in rows if r["case"] == case and r["simulator"] == k), None)
+      if r is None:
+        cells.append("")
+      elif is_tta(case):
+        cells.append("not reached" if r.get("time_to_target_s") is None else
+                     f"{r['time_to_target_s']:.1f} ({r['rounds_to_target']:g})"
+                     + (f", {r['time_to_target_over_fedjax_sim']:.2f}x"
+                        if k != BASELINE and r.get("time_to_target_over_fedjax_sim") else ""))
+      else:
+        ratio = r.get("over_fedjax_sim_per_round")
+        cells.append(_s(r["per_round_s"])
+                     + (f" ({ratio:.2f}x)" if ratio and k != BASELINE else "")
+                     + f"; {r['end_to_end_s']:.1f} s"
+                     + (f" ({r['task']['rounds']} rounds)"
+                        if r["task"]["rounds"] != c["rounds"] else ""))
+    out.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
+
+
 def plot(result: dict, path: str) -> bool:
   try:
     import matplotlib
@@ -473,6 +518,10 @@ def main(argv=None):
   args = parse_args(argv)
   started = time.time()
   CASES["tta_mlp600"].update(target_accuracy=args.tta_target, rounds=args.tta_max_rounds)
+  if args.readme_table:
+    with open(args.output) as f:
+      print(readme_table(json.load(f)), end="")
+    return None
   log_dir = args.log_dir or tempfile.mkdtemp(prefix="peer-bench-")
   os.makedirs(log_dir, exist_ok=True)
   print(f"worker logs in {log_dir}", flush=True)
