@@ -88,8 +88,10 @@ class TensorBoardWriter:
   def _open(self, first_round: int):
     # A resumed run starts after round 1: purge_step hides the events the first session
     # wrote past its last checkpoint.
+    # The suffix keeps a resumed session's file apart from the first's (the file name
+    # otherwise has only the second and the host).
     self._writer = self._tbx.SummaryWriter(
-        self.logdir, flush_secs=self.flush_secs,
+        self.logdir, flush_secs=self.flush_secs, filename_suffix=f".from_round{first_round}",
         purge_step=first_round if first_round > 1 else None)
     if self.config:
       self._writer.add_text("config", "```\n" + json.dumps(self.config, indent=2, default=str)

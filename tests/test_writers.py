@@ -133,6 +133,21 @@ def test_tensorboard_writer_marks_a_failed_run(tmp_path):
   assert data.session_end_info.status == api_pb2.Status.Value("STATUS_FAILURE")
 
 
+def test_a_resumed_tensorboard_log_purges_the_rounds_it_redoes(tmp_path):
+  first = writers.TensorBoardWriter(tmp_path)
+  first.on_rounds([{"round": r, "train_loss": 1.0 * r} for r in (1, 2, 3, 4)])
+  first.close()  # killed after round 4, resumed from the checkpoint of round 2
+  resumed = writers.TensorBoardWriter(tmp_path)
+  resumed.on_rounds([{"round": r, "train_loss": 10.0 * r} for r in (3, 4)])
+  resumed.close()
+  events = tensorboard_events(tmp_path)
+  # TensorBoard drops earlier events at steps >= a session START's step.
+  [start] = [e for e in events if e.HasField("session_log")]
+  assert start.step == 3 and start.session_log.status == start.session_log.START
+  steps = [(e.step, v.simple_value) for e in events for v in e.summary.value]
+  assert steps[-2:] == [(3, 30.0), (4, 40.0)] and (1, 1.0) in steps
+
+
 def test_wandb_offline_run_holds_every_round_the_config_and_the_summary(run):
   pytest.importorskip("wandb")
   out, rows = run
