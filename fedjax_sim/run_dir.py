@@ -60,7 +60,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
                  help="keep the last K checkpoints")
   g.add_argument("--no-compile-cache", action="store_true",
-                 help="do not use XLA's persistent compilation cache (default: "
+                 help="do not use XLA's persistent compilation cache (kept in "
                       "$FEDJAX_SIM_COMPILE_CACHE, else $XDG_CACHE_HOME/fedjax_sim/jax or "
                       "~/.cache/fedjax_sim/jax)")
 
