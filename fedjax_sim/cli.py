@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
       "sweep", help="run a grid of hyperparameters x seeds from a config file as one program",
       description="Runs the grid x seeds of a JSON or TOML config as one compiled program per "
                   "shape; see fedjax_sim/sweep_config.py for the keys and "
-                  "benchmarks/sweep_example.json for an example.")
+                  "benchmarks/sweep_example.json for an example.",
+      formatter_class=_HelpFormatter)
   sweep.add_argument("--config", required=True, help="the sweep's JSON or TOML file")
   sweep.add_argument("--output", default=None,
                      help="output directory (default: the config's 'output', else "
