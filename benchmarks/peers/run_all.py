@@ -151,6 +151,9 @@ def parse_args(argv=None):
   p.add_argument("--merge", action="store_true",
                  help="add this invocation's runs to those already in --output (same task "
                       "configuration) and summarize them all")
+  p.add_argument("--first-repeat", type=int, default=None,
+                 help="with --merge: number this run's repetitions from N (to pair a "
+                      "re-run simulator with the file's runs of repetition N, N+1, ...)")
   p.add_argument("--readme-table", action="store_true",
                  help="print the README's compact table from --output and exit (no run)")
   p.add_argument("--log-dir", default=None,
@@ -531,6 +534,8 @@ def main(argv=None):
     with open(out) as f:
       old = json.load(f)
   first_rep = 1 + max((r["repeat"] for r in old["runs"]), default=-1) if old else 0
+  if args.first_repeat is not None:
+    first_rep = args.first_repeat
   runs = []
   for rep in range(first_rep, first_rep + args.repeats):
     for case in args.cases:
@@ -567,8 +572,9 @@ def main(argv=None):
     invocations = old_meta.get("invocations") or [
         {k: old_meta[k] for k in ("command", "date", "git_commit")}]
     invocations = invocations + [invocation]
-    # A re-measured case replaces that case's old runs; other cases' runs are kept.
-    runs = [r for r in old["runs"] if r["case"] not in args.cases] + runs
+    # A re-measured (case, simulator) replaces its old runs; all others are kept.
+    redone = {(r["case"], r["key"]) for r in runs}
+    runs = [r for r in old["runs"] if (r["case"], r["key"]) not in redone] + runs
   packages = {}
   for r in runs:
     if "packages" in r:

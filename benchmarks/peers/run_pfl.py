@@ -62,7 +62,6 @@ class Net(nn.Module):
                                 nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10))
     else:
       self.body = nn.Sequential(
-          nn.Unflatten(1, (1, *common.IMAGE)),
           nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
           nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
           nn.Flatten(), nn.Linear(7 * 7 * 64, 512), nn.ReLU(), nn.Linear(512, 10))
@@ -74,8 +73,8 @@ class Net(nn.Module):
         nn.init.normal_(m.weight, std=(m.weight[0].numel()) ** -0.5)
         nn.init.zeros_(m.bias)
 
-  def forward(self, x):
-    return self.body(x)
+  def forward(self, x):  # x [batch, 28, 28]
+    return self.body(x.reshape(x.shape[0], 1, *common.IMAGE) if self.kind == "cnn" else x)
 
   def loss(self, x, y, eval=False):  # noqa: A002 (pfl's keyword)
     self.eval() if eval else self.train()
