@@ -4,6 +4,13 @@ A client with `n` real examples among `max_examples` padded slots trains exactly
 it would alone on its `n` examples: each epoch visits its examples in a fresh
 random order in minibatches of `batch_size` (the last one smaller), and padded
 slots and the steps a smaller client does not take are masked out.
+
+Those masks are paid only where a batch can hold a padded slot: when the host knows
+that every client has the same count `n` and `n` divides into batches (`n` given as a
+Python int, as the engine does from `FederatedData.count_range`), the step is a plain
+minibatch step in a loop of static length, with the same example order and results.
+Epoch orders are sorted once per epoch in both modes (all needed ones up front where
+they fit in `_ORDER_SLOTS`).
 """
 
 from __future__ import annotations
