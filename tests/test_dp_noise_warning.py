@@ -53,5 +53,7 @@ def test_cli_prints_one_warning_line(capsys, tmp_path):
   assert len(lines) == 1 and "z*C/m = 3*C/10 = 0.3*C" in lines[0]
   assert "30 clients per round would bring it to 0.1*C" in lines[0]
   assert not any(issubclass(w.category, privacy.DPNoiseWarning) for w in caught)
-  assert cli.main(argv[:-1] + ["0.5"]) == 0
+  quiet = ["run", "--rounds", "1", "--no-progress", "--output", str(tmp_path / "quiet"),
+           "--clip", "1", "--noise-multiplier", "0.5"]
+  assert cli.main(quiet) == 0
   assert "fedjax-sim: warning" not in capsys.readouterr().out
