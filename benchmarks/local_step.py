@@ -203,7 +203,7 @@ def main() -> None:
     p.wait()
 
   first = []
-  for name in args.first_round_cases:
+  for name in args.first_round_cases if args.first_round > 0 else []:
     marks = {"before": [], "after": []}
     for _ in range(args.first_round):
       for k, root in roots.items():
