@@ -225,7 +225,7 @@ def main() -> None:
 
   info = {**machine.device_info(), "load_average_start": load_before,
           "load_average_end": machine.load_average(), "commit": machine.git_commit(),
-          "before": roots["before"], "repeats": args.repeats, "first_round_runs": args.first_round}
+          "before": args.before, "repeats": args.repeats, "first_round_runs": args.first_round}
   output = args.output or os.path.join(HERE, "results", f"local_step_{jax.default_backend()}.json")
   with open(output, "w") as f:
     json.dump({"info": info, "rows": rows, "first_round": first}, f, indent=1)
