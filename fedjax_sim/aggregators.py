@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.algorithms.base import weighted_sum
+from fedjax_sim.tree import weighted_sum
 
 Params = Any
 # validate(clients_per_round, num_clients or None) -> None, raising ValueError.

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.aggregators import (ClientTransform, client_keys, no_state, ravel_clients,
                                     stages_of)
-from fedjax_sim.algorithms.base import gather_rows, scatter_rows
+from fedjax_sim.tree import gather_rows, scatter_rows
 
 def uplink_bytes_per_client(aggregator: Any, num_params: int) -> float | None:
   """Bytes one client uploads for a `num_params`-coordinate update under `aggregator`

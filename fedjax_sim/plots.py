@@ -81,7 +81,6 @@ def spans_decades(values: np.ndarray, decades: float = 2.0) -> bool:
 def style(i: int, n: int) -> dict[str, Any]:
   """Colour, line style and marker of line `i` of `n`: tab10 colours with a new line style
   for each ten lines up to 20 (and beyond, colours spread over turbo), and a marker each."""
-  from fedjax_sim.sweep import plot_colours  # lazy: matplotlib is an optional extra
   if n <= 20:
     colour = plot_colours(min(n, 10))[i % 10]
     line = STYLES[i // 10]
@@ -200,3 +199,14 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
   ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
             ncol=1 if len(lines) <= 20 else 2, frameon=False)
   return ax
+
+
+def plot_colours(n: int) -> list:
+  """`n` distinct colours: tab10 up to 10, tab20 up to 20, evenly over turbo beyond."""
+  from matplotlib import colormaps  # lazy: an optional extra
+
+  if n <= 10:
+    return [colormaps["tab10"](i) for i in range(n)]
+  if n <= 20:
+    return [colormaps["tab20"](i) for i in range(n)]
+  return [colormaps["turbo"](i / (n - 1)) for i in range(n)]

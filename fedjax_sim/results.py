@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_sim import sweep_config
+
 NO_SUMMARY = "running or killed (no summary.json)"
 # Configuration keys that never tell runs apart: where the output goes, how it is shown
 # and logged, checkpointed or resumed, the seed (runs differing only by seed are drawn as
@@ -180,7 +182,6 @@ def load_run(path: str) -> Run:
 def _sweep_settings(raw: dict) -> dict[str, Any]:
   """The sweep's settings with defaults filled in (as `fedjax-sim run`'s config.json
   has every flag), so its rows compare with runs; the raw ones if it no longer parses."""
-  from fedjax_sim import sweep_config  # lazy: the CLI's parser, built only for sweeps
   try:
     config = sweep_config.parse_config(raw)
     return {"task": config.task, "algorithm": config.algorithm, **config.settings,

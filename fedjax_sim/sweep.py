@@ -39,6 +39,7 @@ import numpy as np
 from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import runner, sharding
+from fedjax_sim.plots import plot_colours
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.data import FederatedData
 
@@ -110,17 +111,6 @@ class SweepResult:
     ax.legend(handles=handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
               ncol=1 + len(handles) // 25)
     return ax
-
-
-def plot_colours(n: int) -> list:
-  """`n` distinct colours: tab10 up to 10, tab20 up to 20, evenly over turbo beyond."""
-  from matplotlib import colormaps  # lazy: an optional extra
-
-  if n <= 10:
-    return [colormaps["tab10"](i) for i in range(n)]
-  if n <= 20:
-    return [colormaps["tab20"](i) for i in range(n)]
-  return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
 def _product(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import keys
+from fedjax_sim.aggregators import ClientTransform, stages_of
 from fedjax_sim.checks import is_concrete
 
 # Defaults of `sample_profiles`, roughly phones on mobile networks: a few hundred
@@ -388,7 +389,6 @@ def check_aggregator(aggregator: Any) -> None:
   """
   if aggregator is None:
     return
-  from fedjax_sim.aggregators import stages_of  # late: aggregators imports the algorithms
   for reducer in stages_of(aggregator):
     if hasattr(reducer, "aggregate") and not reducer.weighted:
       raise ValueError(
@@ -404,7 +404,6 @@ def check_aggregator_state(aggregator: Any, state: Any) -> None:
   feedback): the clients a round does not aggregate would update it too."""
   if aggregator is None:
     return
-  from fedjax_sim.aggregators import ClientTransform, stages_of
   stages = stages_of(aggregator)
   if len(stages) == 1:
     return  # a lone reducer has no per-client transforms

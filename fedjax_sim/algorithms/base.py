@@ -13,6 +13,7 @@ import optax
 
 from fedjax_sim import checks, keys, local
 from fedjax_sim.checks import check_labels  # noqa: F401 (re-exported)
+from fedjax_sim.tree import gather_rows, scatter_rows, weighted_sum  # noqa: F401 (re-exported)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.local import LocalResult
 from fedjax_sim.losses import cross_entropy
@@ -107,26 +108,11 @@ def map_clients(fn: Callable, args: Any, chunk_size: int | None = None) -> Any:
   return jax.lax.map(fn, args, batch_size=chunk_size)
 
 
-def gather_rows(tree: Any, ids: jax.Array) -> Any:
-  """The rows `ids` of every leaf (per-client state of the sampled clients)."""
-  return jax.tree_util.tree_map(lambda a: a[ids], tree)
-
-
-def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
-  """`tree` with the rows `ids` of every leaf replaced by `rows`."""
-  return jax.tree_util.tree_map(lambda a, r: a.at[ids].set(r), tree, rows)
-
-
 def model_bytes(params: Params) -> int:
   """Bytes of one model or update as stored (4 per float32 parameter): what goes on the
   wire each way per client when nothing is compressed."""
   return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
              for x in jax.tree_util.tree_leaves(params))
-
-
-def weighted_sum(weights: jax.Array, stacked: Params) -> Params:
-  """sum_c weights[c] * stacked[c] over the leading client axis of every leaf."""
-  return jax.tree_util.tree_map(lambda d: jnp.tensordot(weights, d, axes=1), stacked)
 
 
 def check_model_and_data(apply, params, data: FederatedData) -> None:

@@ -23,7 +23,7 @@ the round. Optimizers are given as optax transformations (fixed) or as functions
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,10 +39,9 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        model_bytes, resolve_chunk_size, sample_clients,
                                        scatter_rows, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
-from fedjax_sim import local
+from fedjax_sim import compression, local
+from fedjax_sim.aggregators import Aggregator, stages_of
 
-if TYPE_CHECKING:
-  from fedjax_sim.aggregators import Aggregator
 
 Params = Any
 Hparams = dict[str, jax.Array]
@@ -247,7 +246,6 @@ def get_hparams(state: ServerState) -> dict[str, float]:
 def reducer_is_weighted(aggregator: Aggregator | None) -> bool:
   if aggregator is None:
     return True
-  from fedjax_sim.aggregators import stages_of  # late: aggregators imports this package
   return all(s.weighted for s in stages_of(aggregator) if hasattr(s, "aggregate"))
 
 
@@ -361,7 +359,6 @@ def compose(
 
   def uplink_bytes(params) -> float:
     """What one client sends: the compressor's encoding, else its float32 upload."""
-    from fedjax_sim import compression  # late: compression imports this package
     upload = client_work.upload_like(params)
     num = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(upload))
     compressed = (None if aggregator is None

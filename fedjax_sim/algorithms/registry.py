@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 
 from fedjax_sim import optimizers
@@ -42,9 +42,7 @@ from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.mimelite import mimelite
 from fedjax_sim.algorithms.qffl import qffl
 from fedjax_sim.algorithms.scaffold import scaffold
-
-if TYPE_CHECKING:
-  from fedjax_sim.aggregators import Aggregator
+from fedjax_sim.aggregators import Aggregator
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fednova", "feddyn", "mimelite", "ditto", "qffl",
               "fedexp", "fedrep")
