@@ -39,25 +39,29 @@ def from_nnx(module: nnx.Module) -> Model:
 
 
 # Initialization runs once per model, so its program is compiled without backend
-# optimization: op by op, nnx's initializers compiled a truncated normal per shape,
-# 4-6 s for the CNN on a 2-core CPU; as one program at -O0 it is about 1 s. The values
-# agree with eager initialization to the last bit or two (float32 ulps).
-_INIT_OPTIONS = {"xla_backend_optimization_level": 0}
+# optimization or the fusion emitters: op by op, nnx's initializers compiled a truncated
+# normal per shape, 4-6 s for the CNN on a 2-core CPU; as one program at -O0 about 1 s,
+# without the emitters 0.4-0.5 s. The values agree with eager initialization to the last
+# bit or two (float32 ulps).
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def build(make_module: Callable[[], nnx.Module]) -> Model:
   """`from_nnx(make_module())` with the initializers compiled as one program."""
-  graphdef = nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)[0]
+  graphdefs = []  # the module's structure, static, kept from the one trace of `init`
 
   def init():
-    _, params, rest = nnx.split(make_module(), nnx.Param, ...)
+    graphdef, params, rest = nnx.split(make_module(), nnx.Param, ...)
+    graphdefs.append(graphdef)
     return params, rest
 
   options = _INIT_OPTIONS if jax.default_backend() == "cpu" else None
   try:
     params, rest = jax.jit(init, compiler_options=options)()
-  except Exception:  # a jaxlib without the option: compile as usual
+  except Exception:  # a jaxlib without these options: compile as usual
+    graphdefs.clear()
     params, rest = jax.jit(init)()
+  graphdef = graphdefs[-1]
 
   def apply(params: Params, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params, rest)(x)

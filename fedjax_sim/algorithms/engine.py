@@ -429,25 +429,34 @@ def compose(
     args = (ids, rows, budgets, relative_weight)
     agg_state, agg_metrics = state.aggregator_state, {}
     if aggregator is None:
-      # Fused weighted mean: a scan over chunks keeps one chunk of uploads alive.
-      def body(acc, xs):
-        chunk_args, w = xs
-        out = train_chunk(chunk_args)
-        acc = (jax.tree_util.tree_map(jnp.add, acc[0], weighted_sum(w, out.upload)),
-               acc[1] + w.sum())
-        return acc, out._replace(upload=None)
+      if chunk == sampled:
+        # One chunk: the weighted sum straight from it (what the scan below computes, bit
+        # for bit, without tracing local training a second time for the shapes).
+        out = train_chunk(args)
+        total, weight_sum = weighted_sum(weights, out.upload), weights.sum()
+        outputs = out._replace(upload=None)
+      else:
+        # Fused weighted mean: a scan over chunks keeps one chunk of uploads alive.
+        def body(acc, xs):
+          chunk_args, w = xs
+          out = train_chunk(chunk_args)
+          acc = (jax.tree_util.tree_map(jnp.add, acc[0], weighted_sum(w, out.upload)),
+                 acc[1] + w.sum())
+          return acc, out._replace(upload=None)
 
-      first = jax.tree_util.tree_map(lambda a: a[0], by_chunk((args, weights)))
-      shapes = jax.eval_shape(lambda xs: weighted_sum(xs[1], train_chunk(xs[0]).upload), first)
-      zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      (total, weight_sum), outputs = jax.lax.scan(body, (zeros, jnp.zeros(())),
-                                                  by_chunk((args, weights)))
-      outputs = unchunk(outputs)
+        first = jax.tree_util.tree_map(lambda a: a[0], by_chunk((args, weights)))
+        shapes = jax.eval_shape(lambda xs: weighted_sum(xs[1], train_chunk(xs[0]).upload),
+                                first)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (total, weight_sum), outputs = jax.lax.scan(body, (zeros, jnp.zeros(())),
+                                                    by_chunk((args, weights)))
+        outputs = unchunk(outputs)
       # Every client may have dropped (systems): all weights are 0; keep 0, not NaN.
       aggregated = jax.tree_util.tree_map(
           lambda t: t / jnp.where(weight_sum > 0, weight_sum, 1.0), total)
     else:
-      outputs = unchunk(jax.lax.map(train_chunk, by_chunk(args)))
+      outputs = (train_chunk(args) if chunk == sampled
+                 else unchunk(jax.lax.map(train_chunk, by_chunk(args))))
       aggregated, agg_state, agg_metrics = aggregator.aggregate(
           state.aggregator_state, outputs.upload, weights, ids, keys.aggregation_key(sample_key))
       weight_sum = weights.sum()
