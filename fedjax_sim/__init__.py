@@ -25,6 +25,7 @@ from fedjax_sim import writers  # TensorBoardWriter, WandbWriter: fs.run(callbac
 from fedjax_sim.reference import ReferenceFedAvg
 from fedjax_sim import checkpoint
 from fedjax_sim.checkpoint import restore
+from fedjax_sim.run_dir import enable_compile_cache
 from fedjax_sim.runner import History, Interrupted, run
 from fedjax_sim.sweep import SweepResult, sweep
 from fedjax_sim.synthetic import synthetic
@@ -47,5 +48,5 @@ __all__ = [
     "compose", "engine", "fedopt", "get_hparams", "set_hparams", "keys",
     "fedexp", "fedrep", "make_merged_personalized_evaluator",
     "plot_runs", "writers",
-    "checkpoint", "restore", "Interrupted",
+    "checkpoint", "restore", "Interrupted", "enable_compile_cache",
 ]

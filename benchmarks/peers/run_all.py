@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -96,6 +97,11 @@ SIMULATORS = {
     # Half the rounds per compiled call: the first call compiles, the second is timed.
     "fedjax_sim_scan": ("fedjax_sim, R/2 rounds per call", "fedjax_sim", "run_fedjax_sim.py",
                         lambda rounds: ["--rounds-per-call", str(rounds // 2)]),
+    # The same worker with jax's persistent compilation cache (fs.enable_compile_cache)
+    # filled by an untimed run of the same case first: what a repeated command, a sweep
+    # of one configuration or a rerun notebook pays (the CLI turns the cache on).
+    "fedjax_sim_cache": ("fedjax_sim, compilation cache filled by a run before",
+                         "fedjax_sim", "run_fedjax_sim.py", []),
     "fedjax": ("FedJAX 0.0.17", "fedjax", "run_fedjax.py", []),
     "flower": ("Flower 1.42", "flower", "run_flower.py", []),
     "flower_epoch": ("Flower 1.42, epoch-jitted client", "flower", "run_flower.py",
@@ -109,8 +115,8 @@ SIMULATORS = {
 }
 # flower_epoch (the fastest a Flower client can train; within a few % of `flower` in
 # every run so far) is left out by default to keep the whole run within ~20 minutes.
-DEFAULT_SIMULATORS = ["fedjax_sim", "fedjax_sim_scan", "fedjax", "drjax", "drjax_opts",
-                      "pfl", "pfl_1thread", "flower"]
+DEFAULT_SIMULATORS = ["fedjax_sim", "fedjax_sim_scan", "fedjax_sim_cache", "fedjax", "drjax",
+                      "drjax_opts", "pfl", "pfl_1thread", "flower"]
 # Each environment's python: flag, environment variable, default under the venv root.
 ENVS = ("fedjax", "flower", "drjax", "pfl")
 VENV_ROOT = os.environ.get("PEERS_VENVS", "~/.venvs")
@@ -186,6 +192,9 @@ def case_flags(args, case: str, sim: str) -> list[str]:
   return [t for k, v in flags.items() for t in (f"--{k}", str(v))]
 
 
+_PRIMED: set[tuple[str, str]] = set()  # (case, cache folder) filled by a primer run
+
+
 def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   label, env_name, script, extra = SIMULATORS[sim]
   python = os.path.expanduser(getattr(args, f"{env_name}_python"))
@@ -193,6 +202,15 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   log = os.path.join(log_dir, f"{case}-{sim}-{rep}.log")
   if callable(extra):
     extra = extra(case_rounds(args, case, sim))
+  if sim == "fedjax_sim_cache":
+    cache = os.path.join(log_dir, "compile_cache")
+    extra = [*extra, "--compile-cache", cache]
+    primer = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra,
+              "--output", os.path.join(log_dir, f"{case}-{sim}-{rep}-primer.json")]
+    if (case, cache) not in _PRIMED:  # fill the cache: an untimed run of the same case
+      with open(os.path.join(log_dir, f"{case}-{sim}-primer.log"), "w") as f:
+        subprocess.run(primer, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
+      _PRIMED.add((case, cache))
   cmd = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra, "--output", out]
   load_before = list(os.getloadavg())
   env = dict(os.environ)
@@ -217,6 +235,27 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   res.update(case=case, key=sim, label=label, repeat=rep, process_wall_s=wall,
              loadavg_before=load_before)
   return res
+
+
+def fixed_cost(run: dict) -> float:
+  """A run's end to end less its rounds at the warm rate: launch, imports, setup and the
+  first round's compilation (end to end ~ fixed + rounds x per round)."""
+  t = run["timings"]
+  rounds = len(t["per_round_s"]) * run.get("rounds_per_call", 1)
+  return t["end_to_end_s"] - rounds * t["per_round_warm_median_s"]
+
+
+def break_even(mine: dict, peer: dict) -> float | None:
+  """Rounds after which fedjax_sim's end to end is shorter than the peer's, from the two
+  runs' fixed costs and warm rates: 0 where it is never behind, inf where it never
+  catches up; None without warm rates or where it is ahead only at first."""
+  rate = lambda run: run["timings"]["per_round_warm_median_s"]
+  if not (rate(mine) and rate(peer)):
+    return None
+  extra, gain = fixed_cost(mine) - fixed_cost(peer), rate(peer) - rate(mine)
+  if extra <= 0:
+    return 0.0 if gain >= 0 else None
+  return extra / gain if gain > 0 else float("inf")
 
 
 def median(xs):
@@ -273,6 +312,9 @@ def summarize(runs: list[dict], cases, sims) -> list[dict]:
               [r["timings"]["per_round_warm_median_s"] / b["timings"]["per_round_warm_median_s"]
                for r, b in pairs if r["timings"]["per_round_warm_median_s"]
                and b["timings"]["per_round_warm_median_s"]])
+          if not is_tta(case):
+            row["fedjax_sim_ahead_after_rounds"] = median(
+                [break_even(b, r) for r, b in pairs])
           # Only between runs of the same number of rounds.
           row["over_fedjax_sim_end_to_end"] = median(
               [r["timings"]["end_to_end_s"] / b["timings"]["end_to_end_s"] for r, b in pairs
@@ -289,6 +331,14 @@ def _s(x):
 
 def _x(x):
   return "-" if x is None else f"{x:.1f}x"
+
+
+def _rounds(x, sim: str) -> str:
+  if sim.startswith(BASELINE) or x is None:  # fedjax_sim itself, or ahead only at first
+    return "-"
+  if x == 0:
+    return "always"
+  return "never" if x == float("inf") else f"{math.ceil(x)} rounds"
 
 
 def markdown(result: dict) -> str:
@@ -320,8 +370,9 @@ def markdown(result: dict) -> str:
   if any(not is_tta(row["case"]) for row in result["summary"]):
     lines += [
         "| case | simulator | s/round (warm) | first round | imports + setup | end to end "
-        "| per round / fedjax_sim | end to end / fedjax_sim | eval loss | runs |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| per round / fedjax_sim | end to end / fedjax_sim | fedjax_sim ahead after "
+        "| eval loss | runs |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
   for row in result["summary"]:
     if is_tta(row["case"]):
@@ -335,7 +386,7 @@ def markdown(result: dict) -> str:
     case = (f"{row['case']}: {c['model']}, {clients}{c['examples_per_client']} ex/client "
             f"({row.get('steps_per_client', '?')} steps), {rounds} rounds")
     if "per_round_s" not in row:
-      lines.append(f"| {case} | {row['label']} | failed | | | | | | | {row['runs']} |")
+      lines.append(f"| {case} | {row['label']} | failed | | | | | | | | {row['runs']} |")
       continue
     loss = (f"{row['eval_loss_initial']:.3f} -> {row['eval_loss_final']:.3f}"
             if row.get("eval_loss_final") is not None else "-")
@@ -344,7 +395,9 @@ def markdown(result: dict) -> str:
         f"| {case} | {row['label']} | {_s(row['per_round_s'])} | {_s(row['first_round_s'])} "
         f"| {_s(row['imports_and_setup_s'])} | {_s(row['end_to_end_s'])} "
         f"| {_x(row.get('over_fedjax_sim_per_round'))} "
-        f"| {_x(row.get('over_fedjax_sim_end_to_end'))} | {loss} | {row['runs']}{fails} |")
+        f"| {_x(row.get('over_fedjax_sim_end_to_end'))} "
+        f"| {_rounds(row.get('fedjax_sim_ahead_after_rounds'), row['simulator'])} "
+        f"| {loss} | {row['runs']}{fails} |")
   tta = [row for row in result["summary"] if is_tta(row["case"])]
   if tta:
     c = CASES[tta[0]["case"]]
@@ -385,6 +438,10 @@ def markdown(result: dict) -> str:
       "included). End to end: process launch to the end of the last round. "
       "x / fedjax_sim: how many times longer than fedjax_sim (one round per call) in "
       "the same repetition, median over repetitions; above 1 fedjax_sim is faster. "
+      "fedjax_sim ahead after: the number of rounds from which fedjax_sim's end to end "
+      "is the shorter, from each run's warm rate and fixed cost (end to end less its "
+      "rounds at the warm rate: launch, imports, setup, compilation), median over "
+      "repetitions ('always': never behind; 'never': it does not catch up). "
       "Eval loss: cross-entropy on 2,000 held-out examples of the teacher task, before "
       "and after training (each simulator's own initialization), a check that all "
       "simulators do the same training.",
@@ -419,7 +476,7 @@ def readme_table(result: dict) -> str:
   """The compact table of the README: a row per case, a column per simulator; per warm
   round (its ratio to fedjax_sim's) and end to end, or the time to the target."""
   short = {"fedjax_sim": "fedjax_sim", "fedjax_sim_scan": "fedjax_sim, R/2 rounds per call",
-           "fedjax": "FedJAX", "drjax": "DrJAX, plain jit",
+           "fedjax_sim_cache": "fedjax_sim, compilation cache", "fedjax": "FedJAX", "drjax": "DrJAX, plain jit",
            "drjax_opts": "DrJAX, fedjax_sim's options", "pfl": "pfl, torch default threads",
            "pfl_1thread": "pfl, 1 thread", "flower": "Flower",
            "flower_epoch": "Flower, epoch-jitted client"}

@@ -32,6 +32,9 @@ from fedjax_sim import conv, runner  # noqa: E402
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_task_args(p)
+  p.add_argument("--compile-cache", default=None, metavar="DIR",
+                 help="turn on the persistent compilation cache in DIR "
+                      "(fs.enable_compile_cache), before anything compiles")
   p.add_argument("--rounds-per-call", type=int, default=1,
                  help="rounds per compiled call (runner.make_chunk length); must divide "
                       "--rounds")
@@ -39,6 +42,8 @@ def main(argv=None):
   if args.rounds % args.rounds_per_call:
     p.error("--rounds-per-call must divide --rounds")
   launch = common.launch_time(MAIN_START)
+  if args.compile_cache:
+    fs.enable_compile_cache(args.compile_cache)
 
   xs, ys = zip(*(common.client_data(args.seed, i, args.examples_per_client)
                  for i in range(args.num_clients)))
@@ -72,7 +77,8 @@ def main(argv=None):
   initial = common.cross_entropy(np.asarray(apply(model.params, ex)), ey)
   dev = jax.devices()[0]
   name = "fedjax_sim" + (f" ({args.rounds_per_call} rounds per call)"
-                         if args.rounds_per_call > 1 else "")
+                         if args.rounds_per_call > 1 else "") + (
+                             ", compilation cache" if args.compile_cache else "")
   result = common.record(
       args, simulator=name, launch=launch, main_start=MAIN_START, setup_done=setup_done,
       round_ends=round_ends, rounds_per_call=args.rounds_per_call,
@@ -85,7 +91,9 @@ def main(argv=None):
                                f"fedjax_sim.{args.model}() (flax nnx"
                                + (f", conv impl {conv.resolve('auto')!r}" if args.model == "cnn"
                                   else "")
-                               + "); optax SGD client and server"})
+                               + "); optax SGD client and server"
+                               + ("; jax's persistent compilation cache on "
+                                  "(fs.enable_compile_cache)" if args.compile_cache else "")})
   t = result["timings"]
   print(f"{name}: {t['per_round_warm_median_s']:.4f} s/round warm, first call "
         f"{t['first_call_s']:.2f} s, end to end {t['end_to_end_s']:.2f} s, eval loss "
