@@ -18,9 +18,13 @@ programs, all in one XLA program (`cells`), plus `fs.sweep`'s:
 - `fs.sweep` with chunks of 1 client (so it also checks chunking against `ref`).
 
 The 8-device cells run in one subprocess for all algorithms (started with the module,
-so that it overlaps the rest) and are compared with `ref`.
+so that it overlaps the rest) and are compared with `ref`. The per-algorithm programs
+(`cells`, `sweep`) are compiled and run by worker threads, all of the selected ones
+queued with the module, so that compiles (XLA releases the GIL) use every core while the
+tests check the results that are ready.
 """
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -127,6 +131,48 @@ def sharded_results(proc):
   return json.loads(out.strip().splitlines()[-1])
 
 
+# --- Worker threads: each algorithm's programs, compiled and run once -----------------
+
+_WORKERS = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+_FUTURES = {}
+
+
+def computed_once(fn):
+  """`fn(name)`, computed once per name by a worker thread (queued by `prefetch` or at
+  the first call); the caller waits for it."""
+
+  def queue(name):
+    key = (fn.__name__, name)
+    if key not in _FUTURES:
+      _FUTURES[key] = _WORKERS.submit(fn, name)
+    return _FUTURES[key]
+
+  @functools.wraps(fn)
+  def result(name):
+    return queue(name).result()
+
+  result.queue = queue
+  return result
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefetch(request, fast_compiles):
+  """Queues `cells` and `sweep` of every algorithm a selected test of this module uses,
+  in test order, so that the workers compile ahead of the tests; at the end drops what
+  has not started and waits for the rest (they run under `fast_compiles`)."""
+  for item in request.session.items:
+    name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+    if item.module.__name__ == __name__ and name:
+      cells.queue(name)
+      if item.originalname in ("test_sweep_rows_equal_separate_runs",
+                               "test_chunks_of_one_equal_all_at_once"):
+        sweep.queue(name)
+  yield
+  for future in _FUTURES.values():
+    future.cancel()
+  concurrent.futures.wait(list(_FUTURES.values()))
+
+
 # --- One compiled program per algorithm with all of its cells -------------------------
 
 
@@ -230,7 +276,7 @@ def build_cell(name, cell, options):
   return spec.build(model.apply, spec.defaults(), **{**SETUP.common(), **options})
 
 
-@functools.cache
+@computed_once
 def cells(name):
   """Runs every cell of algorithm `name` for ROUNDS rounds, in one compiled program.
 
@@ -316,7 +362,7 @@ def aggregator_run(name, aggregator):
   return run["final"], metrics
 
 
-@functools.cache
+@computed_once
 def sweep(name):
   """`fs.sweep` over every hyperparameter of the algorithm, with clients trained one at
   a time (chunks of 1); rows in the order of `AlgorithmSpec.grid`."""
