@@ -1,7 +1,10 @@
 """Runs many rounds as compiled chunks: `lax.scan` over rounds, the host only logs.
 
 Each chunk of `rounds_per_chunk` rounds is one XLA program, compiled once and reused
-for every chunk (a shorter final chunk compiles once more). Between chunks the host
+for every chunk. Where the rounds do not divide into chunks, every chunk is instead a
+few calls of a program of gcd(rounds_per_chunk, rounds) rounds, so that the shorter
+final chunk does not compile a second program (the calls queue on the device without
+waiting for the host; the rounds compute alike). Between chunks the host
 evaluates, writes one JSON line per round to the metrics file (flushed as it goes,
 so a run that fails keeps every finished round), and updates the progress bar.
 """
@@ -313,12 +316,19 @@ def run(
     if metrics_file is not None:
       metrics_file.write((line + "\n").encode())  # one write: never half a line
 
+  # One program for every chunk, the shorter final one included (see the module doc).
+  call_rounds = math.gcd(rounds_per_chunk, end - first)
+  call = make_chunk(algorithm, call_rounds)
   try:
     with DeferredSignals() as signals:
       while done < end:
         length = min(rounds_per_chunk, end - done)
-        state, metrics = make_chunk(algorithm, length)(state, data)
+        metrics = []
+        for _ in range(length // call_rounds):
+          state, part = call(state, data)
+          metrics.append(part)
         metrics = _fetch(metrics)
+        metrics = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *metrics)
         rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
         if round_metrics is not None:
           for row in rows:

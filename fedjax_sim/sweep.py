@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -269,10 +270,14 @@ def sweep(
       with runner.DeferredSignals() as signals:
         while done < rounds:
           length = min(rounds_per_chunk, rounds - done)
-          if length not in chunks:
-            chunks[length] = make_sweep_chunk(make_algorithm, static_config, length)
-          states, metrics = chunks[length](states, hparams, data)
-          group_metrics.append(jax.device_get(metrics))
+          # One program for every chunk, the shorter final one included: calls of
+          # gcd(rounds_per_chunk, rounds) rounds (as fs.run does).
+          call_rounds = math.gcd(rounds_per_chunk, rounds)
+          if call_rounds not in chunks:
+            chunks[call_rounds] = make_sweep_chunk(make_algorithm, static_config, call_rounds)
+          for _ in range(length // call_rounds):
+            states, metrics = chunks[call_rounds](states, hparams, data)
+            group_metrics.append(jax.device_get(metrics))
           done += length
           if evaluate is not None:
             group_eval_rounds.append(done)

@@ -52,3 +52,49 @@ def test_callbacks_get_the_summary_of_a_run_that_stops(train):
            rounds_per_chunk=2, progress=False, callbacks=[recorder])
   assert recorder.chunks == [[1, 2]]
   assert recorder.summaries[0]["status"] == "diverged at round 3"
+
+
+def _mlp_run(ragged, rounds, rounds_per_chunk):
+  from conftest import tiny_mlp
+  apply, params = tiny_mlp()
+  _, _, data = ragged
+  algorithm = fedavg(apply, client_optimizer=optax.sgd(0.2), clients_per_round=3,
+                     batch_size=4, epochs=1)
+  calls = []
+  real = runner.make_chunk
+
+  def spy(alg, length):
+    calls.append(length)
+    return real(alg, length)
+
+  state = algorithm.init(params, jax.random.key(3))
+  evaluate = lambda p: {"test_w2_sum": float(jnp.sum(p["w2"]))}
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(runner, "make_chunk", spy)
+    final, history = fs.run(algorithm, state, data, rounds=rounds,
+                            rounds_per_chunk=rounds_per_chunk, evaluate=evaluate,
+                            progress=False)
+  return final, history, calls
+
+
+def test_a_shorter_final_chunk_reuses_the_one_program(ragged):
+  """7 rounds in chunks of 3: one program of gcd(3, 7) = 1 round called 3 + 3 + 1 times
+  (no second program for the final chunk of 1); evaluations still after rounds 3, 6, 7,
+  and every round equal to the bit to a run of 1-round chunks (and to chunks of 7)."""
+  final, history, calls = _mlp_run(ragged, 7, 3)
+  assert calls == [1]
+  assert [r["round"] for r in history if "test_w2_sum" in r] == [3, 6, 7]
+  one, one_history, _ = _mlp_run(ragged, 7, 1)
+  whole, whole_history, whole_calls = _mlp_run(ragged, 7, 7)
+  assert whole_calls == [7]
+  for other, other_history in ((one, one_history), (whole, whole_history)):
+    assert [r["train_loss"] for r in history] == [r["train_loss"] for r in other_history]
+    for a, b in zip(jax.tree_util.tree_leaves(final.params),
+                    jax.tree_util.tree_leaves(other.params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_chunks_that_divide_the_rounds_are_one_call_each(ragged):
+  _, history, calls = _mlp_run(ragged, 6, 3)
+  assert calls == [3]
+  assert [r["round"] for r in history if "test_w2_sum" in r] == [3, 6]

@@ -1,5 +1,7 @@
 """Sweeps: one vmapped program per shape equals separate runs of each configuration."""
 
+import importlib
+
 import jax
 import numpy as np
 import optax
@@ -105,3 +107,27 @@ def test_sweep_of_systems_and_aggregator_settings_equals_runs(ragged, small_mlp)
   # The deadline changed the rounds: a 0.1 s deadline cut them.
   assert result.curves["round_time_s"][0].max() <= 0.1 + 1e-6
   assert result.curves["round_time_s"][1].max() > 0.1
+
+
+def test_a_shorter_final_chunk_reuses_the_one_program(ragged, small_mlp, monkeypatch):
+  """3 rounds in chunks of 2: one program of gcd(2, 3) = 1 round (no second program for
+  the final chunk), evaluations after rounds 2 and 3, curves equal to one chunk of 3."""
+  sweep_lib = importlib.import_module("fedjax_sim.sweep")  # fs.sweep is the function
+  _, _, train = ragged
+  lengths = []
+  real = sweep_lib.make_sweep_chunk
+  monkeypatch.setattr(sweep_lib, "make_sweep_chunk",
+                      lambda *a: lengths.append(a[-1]) or real(*a))
+  evaluate = fs.make_evaluator(small_mlp.apply, test=(np.asarray(train.x[:, 0]),
+                                                      np.asarray(train.y[:, 0])))
+  kwargs = dict(grid={"client_lr": [0.05, 0.2], "server_lr": [0.05]}, seeds=[0],
+                static={"clients_per_round": [3]}, rounds=ROUNDS, evaluate=evaluate)
+  chunked = fs.sweep(make_fedadam(small_mlp.apply), small_mlp.params, train,
+                     rounds_per_chunk=2, **kwargs)
+  assert lengths == [1] and list(chunked.eval_rounds) == [2, 3]
+  whole = fs.sweep(make_fedadam(small_mlp.apply), small_mlp.params, train,
+                   rounds_per_chunk=ROUNDS, **kwargs)
+  np.testing.assert_array_equal(chunked.curves["train_loss"], whole.curves["train_loss"])
+  for a, b in zip(jax.tree_util.tree_leaves(chunked.params),
+                  jax.tree_util.tree_leaves(whole.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
