@@ -58,10 +58,10 @@ def build(make_module: Callable[[], nnx.Module]) -> Model:
   options = _INIT_OPTIONS if jax.default_backend() == "cpu" else None
   try:
     params, rest = jax.jit(init, compiler_options=options)()
-  except Exception:  # a jaxlib without these options: compile as usual
-    graphdefs.clear()
-    params, rest = jax.jit(init)()
-  graphdef = graphdefs[-1]
+  except Exception:  # a jaxlib without these options, or inside a trace: as usual
+    params, rest = jax.jit(init)()  # may reuse the trace above, not running `init` again
+  graphdef = (graphdefs[-1] if graphdefs
+              else nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)[0])
 
   def apply(params: Params, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params, rest)(x)
