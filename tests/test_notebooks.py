@@ -10,12 +10,18 @@ execution here checks the committed copy has no errors, that its code cells are 
 it ran (their hash), and that it shows as many figures as the current code draws. To cover
 a new notebook, add it to NOTEBOOKS with overrides that make it fast (and that keep the
 number of figures: a figure per value of a list parameter needs as many values).
+
+The selected notebooks start together with the module, as many kernels at a time as
+there are cores (at most 4; a kernel mostly compiles, on one core), and each test checks
+its notebook once it has run.
 """
 
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import importlib.util
+import os
 import pathlib
 import sys
 import time
@@ -131,6 +137,28 @@ def _figures(nb) -> int:
              for out in cell.get("outputs", []))
 
 
+@pytest.fixture(scope="module")
+def executed(request, tmp_path_factory):
+  """name -> future of (executed notebook, seconds) for every notebook a selected
+  test_notebook_runs item runs, queued at once in test order; each in its own folder."""
+  names = [item.callspec.params["name"] for item in request.session.items
+           if item.module.__name__ == __name__ and item.originalname == "test_notebook_runs"]
+
+  def run(name, tmp):
+    overrides = {k: str(tmp) if v == TMP else v for k, v in NOTEBOOKS[name][0].items()}
+    start = time.perf_counter()
+    nb = execute_notebook(NOTEBOOK_DIR / name, overrides)
+    return nb, time.perf_counter() - start
+
+  workers = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+  futures = {name: workers.submit(run, name, tmp_path_factory.mktemp(name.split(".")[0]))
+             for name in names}
+  yield futures
+  for future in futures.values():
+    future.cancel()
+  workers.shutdown(wait=True)
+
+
 def test_notebook_list_is_current():
   missing = [name for name in NOTEBOOKS if not (NOTEBOOK_DIR / name).exists()]
   assert not missing, f"NOTEBOOKS names files that are not in notebooks/: {missing}"
@@ -139,12 +167,9 @@ def test_notebook_list_is_current():
 @pytest.mark.skipif(importlib.util.find_spec("fedjax_sim") is None,
                     reason="fedjax_sim must be installed for the notebook kernel")
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_runs(name, tmp_path):
-  overrides, expected = NOTEBOOKS[name]
-  overrides = {k: str(tmp_path) if v == TMP else v for k, v in overrides.items()}
-  start = time.perf_counter()
-  nb = execute_notebook(NOTEBOOK_DIR / name, overrides)
-  seconds = time.perf_counter() - start
+def test_notebook_runs(name, executed):
+  _, expected = NOTEBOOKS[name]
+  nb, seconds = executed[name].result()
   assert not _outputs(nb, "error")
   code_cells = [cell for cell in nb.cells if cell.cell_type == "code"]
   assert all(cell.get("execution_count") for cell in code_cells), "a code cell did not run"
