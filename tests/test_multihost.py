@@ -44,8 +44,9 @@ def one_process_run():
 
 
 def test_two_processes_equal_one(tmp_path):
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu"}
+  # This process's XLA_FLAGS (conftest.py's faster compiles) plus 2 devices a process.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+  env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
   port = free_port()
   outs = [str(tmp_path / f"params{i}.npz") for i in range(NUM_PROCESSES)]
   logs = [(open(tmp_path / f"out{i}.txt", "w+"), open(tmp_path / f"err{i}.txt", "w+"))
