@@ -108,7 +108,30 @@ class Conv(nnx.Module):
     self.impl = impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return conv_lib.conv2d_same(x, self.kernel[...], self.impl) + self.bias[...]
+    return add_bias(conv_lib.conv2d_same(x, self.kernel[...], self.impl), self.bias[...])
+
+
+@jax.custom_vjp
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+  """`y + bias` over the last axis. Its bias gradient is a matrix-vector product of the
+  materialized output gradient: left to autodiff it was a reduction that XLA:CPU fused
+  with the recomputed ReLU and pooling gradients, 32 outputs striding over every
+  activation (a fifth of the CNN's local step on a 2-core CPU)."""
+  return y + bias
+
+
+def _add_bias_fwd(y, bias):
+  return y + bias, jnp.zeros((0,), bias.dtype)  # the bias dtype, for its gradient
+
+
+def _add_bias_bwd(empty, g):
+  flat = jax.lax.optimization_barrier(g).reshape(-1, g.shape[-1])
+  ones = jnp.ones((flat.shape[0],), flat.dtype)
+  # Summed in float32 whatever the compute dtype (bfloat16 in mixed precision).
+  return g, jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(empty.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:

@@ -86,3 +86,22 @@ def test_bad_impl_and_kernel():
   with pytest.raises(ValueError, match="square kernel of odd size"):
     conv.conv2d_same(x, jnp.zeros((2, 2, 3, 4)), "sequential")
   assert conv.resolve("auto") == ("sequential" if jax.default_backend() == "cpu" else "patches")
+
+
+def test_add_bias_gradients_match_autodiff_also_under_vmap():
+  """models.add_bias (its bias gradient a matrix-vector product of the materialized
+  output gradient) against plain `y + b`, alone and vmapped over clients."""
+  from fedjax_sim.models import add_bias
+  rng = np.random.default_rng(0)
+  y = jnp.asarray(rng.normal(size=(3, 4, 5, 6)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 4, 5, 6)), jnp.float32)
+  loss = lambda add: lambda y, b: jnp.sum(jnp.tanh(add(y, b)) * w)
+  want = jax.grad(loss(lambda y, b: y + b), argnums=(0, 1))(y, b)
+  got = jax.grad(loss(add_bias), argnums=(0, 1))(y, b)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  ys, bs = jnp.stack([y, 2 * y]), jnp.stack([b, -b])
+  batched = lambda add: jax.vmap(jax.grad(loss(add), argnums=(0, 1)))(ys, bs)
+  for g, e in zip(batched(add_bias), batched(lambda y, b: y + b)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

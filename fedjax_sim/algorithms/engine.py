@@ -414,6 +414,12 @@ def compose(
           keys.client_key(second_key, client_id), budget, rel, hp, count_range))
 
     def train_chunk(args):
+      if client_sharding is None and jax.tree_util.tree_leaves(args)[0].shape[0] == 1:
+        # One client at a time (large models on CPU): without a vmap of size 1, whose
+        # batch dimension of 1 on every op left XLA:CPU transposing the dense gradients
+        # and copying the weights on every local step.
+        single = one(jax.tree_util.tree_map(lambda a: a[0], args))
+        return jax.tree_util.tree_map(lambda a: a[None], single)
       if client_sharding is None:
         return jax.vmap(one)(args)
       # Constraining the inputs and results to the client axis makes GSPMD split the
