@@ -114,8 +114,9 @@ def sharded_process(request):
   if not wanted:
     yield None
     return
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  # This process's XLA_FLAGS (conftest.py's faster compiles) plus 8 devices.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.Popen([sys.executable, "conformance_sharded_script.py"], cwd=HERE, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   yield proc

@@ -9,8 +9,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_sharded_clients_and_sweep_equal_one_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  # This process's XLA_FLAGS (conftest.py's faster compiles) plus 8 devices.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+  env = {**os.environ, "XLA_FLAGS": flags.strip(), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "multidevice_script.py"], cwd=HERE, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
