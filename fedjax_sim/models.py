@@ -134,10 +134,39 @@ def _add_bias_bwd(empty, g):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling, stride 2, written as a reshape so it batches trivially."""
+  """2x2 max pooling, stride 2, written as a reshape so it batches trivially.
+
+  Its gradient goes to the first maximum of each window (row by row), as in PyTorch and
+  XLA's select-and-scatter; autodiff of the reshape's max splits it between tied
+  maxima, with a count and a division that made it 2.5x slower on CPU. The two agree
+  wherever a window's maximum is unique, and where ties are at 0 after a ReLU (whose
+  gradient there is 0)."""
+  return _pool(x)
+
+
+def _pool(x):
   b, h, w, c = x.shape
   return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _pool_fwd(x):
+  y = _pool(x)
+  return y, (x, y)
+
+
+def _pool_bwd(residuals, g):
+  x, y = residuals
+  b, h, w, c = x.shape
+  tied = x.reshape(b, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
+  t00, t01, t10, t11 = (tied[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
+  first = [t00, t01 & ~t00, t10 & ~(t00 | t01), t11 & ~(t00 | t01 | t10)]
+  mask = jnp.stack([jnp.stack(first[:2], 3), jnp.stack(first[2:], 3)], 2)
+  return (jnp.where(mask, g[:, :, None, :, None, :], 0).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
 
 
 class LogisticRegression(nnx.Module):

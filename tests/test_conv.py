@@ -105,3 +105,28 @@ def test_add_bias_gradients_match_autodiff_also_under_vmap():
   batched = lambda add: jax.vmap(jax.grad(loss(add), argnums=(0, 1)))(ys, bs)
   for g, e in zip(batched(add_bias), batched(lambda y, b: y + b)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum():
+  """Unique maxima: autodiff's gradient. Ties: all of it to the first maximum of the
+  window, row by row (a hand-computed golden), where autodiff would split it."""
+  from fedjax_sim.models import max_pool_2x2
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 4, 6, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 2, 3, 3)), jnp.float32)
+  plain = lambda x: x.reshape(x.shape[0], x.shape[1] // 2, 2, x.shape[2] // 2, 2,
+                              x.shape[3]).max(axis=(2, 4))
+  np.testing.assert_array_equal(max_pool_2x2(x), plain(x))
+  got = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w))(x)
+  want = jax.grad(lambda x: jnp.sum(plain(x) * w))(x)
+  np.testing.assert_array_equal(got, want)
+  batched = jax.vmap(jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w[0])))(x[:, None])
+  np.testing.assert_array_equal(batched[:, 0], jax.vmap(jax.grad(
+      lambda x: jnp.sum(plain(x) * w[0])))(x[:, None])[:, 0])
+  # Windows [[3, 3], [3, 1]], [[1, 3], [3, 3]], [[3, 1], [3, 3]], [[1, 1], [3, 3]]: the
+  # gradient all to the first 3 of each.
+  tie = jnp.asarray([[3.0, 3.0, 1.0, 3.0, 3.0, 1.0, 1.0, 1.0],
+                     [3.0, 1.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]]).reshape(1, 2, 8, 1)
+  grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x)) * 2.0)(tie)
+  np.testing.assert_array_equal(grad.reshape(2, 8), [[2, 0, 0, 2, 2, 0, 0, 0],
+                                                     [0, 0, 0, 0, 0, 0, 2, 0]])
