@@ -43,6 +43,7 @@ CASES = {
     "mlp600_steps30": ("mlp", 600, {"steps": 30}),
     "mlp100_steps30": ("mlp", 100, {"steps": 30}),      # 6 reshuffled epochs
     "mlp100_epochs6": ("mlp", 100, {"epochs": 6}),      # the same 30 steps by epochs
+    "mlp90_epochs1": ("mlp", 90, {"epochs": 1}),        # 4 full batches + one of 10
     "cnn100_epochs1": ("cnn", 100, {"epochs": 1}),
     "mlp_ragged_epochs1": ("mlp", -100, {"epochs": 1}),  # 50..100 examples: general path
     "mlp_ragged_steps5": ("mlp", -100, {"steps": 5}),

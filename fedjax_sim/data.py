@@ -24,7 +24,7 @@ class FederatedData(NamedTuple):
   `count_range`, when not None, is `(min(counts), max(counts))` as Python ints, known on
   the host when the data was built (`from_clients` sets it). It is static pytree data,
   not a leaf, so a jitted round sees it at trace time: when every client has the same
-  count, local training compiles without padding masks
+  count that divides into minibatches, local training compiles without padding masks
   (`local.make_local_update`). Data built by hand may leave it None (the general path).
   """
 

@@ -6,10 +6,9 @@ random order in minibatches of `batch_size` (the last one smaller), and padded
 slots and the steps a smaller client does not take are masked out.
 
 Those masks are paid only where a batch can hold a padded slot: when the host knows
-that every client has the same count `n` (`n` given as a Python int, as the engine does
-from `FederatedData.count_range`), the step is a plain minibatch step in a loop of static
-length (an epoch's short last batch a step of its own size), with the same example order
-and results.
+that every client has the same count `n` and `n` divides into batches (`n` given as a
+Python int, as the engine does from `FederatedData.count_range`), the step is a plain
+minibatch step in a loop of static length, with the same example order and results.
 Epoch orders are sorted once per epoch in both modes (all needed ones up front where
 they fit in `_ORDER_SLOTS`).
 """
@@ -85,8 +84,8 @@ def make_local_update(
   The returned function trains one padded client: `x [max_examples, ...]`,
   `y [max_examples, ...]`, `n` real examples, a per-client `key`. It vmaps over clients.
   `n` may be a Python int, known on the host to be every client's count: then, without
-  a `step_budget`, no batch has a padded slot and the step is compiled without masks
-  (the same results to float rounding). `min_examples`
+  a `step_budget` and when `n` divides into batches, no batch has a padded slot and the
+  step is compiled without masks (the same results to float rounding). `min_examples`
   (static, optional) is a lower bound on `n` over the clients trained together: it
   bounds how many epoch orders `steps=` mode computes up front.
 
@@ -115,8 +114,7 @@ def make_local_update(
   grad_fn = jax.value_and_grad(objective, has_aux=True)
 
   def full_objective(params, xb, yb, context):
-    # Every slot of the batch is a real example: the mean is over its static size.
-    data_loss = jnp.sum(loss(params, xb, yb)) / float(xb.shape[0])
+    data_loss = jnp.sum(loss(params, xb, yb)) / float(batch_size)
     total = data_loss if regularizer is None else data_loss + regularizer(params, context)
     return total, data_loss
 
@@ -135,54 +133,42 @@ def make_local_update(
     num = jnp.where(active, jnp.sum(mask), 0.0)
     return params, opt_state, loss_sum + value * num, count + num, taken + active
 
-  def static_count_update(params, x, y, n: int, key, context) -> LocalResult:
-    """Every client has exactly `n` examples (static): no batch holds a padded slot, so a
-    step has no mask, no normalisation by a count and no keep-or-discard select, and the
-    loops have static lengths; an epoch's last batch, when `n` does not divide into
-    batches, is a step of its own static size. The same order and arithmetic as the
-    general path (to float rounding)."""
-    full, short = divmod(n, batch_size)  # full batches an epoch, the last one's size
-    spe = full + (short > 0)
+  def full_batches_update(params, x, y, n: int, key, context) -> LocalResult:
+    """Every client has exactly `n` examples, a multiple of the batch size (static):
+    every batch is full, so a step has no mask, no normalisation by a count and no
+    keep-or-discard select, and the loops have static lengths. The same order and
+    arithmetic as the general path (to float rounding)."""
+    spe = n // batch_size
     total = epochs * spe if epochs is not None else steps
-    full_epochs, rest = divmod(total, spe)  # rest < spe: the cut epoch's batches are full
+    full_epochs, rest = divmod(total, spe)
 
     def step(carry, index):
       params, opt_state, loss_sum = carry
       (_, value), grads = full_grad_fn(params, x[index], y[index], context)
       updates, opt_state = optimizer.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state,
-              loss_sum + value * float(index.shape[0])), None
+              loss_sum + value * float(batch_size)), None
 
     def order(epoch):
       return jnp.argsort(_sort_keys(jax.random.fold_in(key, epoch), n), stable=True)
 
-    def run_epoch(carry, order, num_full, last):
-      """`num_full` full batches of `order`, then its short last batch if `last`."""
-      if num_full:
-        carry = jax.lax.scan(step, carry, order[:num_full * batch_size].reshape(
-            num_full, batch_size))[0]
-      return step(carry, order[full * batch_size:])[0] if last else carry
-
     carry = (params, optimizer.init(params), jnp.zeros(()))
     num_epochs = full_epochs + (rest > 0)
-    up_front = num_epochs * n <= _ORDER_SLOTS
-    orders = jax.vmap(order)(jnp.arange(num_epochs)) if up_front else None
-    if not short and up_front:
-      # Every step's index row from the orders computed up front: one scan over steps.
-      carry = jax.lax.scan(step, carry, orders.reshape(-1, batch_size)[:total])[0]
-    else:
-      # A scan over the whole epochs (each sorting its order once, or reading it from
-      # the orders computed up front), then the cut epoch of `steps=` mode.
-      order_of = (lambda e: orders[e]) if up_front else order
+    if num_epochs * n <= _ORDER_SLOTS:
+      # Every epoch's order once, up front, then one scan over the steps' index rows.
+      rows = jax.vmap(order)(jnp.arange(num_epochs)).reshape(-1, batch_size)[:total]
+      carry = jax.lax.scan(step, carry, rows)[0]
+    else:  # bounded memory: a scan over epochs, each sorting its order once
+      run_epoch = lambda carry, epoch, length: jax.lax.scan(
+          step, carry, order(epoch).reshape(spe, batch_size)[:length])[0]
       if full_epochs:
-        carry = jax.lax.scan(lambda c, e: (run_epoch(c, order_of(e), full, short > 0), None),
-                             carry, jnp.arange(full_epochs))[0]
-      if rest:
-        carry = run_epoch(carry, order_of(full_epochs), rest, False)
+        carry = jax.lax.scan(lambda c, e: (run_epoch(c, e, spe), None), carry,
+                             jnp.arange(full_epochs))[0]
+      if rest:  # steps= mode: the last epoch is cut short
+        carry = run_epoch(carry, full_epochs, rest)
     trained, _, loss_sum = carry
     delta = jax.tree_util.tree_map(jnp.subtract, trained, params)
-    num_trained = full_epochs * n + rest * batch_size
-    return LocalResult(delta, loss_sum, jnp.float32(num_trained), jnp.int32(total))
+    return LocalResult(delta, loss_sum, jnp.float32(total * batch_size), jnp.int32(total))
 
   def local_update(params, x, y, n, key, context=None, step_budget=None, *,
                    min_examples: int | None = None) -> LocalResult:
@@ -192,8 +178,8 @@ def make_local_update(
       n = int(n)
       if not 0 <= n <= max_n:
         raise ValueError(f"n={n} examples but the client has {max_n} slots")
-      if step_budget is None and n > 0:
-        return static_count_update(params, x, y, n, key, context)
+      if step_budget is None and n > 0 and n % batch_size == 0:
+        return full_batches_update(params, x, y, n, key, context)
       min_examples = n
       n = jnp.asarray(n, jnp.int32)
     num_batches = math.ceil(max_n / batch_size)
