@@ -11,10 +11,12 @@ time to a target accuracy: tta_mlp600) and writes benchmarks/results/peers_cpu.j
 .md and .png.
 
 Each simulator runs in its own process (the peers in their own virtual environments,
-see benchmarks/README.md), started one after another and interleaved (A, B, C, A, B, C,
-...) for `--repeats` repetitions, so that load from other work on the machine falls on
-all of them alike; the tables report medians over repetitions, and ratios to fedjax_sim
-are taken within a repetition.
+see benchmarks/README.md), started one after another and interleaved, every other
+repetition in reverse order (A, B, C, C, B, A, ...), for `--repeats` repetitions, so that
+load from other work on the machine falls on all of them alike; before each worker the
+driver waits (at most 30 s) until the CPUs are nearly idle, since Flower's Ray processes
+outlive its run and slowed whichever worker came next. The tables report medians over
+repetitions, and ratios to fedjax_sim are taken within a repetition.
 
 The task (common.py): the 2NN MLP or the FedAvg CNN on MNIST-shaped synthetic data,
 `--num-clients` clients of `examples-per-client` examples, `--clients-per-round`
@@ -195,6 +197,35 @@ def case_flags(args, case: str, sim: str) -> list[str]:
 _PRIMED: set[tuple[str, str]] = set()  # (case, cache folder) filled by a primer run
 
 
+def _cpu_times() -> tuple[int, int] | None:
+  """(idle, total) jiffies of all CPUs from /proc/stat (None where there is none)."""
+  try:
+    with open("/proc/stat") as f:
+      values = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  return values[3] + values[4], sum(values)  # idle + iowait
+
+
+def wait_for_quiet(max_s: float = 30.0, busy_below: float = 0.15) -> dict:
+  """Waits until the CPUs are nearly idle (busy below `busy_below` of all of them over
+  half a second) or `max_s` passes: a worker that starts while the previous one's
+  children still run (Ray's processes linger after Flower's run) would pay for them.
+  Returns the wait and the last busy fraction, recorded with the run."""
+  start, busy = time.time(), None
+  while time.time() - start < max_s:
+    a = _cpu_times()
+    time.sleep(0.5)
+    b = _cpu_times()
+    if a is None or b is None or b[1] == a[1]:
+      break
+    busy = 1.0 - (b[0] - a[0]) / (b[1] - a[1])
+    if busy < busy_below:
+      break
+  return {"quiet_wait_s": round(time.time() - start, 2),
+          "cpu_busy_before": None if busy is None else round(busy, 3)}
+
+
 def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   label, env_name, script, extra = SIMULATORS[sim]
   python = os.path.expanduser(getattr(args, f"{env_name}_python"))
@@ -212,6 +243,7 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
         subprocess.run(primer, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
       _PRIMED.add((case, cache))
   cmd = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra, "--output", out]
+  quiet = wait_for_quiet()
   load_before = list(os.getloadavg())
   env = dict(os.environ)
   env[common.LAUNCH_ENV] = repr(time.time())
@@ -233,7 +265,7 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
     res = {"simulator": label, "error": f"exit {rc}", "log_tail": tail}
     print(f"    FAILED ({rc}); log tail:\n{tail}", flush=True)
   res.update(case=case, key=sim, label=label, repeat=rep, process_wall_s=wall,
-             loadavg_before=load_before)
+             loadavg_before=load_before, **quiet)
   return res
 
 
@@ -596,7 +628,9 @@ def main(argv=None):
   runs = []
   for rep in range(first_rep, first_rep + args.repeats):
     for case in args.cases:
-      for sim in args.simulators:
+      # Every other repetition in reverse order, so that no simulator always runs first
+      # in a case (after the previous case's last worker) or always last.
+      for sim in (args.simulators if rep % 2 == 0 else args.simulators[::-1]):
         if sim in CASES[case].get("skip", ()):
           continue
         if rep - first_rep >= CASES[case].get("sim_repeats", {}).get(sim, args.repeats):
