@@ -121,14 +121,15 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _add_bias_fwd(y, bias):
-  return y + bias, jnp.zeros((0,), bias.dtype)  # the bias dtype, for its gradient
+  return y + bias, bias  # kept for its dtype
 
 
-def _add_bias_bwd(empty, g):
+def _add_bias_bwd(bias, g):
+  # The barrier materializes g, so XLA cannot fuse its producers into the sum again.
   flat = jax.lax.optimization_barrier(g).reshape(-1, g.shape[-1])
   ones = jnp.ones((flat.shape[0],), flat.dtype)
   # Summed in float32 whatever the compute dtype (bfloat16 in mixed precision).
-  return g, jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(empty.dtype)
+  return g, jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(bias.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

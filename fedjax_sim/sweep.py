@@ -234,7 +234,9 @@ def sweep(
     group_metrics: list[dict] = []
     group_evals: list[dict] = []
     group_eval_rounds = []
-    chunks: dict[int, Callable] = {}  # one compilation per chunk length, as in `run`
+    # One program for every chunk, the shorter final one included (as in `fs.run`).
+    call_rounds = math.gcd(rounds_per_chunk, rounds)
+    call = make_sweep_chunk(make_algorithm, static_config, call_rounds)
     done = 0
     checkpoints, seconds_before = None, 0.0
     if checkpoint_dir is not None:
@@ -270,14 +272,11 @@ def sweep(
       with runner.DeferredSignals() as signals:
         while done < rounds:
           length = min(rounds_per_chunk, rounds - done)
-          # One program for every chunk, the shorter final one included: calls of
-          # gcd(rounds_per_chunk, rounds) rounds (as fs.run does).
-          call_rounds = math.gcd(rounds_per_chunk, rounds)
-          if call_rounds not in chunks:
-            chunks[call_rounds] = make_sweep_chunk(make_algorithm, static_config, call_rounds)
-          for _ in range(length // call_rounds):
-            states, metrics = chunks[call_rounds](states, hparams, data)
-            group_metrics.append(jax.device_get(metrics))
+          parts = []
+          for _ in range(length // call_rounds):  # queued; fetched once per chunk
+            states, metrics = call(states, hparams, data)
+            parts.append(metrics)
+          group_metrics.extend(jax.device_get(parts))
           done += length
           if evaluate is not None:
             group_eval_rounds.append(done)

@@ -3,6 +3,7 @@ algorithms, the aggregators, compression), so none of those imports another for 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,3 +23,13 @@ def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
 def weighted_sum(weights: jax.Array, stacked: Any) -> Any:
   """sum_c weights[c] * stacked[c] over the leading client axis of every leaf."""
   return jax.tree_util.tree_map(lambda d: jnp.tensordot(weights, d, axes=1), stacked)
+
+
+def vmap_clients(fn: Callable, args: Any) -> Any:
+  """`jax.vmap(fn)(args)` over the leading client axis, except that one client runs
+  without vmap: a vmap of size 1 puts a batch dimension of 1 on every op, and XLA:CPU
+  then transposed the dense gradients and copied the weights on every local step."""
+  if jax.tree_util.tree_leaves(args)[0].shape[0] == 1:
+    one = fn(jax.tree_util.tree_map(lambda a: a[0], args))
+    return jax.tree_util.tree_map(lambda a: a[None], one)
+  return jax.vmap(fn)(args)

@@ -98,3 +98,23 @@ def test_epoch_loop_runs_only_the_steps_clients_need():
   # One callback per step for the whole batch: 2 epochs x ceil(12 / 5) = 6, not 2 x 20.
   assert len(calls) == 6
   np.testing.assert_array_equal(result.num_steps, [4, 6])
+
+
+def test_one_client_runs_without_a_vmap_of_size_one():
+  """vmap_clients and map_clients(chunk_size=1) give vmap's results, but one client's
+  ops have no batch dimension of 1 (XLA:CPU transposed and copied the CNN's dense
+  gradient every step under it)."""
+  rng = np.random.default_rng(0)
+  args = {"x": jnp.asarray(rng.normal(size=(3, 4, 6)), jnp.float32),
+          "w": jnp.asarray(rng.normal(size=(3, 6, 5)), jnp.float32)}
+  fn = lambda a: jnp.tanh(a["x"] @ a["w"])
+  want = jax.vmap(fn)(args)
+  for chunk_size in (1, 3, None):
+    np.testing.assert_allclose(base.map_clients(fn, args, chunk_size), want, rtol=1e-6)
+  first = jax.tree_util.tree_map(lambda a: a[:1], args)
+  np.testing.assert_allclose(base.vmap_clients(fn, first), want[:1], rtol=1e-6)
+  batched_dot = "f32[1,4,5] = dot_general"
+  assert batched_dot in str(jax.make_jaxpr(jax.vmap(fn))(first))
+  assert batched_dot not in str(jax.make_jaxpr(lambda a: base.vmap_clients(fn, a))(first))
+  assert "dot_general" in str(jax.make_jaxpr(lambda a: base.map_clients(fn, a, 1))(args))
+  assert batched_dot not in str(jax.make_jaxpr(lambda a: base.map_clients(fn, a, 1))(args))

@@ -67,15 +67,21 @@ def test_static_count_path_equals_general_path_and_the_loop(schedule, pad, order
   assert max_relative_error(fast.delta, jax.tree_util.tree_map(jnp.zeros_like, params)) > 1e-3
 
 
-def test_static_count_step_has_no_masks():
-  """The unpadded step is smaller: no mask, no count normalisation, no select."""
+def step_jaxprs(n, **schedule):
+  """The jaxprs of local training with `n` as a static count and as a traced one."""
   apply, params = tiny_mlp()
   update = local.make_local_update(fs.cross_entropy(apply), optax.sgd(0.3), batch_size=BATCH,
-                                   steps=6)
-  x, y = client(12, 12)
+                                   **schedule)
+  x, y = client(n, 12)
   key = jax.random.key(0)
-  fast = str(jax.make_jaxpr(lambda p: update(p, x, y, 12, key))(params))
-  general = str(jax.make_jaxpr(lambda p, n: update(p, x, y, n, key))(params, jnp.int32(12)))
+  static = str(jax.make_jaxpr(lambda p: update(p, x, y, n, key))(params))
+  general = str(jax.make_jaxpr(lambda p, n: update(p, x, y, n, key))(params, jnp.int32(n)))
+  return static, general
+
+
+def test_static_count_step_has_no_masks():
+  """The unpadded step is smaller: no mask, no count normalisation, no select."""
+  fast, general = step_jaxprs(12, steps=6)
   assert fast.count("select_n") < general.count("select_n")
   assert len(fast.splitlines()) < len(general.splitlines())
 
@@ -85,12 +91,7 @@ def test_a_static_count_with_a_short_last_batch_keeps_the_general_step():
   (one step body). An unpadded step of its own static size was measured: no faster per
   round on the MLP (27.9 vs 27.7 ms) and 31 more kernels to compile (first round 4.0 ->
   4.2 s; benchmarks/results/local_step_session2_cpu.md), so it was not kept."""
-  apply, params = tiny_mlp()
-  update = local.make_local_update(fs.cross_entropy(apply), optax.sgd(0.3), batch_size=BATCH,
-                                   epochs=2)
-  x, y = client(10, 12)
-  key = jax.random.key(0)
-  static = str(jax.make_jaxpr(lambda p: update(p, x, y, 10, key))(params))
+  static, _ = step_jaxprs(10, epochs=2)
   assert "f32[2,5]" not in static and "while" in static
 
 

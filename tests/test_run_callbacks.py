@@ -10,6 +10,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import runner
 from fedjax_sim.algorithms import fedavg
+from conftest import tiny_mlp
 
 
 class Recorder:
@@ -55,7 +56,6 @@ def test_callbacks_get_the_summary_of_a_run_that_stops(train):
 
 
 def _mlp_run(ragged, rounds, rounds_per_chunk):
-  from conftest import tiny_mlp
   apply, params = tiny_mlp()
   _, _, data = ragged
   algorithm = fedavg(apply, client_optimizer=optax.sgd(0.2), clients_per_round=3,

@@ -13,7 +13,8 @@ import optax
 
 from fedjax_sim import checks, keys, local
 from fedjax_sim.checks import check_labels  # noqa: F401 (re-exported)
-from fedjax_sim.tree import gather_rows, scatter_rows, weighted_sum  # noqa: F401 (re-exported)
+from fedjax_sim.tree import (gather_rows, scatter_rows, vmap_clients,  # noqa: F401
+                             weighted_sum)  # (re-exported)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.local import LocalResult
 from fedjax_sim.losses import cross_entropy
@@ -104,7 +105,9 @@ def map_clients(fn: Callable, args: Any, chunk_size: int | None = None) -> Any:
   clients at a time (a lax.map of vmaps) to bound the memory of training."""
   num = jax.tree_util.tree_leaves(args)[0].shape[0]
   if chunk_size is None or chunk_size >= num:
-    return jax.vmap(fn)(args)
+    return vmap_clients(fn, args)
+  if chunk_size == 1:  # a scan over the clients, without a vmap of size 1
+    return jax.lax.map(fn, args)
   return jax.lax.map(fn, args, batch_size=chunk_size)
 
 

@@ -37,7 +37,7 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        check_clients_per_round, check_model_and_data,
                                        check_round_args, gather_rows, init_client_states,
                                        model_bytes, resolve_chunk_size, sample_clients,
-                                       scatter_rows, weighted_sum)
+                                       scatter_rows, vmap_clients, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import compression, local
 from fedjax_sim.aggregators import Aggregator, stages_of
@@ -414,14 +414,8 @@ def compose(
           keys.client_key(second_key, client_id), budget, rel, hp, count_range))
 
     def train_chunk(args):
-      if client_sharding is None and jax.tree_util.tree_leaves(args)[0].shape[0] == 1:
-        # One client at a time (large models on CPU): without a vmap of size 1, whose
-        # batch dimension of 1 on every op left XLA:CPU transposing the dense gradients
-        # and copying the weights on every local step.
-        single = one(jax.tree_util.tree_map(lambda a: a[0], args))
-        return jax.tree_util.tree_map(lambda a: a[None], single)
       if client_sharding is None:
-        return jax.vmap(one)(args)
+        return vmap_clients(one, args)
       # Constraining the inputs and results to the client axis makes GSPMD split the
       # vmapped local training over devices; reductions over it become all-reduces.
       constrain = lambda a: jax.lax.with_sharding_constraint(a, client_sharding)
