@@ -1,31 +1,48 @@
-"""`jit` with the compiler options that make batched per-client math fast on CPU.
+"""`jit` with the compiler options that make federated rounds fast on CPU.
 
-On XLA:CPU (jaxlib 0.10) the YNNPACK fusions chosen by default for batched matmuls
-made a vmapped round 2x slower than a per-client loop on a 2-core CPU, where plain
-XLA dot emission matches it (benchmarks/round_throughput.py measures both). The
-option exists only for the CPU backend and not in every jaxlib, so it is applied
-only where a probe compile accepts it.
+On XLA:CPU two options apply:
+
+- YNNPACK fusions off: on jaxlib 0.10 the YNNPACK fusions chosen by default for
+  batched matmuls made a vmapped round 2x slower than a per-client loop on a 2-core
+  CPU, where plain XLA dot emission matches it (benchmarks/round_throughput.py).
+- LLVM optimization level 1 instead of XLA's default (3): the peer benchmark's rounds
+  compile with 14-22% less CPU time (jax 0.10; about 30% on jax 0.12) and run as
+  fast (benchmarks/compile_options.py). Float results differ from level 3's in the
+  last bits, and training can amplify that as any change of float order does. An
+  `xla_backend_optimization_level` in XLA_FLAGS is left to win.
+
+An option exists only for the CPU backend and not in every jaxlib, so each is
+applied only where a probe compile accepts it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 1}
+
+
+def _accepted(option: dict) -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=option)(1.0)
+  except Exception:  # an older or newer jaxlib without the option
+    return False
+  return True
 
 
 @functools.cache
-def compiler_options() -> dict[str, str] | None:
-  """Options for `jax.jit(..., compiler_options=...)` on this process's backend."""
+def compiler_options() -> dict[str, str | int] | None:
+  """Options for `jax.jit(..., compiler_options=...)` on this process's backend: those
+  of `_CPU_OPTIONS` that this jaxlib accepts and XLA_FLAGS does not set."""
   if jax.default_backend() != "cpu":
     return None
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS)(1.0)
-  except Exception:  # an older or newer jaxlib without the option
-    return None
-  return dict(_CPU_OPTIONS)
+  user_flags = os.environ.get("XLA_FLAGS", "")
+  options = {k: v for k, v in _CPU_OPTIONS.items()
+             if k not in user_flags and _accepted({k: v})}
+  return options or None
 
 
 def jit(fun=None, **kwargs):

@@ -13,8 +13,9 @@ data held on the device as one array, so a round is one jitted call. Models: the
 JAX MLP and CNN of jax_models.py (the CNN with `lax.conv_general_dilated`).
 
 `--compiler-options` chooses how the round is jitted: `plain` is `jax.jit` as a DrJAX user
-would call it; `fedjax_sim` adds the CPU compiler option fedjax_sim.compile sets
-(`xla_cpu_experimental_ynn_fusion_type=""`: XLA:CPU's YNNPACK fusions off), applied only
+would call it; `fedjax_sim` adds the CPU compiler options fedjax_sim.compile sets
+(`xla_cpu_experimental_ynn_fusion_type=""`: XLA:CPU's YNNPACK fusions off;
+`xla_backend_optimization_level=1`: LLVM level 1, a shorter compile), each applied only
 where a probe compile accepts it, as fedjax_sim does.
 
 Each round is timed with its mean training loss fetched to the host. Writes one JSON
@@ -44,17 +45,24 @@ import jax_models  # noqa: E402
 
 # What fedjax_sim/compile.py sets for the CPU backend (kept in step with it by hand: this
 # worker runs in DrJAX's environment, without fedjax_sim).
-FEDJAX_SIM_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+FEDJAX_SIM_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
+                          "xla_backend_optimization_level": 1}
+
+
+def _accepted(option: dict) -> bool:
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=option)(1.0)
+  except Exception:  # a jaxlib without the option
+    return False
+  return True
 
 
 def compiler_options(which: str):
   if which == "plain" or jax.default_backend() != "cpu":
     return None
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=FEDJAX_SIM_CPU_OPTIONS)(1.0)
-  except Exception:  # a jaxlib without the option
-    return None
-  return dict(FEDJAX_SIM_CPU_OPTIONS)
+  flags = os.environ.get("XLA_FLAGS", "")
+  return {k: v for k, v in FEDJAX_SIM_CPU_OPTIONS.items()
+          if k not in flags and _accepted({k: v})} or None
 
 
 def make_round(args):
