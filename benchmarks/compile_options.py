@@ -12,7 +12,8 @@ wall seconds.
 
   python benchmarks/compile_options.py [--repeats 3]
 
-writes benchmarks/results/compile_options_<platform>.md and .json.
+writes benchmarks/results/compile_options_<platform>.md and .json (or `--output
+PATH.json` and its .md).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ CASES = {  # name: (model, examples per client, clients, clients per round, roun
 }
 
 
-def worker(case: str, order: list[int]) -> dict:
+def worker(case: str, order: list) -> dict:
   """One repetition of `case` in this process (see the module docstring)."""
   sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
   import common
@@ -88,7 +89,7 @@ def worker(case: str, order: list[int]) -> dict:
               for level in order}}
 
 
-def run_worker(case: str, order: list[int]) -> dict:
+def run_worker(case: str, order: list) -> dict:
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   proc = subprocess.run([sys.executable, __file__, "--worker", case, json.dumps(order)],
                         env=env, capture_output=True, text=True, cwd=REPO)
@@ -152,6 +153,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
   p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
@@ -174,7 +176,8 @@ def main(argv=None) -> None:
           "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": "compile_options.py " + " ".join(argv or sys.argv[1:])}
   rows = summarize(records)
-  out = REPO / "benchmarks" / "results" / f"compile_options_{dev['platform']}"
+  out = (pathlib.Path(args.output).with_suffix("") if args.output else
+         REPO / "benchmarks" / "results" / f"compile_options_{dev['platform']}")
   out.with_suffix(".json").write_text(json.dumps(
       {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
   out.with_suffix(".md").write_text(markdown(rows, info))

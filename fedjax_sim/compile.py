@@ -6,7 +6,7 @@ On XLA:CPU two options apply:
   batched matmuls made a vmapped round 2x slower than a per-client loop on a 2-core
   CPU, where plain XLA dot emission matches it (benchmarks/round_throughput.py).
 - LLVM optimization level 1 instead of XLA's default (3): the peer benchmark's rounds
-  compile with 14-22% less CPU time (jax 0.10; about 30% on jax 0.12) and run as
+  compile with 14-22% less CPU time (jax 0.10; 13-30% on jax 0.12) and run as
   fast (benchmarks/compile_options.py). Float results differ from level 3's in the
   last bits, and training can amplify that as any change of float order does. An
   `xla_backend_optimization_level` in XLA_FLAGS is left to win.
