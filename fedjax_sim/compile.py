@@ -12,7 +12,8 @@ On XLA:CPU two options apply:
   `xla_backend_optimization_level` in XLA_FLAGS is left to win.
 
 An option exists only for the CPU backend and not in every jaxlib, so each is
-applied only where a probe compile accepts it.
+applied only where a probe compile accepts it: one probe of them all, and one per option
+only if that fails (each probe is a compile, about 50 ms of start-up).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def compiler_options() -> dict[str, str | int] | None:
   if jax.default_backend() != "cpu":
     return None
   user_flags = os.environ.get("XLA_FLAGS", "")
-  options = {k: v for k, v in _CPU_OPTIONS.items()
-             if k not in user_flags and _accepted({k: v})}
+  options = {k: v for k, v in _CPU_OPTIONS.items() if k not in user_flags}
+  if options and not _accepted(options):
+    options = {k: v for k, v in options.items() if _accepted({k: v})}
   return options or None
 
 

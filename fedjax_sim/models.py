@@ -9,14 +9,36 @@ patches-then-matmul on accelerators, canonical per-client convolutions on CPU.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from fedjax_sim import conv as conv_lib
+
+
+def _import_nnx():
+  """`flax.nnx`, imported without IPython where no IPython shell runs.
+
+  On import, flax.nnx imports IPython (about 0.5 s) only to ask `get_ipython()` whether
+  a shell is running, to colour its reprs. If IPython is not loaded, no shell is
+  running and the answer is no either way; blocking the import for that moment gives
+  flax the same answer for free. In a notebook or IPython, IPython is already loaded.
+  """
+  if "flax.nnx" in sys.modules or "IPython" in sys.modules:
+    from flax import nnx
+    return nnx
+  sys.modules["IPython"] = None  # `import IPython` now raises ImportError
+  try:
+    from flax import nnx
+  finally:
+    del sys.modules["IPython"]
+  return nnx
+
+
+nnx = _import_nnx()
 
 Params = Any
 

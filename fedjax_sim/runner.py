@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm  # the text bar: works in terminals and notebooks alike
 
 from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import compile as compile_lib
+from fedjax_sim import tree as tree_lib
 from fedjax_sim.data import FederatedData
 from fedjax_sim.algorithms.base import FederatedAlgorithm, ServerState
 
@@ -276,7 +276,7 @@ def run(
                          f"{record['rounds_per_chunk']}, this run has {rounds_per_chunk}: "
                          f"resume with the same chunks (they set the evaluation rounds)")
   # The chunk donates its input state; copy so the caller's arrays stay valid.
-  state = jax.tree_util.tree_map(jnp.copy, state)
+  state = tree_lib.copy(state)
   start = time.perf_counter()
   if record is not None:
     lines = list(record["lines"])

@@ -33,3 +33,10 @@ def vmap_clients(fn: Callable, args: Any) -> Any:
     one = fn(jax.tree_util.tree_map(lambda a: a[0], args))
     return jax.tree_util.tree_map(lambda a: a[None], one)
   return jax.vmap(fn)(args)
+
+
+@jax.jit
+def copy(tree: Any) -> Any:
+  """A copy of every array in `tree`, made by one program: copying leaf by leaf
+  eagerly compiles one program per leaf shape, about 30 ms each at start-up."""
+  return jax.tree_util.tree_map(jnp.copy, tree)

@@ -67,3 +67,11 @@ def test_the_drjax_peer_compiles_with_the_same_options():
               if isinstance(node, ast.Assign)
               and getattr(node.targets[0], "id", None) == "FEDJAX_SIM_CPU_OPTIONS")
   assert copy == compile_lib._CPU_OPTIONS
+
+
+def test_one_probe_compile_when_this_jaxlib_accepts_every_option(cpu):
+  probed = []
+  real = compile_lib._accepted
+  cpu.setattr(compile_lib, "_accepted", lambda option: probed.append(option) or real(option))
+  assert options() == compile_lib._CPU_OPTIONS
+  assert probed == [compile_lib._CPU_OPTIONS]

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fedjax_sim as fs  # noqa: E402
-from fedjax_sim import conv, runner  # noqa: E402
+from fedjax_sim import conv, runner, tree  # noqa: E402
 
 
 def main(argv=None):
@@ -55,7 +55,7 @@ def main(argv=None):
                         batch_size=args.batch_size, epochs=args.epochs)
   state = algorithm.init(model.params, jax.random.key(args.seed))
   algorithm.validate(state, data)
-  state = jax.tree_util.tree_map(lambda a: a.copy(), state)  # the chunk donates it
+  state = tree.copy(state)  # the chunk donates it; fs.run copies the same way
   chunk = runner.make_chunk(algorithm, args.rounds_per_call)
   apply = jax.jit(model.apply)
   evaluator = common.Evaluator(args, launch)

@@ -1,0 +1,79 @@
+"""What a fresh process pays before its first round: imports and set-up compiles."""
+
+import contextlib
+import importlib.util
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim import tree as tree_lib
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def count_compiles():
+  seen = []
+
+  def listener(name, secs, **kwargs):
+    if name == BACKEND_COMPILE:
+      seen.append(secs)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def run_python(code: str) -> str:
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120)
+  assert done.returncode == 0, done.stderr
+  return done.stdout.strip()
+
+
+needs_ipython = pytest.mark.skipif(importlib.util.find_spec("IPython") is None,
+                                   reason="IPython is not installed")
+
+
+@needs_ipython
+def test_import_does_not_load_ipython_outside_a_shell():
+  # flax.nnx would import it (~0.5 s) only to learn that no IPython shell is running.
+  out = run_python("import sys, fedjax_sim; print('IPython' in sys.modules); "
+                   "import IPython; print(IPython.get_ipython())")
+  assert out.splitlines() == ["False", "None"]  # and IPython still imports afterwards
+
+
+@needs_ipython
+def test_import_after_ipython_leaves_it_loaded():
+  out = run_python("import sys, IPython; before = sys.modules['IPython']; import fedjax_sim; "
+                   "print(sys.modules['IPython'] is before)")
+  assert out == "True"
+
+
+def test_from_clients_compiles_nothing():
+  xs = [np.ones((n, 3), np.float32) for n in (2, 4)]
+  ys = [np.zeros(n, np.int32) for n in (2, 4)]
+  with count_compiles() as compiles:
+    data = fs.from_clients(xs, ys, num_classes=2)
+  assert compiles == []
+  np.testing.assert_array_equal(data.counts, [2, 4])
+  np.testing.assert_array_equal(data.x[0, 2:], 0.0)  # padding
+
+
+def test_tree_copy_is_one_compile_of_new_buffers():
+  tree = {"a": jax.numpy.arange(3.0), "b": (jax.numpy.ones((2, 5)), jax.numpy.int32(7))}
+  with count_compiles() as compiles:
+    copied = tree_lib.copy(tree)
+  assert len(compiles) == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, copied, tree)
+  for a, b in zip(jax.tree_util.tree_leaves(copied), jax.tree_util.tree_leaves(tree)):
+    assert a.unsafe_buffer_pointer() != b.unsafe_buffer_pointer()
+  # Donating the copy leaves the original valid, which is what the runner copies for.
+  jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(copied)
+  np.testing.assert_array_equal(tree["a"], [0.0, 1.0, 2.0])
