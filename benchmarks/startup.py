@@ -1,0 +1,186 @@
+"""Start-up: what a fresh process pays before its first round, phase by phase.
+
+Each repetition launches one fresh worker process per variant (the order alternates
+between repetitions). A worker runs a peer benchmark case (benchmarks/peers: FedAvg, 10
+clients a round, batch 20, the same synthetic MNIST-shaped clients) up to the end of its
+first round, and records when each phase ended, from the interpreter's start:
+`import jax`, `import fedjax_sim`, the clients' data, `fs.from_clients`, the model,
+the algorithm and its state, the runner's state copy, then the round's trace, lowering,
+compilation and first execution. Variants:
+
+- installed: this environment as it is.
+- ipython: IPython imported inside the `import fedjax_sim` phase, as flax.nnx did before
+  fedjax_sim kept it out where no IPython shell runs (fedjax_sim.models._import_nnx).
+- ml_dtypes_0.7 (with `--ml-dtypes-0.7 DIR`): DIR, a folder holding ml_dtypes 0.7 (`pip
+  install --no-deps --target DIR ml_dtypes==0.7.0`), first on the path: what `import
+  jax` costs under numpy < 2.5 with the ml_dtypes that fedjax_sim's requirements keep
+  out on Python < 3.12.
+
+  python benchmarks/startup.py [--repeats 3] [--case mlp100] [--ml-dtypes-0.7 DIR]
+
+writes benchmarks/results/startup_<platform>.md and .json (or `--output PATH.json`).
+"""
+
+from __future__ import annotations
+
+import time
+
+START = time.perf_counter()
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CASES = {  # name: (model, examples per client, clients, clients per round)
+    "mlp100": ("mlp", 100, 100, 10),
+    "cnn100": ("cnn", 100, 100, 10),
+    "scale1000": ("mlp", 100, 1000, 100),
+}
+PHASES = ("import jax", "import fedjax_sim", "client data", "from_clients", "model",
+          "algorithm + state", "state copy", "trace", "lower", "compile", "first round")
+
+
+def worker(case: str, variant: str) -> dict:
+  """Phase end times of one fresh process (see the module docstring)."""
+  ends = {}
+  mark = lambda phase: ends.__setitem__(phase, time.perf_counter() - START)
+  import jax
+  mark("import jax")
+  if variant == "ipython":
+    import IPython  # noqa: F401
+  import fedjax_sim as fs
+  from fedjax_sim import runner, tree
+  mark("import fedjax_sim")
+  import optax
+  sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
+  import common
+  kind, examples, clients, per_round = CASES[case]
+  xs, ys = zip(*(common.client_data(0, i, examples) for i in range(clients)))
+  mark("client data")
+  data = fs.from_clients(list(xs), list(ys), num_classes=common.NUM_CLASSES)
+  mark("from_clients")
+  model = fs.mlp(seed=0) if kind == "mlp" else fs.cnn(seed=0)
+  mark("model")
+  algorithm = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
+                        server_optimizer=optax.sgd(1.0), clients_per_round=per_round,
+                        batch_size=20, epochs=1)
+  state = algorithm.init(model.params, jax.random.key(0))
+  mark("algorithm + state")
+  state = tree.copy(state)  # as fs.run does: the round donates its state
+  mark("state copy")
+  traced = runner.make_chunk(algorithm, 1).trace(state, data)
+  mark("trace")
+  lowered = traced.lower()
+  mark("lower")
+  compiled = lowered.compile()
+  mark("compile")
+  state, metrics = compiled(state, data)
+  jax.block_until_ready((state, metrics))
+  mark("first round")
+  import ml_dtypes
+  import numpy as np
+  return {"case": case, "variant": variant, "ends": ends,
+          "versions": {"jax": jax.__version__, "ml_dtypes": ml_dtypes.__version__,
+                       "numpy": np.__version__, "python": sys.version.split()[0]},
+          "ipython_loaded": "IPython" in sys.modules}
+
+
+def run_worker(case: str, variant: str, ml_dtypes_dir: str | None) -> dict:
+  # The interpreter's own start (before START) is measured around the subprocess.
+  path = [str(REPO)] + ([ml_dtypes_dir] if variant == "ml_dtypes_0.7" else [])
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+  launch = time.perf_counter()
+  proc = subprocess.run([sys.executable, __file__, "--worker", case, variant], env=env,
+                        capture_output=True, text=True, cwd=REPO)
+  total = time.perf_counter() - launch
+  if proc.returncode != 0:
+    raise RuntimeError(f"{case} {variant}: {proc.stderr[-2000:]}")
+  record = json.loads(proc.stdout.strip().splitlines()[-1])
+  record["launch_to_exit_s"] = total
+  return record
+
+
+def summarize(records: list[dict]) -> list[dict]:
+  rows = []
+  for variant in dict.fromkeys(r["variant"] for r in records):
+    runs = [r for r in records if r["variant"] == variant]
+    durations = {}
+    for phase in PHASES:
+      before = PHASES[PHASES.index(phase) - 1] if phase != PHASES[0] else None
+      durations[phase] = statistics.median(
+          r["ends"][phase] - (r["ends"][before] if before else 0.0) for r in runs)
+    rows.append({"variant": variant, "runs": len(runs), "phases": durations,
+                 "to_first_round_s": statistics.median(r["ends"][PHASES[-1]] for r in runs),
+                 "versions": runs[0]["versions"],
+                 "ipython_loaded": runs[0]["ipython_loaded"]})
+  return rows
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+  s = lambda x: f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
+  lines = [
+      f"# Start-up to the first round ({info['case']})", "",
+      f"Device: {info['device']}. {info['when']}, commit {info['commit']}: "
+      f"`{info['command']}`.", "",
+      "Each repetition: one fresh process per variant (order alternating), timing each "
+      "phase from the interpreter's start (after Python's own start-up) to the end of "
+      "the first round of the peers' case. Figures: medians over repetitions of each "
+      "phase's duration. Variants: installed (this environment); ipython (IPython "
+      "imported within `import fedjax_sim`, as flax.nnx did before fedjax_sim kept it "
+      "out where no IPython shell runs); ml_dtypes_0.7 (ml_dtypes 0.7 first on the path: "
+      "its numpy loop registration is quadratic under numpy < 2.5, so fedjax_sim's "
+      "requirements keep 0.6 on Python < 3.12).", "",
+      "| variant | " + " | ".join(PHASES) + " | to the first round | versions | runs |",
+      "| --- |" + " ---: |" * (len(PHASES) + 1) + " --- | ---: |"]
+  for r in rows:
+    v = r["versions"]
+    lines.append(f"| {r['variant']} | " + " | ".join(s(r["phases"][p]) for p in PHASES)
+                 + f" | {s(r['to_first_round_s'])} | python {v['python']}, jax {v['jax']}, "
+                 f"ml_dtypes {v['ml_dtypes']}, numpy {v['numpy']} | {r['runs']} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--case", default="mlp100", choices=list(CASES))
+  p.add_argument("--ml-dtypes-0.7", dest="ml_dtypes_dir", default=None, metavar="DIR",
+                 help="a folder with ml_dtypes 0.7 in it, for the ml_dtypes_0.7 variant")
+  p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
+  p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(*args.worker)))
+    return
+  sys.path.insert(0, str(REPO / "benchmarks"))
+  import machine
+  variants = ["installed", "ipython"] + (["ml_dtypes_0.7"] if args.ml_dtypes_dir else [])
+  records = []
+  for rep in range(args.repeats):
+    for variant in (variants if rep % 2 == 0 else variants[::-1]):
+      records.append(run_worker(args.case, variant, args.ml_dtypes_dir))
+      print(json.dumps(records[-1]), flush=True)
+  dev = machine.device_info()
+  device = (f"{dev['cpu_count']} CPUs ({dev['cpu_model']})" if dev["platform"] == "cpu"
+            else dev["device_kind"])
+  info = {"device": device, "case": args.case, "commit": machine.git_commit(),
+          "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": "startup.py " + " ".join(  # the folder's path stays on this machine
+              "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:]))}
+  rows = summarize(records)
+  out = (pathlib.Path(args.output).with_suffix("") if args.output else
+         REPO / "benchmarks" / "results" / f"startup_{dev['platform']}")
+  out.with_suffix(".json").write_text(json.dumps(
+      {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
+  out.with_suffix(".md").write_text(markdown(rows, info))
+  print(markdown(rows, info))
+
+
+if __name__ == "__main__":
+  main()
