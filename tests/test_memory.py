@@ -9,7 +9,7 @@ from fedjax_sim import memory
 from conftest import ragged_clients
 from fedjax_sim import data as data_lib
 
-CLIENTS = 4
+CLIENTS = 8  # the line is measured at chunks 2 and 4, so 8 is a prediction
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +29,18 @@ def test_measured_line_predicts_the_compiled_round(setup, small_mlp):
   make, train, measured = setup
   assert measured.per_client_bytes > measured.model_bytes > 0
   assert measured.fixed_bytes >= measured.argument_bytes > 0
-  algorithm = make(4)
+  algorithm = make(CLIENTS)
   actual, _ = memory.compiled_round_bytes(
       algorithm, algorithm.init(small_mlp.params, jax.random.key(0)), train)
-  assert measured.total_bytes(4) == pytest.approx(actual, rel=0.1)
+  assert measured.total_bytes(CLIENTS) == pytest.approx(actual, rel=0.1)
+
+
+def test_the_line_is_measured_at_two_vmapped_chunks_where_it_can_be():
+  # A chunk of 1 runs without vmap: a different program, off the chunks' line.
+  assert memory._line_chunks(8) == (2, 4)
+  assert memory._line_chunks(6) == (2, 3)
+  assert memory._line_chunks(2) == (1, 2)
+  assert memory._line_chunks(7) == (1, 7)
 
 
 def test_plan_picks_the_largest_fitting_divisor(setup):
