@@ -170,18 +170,13 @@ def main(argv=None) -> None:
       records.append(run_worker(case, order))
       print(json.dumps(records[-1]), flush=True)
   dev = machine.device_info()
-  device = (f"{dev['cpu_count']} CPUs ({dev['cpu_model']})" if dev["platform"] == "cpu"
-            else dev["device_kind"])
-  info = {"device": device, "jax": jax.__version__, "commit": machine.git_commit(),
+  info = {"device": machine.device_name(dev), "jax": jax.__version__, "commit": machine.git_commit(),
           "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": "compile_options.py " + " ".join(argv or sys.argv[1:])}
   rows = summarize(records)
   out = (pathlib.Path(args.output).with_suffix("") if args.output else
          REPO / "benchmarks" / "results" / f"compile_options_{dev['platform']}")
-  out.with_suffix(".json").write_text(json.dumps(
-      {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
-  out.with_suffix(".md").write_text(markdown(rows, info))
-  print(markdown(rows, info))
+  machine.write_results(out, info, dev, rows, records, markdown(rows, info))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -34,6 +35,21 @@ def device_info() -> dict:
           "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
           "jaxlib_version": jaxlib.__version__, "python": platform.python_version(),
           "compiler_options": compile_lib.compiler_options()}
+
+
+def device_name(dev: dict) -> str:
+  """How a results file names the device of `device_info()`."""
+  if dev["platform"] == "cpu":
+    return f"{dev['cpu_count']} CPUs ({dev['cpu_model']})"
+  return dev["device_kind"]
+
+
+def write_results(out, info: dict, dev: dict, rows: list, records: list, markdown: str):
+  """`out`.json (info, machine, rows and every record) and `out`.md; prints the markdown."""
+  out.with_suffix(".json").write_text(json.dumps(
+      {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
+  out.with_suffix(".md").write_text(markdown)
+  print(markdown)
 
 
 def load_average() -> list[float] | None:

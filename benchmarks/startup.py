@@ -167,19 +167,14 @@ def main(argv=None) -> None:
       records.append(run_worker(args.case, variant, args.ml_dtypes_dir))
       print(json.dumps(records[-1]), flush=True)
   dev = machine.device_info()
-  device = (f"{dev['cpu_count']} CPUs ({dev['cpu_model']})" if dev["platform"] == "cpu"
-            else dev["device_kind"])
-  info = {"device": device, "case": args.case, "commit": machine.git_commit(),
+  info = {"device": machine.device_name(dev), "case": args.case, "commit": machine.git_commit(),
           "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "command": "startup.py " + " ".join(  # the folder's path stays on this machine
               "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:]))}
   rows = summarize(records)
   out = (pathlib.Path(args.output).with_suffix("") if args.output else
          REPO / "benchmarks" / "results" / f"startup_{dev['platform']}")
-  out.with_suffix(".json").write_text(json.dumps(
-      {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
-  out.with_suffix(".md").write_text(markdown(rows, info))
-  print(markdown(rows, info))
+  machine.write_results(out, info, dev, rows, records, markdown(rows, info))
 
 
 if __name__ == "__main__":
