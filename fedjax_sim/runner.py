@@ -144,7 +144,8 @@ class Interrupted(KeyboardInterrupt):
 class DeferredSignals:
   """Defers SIGINT/SIGTERM to the next chunk boundary while installed (main thread only:
   elsewhere Python cannot set handlers, and the signals keep their usual effect). A
-  second signal restores the previous handlers' effect at once."""
+  second signal restores the previous handlers' effect at once. A signal the process
+  ignores stays ignored."""
 
   def __init__(self):
     self.signum = None
@@ -155,6 +156,8 @@ class DeferredSignals:
     import threading
     if threading.current_thread() is threading.main_thread():
       for sig in (signal_lib.SIGINT, signal_lib.SIGTERM):
+        if signal_lib.getsignal(sig) is signal_lib.SIG_IGN:
+          continue  # ignored on purpose (a shell's background job ignores SIGINT): stays so
         self._previous[sig] = signal_lib.signal(sig, self._handle)
     return self
 

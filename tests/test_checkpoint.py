@@ -283,6 +283,8 @@ def test_python_checkpoints_keys_keep_and_corrupt_fallback(setup, tmp_path, caps
 
 def test_python_interrupt_checkpoints_and_tells_callbacks(setup, tmp_path):
   algorithm, state, train, _ = setup
+  # Python's handler, as in a foreground process (a shell's background job ignores SIGINT).
+  before = signal.signal(signal.SIGINT, signal.default_int_handler)
 
   class Stop:
     ended = None
@@ -294,13 +296,36 @@ def test_python_interrupt_checkpoints_and_tells_callbacks(setup, tmp_path):
     def on_end(self, summary):
       Stop.ended = summary
 
-  with pytest.raises(fs.Interrupted) as info:
-    fs.run(algorithm, state, train, rounds=8, rounds_per_chunk=2, progress=False,
-           checkpoint_dir=tmp_path / "c", checkpoint_every=0, callbacks=[Stop()])
+  try:
+    with pytest.raises(fs.Interrupted) as info:
+      fs.run(algorithm, state, train, rounds=8, rounds_per_chunk=2, progress=False,
+             checkpoint_dir=tmp_path / "c", checkpoint_every=0, callbacks=[Stop()])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+  finally:
+    signal.signal(signal.SIGINT, before)
   assert info.value.round == 4 and info.value.exit_code == 130
   assert Stop.ended["status"] == "interrupted" and Stop.ended["rounds"] == 4
   assert checkpoint_lib.Checkpoints(tmp_path / "c").steps() == [4]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
   _, history = fs.run(algorithm, state, train, rounds=8, rounds_per_chunk=2, progress=False,
                       checkpoint_dir=tmp_path / "c", resume=True)
   assert [r["round"] for r in history] == list(range(1, 9))
+
+
+def test_an_ignored_sigint_stays_ignored(setup):
+  algorithm, state, train, _ = setup
+
+  class CtrlC:
+    def on_rounds(self, rows):
+      if rows[-1]["round"] == 2:
+        signal.raise_signal(signal.SIGINT)
+
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    _, history = fs.run(algorithm, state, train, rounds=4, rounds_per_chunk=2,
+                        progress=False, callbacks=[CtrlC()])
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  except fs.Interrupted:  # a KeyboardInterrupt: left alone, it would stop pytest itself
+    pytest.fail("the run obeyed a SIGINT the process ignores")
+  finally:
+    signal.signal(signal.SIGINT, before)
+  assert [r["round"] for r in history] == [1, 2, 3, 4]  # the run went on
