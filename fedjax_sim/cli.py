@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
       os.environ.get("FEDJAX_SIM_COMPILE_CACHE", "").lower() not in ("0", "off", "false"):
     run_dir.enable_compile_cache()
   in_main_thread = threading.current_thread() is threading.main_thread()
-  previous_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+  # An ignored SIGTERM stays ignored, as fs.run keeps it.
+  catch_term = in_main_thread and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+  previous_term = signal.signal(signal.SIGTERM, _terminate) if catch_term else None
   try:
     with warnings.catch_warnings():  # the CLI prints its own line for these
       warnings.simplefilter("ignore", privacy.DPNoiseWarning)

@@ -1,6 +1,7 @@
 """Shared small fixtures: tiny shapes so that every compile is quick on a 2-core CPU."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -30,6 +31,12 @@ if (os.environ.get("FEDJAX_SIM_TEST_XLA_DEFAULTS") != "1"
     if _flags_work(flags):
       os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
       break
+
+# A shell's background job starts with SIGINT ignored, and fedjax_sim keeps an ignored
+# signal ignored (so would the CLI processes the tests start): the suite tests Ctrl-C, so
+# it takes Python's handler, as in a foreground process, whichever way it was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The CLI's persistent compilation cache stays off in tests (cache hits would change the
 # compilation counts tests assert); tests/test_checkpoint.py turns it on where it tests it.

@@ -72,6 +72,23 @@ def test_auto_round_equals_all_at_once(ragged, small_mlp, monkeypatch):
       np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk", [2, None])
+def test_a_round_traces_local_training_once(ragged, small_mlp, chunk):
+  """Chunks or not, the model is traced once per local step body: the chunked round's
+  accumulator takes its shapes from upload_like, not from a second trace."""
+  _, _, train = ragged
+  calls = []
+
+  def apply(params, x):
+    calls.append(1)
+    return small_mlp.apply(params, x)
+
+  algorithm = fedavg(apply, client_optimizer=optax.sgd(0.1), clients_per_round=4,
+                     batch_size=4, epochs=2, client_chunk_size=chunk)
+  jax.make_jaxpr(algorithm.round)(algorithm.init(small_mlp.params, jax.random.key(0)), train)
+  assert len(calls) == 1
+
+
 def test_epoch_loop_runs_only_the_steps_clients_need():
   """A client trained alone takes its own ceil(n / B) steps per epoch, not the padded
   count; clients trained together take as many as the largest of them."""

@@ -445,9 +445,14 @@ def compose(
                  acc[1] + w.sum())
           return acc, out._replace(upload=None)
 
-        first = jax.tree_util.tree_map(lambda a: a[0], by_chunk((args, weights)))
-        shapes = jax.eval_shape(lambda xs: weighted_sum(xs[1], train_chunk(xs[0]).upload),
-                                first)
+        # The accumulator's shapes from upload_like, not from tracing local training a
+        # second time (a third of the trace of a round of 10 chunks); a mismatch with
+        # the real uploads fails the scan's carry check.
+        uploads = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct((chunk, *np.shape(a)), jnp.result_type(a)),
+            client_work.upload_like(state.params))
+        shapes = jax.eval_shape(weighted_sum, jax.ShapeDtypeStruct((chunk,), weights.dtype),
+                                uploads)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (total, weight_sum), outputs = jax.lax.scan(body, (zeros, jnp.zeros(())),
                                                     by_chunk((args, weights)))
