@@ -35,7 +35,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# name -> (model, examples per client, schedule); 100 clients, 10 per round, batch 20.
+# name -> (model, examples per client, schedule[, clients per round]); 100 clients,
+# 10 per round unless given, batch 20.
 CASES = {
     "mlp100_epochs1": ("mlp", 100, {"epochs": 1}),      # 5 steps
     "mlp100_steps5": ("mlp", 100, {"steps": 5}),
@@ -47,6 +48,8 @@ CASES = {
     "cnn100_epochs1": ("cnn", 100, {"epochs": 1}),
     "mlp_ragged_epochs1": ("mlp", -100, {"epochs": 1}),  # 50..100 examples: general path
     "mlp_ragged_steps5": ("mlp", -100, {"steps": 5}),
+    # All 100 clients a round: on a CPU trained in chunks of 10, a scan over chunks.
+    "mlp100_epochs1_all": ("mlp", 100, {"epochs": 1}, 100),
 }
 BOOKKEEPING = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast"}
 
@@ -57,14 +60,15 @@ def build(name):
   import fedjax_sim as fs
   sys.path.insert(0, os.path.join(HERE, "peers"))
   import common
-  model_name, examples, schedule = CASES[name]
+  model_name, examples, schedule, *per_round = CASES[name]
   sizes = ([abs(examples)] * 100 if examples > 0
            else [50 + (7 * i) % 51 for i in range(100)])
   xs, ys = zip(*(common.client_data(0, i, n) for i, n in enumerate(sizes)))
   data = fs.from_clients(list(xs), list(ys), num_classes=10)
   model = fs.mlp(seed=0) if model_name == "mlp" else fs.cnn(seed=0)
   algorithm = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
-                        server_optimizer=optax.sgd(1.0), clients_per_round=10, batch_size=20,
+                        server_optimizer=optax.sgd(1.0),
+                        clients_per_round=per_round[0] if per_round else 10, batch_size=20,
                         **schedule)
   state = algorithm.init(model.params, jax.random.key(0))
   algorithm.validate(state, data)

@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 import fedjax_sim as fs
@@ -79,14 +78,3 @@ def test_tree_copy_is_one_compile_of_new_buffers():
   jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(copied)
   np.testing.assert_array_equal(tree["a"], [0.0, 1.0, 2.0])
 
-
-def test_tree_norm_is_optax_norm_in_one_reduction_on_cpu():
-  tree = {"w": jax.numpy.arange(12.0).reshape(3, 4) - 5.0, "b": jax.numpy.ones(4),
-          "s": jax.numpy.float32(-2.0)}
-  np.testing.assert_allclose(tree_lib.norm(tree), optax.tree.norm(tree), rtol=1e-6)
-  np.testing.assert_allclose(tree_lib.norm(tree), np.sqrt(sum((np.arange(12) - 5.0) ** 2) + 8),
-                             rtol=1e-6)
-  assert float(tree_lib.norm({"a": jax.numpy.array([3.0, 4.0])})) == 5.0
-  assert float(tree_lib.norm({})) == 0.0
-  if jax.default_backend() == "cpu":  # one reduction over the leaves concatenated
-    assert "concatenate" in str(jax.make_jaxpr(tree_lib.norm)(tree))

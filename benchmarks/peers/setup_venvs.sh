@@ -8,7 +8,8 @@ set -euo pipefail
 ROOT="${PEERS_VENVS:-$HOME/.venvs}"
 PYTHON="${PYTHON:-python3}"
 # ml_dtypes 0.6.0: what fedjax_sim's own requirements give on Python 3.11 (0.7 adds
-# 1.3-1.5 s to every `import jax` under numpy < 2.5), so imports cost the JAX peers the same.
+# about 1 s to every `import jax` under numpy < 2.5, benchmarks/startup.py), so imports
+# cost the JAX peers the same.
 JAX=(jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 ml_dtypes==0.6.0)
 # pfl's torch: a CPU-only build (the default wheel of the package index may pull GBs of
 # CUDA libraries). TORCH overrides, e.g. TORCH="torch==2.13.0+cpu" where a local wheel

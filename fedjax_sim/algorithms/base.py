@@ -12,7 +12,6 @@ import numpy as np
 import optax
 
 from fedjax_sim import checks, keys, local
-from fedjax_sim import tree as tree_lib
 from fedjax_sim.checks import check_labels  # noqa: F401 (re-exported)
 from fedjax_sim.tree import (gather_rows, scatter_rows, vmap_clients,  # noqa: F401
                              weighted_sum)  # (re-exported)
@@ -191,7 +190,7 @@ def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
   per_model = ids.shape[0] * model_bytes(delta)
   return {
       "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
-      "update_norm": tree_lib.norm(delta),
+      "update_norm": optax.tree.norm(delta),
       "num_examples": data.counts[ids].sum(),
       "client_ids": ids,
       "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),

@@ -40,7 +40,6 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        scatter_rows, vmap_clients, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import compression, local
-from fedjax_sim import tree as tree_lib
 from fedjax_sim.aggregators import Aggregator, stages_of
 
 
@@ -484,7 +483,7 @@ def compose(
     loss_sum, num_trained = outputs.loss_sum, outputs.num_trained
     metrics = {
         "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
-        "update_norm": tree_lib.norm(update.delta),
+        "update_norm": optax.tree.norm(update.delta),
         "num_examples": counts.sum(),
         "client_ids": ids,
         "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
-from fedjax_sim import tree as tree_lib
 from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
@@ -83,7 +82,7 @@ def mimelite(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning
     new_m = jax.tree_util.tree_map(lambda g, old: (1.0 - beta) * g + beta * old, upload["grad"], m)
     m = jax.tree_util.tree_map(lambda a, b: jnp.where(info.any_aggregated, a, b), new_m, m)
     params = optax.tree.add_scale(state.params, info.hp["server_lr"], upload["delta"])
-    return ServerUpdate(params, (), m, upload["delta"], {"momentum_norm": tree_lib.norm(m)})
+    return ServerUpdate(params, (), m, upload["delta"], {"momentum_norm": optax.tree.norm(m)})
 
   zeros = optax.tree.zeros_like
   work = ClientWork(train, lambda p: {"delta": zeros(p), "grad": zeros(p)})

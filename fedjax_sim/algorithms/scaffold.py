@@ -42,7 +42,6 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
-from fedjax_sim import tree as tree_lib
 from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
@@ -102,7 +101,7 @@ def scaffold(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning
     c = optax.tree.add_scale(state.algorithm_state, info.weight_sum / info.total_weight,
                              upload["control_delta"])
     return fedopt.update(state, upload, info)._replace(
-        algorithm_state=c, metrics={"control_variate_norm": tree_lib.norm(c)})
+        algorithm_state=c, metrics={"control_variate_norm": optax.tree.norm(c)})
 
   rule = ServerRule(init, update, message=lambda state, hp: state.algorithm_state)
   return engine.compose("scaffold", apply, client_work=work, server_rule=rule,
