@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import custom_batching
 
 IMPLS = ("auto", "patches", "lax", "sequential")
@@ -103,19 +104,43 @@ def _kernel_grad(size: int):
   return kernel_grad
 
 
-@jax.custom_vjp
-def _sequential_conv(x, kernel):
+def _shifted_copies(x: jax.Array, size: int) -> jax.Array:
+  """[N, H, W, size * size * C]: every pixel's 'SAME'-padded size x size neighbourhood,
+  ordered (row, column, channel) as an HWIO kernel's first three axes are.
+
+  One gather with constant indices: as a concatenation of size * size slices XLA:CPU
+  compiled each slice as its own kernel (24 more for a 5x5 kernel, 0.9 s of compile
+  against 0.07 s) and ran 1.8x slower under vmap."""
+  p = size // 2
+  n, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).reshape(n, -1, c)
+  rows = np.arange(h)[:, None, None, None] + np.arange(size)[None, None, :, None]
+  cols = np.arange(w)[None, :, None, None] + np.arange(size)[None, None, None, :]
+  index = jnp.asarray((rows * (w + 2 * p) + cols).reshape(-1), jnp.int32)
+  return padded.at[:, index].get(mode="promise_in_bounds").reshape(n, h, w, size * size * c)
+
+
+def _convolve(x, kernel):
+  """The forward convolution: a matmul of shifted copies for one input channel, else
+  the canonical convolution (one client at a time under vmap)."""
+  if x.shape[-1] == 1:
+    return _shifted_copies(x, kernel.shape[0]) @ kernel.reshape(-1, kernel.shape[-1])
   return _forward(x, kernel)
 
 
+@jax.custom_vjp
+def _sequential_conv(x, kernel):
+  return _convolve(x, kernel)
+
+
 def _sequential_fwd(x, kernel):
-  return _forward(x, kernel), (x, kernel)
+  return _convolve(x, kernel), (x, kernel)
 
 
 def _sequential_bwd(residuals, g):
   x, kernel = residuals
   # The input gradient is the convolution of g with the flipped, transposed kernel.
-  dx = _forward(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+  dx = _convolve(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
   return dx, _kernel_grad(kernel.shape[0])(x, g)
 
 

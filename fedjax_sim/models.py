@@ -159,19 +159,32 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-  """2x2 max pooling, stride 2, written as a reshape so it batches trivially.
+  """2x2 max pooling, stride 2, over NHWC; an odd last row or column is dropped (as
+  'VALID' pooling and PyTorch's default do).
+
+  Written as the maximum of the four strided slices of each window's corners: one
+  elementwise fusion that batches trivially under vmap. As a reshape and a `max` over
+  the window axes, XLA:CPU's reduction took 4-6x longer (0.68 against 0.12 ms for the
+  CNN's first pooling, batch 20), and `lax.reduce_window` longer still.
 
   Its gradient goes to the first maximum of each window (row by row), as in PyTorch and
-  XLA's select-and-scatter; autodiff of the reshape's max splits it between tied
-  maxima, with a count and a division that made it 2.5x slower on CPU. The two agree
-  wherever a window's maximum is unique, and where ties are at 0 after a ReLU (whose
-  gradient there is 0)."""
+  XLA's select-and-scatter; autodiff of a `max` splits it between tied maxima, with a
+  count and a division that made it 2.5x slower on CPU. The two agree wherever a
+  window's maximum is unique, and where ties are at 0 after a ReLU (whose gradient
+  there is 0)."""
   return _pool(x)
 
 
+def _corners(x):
+  """The four corners of every 2x2 window, row by row: [top left, top right, bottom
+  left, bottom right], each [N, H // 2, W // 2, C]."""
+  h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+  return [x[:, i:h:2, j:w:2] for i in (0, 1) for j in (0, 1)]
+
+
 def _pool(x):
-  b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+  a, b, c, d = _corners(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
 
 
 def _pool_fwd(x):
@@ -181,12 +194,15 @@ def _pool_fwd(x):
 
 def _pool_bwd(residuals, g):
   x, y = residuals
-  b, h, w, c = x.shape
-  tied = x.reshape(b, h // 2, 2, w // 2, 2, c) == y[:, :, None, :, None, :]
-  t00, t01, t10, t11 = (tied[:, :, i, :, j] for i in (0, 1) for j in (0, 1))
+  t00, t01, t10, t11 = (corner == y for corner in _corners(x))
   first = [t00, t01 & ~t00, t10 & ~(t00 | t01), t11 & ~(t00 | t01 | t10)]
-  mask = jnp.stack([jnp.stack(first[:2], 3), jnp.stack(first[2:], 3)], 2)
-  return (jnp.where(mask, g[:, :, None, :, None, :], 0).reshape(x.shape),)
+  d00, d01, d10, d11 = (jnp.where(m, g, 0) for m in first)
+  # Interleave the corners back into rows and columns: [N, H/2, 2, W/2, 2, C].
+  dx = jnp.stack([jnp.stack([d00, d01], 3), jnp.stack([d10, d11], 3)], 2)
+  n, h2, _, w2, _, c = dx.shape
+  dx = dx.reshape(n, 2 * h2, 2 * w2, c)
+  pad = ((0, 0), (0, x.shape[1] - 2 * h2), (0, x.shape[2] - 2 * w2), (0, 0))
+  return (jnp.pad(dx, pad) if any(p[1] for p in pad) else dx,)
 
 
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)

@@ -23,15 +23,22 @@ def ref_loss(x, k):
   return jnp.sum(jnp.tanh(reference(x, k)) ** 2)
 
 
-def data(key, lead=()):
+def data(key, lead=(), channels=(3, 4)):
   kx, kk = jax.random.split(jax.random.key(key))
-  return (jax.random.normal(kx, (*lead, 2, 6, 6, 3)),
-          0.3 * jax.random.normal(kk, (*lead, 3, 3, 3, 4)))
+  cin, cout = channels
+  return (jax.random.normal(kx, (*lead, 2, 6, 6, cin)),
+          0.3 * jax.random.normal(kk, (*lead, 3, 3, cin, cout)))
 
 
+# One input (or output) channel: the sequential forward (or input gradient) is a matmul
+# of shifted copies.
+CHANNELS = [(3, 4), (1, 4), (3, 1)]
+
+
+@pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("impl", ["patches", "lax", "sequential", "auto"])
-def test_values_and_gradients_match_lax(impl):
-  x, k = data(0)
+def test_values_and_gradients_match_lax(impl, channels):
+  x, k = data(0, channels=channels)
   np.testing.assert_allclose(conv.conv2d_same(x, k, impl), reference(x, k), rtol=1e-5, atol=1e-5)
   got = jax.grad(loss(impl), argnums=(0, 1))(x, k)
   want = jax.grad(ref_loss, argnums=(0, 1))(x, k)
@@ -39,9 +46,10 @@ def test_values_and_gradients_match_lax(impl):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", CHANNELS)
 @pytest.mark.parametrize("in_axes", [(0, 0), (0, None), (None, 0)])
-def test_sequential_under_vmap_matches_lax(in_axes):
-  x, k = data(1, lead=(3,))
+def test_sequential_under_vmap_matches_lax(in_axes, channels):
+  x, k = data(1, lead=(3,), channels=channels)
   x = x if in_axes[0] == 0 else x[0]
   k = k if in_axes[1] == 0 else k[0]
   for fn, ref in [(lambda a, b: conv.conv2d_same(a, b, "sequential"), reference),
@@ -53,8 +61,9 @@ def test_sequential_under_vmap_matches_lax(in_axes):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_sequential_nested_vmap_and_scan():
-  x, k = data(2, lead=(2, 2))
+@pytest.mark.parametrize("channels", CHANNELS[:2])
+def test_sequential_nested_vmap_and_scan(channels):
+  x, k = data(2, lead=(2, 2), channels=channels)
   grad = jax.grad(loss("sequential"), argnums=1)
 
   def steps(x, k):  # a few SGD steps inside a scan, as local training runs them
@@ -130,3 +139,18 @@ def test_max_pool_gradient_goes_to_the_first_maximum():
   grad = jax.grad(lambda x: jnp.sum(max_pool_2x2(x)) * 2.0)(tie)
   np.testing.assert_array_equal(grad.reshape(2, 8), [[2, 0, 0, 2, 2, 0, 0, 0],
                                                      [0, 0, 0, 0, 0, 0, 2, 0]])
+
+
+def test_max_pool_drops_an_odd_last_row_and_column_as_valid_pooling_does():
+  """Odd heights and widths: values of lax.reduce_window 'VALID', and its gradient, zero
+  on the row and column no window covers."""
+  from fedjax_sim.models import max_pool_2x2
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 5, 7, 3)), jnp.float32)
+  w = jnp.asarray(np.random.default_rng(3).normal(size=(2, 2, 3, 3)), jnp.float32)
+  valid = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                          (1, 2, 2, 1), "VALID")
+  np.testing.assert_array_equal(max_pool_2x2(x), valid(x))
+  got = jax.grad(lambda x: jnp.sum(max_pool_2x2(x) * w))(x)
+  np.testing.assert_array_equal(got, jax.grad(lambda x: jnp.sum(valid(x) * w))(x))
+  assert not np.any(got[:, 4]) and not np.any(got[:, :, 6])
+  assert np.count_nonzero(got) == w.size  # one maximum per window
