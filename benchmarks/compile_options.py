@@ -19,7 +19,6 @@ PATH.json` and its .md).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
@@ -170,14 +169,11 @@ def main(argv=None) -> None:
       records.append(run_worker(case, order))
       print(json.dumps(records[-1]), flush=True)
   dev = machine.device_info()
-  info = {"device": machine.device_name(dev), "jax": jax.__version__, "commit": machine.git_commit(),
-          "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": "compile_options.py " + " ".join(argv or sys.argv[1:])}
+  info = machine.results_info(dev, "compile_options.py " + " ".join(argv or sys.argv[1:]),
+                              jax=jax.__version__)
   rows = summarize(records)
-  out = (pathlib.Path(args.output).with_suffix("") if args.output else
-         REPO / "benchmarks" / "results" / f"compile_options_{dev['platform']}")
-  machine.write_results(out, info, dev, rows, records, markdown(rows, info))
-
+  machine.write_results(args.output, "compile_options", info, dev, rows, records,
+                        markdown(rows, info))
 
 if __name__ == "__main__":
   main()

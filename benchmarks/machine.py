@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import pathlib
 import platform
 import statistics
 import subprocess
@@ -44,8 +46,19 @@ def device_name(dev: dict) -> str:
   return dev["device_kind"]
 
 
-def write_results(out, info: dict, dev: dict, rows: list, records: list, markdown: str):
-  """`out`.json (info, machine, rows and every record) and `out`.md; prints the markdown."""
+def results_info(dev: dict, command: str, **extra) -> dict:
+  """What a results file says it ran on: device, commit, when, command, and `extra`."""
+  return {"device": device_name(dev), **extra, "commit": git_commit(),
+          "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+          "command": command}
+
+
+def write_results(output: str | None, stem: str, info: dict, dev: dict, rows: list,
+                  records: list, markdown: str) -> None:
+  """`output` (or benchmarks/results/<stem>_<platform>.json) with info, machine, rows and
+  every record, the markdown beside it as .md; prints the markdown."""
+  out = (pathlib.Path(output).with_suffix("") if output else
+         pathlib.Path(__file__).resolve().parent / "results" / f"{stem}_{dev['platform']}")
   out.with_suffix(".json").write_text(json.dumps(
       {"info": info, "machine": dev, "rows": rows, "records": records}, indent=1) + "\n")
   out.with_suffix(".md").write_text(markdown)

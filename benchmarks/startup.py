@@ -28,7 +28,6 @@ import time
 START = time.perf_counter()
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -167,15 +166,10 @@ def main(argv=None) -> None:
       records.append(run_worker(args.case, variant, args.ml_dtypes_dir))
       print(json.dumps(records[-1]), flush=True)
   dev = machine.device_info()
-  info = {"device": machine.device_name(dev), "case": args.case, "commit": machine.git_commit(),
-          "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "command": "startup.py " + " ".join(  # the folder's path stays on this machine
-              "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:]))}
+  info = machine.results_info(dev, "startup.py " + " ".join(  # the folder stays on this machine
+      "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:])), case=args.case)
   rows = summarize(records)
-  out = (pathlib.Path(args.output).with_suffix("") if args.output else
-         REPO / "benchmarks" / "results" / f"startup_{dev['platform']}")
-  machine.write_results(out, info, dev, rows, records, markdown(rows, info))
-
+  machine.write_results(args.output, "startup", info, dev, rows, records, markdown(rows, info))
 
 if __name__ == "__main__":
   main()

@@ -201,8 +201,8 @@ def _pool_bwd(residuals, g):
   dx = jnp.stack([jnp.stack([d00, d01], 3), jnp.stack([d10, d11], 3)], 2)
   n, h2, _, w2, _, c = dx.shape
   dx = dx.reshape(n, 2 * h2, 2 * w2, c)
-  pad = ((0, 0), (0, x.shape[1] - 2 * h2), (0, x.shape[2] - 2 * w2), (0, 0))
-  return (jnp.pad(dx, pad) if any(p[1] for p in pad) else dx,)
+  # Zeros for an odd last row or column (a no-op pad where there is none).
+  return (jnp.pad(dx, ((0, 0), (0, x.shape[1] - 2 * h2), (0, x.shape[2] - 2 * w2), (0, 0))),)
 
 
 max_pool_2x2.defvjp(_pool_fwd, _pool_bwd)
