@@ -164,8 +164,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Written as the maximum of the four strided slices of each window's corners: one
   elementwise fusion that batches trivially under vmap. As a reshape and a `max` over
-  the window axes, XLA:CPU's reduction took 4-6x longer (0.68 against 0.12 ms for the
-  CNN's first pooling, batch 20), and `lax.reduce_window` longer still.
+  the window axes, XLA:CPU's reduction took 4x longer (0.72 against 0.18 ms for the
+  CNN's first pooling, batch 20; with its gradient and the ReLU 1.36 against 0.65 ms:
+  benchmarks/results/cnn_layers_cpu.md), and `lax.reduce_window` longer still.
 
   Its gradient goes to the first maximum of each window (row by row), as in PyTorch and
   XLA's select-and-scatter; autodiff of a `max` splits it between tied maxima, with a
