@@ -11,6 +11,7 @@ per client, as in a round). Rows, medians of interleaved repetitions of 10 calls
 - first layer (28x28x1 -> 32, 5x5): Eigen's convolution (`conv._forward`) against the
   matmul of shifted copies (`conv._convolve`), the copies as one gather (kept) and as a
   concatenation of 25 slices (not kept: its kernels and compile time are counted too);
+  the same two with two and three input channels (where `conv._convolve` keeps Eigen's);
 - second layer (14x14x32 -> 64, 5x5): forward, input gradient and kernel gradient as the
   'sequential' VJP computes them;
 - the whole local step (loss, gradient, SGD update) of `models.cnn()`.
@@ -71,11 +72,14 @@ def relu_pool_grad(pool):
 
 
 def cases():
-  key = iter(jax.random.split(jax.random.key(0), 8))
+  key = iter(jax.random.split(jax.random.key(0), 12))
   normal = lambda *shape: jax.random.normal(next(key), shape)
   act1, act2 = normal(BATCH, 28, 28, 32), normal(BATCH, 14, 14, 32)
   image, kernel1 = normal(BATCH, 28, 28, 1), 0.2 * normal(5, 5, 1, 32)
   kernel2, grad2 = 0.05 * normal(5, 5, 32, 64), normal(BATCH, 14, 14, 64)
+  image2, kernel12 = normal(BATCH, 28, 28, 2), 0.2 * normal(5, 5, 2, 32)
+  image3, kernel13 = normal(BATCH, 32, 32, 3), 0.2 * normal(5, 5, 3, 32)
+  copies = lambda x, k: conv._shifted_copies(x, 5) @ k.reshape(-1, k.shape[-1])
   model = models.cnn()
   y = jnp.arange(BATCH) % 10
 
@@ -96,6 +100,11 @@ def cases():
       "first layer: shifted copies, one gather": (conv._convolve, (image, kernel1), True),
       "first layer: shifted copies, 25 slices concatenated":
           (concatenated_copies, (image, kernel1), True),
+      # Where the copies stop paying: conv._convolve takes them for one channel only.
+      "first layer, 2 channels: convolution": (conv._forward, (image2, kernel12), True),
+      "first layer, 2 channels: shifted copies": (copies, (image2, kernel12), True),
+      "first layer, 3 channels, 32x32: convolution": (conv._forward, (image3, kernel13), True),
+      "first layer, 3 channels, 32x32: shifted copies": (copies, (image3, kernel13), True),
       "second layer: forward": (conv._forward, (act2, kernel2), False),
       "second layer: input gradient": (lambda g, k: conv._forward(g, flip(k)),
                                        (grad2, kernel2), False),

@@ -19,12 +19,11 @@ kernels. How that runs fastest depends on the backend (benchmarks/round_throughp
   ten clients took 0.98 s against the per-client loop's 1.21 s (cnn_seq; "lax": 12.9 s).
   A forward convolution of one input channel (a grayscale image's first layer) is
   instead the k*k shifted copies of the image times the kernel, a matmul that batches
-  over clients: XLA:CPU's convolution contracts only k*k taps there, and took 1.8x as
-  long (2.36 against 1.32 ms for the CNN's first layer, batch 20; 2.4x for ten clients;
-  benchmarks/results/cnn_layers_cpu.md).
-  With three input channels the convolution was 1.5-2x the faster; two were in between
-  (level for one client, copies 1.3-1.75x faster for ten on a loaded machine) and are
-  left to the convolution until a round measures them.
+  over clients: XLA:CPU's convolution contracts only k*k taps there, and took 1.6x as
+  long (2.03 against 1.24 ms for the CNN's first layer, batch 20; 2.1x for ten clients;
+  benchmarks/results/cnn_layers_cpu.md). With three input channels the convolution was
+  2.2x the faster; two were in between (the convolution 1.1x faster for one client, the
+  copies 1.4x for ten) and are left to the convolution until a round measures them.
 - "auto": "sequential" on CPU, "patches" elsewhere.
 """
 
@@ -117,8 +116,8 @@ def _shifted_copies(x: jax.Array, size: int) -> jax.Array:
   ordered (row, column, channel) as an HWIO kernel's first three axes are.
 
   One gather with constant indices: as a concatenation of size * size slices XLA:CPU
-  compiled each slice as its own kernel (24 kernels for a 5x5 kernel, 0.99 s of compile
-  against 0.08 s) and ran 1.6x slower for ten clients (cnn_layers_cpu.md)."""
+  compiled each slice as its own kernel (24 kernels for a 5x5 kernel, 0.88 s of compile
+  against 0.07 s) and ran 1.45x slower for ten clients (cnn_layers_cpu.md)."""
   p = size // 2
   n, h, w, c = x.shape
   padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))).reshape(n, -1, c)

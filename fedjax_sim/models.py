@@ -164,8 +164,8 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
   Written as the maximum of the four strided slices of each window's corners: one
   elementwise fusion that batches trivially under vmap. As a reshape and a `max` over
-  the window axes, XLA:CPU's reduction took 4x longer (0.72 against 0.18 ms for the
-  CNN's first pooling, batch 20; with its gradient and the ReLU 1.36 against 0.65 ms:
+  the window axes, XLA:CPU's reduction took 4.7x longer (0.61 against 0.13 ms for the
+  CNN's first pooling, batch 20; with its gradient and the ReLU 1.21 against 0.75 ms:
   benchmarks/results/cnn_layers_cpu.md), and `lax.reduce_window` longer still.
 
   Its gradient goes to the first maximum of each window (row by row), as in PyTorch and
