@@ -15,6 +15,7 @@ they fit in `_ORDER_SLOTS`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,6 +28,29 @@ import optax
 Params = Any
 # loss(params, x, y) -> per-example losses [batch]; for sequences, the mean over tokens.
 PerExampleLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClientRows:
+  """Client `row`'s examples in `source` (`[clients, max_examples, ...]`), not copied
+  out: indexing it gathers the rows straight from `source`.
+
+  Local training reads its data only by minibatch index, so handing it this instead
+  of `source[row]` spares the copy of every sampled client's data before the steps
+  (under vmap a `[clients, max_examples, ...]` buffer, the largest of the round for
+  the peers' 600-example MLP), and each step gathers its batch from `source`.
+  """
+
+  source: jax.Array
+  row: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.source.shape[1:])
+
+  def __getitem__(self, index) -> jax.Array:
+    return self.source[self.row, index]
 
 
 class LocalResult(NamedTuple):
@@ -172,7 +196,7 @@ def make_local_update(
 
   def local_update(params, x, y, n, key, context=None, step_budget=None, *,
                    min_examples: int | None = None) -> LocalResult:
-    x, y = jnp.asarray(x), jnp.asarray(y)
+    x, y = (a if isinstance(a, ClientRows) else jnp.asarray(a) for a in (x, y))
     max_n = x.shape[0]
     if isinstance(n, (int, np.integer)) and not isinstance(n, bool):
       n = int(n)

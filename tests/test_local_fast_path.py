@@ -192,3 +192,39 @@ def test_from_clients_records_the_count_range_and_validate_checks_it():
   with pytest.raises(ValueError, match="count_range"):
     algorithm.validate(state, stale)
   algorithm.validate(state, stale._replace(count_range=None))
+
+
+@pytest.mark.parametrize("counts", [(12,) * 6, (12, 7, 12, 9, 12, 5)], ids=["equal", "ragged"])
+def test_local_training_gathers_batches_from_the_data_without_copying_clients_out(counts):
+  """Clients train on `local.ClientRows` of the round's data: each step gathers its
+  batch from `data.x`, and no `[clients_per_round, max_examples, ...]` copy of the sampled
+  clients' data is made first. The results are those of training on the copy (a data
+  transform, here the identity, hands local training the copied-out rows) to the bit."""
+  apply, params = tiny_mlp()
+  xs, ys = equal_clients()
+  data = data_lib.from_clients([x[:n] for x, n in zip(xs, counts)],
+                               [y[:n] for y, n in zip(ys, counts)], num_classes=3)
+  kwargs = dict(client_optimizer=optax.sgd(0.2), clients_per_round=3, batch_size=BATCH,
+                epochs=2)
+  rows = fedavg(apply, **kwargs)
+  copied = fedavg(apply, client_data_transform=lambda x, y, n, client_id, key: (x, y, n),
+                  **kwargs)
+  state = rows.init(params, jax.random.key(1))
+  copy_shape = "f32[3,12,5]"  # the sampled clients' data copied out
+  rows_round, copied_round = (jax.jit(a.round).lower(state, data).compile()
+                              for a in (rows, copied))
+  assert copy_shape not in rows_round.as_text()
+  assert copy_shape in copied_round.as_text()
+  out, metrics = rows_round(state, data)
+  # Ragged clients take the general (masked) step on both sides: the same bits. (Equal
+  # ones take the unpadded step here and the general one under a transform.)
+  if len(set(counts)) > 1:
+    expected, expected_metrics = copied_round(state, data)
+    for a, b in zip(jax.tree_util.tree_leaves(out.params),
+                    jax.tree_util.tree_leaves(expected.params)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(metrics["client_train_loss"],
+                                  expected_metrics["client_train_loss"])
+  reference = fs.ReferenceFedAvg(apply, **kwargs)
+  ref_state, _ = reference.round(reference.init(params, jax.random.key(1)), data)
+  assert max_relative_error(out.params, ref_state.params) < 1e-5

@@ -72,6 +72,10 @@ class ClientInput(NamedTuple):
   # Python ints), or None: when min == max, `n` equals it and local training can drop the
   # padding masks (see `local.make_local_update`).
   count_range: tuple[int, int] | None = None
+  # (x, y) as `local.ClientRows` of the round's data where the client trains on its row
+  # as stored (no data schedule or transform): local training gathers its minibatches
+  # from them, so `x` and `y` are not copied out unless something else reads them.
+  rows: tuple[local.ClientRows, local.ClientRows] | None = None
 
 
 class ClientOutput(NamedTuple):
@@ -185,7 +189,8 @@ def local_train(inp: ClientInput, loss: local.PerExampleLoss,
   if inp.count_range is not None:
     low, high = inp.count_range
     n = low if low == high else n  # a static count: the unpadded step where it fits
-  return update(inp.params if start is None else start, inp.x, inp.y, n,
+  x, y = (inp.x, inp.y) if inp.rows is None else inp.rows
+  return update(inp.params if start is None else start, x, y, n,
                 inp.key if key is None else key, context, inp.budget, min_examples=low)
 
 
@@ -409,9 +414,12 @@ def compose(
       if client_data_transform is not None:
         x, y, n = client_data_transform(x, y, n, client_id,
                                         keys.client_data_key(train_key, client_id))
+      rows = None
+      if client_data_schedule is None and client_data_transform is None:
+        rows = (local.ClientRows(data.x, client_id), local.ClientRows(data.y, client_id))
       return client_work.train(ClientInput(
           state.params, message, row, x, y, n, client_id, keys.client_key(train_key, client_id),
-          keys.client_key(second_key, client_id), budget, rel, hp, count_range))
+          keys.client_key(second_key, client_id), budget, rel, hp, count_range, rows))
 
     def train_chunk(args):
       if client_sharding is None:

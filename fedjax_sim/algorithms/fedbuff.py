@@ -257,7 +257,8 @@ def fedbuff(
 
     def train(args):
       params, i, key = args
-      return local_update(params, data.x[i], data.y[i], data.counts[i], key, params)
+      return local_update(params, local.ClientRows(data.x, i), local.ClientRows(data.y, i),
+                          data.counts[i], key, params)
 
     results = map_clients(train, (starts, arrived, arrived_keys),
                           resolve_chunk_size(client_chunk_size, buffer_size, state.params))
