@@ -102,6 +102,7 @@ def op_counts(lowered, compiled) -> dict:
 
 def worker() -> None:
   """Reads `build <case>` and `time` lines; answers one JSON line each."""
+  import resource
   import time
   import jax
   import jax.numpy as jnp
@@ -113,17 +114,22 @@ def worker() -> None:
       algorithm, state, data = build(words[1])
       chunk = runner.make_chunk(algorithm, 1)
       lowered = chunk.lower(state, data)
-      counts = op_counts(lowered, lowered.compile())
+      compiled = lowered.compile()
+      counts = {**op_counts(lowered, compiled),
+                "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20}
       step = chunk
       state, _ = step(state, data)
       jax.block_until_ready(state)
       checksum = float(sum(jnp.sum(jnp.abs(a)) for a in jax.tree_util.tree_leaves(state.params)))
       print(json.dumps({"checksum": checksum, **counts}), flush=True)
     elif words[0] == "time":
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       start = time.perf_counter()
       state, _ = step(state, data)
       jax.block_until_ready(state)
-      print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
+      print(json.dumps({"seconds": time.perf_counter() - start,
+                        "minor_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                        - faults}), flush=True)
 
 
 def first_round(name: str) -> None:
@@ -188,16 +194,20 @@ def main() -> None:
   rows = []
   for name in [c for c in CASES if args.only is None or c in args.only]:
     ready = {k: ask(p, f"build {name}") for k, p in procs.items()}
-    times = {k: [] for k in procs}
+    times, faults = {k: [] for k in procs}, {k: [] for k in procs}
     for _ in range(args.repeats):
       for k, p in procs.items():
-        times[k].append(ask(p, "time")["seconds"])
+        answer = ask(p, "time")
+        times[k].append(answer["seconds"])
+        faults[k].append(answer["minor_faults"])
     before, after = (statistics.median(times[k]) for k in ("before", "after"))
     diff = abs(ready["after"]["checksum"] - ready["before"]["checksum"]) / ready["before"]["checksum"]
     row = {"case": name, "before_s": before, "after_s": after, "after_over_before": after / before,
            "first_round_params_rel_diff": diff,
            **{f"{k}_{what}": ready[k][what] for k in ready
-              for what in ("step_ops", "step_instructions", "kernels", "stablehlo_ops")}}
+              for what in ("step_ops", "step_instructions", "kernels", "stablehlo_ops",
+                           "temp_mib")},
+           **{f"{k}_minor_faults_per_round": statistics.median(faults[k]) for k in faults}}
     rows.append(row)
     print(f"{name:20s} before {before * 1e3:7.2f} ms  after {after * 1e3:7.2f} ms  "
           f"x{after / before:.3f}  step ops {row['before_step_ops']} -> {row['after_step_ops']}  "
@@ -237,13 +247,21 @@ def main() -> None:
   lines = [f"# Local step before and after ({info})", "",
            "FedAvg, 100 clients, 10 per round, batch 20 (benchmarks/peers task). Warm seconds "
            "per round: medians of round-robin rounds. Step ops: non-bookkeeping instructions of "
-           "the compiled local-step loop body; kernels: what XLA:CPU compiles one by one.", "",
-           "| case | before | after | after / before | step ops | kernels | stablehlo ops |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "the compiled local-step loop body; kernels: what XLA:CPU compiles one by one; "
+           "temp: the round's XLA temporary buffer (`memory_analysis`); page faults: the "
+           "process's minor page faults during a round, median (glibc serves an allocation "
+           "above its mmap threshold, at most 32 MiB unless set, with a fresh mapping on "
+           "every call, so a temp above it faults in every page each round).", "",
+           "| case | before | after | after / before | step ops | kernels | stablehlo ops "
+           "| temp (MiB) | page faults / round |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   lines += [f"| {r['case']} | {r['before_s'] * 1e3:.2f} ms | {r['after_s'] * 1e3:.2f} ms | "
             f"{r['after_over_before']:.3f} | {r['before_step_ops']} -> {r['after_step_ops']} | "
             f"{r['before_kernels']} -> {r['after_kernels']} | "
-            f"{r['before_stablehlo_ops']} -> {r['after_stablehlo_ops']} |" for r in rows]
+            f"{r['before_stablehlo_ops']} -> {r['after_stablehlo_ops']} | "
+            f"{r['before_temp_mib']:.1f} -> {r['after_temp_mib']:.1f} | "
+            f"{r['before_minor_faults_per_round']:.0f} -> {r['after_minor_faults_per_round']:.0f} |"
+            for r in rows]
   if first:
     lines += ["", "First round in a fresh process (medians; wall seconds, compile also as "
               "process CPU seconds, steadier under load):", "",
