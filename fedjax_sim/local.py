@@ -11,6 +11,9 @@ Python int, as the engine does from `FederatedData.count_range`), the step is a 
 minibatch step in a loop of static length, with the same example order and results.
 Epoch orders are sorted once per epoch in both modes (all needed ones up front where
 they fit in `_ORDER_SLOTS`).
+
+A client's data may be a `ClientRows` view of the round's dataset: a step then gathers
+its minibatch straight from the dataset, with no copy of the client's data made first.
 """
 
 from __future__ import annotations
