@@ -75,7 +75,7 @@ class ClientInput(NamedTuple):
   # (x, y) as `local.ClientRows` of the round's data where the client trains on its row
   # as stored (no data schedule or transform): local training gathers its minibatches
   # from them, so `x` and `y` are not copied out unless something else reads them.
-  rows: tuple[local.ClientRows, local.ClientRows] | None = None
+  data_rows: tuple[local.ClientRows, local.ClientRows] | None = None
 
 
 class ClientOutput(NamedTuple):
@@ -189,7 +189,7 @@ def local_train(inp: ClientInput, loss: local.PerExampleLoss,
   if inp.count_range is not None:
     low, high = inp.count_range
     n = low if low == high else n  # a static count: the unpadded step where it fits
-  x, y = (inp.x, inp.y) if inp.rows is None else inp.rows
+  x, y = (inp.x, inp.y) if inp.data_rows is None else inp.data_rows
   return update(inp.params if start is None else start, x, y, n,
                 inp.key if key is None else key, context, inp.budget, min_examples=low)
 
@@ -403,10 +403,10 @@ def compose(
       budgets = plan.step_budget
     message = server_rule.message(state, hp)
     rows = gather_rows(state.client_states, ids) if stateful else None
-    # The host's (min, max) of the counts holds for the data clients train on unless a
-    # schedule or a transform changes it.
-    count_range = (data.count_range if client_data_schedule is None
-                   and client_data_transform is None else None)
+    # Unless a schedule or a transform changes the data clients train on, the host's (min,
+    # max) of the counts holds for it and local training can read the stored rows.
+    data_as_stored = client_data_schedule is None and client_data_transform is None
+    count_range = data.count_range if data_as_stored else None
 
     def one(args):
       client_id, row, budget, rel = args
@@ -414,12 +414,11 @@ def compose(
       if client_data_transform is not None:
         x, y, n = client_data_transform(x, y, n, client_id,
                                         keys.client_data_key(train_key, client_id))
-      rows = None
-      if client_data_schedule is None and client_data_transform is None:
-        rows = (local.ClientRows(data.x, client_id), local.ClientRows(data.y, client_id))
+      data_rows = ((local.ClientRows(data.x, client_id), local.ClientRows(data.y, client_id))
+                   if data_as_stored else None)
       return client_work.train(ClientInput(
           state.params, message, row, x, y, n, client_id, keys.client_key(train_key, client_id),
-          keys.client_key(second_key, client_id), budget, rel, hp, count_range, rows))
+          keys.client_key(second_key, client_id), budget, rel, hp, count_range, data_rows))
 
     def train_chunk(args):
       if client_sharding is None:
