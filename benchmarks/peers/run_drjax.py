@@ -46,7 +46,8 @@ import jax_models  # noqa: E402
 # What fedjax_sim/compile.py sets for the CPU backend (kept in step with it by hand: this
 # worker runs in DrJAX's environment, without fedjax_sim).
 FEDJAX_SIM_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                          "xla_backend_optimization_level": 1}
+                          "xla_backend_optimization_level": 1,
+                          "xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def _accepted(option: dict) -> bool:
