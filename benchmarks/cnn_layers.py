@@ -14,6 +14,8 @@ per client, as in a round). Rows, medians of interleaved repetitions of 10 calls
   the same two with two and three input channels (where `conv._convolve` keeps Eigen's);
 - second layer (14x14x32 -> 64, 5x5): forward, input gradient and kernel gradient as the
   'sequential' VJP computes them;
+- the dense layer (3136 -> 512): its input gradient as autodiff writes it, `g @ kernel.T`
+  (what a plain `nnx.Linear` gives), against `models.linear_dot_general`'s `(kernel @ g.T).T`;
 - the whole local step (loss, gradient, SGD update) of `models.cnn()`.
 
   python benchmarks/cnn_layers.py [--repeats 7] [--output PATH.json]
@@ -72,7 +74,7 @@ def relu_pool_grad(pool):
 
 
 def cases():
-  key = iter(jax.random.split(jax.random.key(0), 12))
+  key = iter(jax.random.split(jax.random.key(0), 16))
   normal = lambda *shape: jax.random.normal(next(key), shape)
   act1, act2 = normal(BATCH, 28, 28, 32), normal(BATCH, 14, 14, 32)
   image, kernel1 = normal(BATCH, 28, 28, 1), 0.2 * normal(5, 5, 1, 32)
@@ -82,6 +84,9 @@ def cases():
   copies = lambda x, k: conv._shifted_copies(x, 5) @ k.reshape(-1, k.shape[-1])
   model = models.cnn()
   y = jnp.arange(BATCH) % 10
+  flat, kernel3 = normal(BATCH, 3136), 0.02 * normal(3136, 512)
+  grad3 = normal(BATCH, 512)
+  input_grad = lambda matmul: lambda x, k, g: jax.vjp(lambda x: matmul(x, k), x)[1](g)[0]
 
   def step(params, x):
     loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
@@ -109,6 +114,10 @@ def cases():
       "second layer: input gradient": (lambda g, k: conv._forward(g, flip(k)),
                                        (grad2, kernel2), False),
       "second layer: kernel gradient": (conv._kernel_grad(5), (act2, grad2), False),
+      "dense layer: input gradient, g @ kernel.T (before)":
+          (input_grad(jnp.matmul), (flat, kernel3, grad3), True),
+      "dense layer: input gradient, (kernel @ g.T).T":
+          (input_grad(models._matmul), (flat, kernel3, grad3), True),
       "local step (loss, gradient, SGD update)": (step, (model.params, image), False),
   }
 

@@ -116,6 +116,49 @@ def test_add_bias_gradients_match_autodiff_also_under_vmap():
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("x_shape", [(4, 7), (2, 3, 7)])
+def test_linear_dot_general_gradients_match_autodiff_also_under_vmap(x_shape):
+  """models.linear_dot_general (the input gradient as (kernel @ g.T).T) against a plain
+  dot, for a batch of rows and for rows with a time axis, alone and vmapped."""
+  from fedjax_sim.models import linear_dot_general
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=x_shape[:-1] + (5,)), jnp.float32)
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  loss = lambda dot: lambda x, k: jnp.sum(jnp.tanh(dot(x, k, dims)) * w)
+  np.testing.assert_allclose(linear_dot_general(x, k, dims), jax.lax.dot_general(x, k, dims),
+                             rtol=1e-6)
+  want = jax.grad(loss(jax.lax.dot_general), argnums=(0, 1))(x, k)
+  got = jax.grad(loss(linear_dot_general), argnums=(0, 1))(x, k)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  xs, ks = jnp.stack([x, 2 * x]), jnp.stack([k, -k])
+  batched = lambda dot: jax.vmap(jax.grad(loss(dot), argnums=(0, 1)))(xs, ks)
+  for g, e in zip(batched(linear_dot_general), batched(jax.lax.dot_general)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_dot_general_computes_the_input_gradient_from_the_kernel_side(monkeypatch):
+  """On CPU the compiled input gradient is kernel [7,5] @ g.T (the kernel contracted on
+  its minor axis), not g @ kernel.T; elsewhere, and for other products, it is
+  lax.dot_general itself."""
+  from fedjax_sim import models
+  x, k = jnp.ones((4, 7)), jnp.ones((7, 5))
+  dims = (((1,), (0,)), ((), ()))
+  input_grad = lambda: lambda x, k: jax.grad(  # a new function each time: no cached trace
+      lambda x: jnp.sum(jnp.tanh(models.linear_dot_general(x, k, dims))))(x)
+  if jax.default_backend() == "cpu":
+    hlo = jax.jit(input_grad()).lower(x, k).compile().as_text()
+    dots = [line for line in hlo.splitlines() if " dot(" in line]
+    assert any("f32[7,4]" in d and "lhs_contracting_dims={1}" in d for d in dots), dots
+    assert not any("f32[4,7]" in d and " dot(" in d for d in dots), dots
+  assert "custom_vjp" not in str(jax.make_jaxpr(
+      lambda x, k: models.linear_dot_general(x, k, (((0,), (0,)), ((), ()))))(x.T, k))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "custom_vjp" not in str(jax.make_jaxpr(input_grad())(x, k))
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum():
   """Unique maxima: autodiff's gradient. Ties: all of it to the first maximum of the
   window, row by row (a hand-computed golden), where autodiff would split it."""
