@@ -142,7 +142,7 @@ def markdown(rows: list[dict], info: dict, option: str) -> str:
       f"Device: {info['device']}. jax {info['jax']}, {info['when']}, commit {info['commit']}: "
       f"`{info['command']}`.", "",
       "Each case: the one-round FedAvg program of benchmarks/peers (10 clients a round, "
-      f"batch 20; scale1000: 100 of 1,000 clients) lowered once per fresh process and "
+      "batch 20; scale1000: 100 of 1,000 clients) lowered once per fresh process and "
       f"compiled {what} (order alternating between repetitions), every other option as "
       "fedjax_sim sets it, then both executables' rounds interleaved. Figures: medians "
       f"over repetitions; {new} / {old} is the median of the per-repetition ratios (below "
