@@ -85,6 +85,22 @@ def check_count_range(data: FederatedData) -> None:
                      f"count_range=None")
 
 
+def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+  """`np.zeros(shape, dtype)` starting on an `align`-byte boundary.
+
+  XLA:CPU takes a host array of at least its 64-byte alignment as the device buffer
+  itself; numpy's allocations are 16-byte aligned, so `jax.device_put` copied the whole
+  padded dataset into fresh memory. For 1,000 MNIST-shaped clients of 100 examples
+  `from_clients` took 0.86-1.6 s that way and 0.20-0.22 s aligned, its peak memory 1.08
+  against 0.78 GB (fresh processes, alternating, on a 2-core VM where first touching a
+  page is slow)."""
+  dtype = np.dtype(dtype)
+  size = int(np.prod(shape)) * dtype.itemsize
+  raw = np.zeros(size + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def from_clients(
     xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray],
@@ -161,12 +177,13 @@ def from_clients(
     if pad_to < max_n:
       raise ValueError(f"pad_to={pad_to} is smaller than the largest client ({max_n} examples)")
     max_n = pad_to
-  x = np.zeros((len(xs), max_n, *feature_shape), dtype=x_dtype)
-  y = np.zeros((len(ys), max_n, *label_shape), dtype=np.int32)
+  x = _aligned_zeros((len(xs), max_n, *feature_shape), x_dtype)
+  y = _aligned_zeros((len(ys), max_n, *label_shape), np.int32)
   for i, (xi, yi) in enumerate(zip(xs, ys)):
     x[i, : len(xi)] = xi
     y[i, : len(yi)] = yi
   # device_put, not jnp.asarray: that compiles a staging program per array (~50 ms each).
+  # On CPU it aliases these aligned arrays, which nothing else holds, instead of copying.
   x, y, device_counts = jax.device_put((x, y, counts))
   return FederatedData(x, y, device_counts, count_range_of(counts))
 

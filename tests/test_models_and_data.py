@@ -63,6 +63,25 @@ def test_from_clients_pads_and_counts():
     fs.from_clients([np.ones((2, 3))], [np.zeros(2, int)], pad_to=1)
 
 
+@pytest.mark.parametrize("x_dtype", [np.float32, np.float16])
+def test_from_clients_hands_the_device_aligned_arrays_it_can_keep(monkeypatch, x_dtype):
+  """The padded arrays start on a 64-byte boundary, so on CPU `jax.device_put` keeps
+  them as the device buffers instead of copying the whole dataset."""
+  from fedjax_sim import data as data_lib
+  put = []
+  real = data_lib.jax.device_put
+  monkeypatch.setattr(data_lib.jax, "device_put", lambda tree: put.append(tree) or real(tree))
+  xs = [np.full((n, 3, 2), n, np.float32) for n in (3, 1, 4)]
+  data = fs.from_clients(xs, [np.arange(n) % 2 for n in (3, 1, 4)], x_dtype=x_dtype)
+  host_x, host_y, _ = put[0]
+  assert host_x.ctypes.data % 64 == 0 and host_y.ctypes.data % 64 == 0
+  assert host_x.dtype == x_dtype and host_x.shape == (3, 4, 3, 2)
+  np.testing.assert_array_equal(np.asarray(data.x)[1], [np.full((3, 2), 1)] + [np.zeros((3, 2))] * 3)
+  np.testing.assert_array_equal(np.asarray(data.y)[0], [0, 1, 0, 0])
+  if jax.default_backend() == "cpu":
+    assert data.x.unsafe_buffer_pointer() == host_x.ctypes.data  # no copy made
+
+
 def test_split_clients_keeps_every_example_once():
   xs = [np.arange(n)[:, None].astype(np.float32) for n in (1, 5, 10)]
   ys = [np.zeros(n, int) for n in (1, 5, 10)]
