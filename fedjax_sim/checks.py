@@ -122,6 +122,9 @@ def _non_finite_kind(values: np.ndarray) -> str:
   return "NaN" if np.isnan(values).any() else "inf"
 
 
+_FINITE_BLOCK = 2**20  # elements of the features checked at a time on the host
+
+
 def check_finite_features(data: FederatedData, what: str = "the data") -> None:
   """Raises ValueError naming the first client (and example) of `data` whose features hold
   NaN or inf: a model trained on them has a NaN loss from the first round."""
@@ -129,8 +132,12 @@ def check_finite_features(data: FederatedData, what: str = "the data") -> None:
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     return
   if jax.default_backend() == "cpu":  # the host view: no copy, nothing compiled
-    host = np.asarray(x)
-    rows = np.isfinite(host.reshape(host.shape[0], -1)).all(axis=1)
+    host = np.asarray(x).reshape(x.shape[0], -1)
+    # A block of clients at a time: `np.isfinite` of it all is a temporary a quarter of
+    # the data's size in fresh memory (78 MB for 1,000 MNIST-shaped clients of 100).
+    block = max(1, _FINITE_BLOCK // max(1, host.shape[1]))
+    rows = np.concatenate([np.isfinite(host[i:i + block]).all(axis=1)
+                           for i in range(0, len(host), block)] or [np.ones(0, bool)])
   else:  # one reduction on the device instead of copying the data to the host
     rows = np.asarray(jax.jit(
         lambda a: jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))(x))

@@ -111,6 +111,21 @@ def test_non_finite_features_are_named_by_client(models, count_compiles):
   assert count_compiles() == before
 
 
+@pytest.mark.parametrize("block", [1, 48, 1 << 20])
+def test_non_finite_features_are_found_in_any_block_of_clients(monkeypatch, block):
+  """The host check goes through the clients a block at a time (checks._FINITE_BLOCK
+  elements): a NaN in the last client, in a block of its own or not, is still named."""
+  from fedjax_sim import checks
+  monkeypatch.setattr(checks, "_FINITE_BLOCK", block)
+  data = fs.from_clients(XS, YS)
+  checks.check_finite_features(data)
+  x = np.array(data.x)
+  x[-1, 1, 0] = np.nan
+  with pytest.raises(ValueError, match=rf"client {len(XS) - 1}'s features contain NaN "
+                                       r"\(example 1\); 1 client"):
+    checks.check_finite_features(data._replace(x=x))
+
+
 def test_non_finite_parameters_are_refused(models):
   data = fs.from_clients(XS, [np.minimum(y, 2) for y in YS])
   params = jax.tree_util.tree_map(lambda a: np.array(a), models["six"].params)
