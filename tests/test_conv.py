@@ -152,7 +152,7 @@ def test_linear_dot_general_computes_the_input_gradient_from_the_kernel_side(mon
     hlo = jax.jit(input_grad()).lower(x, k).compile().as_text()
     dots = [line for line in hlo.splitlines() if " dot(" in line]
     assert any("f32[7,4]" in d and "lhs_contracting_dims={1}" in d for d in dots), dots
-    assert not any("f32[4,7]" in d and " dot(" in d for d in dots), dots
+    assert not any("f32[4,7]" in d for d in dots), dots
   assert "custom_vjp" not in str(jax.make_jaxpr(
       lambda x, k: models.linear_dot_general(x, k, (((0,), (0,)), ((), ()))))(x.T, k))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
