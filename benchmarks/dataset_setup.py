@@ -1,11 +1,12 @@
 """Setting up a large federated dataset: `fs.from_clients` and the finite-feature check.
 
-Each repetition runs two fresh worker processes, one per way (the order alternates):
-"fedjax_sim" as the package does it, and "before", the same code with the two earlier
-choices put back: padded arrays from `np.zeros` (16-byte aligned, so on CPU
-`jax.device_put` copies the whole dataset instead of keeping the array) and
-`checks.check_finite_features` over all the features at once (one temporary a quarter
-of the data's size). Each worker makes the peers' MNIST-shaped clients
+Each repetition runs a fresh worker process per way (the order alternates):
+"fedjax_sim" as the package does it; "one thread", the same with the clients copied
+into the padded arrays on one thread instead of a thread per core; and "before", the
+same code with the three earlier choices put back: one thread, padded arrays from
+`np.zeros` (16-byte aligned, so on CPU `jax.device_put` copies the whole dataset instead
+of keeping the array) and `checks.check_finite_features` over all the features at once
+(one temporary a quarter of the data's size). Each worker makes the peers' MNIST-shaped clients
 (benchmarks/peers/common.py, 100 examples each), then times `fs.from_clients` and
 `check_finite_features`, and reads its peak memory. Fresh memory is what both ways
 spend their time on, so only fresh processes measure it.
@@ -28,7 +29,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WAYS = ("before", "fedjax_sim")
+WAYS = ("before", "one thread", "fedjax_sim")
 
 
 def worker(way: str, clients: int) -> dict:
@@ -40,6 +41,8 @@ def worker(way: str, clients: int) -> dict:
   import fedjax_sim as fs
   from fedjax_sim import checks
   from fedjax_sim import data as data_lib
+  if way in ("before", "one thread"):
+    data_lib._PARALLEL_FILL_BYTES = 2**62
   if way == "before":
     data_lib._aligned_zeros = lambda shape, dtype: np.zeros(shape, dtype)
     checks._FINITE_BLOCK = 2**62
@@ -88,7 +91,7 @@ def main(argv=None) -> None:
            f"({info['device']})", "",
            f"{info['when']}, commit {info['commit']}, jax {info['jax']}: `{info['command']}`. "
            "Fresh worker processes, alternating (benchmarks/dataset_setup.py says what "
-           "\"before\" puts back); medians, then every run.", "",
+           "\"before\" and \"one thread\" put back); medians, then every run.", "",
            "| way | from_clients | check_finite_features | peak memory | every run (from_clients, "
            "check) |", "| --- | ---: | ---: | ---: | --- |"]
   lines += [f"| {r['way']} | {r['from_clients_s']:.2f} s | {r['check_finite_s']:.3f} s | "

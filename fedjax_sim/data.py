@@ -8,7 +8,9 @@ result (tests/test_local.py checks that).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
@@ -101,6 +103,28 @@ def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray
   return raw[start:start + size].view(dtype).reshape(shape)
 
 
+# Padded arrays at least this large are filled by a thread per core.
+_PARALLEL_FILL_BYTES = 1 << 24
+
+
+def _fill(out: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
+  """`out[i, :len(a)] = a` for every client's `a`, blocks of clients on parallel threads.
+
+  numpy lets go of the GIL while it copies, and a large dataset's copy is mostly the
+  first touch of `out`'s fresh pages, which a cloud VM can be slow to back: there the
+  threads take their page faults side by side (benchmarks/dataset_setup.py)."""
+  def fill(block):
+    for i in block:
+      out[i, :len(arrays[i])] = arrays[i]
+
+  threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1, len(arrays))
+  if out.nbytes < _PARALLEL_FILL_BYTES or threads < 2:
+    return fill(range(len(arrays)))
+  with ThreadPoolExecutor(threads) as pool:
+    list(pool.map(fill, np.array_split(np.arange(len(arrays)), threads)))
+
+
 def from_clients(
     xs: Sequence[np.ndarray],
     ys: Sequence[np.ndarray],
@@ -179,9 +203,8 @@ def from_clients(
     max_n = pad_to
   x = _aligned_zeros((len(xs), max_n, *feature_shape), x_dtype)
   y = _aligned_zeros((len(ys), max_n, *label_shape), np.int32)
-  for i, (xi, yi) in enumerate(zip(xs, ys)):
-    x[i, : len(xi)] = xi
-    y[i, : len(yi)] = yi
+  _fill(x, xs)
+  _fill(y, ys)
   # device_put, not jnp.asarray: that compiles a staging program per array (~50 ms each).
   # On CPU it aliases these aligned arrays, which nothing else holds, instead of copying.
   x, y, device_counts = jax.device_put((x, y, counts))

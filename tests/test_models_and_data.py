@@ -82,6 +82,32 @@ def test_from_clients_hands_the_device_aligned_arrays_it_can_keep(monkeypatch, x
     assert data.x.unsafe_buffer_pointer() == host_x.ctypes.data  # no copy made
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_from_clients_fills_blocks_of_clients_on_threads_as_one_thread_does(monkeypatch, threads):
+  """Large datasets are copied a block of clients per thread: the same arrays, ragged
+  clients, casts and all, whether the clients split evenly over the threads or not."""
+  from fedjax_sim import data as data_lib
+  rng = np.random.default_rng(0)
+  sizes = [3, 1, 4, 1, 5, 9, 2]
+  xs = [rng.normal(size=(n, 2, 3)) for n in sizes]  # float64, cast to float32
+  ys = [rng.integers(0, 5, n) for n in sizes]
+  one = fs.from_clients(xs, ys)
+  monkeypatch.setattr(data_lib, "_PARALLEL_FILL_BYTES", 0)
+  monkeypatch.setattr(data_lib.os, "sched_getaffinity", lambda pid: set(range(threads)),
+                      raising=False)
+  blocks = []
+  real = data_lib.ThreadPoolExecutor.map
+  monkeypatch.setattr(data_lib.ThreadPoolExecutor, "map",
+                      lambda self, f, parts: blocks.append(list(parts)) or real(self, f, blocks[-1]))
+  many = fs.from_clients(xs, ys)
+  assert [len(b) for b in blocks[0]] == [len(b) for b in np.array_split(range(7), min(threads, 7))]
+  np.testing.assert_array_equal(np.asarray(many.x), np.asarray(one.x))
+  np.testing.assert_array_equal(np.asarray(many.y), np.asarray(one.y))
+  for i, (x, y) in enumerate(zip(xs, ys)):
+    np.testing.assert_array_equal(np.asarray(many.x[i, :len(x)]), x.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(many.y[i, :len(y)]), y)
+
+
 def test_split_clients_keeps_every_example_once():
   xs = [np.arange(n)[:, None].astype(np.float32) for n in (1, 5, 10)]
   ys = [np.zeros(n, int) for n in (1, 5, 10)]
