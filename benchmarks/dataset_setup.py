@@ -1,17 +1,19 @@
 """Setting up a large federated dataset: `fs.from_clients` and the finite-feature check.
 
-Each repetition runs a fresh worker process per way (the order alternates):
-"fedjax_sim" as the package does it; "one thread", the same with the clients copied
-into the padded arrays on one thread instead of a thread per core; and "before", the
+Each repetition runs a fresh worker process per way, the order rotating so that each
+way runs as often first, second and last (a process's first touches of memory depend
+on what the one before it freed). The ways: "fedjax_sim" as the package does it;
+"one thread", the same with the clients copied into the padded arrays on one thread
+instead of a thread per core; and "before", the
 same code with the three earlier choices put back: one thread, padded arrays from
 `np.zeros` (16-byte aligned, so on CPU `jax.device_put` copies the whole dataset instead
 of keeping the array) and `checks.check_finite_features` over all the features at once
-(one temporary a quarter of the data's size). Each worker makes the peers' MNIST-shaped clients
-(benchmarks/peers/common.py, 100 examples each), then times `fs.from_clients` and
-`check_finite_features`, and reads its peak memory. Fresh memory is what both ways
+(one temporary a quarter of the data's size). Each worker makes the peers' MNIST-shaped
+clients (benchmarks/peers/common.py, 100 examples each), then times `fs.from_clients` and
+`check_finite_features`, and reads its peak memory. Fresh memory is what the ways
 spend their time on, so only fresh processes measure it.
 
-  python benchmarks/dataset_setup.py [--clients 1000] [--repeats 3]
+  python benchmarks/dataset_setup.py [--clients 1000] [--repeats 6]
 
 writes benchmarks/results/dataset_setup_<platform>.md and .json.
 """
@@ -60,7 +62,7 @@ def worker(way: str, clients: int) -> dict:
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--clients", type=int, default=1000)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=6)
   p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
   p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   records = []
   for rep in range(args.repeats):
-    for way in (WAYS if rep % 2 == 0 else WAYS[::-1]):
+    for way in WAYS[rep % len(WAYS):] + WAYS[:rep % len(WAYS)]:  # each way in each place
       out = subprocess.run([sys.executable, __file__, "--worker", way, str(args.clients)],
                            env=env, capture_output=True, text=True, check=True, cwd=REPO)
       records.append({"repeat": rep, **json.loads(out.stdout.strip().splitlines()[-1])})
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
   lines = [f"# Setting up {args.clients:,} MNIST-shaped clients of 100 examples "
            f"({info['device']})", "",
            f"{info['when']}, commit {info['commit']}, jax {info['jax']}: `{info['command']}`. "
-           "Fresh worker processes, alternating (benchmarks/dataset_setup.py says what "
+           "Fresh worker processes, the order rotating (benchmarks/dataset_setup.py says what "
            "\"before\" and \"one thread\" put back); medians, then every run.", "",
            "| way | from_clients | check_finite_features | peak memory | every run (from_clients, "
            "check) |", "| --- | ---: | ---: | ---: | --- |"]

@@ -135,7 +135,7 @@ def check_finite_features(data: FederatedData, what: str = "the data") -> None:
     host = np.asarray(x).reshape(x.shape[0], -1)
     # A block of clients at a time: `np.isfinite` of it all is a temporary a quarter of
     # the data's size in fresh memory (78 MB for 1,000 MNIST-shaped clients of 100:
-    # 0.21 against 0.04 s, benchmarks/dataset_setup.py).
+    # 0.07-0.41 against 0.04-0.06 s, benchmarks/dataset_setup.py).
     block = max(1, _FINITE_BLOCK // max(1, host.shape[1]))
     rows = np.concatenate([np.isfinite(host[i:i + block]).all(axis=1)
                            for i in range(0, len(host), block)] or [np.ones(0, bool)])

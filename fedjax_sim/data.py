@@ -93,9 +93,9 @@ def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray
   XLA:CPU takes a host array of at least its 64-byte alignment as the device buffer
   itself; numpy's allocations are 16-byte aligned, so `jax.device_put` copied the whole
   padded dataset into fresh memory. For 1,000 MNIST-shaped clients of 100 examples
-  `from_clients` took 0.36 s that way and 0.18 s aligned (medians of 6 fresh processes;
-  this VM's first touch of fresh memory makes single runs vary up to 1.4 s), the
-  process's peak memory 1.13 against 0.76 GB (benchmarks/dataset_setup.py)."""
+  `from_clients` took 0.58 s that way and 0.36 s aligned, both on one thread (medians of
+  12 fresh processes; this VM's first touch of fresh memory makes single runs vary up
+  to 1.4 s), the process's peak memory 1.13 against 0.76 GB (benchmarks/dataset_setup.py)."""
   dtype = np.dtype(dtype)
   size = int(np.prod(shape)) * dtype.itemsize
   raw = np.zeros(size + align, np.uint8)
@@ -112,7 +112,10 @@ def _fill(out: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
 
   numpy lets go of the GIL while it copies, and a large dataset's copy is mostly the
   first touch of `out`'s fresh pages, which a cloud VM can be slow to back: there the
-  threads take their page faults side by side (benchmarks/dataset_setup.py)."""
+  threads take their page faults side by side. 1,000 MNIST-shaped clients of 100 on a
+  2-core VM: 0.36 s on one thread, 0.13 s on two (medians of 12 fresh processes; one
+  thread's runs 0.16-0.85 s, two threads' 0.11-0.14 s but one of 0.53 s;
+  benchmarks/dataset_setup.py)."""
   def fill(block):
     for i in block:
       out[i, :len(arrays[i])] = arrays[i]
