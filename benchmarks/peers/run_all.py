@@ -12,8 +12,9 @@ time to a target accuracy: tta_mlp600) and writes benchmarks/results/peers_cpu.j
 
 Each simulator runs in its own process (the peers in their own virtual environments,
 see benchmarks/README.md), started one after another and interleaved, every other
-repetition in reverse order (A, B, C, C, B, A, ...), for `--repeats` repetitions, so that
-load from other work on the machine falls on all of them alike; before each worker the
+repetition in reverse order and the order rotated every two (A, B, C, C, B, A, B, C, A,
+A, C, B, ...: `run_order`), for `--repeats` repetitions, so that load from other work on
+the machine, and the memory each worker's predecessor freed, fall on all of them alike; before each worker the
 driver waits (at most 30 s) until the CPUs are nearly idle, since Flower's Ray processes
 outlive its run and slowed whichever worker came next. The tables report medians over
 repetitions, and ratios to fedjax_sim are taken within a repetition.
@@ -606,6 +607,16 @@ def _git_commit():
     return None
 
 
+def run_order(simulators: list[str], rep: int) -> list[str]:
+  """The simulators' order in repetition `rep`: every other repetition reversed, and
+  rotated by one every two, so that none always runs first in a case (after the previous
+  case's last worker), last, or in the middle (where a worker first-touches the memory
+  its predecessor just freed, which this VM backs slowly: benchmarks/dataset_setup.py)."""
+  k = (rep // 2) % len(simulators)
+  order = simulators[k:] + simulators[:k]
+  return order if rep % 2 == 0 else order[::-1]
+
+
 def main(argv=None):
   args = parse_args(argv)
   started = time.time()
@@ -628,9 +639,7 @@ def main(argv=None):
   runs = []
   for rep in range(first_rep, first_rep + args.repeats):
     for case in args.cases:
-      # Every other repetition in reverse order, so that no simulator always runs first
-      # in a case (after the previous case's last worker) or always last.
-      for sim in (args.simulators if rep % 2 == 0 else args.simulators[::-1]):
+      for sim in run_order(args.simulators, rep):
         if sim in CASES[case].get("skip", ()):
           continue
         if rep - first_rep >= CASES[case].get("sim_repeats", {}).get(sim, args.repeats):
