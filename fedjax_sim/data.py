@@ -120,11 +120,13 @@ def _fill(out: np.ndarray, arrays: Sequence[np.ndarray]) -> None:
     for i in block:
       out[i, :len(arrays[i])] = arrays[i]
 
-  threads = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                else os.cpu_count() or 1, len(arrays))
-  if out.nbytes < _PARALLEL_FILL_BYTES or threads < 2:
-    return fill(range(len(arrays)))
-  with ThreadPoolExecutor(threads) as pool:
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+           else os.cpu_count() or 1)
+  threads = min(cores, len(arrays)) if out.nbytes >= _PARALLEL_FILL_BYTES else 1
+  if threads == 1:
+    fill(range(len(arrays)))
+    return
+  with ThreadPoolExecutor(threads) as pool:  # list(): a thread's exception is raised here
     list(pool.map(fill, np.array_split(np.arange(len(arrays)), threads)))
 
 
