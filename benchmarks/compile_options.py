@@ -3,7 +3,9 @@
 `--option level`: `fedjax_sim.compile` compiles rounds on CPU at
 `xla_backend_optimization_level` 1 instead of XLA's default (3; levels 1 and 2 gave the
 same program here). `--option region`: it turns on
-`xla_cpu_copy_insertion_use_region_analysis` (off by default). Either is measured both
+`xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
+0.12 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
+measured against no YNNPACK fusions (what it sets before 0.12). Each is measured both
 ways, side by side, on the peer benchmark's cases (benchmarks/peers: FedAvg, 10 clients
 a round, batch 20, the same synthetic MNIST-shaped clients), every other option as
 fedjax_sim sets it: for each repetition a fresh worker process lowers the one-round
@@ -13,10 +15,10 @@ two executables' rounds interleaved (wall and CPU seconds per round) and the lar
 parameter difference after them. CPU seconds count both cores' work, so they vary less
 on a shared machine than wall seconds.
 
-  python benchmarks/compile_options.py [--option level|region] [--repeats 3]
+  python benchmarks/compile_options.py [--option level|region|ynn] [--repeats 3]
 
 writes benchmarks/results/compile_options_<platform>.md and .json for `level`,
-compile_options_region_<platform>.* for `region` (or `--output PATH.json` and its .md).
+compile_options_<option>_<platform>.* for the others (or `--output PATH.json` and its .md).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ OPTIONS = {
     "region": ("xla_cpu_copy_insertion_use_region_analysis", (None, True), ("off", "on"),
                "Copy insertion with region analysis on XLA:CPU: on (fedjax_sim) against "
                "XLA's default (off)"),
+    "ynn": ("xla_cpu_experimental_ynn_fusion_type",
+            ("", "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"), ("off", "convolutions"),
+            "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.12 and "
+            "later) against none (before)"),
 }
 CASES = {  # name: (model, examples per client, clients, clients per round, rounds timed)
     "mlp100": ("mlp", 100, 100, 10, 20),

@@ -1,13 +1,14 @@
 """fedjax_sim.compile: which XLA options a round compiles with, and when a user's flag wins."""
 
 import jax
+import jaxlib
 import pytest
 
 from fedjax_sim import compile as compile_lib
 
 options = compile_lib.compiler_options.__wrapped__  # uncached: each test sets its own env
 LEVEL = "xla_backend_optimization_level"
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+YNN = {"xla_cpu_experimental_ynn_fusion_type": compile_lib.ynn_fusion_type(jaxlib.__version__)}
 REGION = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -19,8 +20,18 @@ def cpu(monkeypatch):
   return monkeypatch
 
 
-def test_cpu_rounds_compile_at_llvm_level_1_without_ynnpack_with_region_analysis(cpu):
-  assert options() == {**NO_YNN, LEVEL: 1, **REGION}
+def test_cpu_rounds_compile_at_llvm_level_1_with_region_analysis(cpu):
+  assert options() == {**YNN, LEVEL: 1, **REGION}
+
+
+@pytest.mark.parametrize("version, fusions", [
+    ("0.10.2", ""), ("0.11.2", ""), ("0.12.0.1", compile_lib.YNN_CONVOLUTIONS),
+    ("0.12.0.dev20261101", compile_lib.YNN_CONVOLUTIONS), ("0.13.1", compile_lib.YNN_CONVOLUTIONS),
+    ("1.0.0", compile_lib.YNN_CONVOLUTIONS)])
+def test_ynnpack_takes_the_convolutions_from_jaxlib_0_12(version, fusions):
+  """Before 0.12 YNNPACK's convolutions were the slower, so no YNNPACK fusion at all (its
+  matmul fusions stay off everywhere: slower for the MLP rounds on jaxlib 0.10)."""
+  assert compile_lib.ynn_fusion_type(version) == fusions
 
 
 @pytest.mark.parametrize("flags", ["--xla_backend_optimization_level=0",
@@ -28,7 +39,7 @@ def test_cpu_rounds_compile_at_llvm_level_1_without_ynnpack_with_region_analysis
                                    "--xla_backend_optimization_level=3"])
 def test_an_optimization_level_in_xla_flags_wins(cpu, flags):
   cpu.setenv("XLA_FLAGS", flags)
-  assert options() == {**NO_YNN, **REGION}
+  assert options() == {**YNN, **REGION}
 
 
 def test_an_option_this_jaxlib_rejects_is_left_out(cpu):
@@ -58,17 +69,15 @@ def test_the_jit_applies_them(cpu):
   assert seen["compiler_options"][LEVEL] == 1
 
 
-def test_the_drjax_peer_compiles_with_the_same_options():
-  """benchmarks/peers/run_drjax.py runs without fedjax_sim and keeps a copy of the options
-  for its 'fedjax_sim's compiler options' row."""
-  import ast
+def test_the_drjax_peer_compiles_with_the_same_options(cpu):
+  """benchmarks/peers/run_drjax.py runs without fedjax_sim; for its 'fedjax_sim's
+  compiler options' row it loads fedjax_sim/compile.py by itself."""
   import pathlib
-  source = (pathlib.Path(__file__).parents[1] / "benchmarks" / "peers" / "run_drjax.py")
-  tree = ast.parse(source.read_text())
-  copy = next(ast.literal_eval(node.value) for node in tree.body
-              if isinstance(node, ast.Assign)
-              and getattr(node.targets[0], "id", None) == "FEDJAX_SIM_CPU_OPTIONS")
-  assert copy == compile_lib._CPU_OPTIONS
+  cpu.syspath_prepend(str(pathlib.Path(__file__).parents[1] / "benchmarks" / "peers"))
+  import common
+  alone = common.fedjax_sim_compile()
+  assert alone is not compile_lib and alone.__name__ == "fedjax_sim_compile"
+  assert alone.compiler_options() == options()
 
 
 def test_one_probe_compile_when_this_jaxlib_accepts_every_option(cpu):

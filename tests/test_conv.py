@@ -61,6 +61,23 @@ def test_sequential_under_vmap_matches_lax(in_axes, channels):
       np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", CHANNELS + [(5, 7)])
+def test_sequential_under_fedjax_sims_compiler_options_matches_plain_xla(channels):
+  """Rounds compile with fedjax_sim.compile's options, which on jaxlib 0.12+ hand XLA:CPU's
+  convolutions to YNNPACK: values and gradients, alone and over clients, still match
+  lax.conv's compiled without them (x 7x7 with a 5x5 kernel: the kernel gradient is a
+  convolution with a 7x7 window)."""
+  from fedjax_sim import compile as compile_lib
+  kx, kk = jax.random.split(jax.random.key(3))
+  x = jax.random.normal(kx, (3, 2, 7, 7, channels[0]))
+  k = 0.3 * jax.random.normal(kk, (3, 5, 5, *channels))
+  both = lambda f: lambda a, b: (jax.vmap(f)(a, b), f(a[0], b[0]))
+  got = compile_lib.jit(both(jax.value_and_grad(loss("sequential"), argnums=(0, 1))))(x, k)
+  want = jax.jit(both(jax.value_and_grad(ref_loss, argnums=(0, 1))))(x, k)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("channels", CHANNELS[:2])
 def test_sequential_nested_vmap_and_scan(channels):
   x, k = data(2, lead=(2, 2), channels=channels)

@@ -134,6 +134,18 @@ class Evaluator:
             "rounds_to_target": self.reached["round"] if self.reached else None}
 
 
+def fedjax_sim_compile():
+  """fedjax_sim/compile.py loaded by itself (it needs only jax): the peers' workers run in
+  their own environments, without fedjax_sim, and compile with the options it chooses."""
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir,
+                      "fedjax_sim", "compile.py")
+  spec = importlib.util.spec_from_file_location("fedjax_sim_compile", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def launch_time(main_start: float) -> float:
   """The driver's launch time (or `main_start`, when the worker is run by hand)."""
   return float(os.environ.get(LAUNCH_ENV, main_start))

@@ -13,10 +13,10 @@ data held on the device as one array, so a round is one jitted call. Models: the
 JAX MLP and CNN of jax_models.py (the CNN with `lax.conv_general_dilated`).
 
 `--compiler-options` chooses how the round is jitted: `plain` is `jax.jit` as a DrJAX user
-would call it; `fedjax_sim` adds the CPU compiler options fedjax_sim.compile sets
-(`xla_cpu_experimental_ynn_fusion_type=""`: XLA:CPU's YNNPACK fusions off;
-`xla_backend_optimization_level=1`: LLVM level 1, a shorter compile), each applied only
-where a probe compile accepts it, as fedjax_sim does.
+would call it; `fedjax_sim` adds the CPU compiler options fedjax_sim.compile sets (YNNPACK
+fusions off, or for convolutions only from jaxlib 0.12; LLVM level 1, a shorter compile;
+copy insertion with region analysis), chosen by fedjax_sim/compile.py itself
+(common.fedjax_sim_compile), each applied only where a probe compile accepts it.
 
 Each round is timed with its mean training loss fetched to the host. Writes one JSON
 record (common.record). Install (see benchmarks/README.md):
@@ -43,27 +43,8 @@ import optax  # noqa: E402
 
 import jax_models  # noqa: E402
 
-# What fedjax_sim/compile.py sets for the CPU backend (kept in step with it by hand: this
-# worker runs in DrJAX's environment, without fedjax_sim).
-FEDJAX_SIM_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "",
-                          "xla_backend_optimization_level": 1,
-                          "xla_cpu_copy_insertion_use_region_analysis": True}
-
-
-def _accepted(option: dict) -> bool:
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=option)(1.0)
-  except Exception:  # a jaxlib without the option
-    return False
-  return True
-
-
 def compiler_options(which: str):
-  if which == "plain" or jax.default_backend() != "cpu":
-    return None
-  flags = os.environ.get("XLA_FLAGS", "")
-  return {k: v for k, v in FEDJAX_SIM_CPU_OPTIONS.items()
-          if k not in flags and _accepted({k: v})} or None
+  return None if which == "plain" else common.fedjax_sim_compile().compiler_options()
 
 
 def make_round(args):
