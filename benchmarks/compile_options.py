@@ -33,6 +33,9 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from fedjax_sim.compile import YNN_CONVOLUTIONS  # noqa: E402
+
 # --option: (XLA option, the two ways, their labels, the results file's title). A way of
 # None leaves the option out (XLA's default).
 OPTIONS = {
@@ -43,7 +46,7 @@ OPTIONS = {
                "Copy insertion with region analysis on XLA:CPU: on (fedjax_sim) against "
                "XLA's default (off)"),
     "ynn": ("xla_cpu_experimental_ynn_fusion_type",
-            ("", "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"), ("off", "convolutions"),
+            ("", YNN_CONVOLUTIONS), ("off", "convolutions"),
             "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.12 and "
             "later) against none (before)"),
 }

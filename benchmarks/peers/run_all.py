@@ -14,9 +14,9 @@ Each simulator runs in its own process (the peers in their own virtual environme
 see benchmarks/README.md), started one after another and interleaved, every other
 repetition in reverse order and the order rotated every two (A, B, C, C, B, A, B, C, A,
 A, C, B, ...: `run_order`), for `--repeats` repetitions, so that load from other work on
-the machine, and the memory each worker's predecessor freed, fall on all of them alike; before each worker the
-driver waits (at most 30 s) until the CPUs are nearly idle, since Flower's Ray processes
-outlive its run and slowed whichever worker came next. The tables report medians over
+the machine, and the memory each worker's predecessor freed, fall on all of them alike;
+before each worker the driver waits (at most 30 s) until the CPUs are nearly idle, since
+Flower's Ray processes outlive its run and slowed whichever worker came next. The tables report medians over
 repetitions, and ratios to fedjax_sim are taken within a repetition.
 
 The task (common.py): the 2NN MLP or the FedAvg CNN on MNIST-shaped synthetic data,
