@@ -5,7 +5,9 @@
 same program here). `--option region`: it turns on
 `xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
 0.12 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
-measured against no YNNPACK fusions (what it sets before 0.12). Each is measured both
+measured against no YNNPACK fusions (what it sets before 0.12). `--option emitters`: XLA's
+MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, before jaxlib 0.12) turned off,
+which fedjax_sim does not do (faster compiles, slower rounds). Each is measured both
 ways, side by side, on the peer benchmark's cases (benchmarks/peers: FedAvg, 10 clients
 a round, batch 20, the same synthetic MNIST-shaped clients), every other option as
 fedjax_sim sets it: for each repetition a fresh worker process lowers the one-round
@@ -15,7 +17,7 @@ two executables' rounds interleaved (wall and CPU seconds per round) and the lar
 parameter difference after them. CPU seconds count both cores' work, so they vary less
 on a shared machine than wall seconds.
 
-  python benchmarks/compile_options.py [--option level|region|ynn] [--repeats 3]
+  python benchmarks/compile_options.py [--option level|region|ynn|emitters] [--repeats 3]
 
 writes benchmarks/results/compile_options_<platform>.md and .json for `level`,
 compile_options_<option>_<platform>.* for the others (or `--output PATH.json` and its .md).
@@ -49,6 +51,8 @@ OPTIONS = {
             ("", YNN_CONVOLUTIONS), ("off", "convolutions"),
             "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.12 and "
             "later) against none (before)"),
+    "emitters": ("xla_cpu_use_fusion_emitters", (None, False), ("on", "off"),
+                 "XLA:CPU's MLIR fusion emitters: off against XLA's default (on)"),
 }
 CASES = {  # name: (model, examples per client, clients, clients per round, rounds timed)
     "mlp100": ("mlp", 100, 100, 10, 20),
