@@ -576,9 +576,14 @@ def plot(result: dict, path: str) -> bool:
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
   axes[0].legend(fontsize=8)
-  fig.suptitle(f"FedAvg, {result['meta']['config']['clients_per_round']} of "
-               f"{result['meta']['config']['num_clients']} clients per round, CPU "
-               f"({result['meta']['cpu_count']} cores); medians of interleaved runs")
+  meta = result["meta"]
+  cpu = (meta.get("cpu_model") or "CPU").replace("(R)", "")
+  jax_version = meta.get("packages", {}).get(BASELINE, {}).get("jax")
+  fig.suptitle(f"FedAvg, {meta['config']['clients_per_round']} of "
+               f"{meta['config']['num_clients']} clients per round; {cpu} "
+               f"({meta['cpu_count']} cores)"
+               + (f", fedjax_sim on jax {jax_version}" if jax_version else "")
+               + "; medians of interleaved runs")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   return True
