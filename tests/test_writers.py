@@ -8,6 +8,7 @@ records are a LevelDB log).
 
 import glob
 import json
+import pathlib
 import struct
 
 import pytest
@@ -23,7 +24,7 @@ def tensorboard_events(logdir):
   from tensorboardX.proto import event_pb2
   events = []
   for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
-    data = open(path, "rb").read()
+    data = pathlib.Path(path).read_bytes()
     pos = 0
     while pos < len(data):
       (length,) = struct.unpack("<Q", data[pos:pos + 8])
@@ -48,7 +49,7 @@ def wandb_records(path):
   """The Records of a W&B run file: a LevelDB log (header ':W&B', magic, version; 32 KiB
   blocks of chunks: CRC, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
   from wandb.proto import wandb_internal_pb2
-  data = open(path, "rb").read()
+  data = pathlib.Path(path).read_bytes()
   assert data[:4] == b":W&B"
   pos, block, parts, records = 7, 32768, [], []
   while pos + 7 <= len(data):
