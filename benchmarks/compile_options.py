@@ -4,9 +4,9 @@
 `xla_backend_optimization_level` 1 instead of XLA's default (3; levels 1 and 2 gave the
 same program here). `--option region`: it turns on
 `xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
-0.12 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
-measured against no YNNPACK fusions (what it sets before 0.12). `--option emitters`: XLA's
-MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, before jaxlib 0.12) turned off,
+0.11 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
+measured against no YNNPACK fusions (what it sets before 0.11). `--option emitters`: XLA's
+MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, jaxlib 0.10) turned off,
 which fedjax_sim does not do (faster compiles, slower rounds). Each is measured both
 ways, side by side, on the peer benchmark's cases (benchmarks/peers: FedAvg, 10 clients
 a round, batch 20, the same synthetic MNIST-shaped clients), every other option as
@@ -49,7 +49,7 @@ OPTIONS = {
                "XLA's default (off)"),
     "ynn": ("xla_cpu_experimental_ynn_fusion_type",
             ("", YNN_CONVOLUTIONS), ("off", "convolutions"),
-            "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.12 and "
+            "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.11 and "
             "later) against none (before)"),
     "emitters": ("xla_cpu_use_fusion_emitters", (None, False), ("on", "off"),
                  "XLA:CPU's MLIR fusion emitters: off against XLA's default (on)"),

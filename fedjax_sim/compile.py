@@ -2,13 +2,13 @@
 
 On XLA:CPU three options apply:
 
-- YNNPACK fusions off, but on jaxlib 0.12 and later for convolutions: on jaxlib 0.10
+- YNNPACK fusions off, but on jaxlib 0.11 and later for convolutions: on jaxlib 0.10
   the YNNPACK fusions chosen by default for batched matmuls made a vmapped round 2x
   slower than a per-client loop on a 2-core CPU, where plain XLA dot emission matches it
   (benchmarks/round_throughput.py), and its convolutions made the CNN's round 1.30x
-  slower than Eigen's. On jaxlib 0.12 its convolutions are the faster (the CNN's round
-  0.91x; benchmarks/compile_options.py --option ynn); programs without a convolution
-  compile as with the fusions off, to the bit.
+  slower than Eigen's. From jaxlib 0.11 its convolutions are the faster (the CNN's round
+  0.85x on 0.11, 0.91x on 0.12; benchmarks/compile_options.py --option ynn); programs
+  without a convolution compile as with the fusions off, to the bit.
 - LLVM optimization level 1 instead of XLA's default (3): the peer benchmark's rounds
   compile with 14-22% less CPU time (jax 0.10; 13-30% on jax 0.12) and run as
   fast (benchmarks/compile_options.py). Float results differ from level 3's in the
@@ -39,9 +39,9 @@ YNN_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 
 
 def ynn_fusion_type(jaxlib_version: str) -> str:
-  """The YNNPACK fusions to turn on: convolutions from jaxlib 0.12, none before."""
+  """The YNNPACK fusions to turn on: convolutions from jaxlib 0.11, none before."""
   major_minor = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:2])
-  return YNN_CONVOLUTIONS if major_minor >= (0, 12) else ""
+  return YNN_CONVOLUTIONS if major_minor >= (0, 11) else ""
 
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ynn_fusion_type(jaxlib.__version__),

@@ -25,11 +25,12 @@ def test_cpu_rounds_compile_at_llvm_level_1_with_region_analysis(cpu):
 
 
 @pytest.mark.parametrize("version, fusions", [
-    ("0.10.2", ""), ("0.11.2", ""), ("0.12.0.1", compile_lib.YNN_CONVOLUTIONS),
+    ("0.10.2", ""), ("0.10.99", ""), ("0.11.0", compile_lib.YNN_CONVOLUTIONS),
+    ("0.11.2", compile_lib.YNN_CONVOLUTIONS), ("0.12.0.1", compile_lib.YNN_CONVOLUTIONS),
     ("0.12.0.dev20261101", compile_lib.YNN_CONVOLUTIONS), ("0.13.1", compile_lib.YNN_CONVOLUTIONS),
     ("1.0.0", compile_lib.YNN_CONVOLUTIONS)])
-def test_ynnpack_takes_the_convolutions_from_jaxlib_0_12(version, fusions):
-  """Before 0.12 YNNPACK's convolutions were the slower, so no YNNPACK fusion at all (its
+def test_ynnpack_takes_the_convolutions_from_jaxlib_0_11(version, fusions):
+  """Before 0.11 YNNPACK's convolutions were the slower, so no YNNPACK fusion at all (its
   matmul fusions stay off everywhere: slower for the MLP rounds on jaxlib 0.10)."""
   assert compile_lib.ynn_fusion_type(version) == fusions
 

@@ -63,7 +63,7 @@ def test_sequential_under_vmap_matches_lax(in_axes, channels):
 
 @pytest.mark.parametrize("channels", CHANNELS + [(5, 7)])
 def test_sequential_under_fedjax_sims_compiler_options_matches_plain_xla(channels):
-  """Rounds compile with fedjax_sim.compile's options, which on jaxlib 0.12+ hand XLA:CPU's
+  """Rounds compile with fedjax_sim.compile's options, which on jaxlib 0.11+ hand XLA:CPU's
   convolutions to YNNPACK: values and gradients, alone and over clients, still match
   lax.conv's compiled without them (x 7x7 with a 5x5 kernel: the kernel gradient is a
   convolution with a 7x7 window)."""
