@@ -10,7 +10,9 @@ PYTHON="${PYTHON:-python3}"
 # ml_dtypes 0.6.0: what fedjax_sim's own requirements give on Python 3.11 (0.7 adds
 # about 1 s to every `import jax` under numpy < 2.5, benchmarks/startup.py), so imports
 # cost the JAX peers the same.
-JAX=(jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 ml_dtypes==0.6.0)
+# JAX_PINS overrides them, e.g. the newest stack's on Python 3.12:
+# PYTHON=python3.12 PEERS_VENVS=~/.venvs312 JAX_PINS="jax==0.12.0.1 jaxlib==0.12.0.1 optax==0.2.8 ml_dtypes==0.7.0"
+read -r -a JAX <<< "${JAX_PINS:-jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 ml_dtypes==0.6.0}"
 # pfl's torch: a CPU-only build (the default wheel of the package index may pull GBs of
 # CUDA libraries). TORCH overrides, e.g. TORCH="torch==2.13.0+cpu" where a local wheel
 # of that name is available, or TORCH="torch" for the index's default.
