@@ -78,3 +78,30 @@ def test_tree_copy_is_one_compile_of_new_buffers():
   jax.jit(lambda t: jax.tree_util.tree_map(lambda x: x + 1, t), donate_argnums=0)(copied)
   np.testing.assert_array_equal(tree["a"], [0.0, 1.0, 2.0])
 
+
+
+@pytest.mark.parametrize("missing", [None, "xla_cpu_use_fusion_emitters"])
+def test_model_initialization_compiles_at_level_0_where_an_option_is_missing(monkeypatch,
+                                                                              missing):
+  # jaxlib 0.11 and later reject the emitters option; initialization should still get
+  # -O0 (half the default's compile) rather than fall back to the default.
+  used, real_jit = [], jax.jit
+
+  def jit(fun, compiler_options=None, **kwargs):
+    compiled = real_jit(fun, compiler_options=compiler_options, **kwargs)
+
+    def call(*args):
+      if missing in (compiler_options or {}):
+        raise ValueError(f"No such compile option: {missing}")
+      out = compiled(*args)
+      used.append(compiler_options)  # the options of a call that succeeded
+      return out
+
+    return call
+
+  monkeypatch.setattr(jax, "jit", jit)
+  params = fs.mlp(num_features=3, num_classes=2).params
+  assert len(used) == 1 and used[0]["xla_backend_optimization_level"] == 0
+  monkeypatch.undo()
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                         params, fs.mlp(num_features=3, num_classes=2).params)
