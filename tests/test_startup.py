@@ -105,3 +105,12 @@ def test_model_initialization_compiles_at_level_0_where_an_option_is_missing(mon
   monkeypatch.undo()
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                          params, fs.mlp(num_features=3, num_classes=2).params)
+
+
+def test_the_training_loss_traces_no_accuracy():
+  # XLA drops an unused argmax, but tracing and lowering it cost the first round time.
+  from fedjax_sim import losses
+  loss = losses.cross_entropy(lambda params, x: x @ params)
+  args = (np.ones((3, 4), np.float32), np.ones((2, 3), np.float32), np.zeros(2, np.int32))
+  assert "argmax" not in str(jax.make_jaxpr(loss)(*args))
+  assert "argmax" in str(jax.make_jaxpr(lambda *a: losses.correct(a[1] @ a[0], a[2]))(*args))
