@@ -27,25 +27,29 @@ def label_sums(logits: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array, j
   Returns:
     (summed cross-entropy, number predicted right, number of labels), each `[batch]`.
   """
-  loss_sum, count, valid, safe = _loss_sums(logits, y)
+  valid, safe = _labels(y)
+  loss_sum, count = _loss_sums(logits, valid, safe)
   hits = jnp.argmax(logits, axis=-1) == safe
   return loss_sum, _per_example_sum(hits, valid), count
+
+
+def _labels(y: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Which labels count (not `IGNORE_LABEL`), and the labels with those set to class 0."""
+  valid = y != IGNORE_LABEL
+  return valid, jnp.where(valid, y, 0)  # a real class index, so no NaN reaches the gradient
 
 
 def _per_example_sum(a: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(valid, a, 0).astype(jnp.float32).reshape(a.shape[0], -1).sum(axis=1)
 
 
-def _loss_sums(logits, y):
-  """(summed cross-entropy, number of labels) per example, and the labels' validity and
-  safe indices. Training takes only this: the accuracy's argmax, which XLA would drop
-  from the program anyway, made the round's first trace and lowering about 0.04 s
-  longer each on jax 0.12 (interleaved fresh processes)."""
-  valid = y != IGNORE_LABEL
-  safe = jnp.where(valid, y, 0)  # a real class index, so no NaN reaches the gradient
+def _loss_sums(logits: jax.Array, valid: jax.Array, safe: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+  """(summed cross-entropy, number of labels) per example. Training takes only this,
+  not the accuracy: XLA drops an unused argmax from the program, but the round's first
+  trace and lowering still paid for it."""
   per_label = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  return (_per_example_sum(per_label, valid), _per_example_sum(jnp.ones_like(per_label), valid),
-          valid, safe)
+  return _per_example_sum(per_label, valid), _per_example_sum(jnp.ones_like(per_label), valid)
 
 
 def cross_entropy(apply):
@@ -56,7 +60,7 @@ def cross_entropy(apply):
   """
 
   def loss(params, x, y):
-    loss_sum, count, _, _ = _loss_sums(apply(params, x), y)
+    loss_sum, count = _loss_sums(apply(params, x), *_labels(y))
     return loss_sum / jnp.maximum(count, 1.0)
 
   return loss

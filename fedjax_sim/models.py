@@ -65,8 +65,9 @@ def from_nnx(module: nnx.Module) -> Model:
 # normal per shape, 4-6 s for the CNN on a 2-core CPU; as one program at -O0 about 1 s,
 # without the emitters 0.4-0.5 s. The values agree with eager initialization to the last
 # bit or two (float32 ulps). jaxlib 0.11 and later have no emitters option; there -O0
-# alone halves the default's time (jax 0.12: MLP 0.96 -> 0.45 s, CNN 1.70 -> 0.83 s).
-# Each set is tried in turn: a jaxlib rejects an unknown option before compiling.
+# alone more than halves the default's time (jax 0.12, the MLP's model phase 895 -> 399
+# ms: benchmarks/startup.py, results/startup_cpu_py312_before.md and _py312.md). Each
+# set is tried in turn: a jaxlib rejects an unknown option before compiling.
 _INIT_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
                  {"xla_backend_optimization_level": 0})
 
