@@ -15,8 +15,15 @@ compilation and first execution. Variants:
   install --no-deps --target DIR ml_dtypes==0.7.0`), first on the path: what `import
   jax` costs under numpy < 2.5 with the ml_dtypes that fedjax_sim's requirements keep
   out on Python < 3.12.
+- baseline (with `--baseline REV`): fedjax_sim as of git revision REV (a temporary
+  worktree first on the path), against `installed` alone: a change's before and after,
+  interleaved in one run.
+
+Each worker also counts the fusions in the compiled round: XLA:CPU compiles each one
+separately, and they decide most of the compile time.
 
   python benchmarks/startup.py [--repeats 3] [--case mlp100] [--ml-dtypes-0.7 DIR]
+                               [--baseline REV]
 
 writes benchmarks/results/startup_<platform>.md and .json (or `--output PATH.json`).
 """
@@ -28,12 +35,14 @@ import time
 START = time.perf_counter()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CASES = {  # name: (model, examples per client, clients, clients per round)
@@ -82,17 +91,20 @@ def worker(case: str, variant: str) -> dict:
   state, metrics = compiled(state, data)
   jax.block_until_ready((state, metrics))
   mark("first round")
+  fusions = compiled.as_text().count(" fusion(")
   import ml_dtypes
   import numpy as np
-  return {"case": case, "variant": variant, "ends": ends,
+  return {"case": case, "variant": variant, "ends": ends, "fusions": fusions,
           "versions": {"jax": jax.__version__, "ml_dtypes": ml_dtypes.__version__,
                        "numpy": np.__version__, "python": sys.version.split()[0]},
           "ipython_loaded": "IPython" in sys.modules}
 
 
-def run_worker(case: str, variant: str, ml_dtypes_dir: str | None) -> dict:
+def run_worker(case: str, variant: str, ml_dtypes_dir: str | None,
+               baseline_dir: str | None = None) -> dict:
   # The interpreter's own start (before START) is measured around the subprocess.
-  path = [str(REPO)] + ([ml_dtypes_dir] if variant == "ml_dtypes_0.7" else [])
+  path = ([baseline_dir] if variant == "baseline" else [str(REPO)]) + (
+      [ml_dtypes_dir] if variant == "ml_dtypes_0.7" else [])
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
   launch = time.perf_counter()
   proc = subprocess.run([sys.executable, __file__, "--worker", case, variant], env=env,
@@ -103,6 +115,25 @@ def run_worker(case: str, variant: str, ml_dtypes_dir: str | None) -> dict:
   record = json.loads(proc.stdout.strip().splitlines()[-1])
   record["launch_to_exit_s"] = total
   return record
+
+
+@contextlib.contextmanager
+def _worktree(rev: str):
+  """A temporary git worktree of `rev`, removed afterwards."""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "baseline")
+    subprocess.run(["git", "worktree", "add", "--detach", path, rev], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+      yield path
+    finally:
+      subprocess.run(["git", "worktree", "remove", "--force", path], cwd=REPO,
+                     capture_output=True)
+
+
+def _rev(rev: str) -> str:
+  return subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True,
+                        capture_output=True, text=True).stdout.strip()
 
 
 def summarize(records: list[dict]) -> list[dict]:
@@ -116,6 +147,7 @@ def summarize(records: list[dict]) -> list[dict]:
           r["ends"][phase] - (r["ends"][before] if before else 0.0) for r in runs)
     rows.append({"variant": variant, "runs": len(runs), "phases": durations,
                  "to_first_round_s": statistics.median(r["ends"][PHASES[-1]] for r in runs),
+                 "fusions": runs[0].get("fusions"),
                  "versions": runs[0]["versions"],
                  "ipython_loaded": runs[0]["ipython_loaded"]})
   return rows
@@ -134,13 +166,16 @@ def markdown(rows: list[dict], info: dict) -> str:
       "imported within `import fedjax_sim`, as flax.nnx did before fedjax_sim kept it "
       "out where no IPython shell runs); ml_dtypes_0.7 (ml_dtypes 0.7 first on the path: "
       "its numpy loop registration is quadratic under numpy < 2.5, so fedjax_sim's "
-      "requirements keep 0.6 on Python < 3.12).", "",
-      "| variant | " + " | ".join(PHASES) + " | to the first round | versions | runs |",
-      "| --- |" + " ---: |" * (len(PHASES) + 1) + " --- | ---: |"]
+      "requirements keep 0.6 on Python < 3.12)"
+      + (f"; baseline (fedjax_sim at {info['baseline']}, the same worker)"
+         if info.get("baseline") else "") + ". Fusions: those in the compiled round.", "",
+      "| variant | " + " | ".join(PHASES) + " | to the first round | fusions | versions | runs |",
+      "| --- |" + " ---: |" * (len(PHASES) + 2) + " --- | ---: |"]
   for r in rows:
     v = r["versions"]
     lines.append(f"| {r['variant']} | " + " | ".join(s(r["phases"][p]) for p in PHASES)
-                 + f" | {s(r['to_first_round_s'])} | python {v['python']}, jax {v['jax']}, "
+                 + f" | {s(r['to_first_round_s'])} | {r.get('fusions')} | python {v['python']}, "
+                 f"jax {v['jax']}, "
                  f"ml_dtypes {v['ml_dtypes']}, numpy {v['numpy']} | {r['runs']} |")
   return "\n".join(lines) + "\n"
 
@@ -151,6 +186,9 @@ def main(argv=None) -> None:
   p.add_argument("--case", default="mlp100", choices=list(CASES))
   p.add_argument("--ml-dtypes-0.7", dest="ml_dtypes_dir", default=None, metavar="DIR",
                  help="a folder with ml_dtypes 0.7 in it, for the ml_dtypes_0.7 variant")
+  p.add_argument("--baseline", default=None, metavar="REV",
+                 help="compare against fedjax_sim at git revision REV (variants installed "
+                      "and baseline only)")
   p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
   p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -159,15 +197,21 @@ def main(argv=None) -> None:
     return
   sys.path.insert(0, str(REPO / "benchmarks"))
   import machine
-  variants = ["installed", "ipython"] + (["ml_dtypes_0.7"] if args.ml_dtypes_dir else [])
+  if args.baseline:
+    variants = ["installed", "baseline"]
+  else:
+    variants = ["installed", "ipython"] + (["ml_dtypes_0.7"] if args.ml_dtypes_dir else [])
   records = []
-  for rep in range(args.repeats):
-    for variant in (variants if rep % 2 == 0 else variants[::-1]):
-      records.append(run_worker(args.case, variant, args.ml_dtypes_dir))
-      print(json.dumps(records[-1]), flush=True)
+  with contextlib.ExitStack() as stack:
+    baseline_dir = stack.enter_context(_worktree(args.baseline)) if args.baseline else None
+    for rep in range(args.repeats):
+      for variant in (variants if rep % 2 == 0 else variants[::-1]):
+        records.append(run_worker(args.case, variant, args.ml_dtypes_dir, baseline_dir))
+        print(json.dumps(records[-1]), flush=True)
   dev = machine.device_info()
   info = machine.results_info(dev, "startup.py " + " ".join(  # the folder stays on this machine
-      "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:])), case=args.case)
+      "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:])), case=args.case,
+      **({"baseline": _rev(args.baseline)} if args.baseline else {}))
   rows = summarize(records)
   machine.write_results(args.output, "startup", info, dev, rows, records, markdown(rows, info))
 
