@@ -56,20 +56,10 @@ def categorize(hlo_text: str) -> dict[str, int]:
 
 
 def round_worker(case: str) -> dict:
-  import jax
-  import optax
-  import fedjax_sim as fs
-  from fedjax_sim import runner, tree
+  from fedjax_sim import runner
   sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
   import common
-  kind, examples, clients, per_round = CASES[case]
-  xs, ys = zip(*(common.client_data(0, i, examples) for i in range(clients)))
-  data = fs.from_clients(list(xs), list(ys), num_classes=common.NUM_CLASSES)
-  model = fs.mlp(seed=0) if kind == "mlp" else fs.cnn(seed=0)
-  algorithm = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
-                        server_optimizer=optax.sgd(1.0), clients_per_round=per_round,
-                        batch_size=20, epochs=1)
-  state = tree.copy(algorithm.init(model.params, jax.random.key(0)))
+  algorithm, state, data = common.fedjax_sim_fedavg(*CASES[case])
   lowered = runner.make_chunk(algorithm, 1).trace(state, data).lower()
   start = time.perf_counter()
   compiled = lowered.compile()

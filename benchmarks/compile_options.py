@@ -68,20 +68,12 @@ def worker(case: str, option: str, order: list) -> dict:
   import common
   import jax
   import numpy as np
-  import optax
 
-  import fedjax_sim as fs
   from fedjax_sim import compile as compile_lib
   from fedjax_sim import runner
 
-  kind, examples, clients, per_round, rounds = CASES[case]
-  xs, ys = zip(*(common.client_data(0, i, examples) for i in range(clients)))
-  data = fs.from_clients(list(xs), list(ys), num_classes=common.NUM_CLASSES)
-  model = fs.mlp(seed=0) if kind == "mlp" else fs.cnn(seed=0)
-  algorithm = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
-                        server_optimizer=optax.sgd(1.0), clients_per_round=per_round,
-                        batch_size=20, epochs=1)
-  state = algorithm.init(model.params, jax.random.key(0))
+  *task, rounds = CASES[case]
+  algorithm, state, data = common.fedjax_sim_fedavg(*task)
   # The jit's own options apply under those given to compile: lower without them.
   compile_lib.compiler_options = lambda: None
   lowered = runner.make_chunk(algorithm, 1).trace(state, data).lower()

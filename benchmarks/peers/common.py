@@ -146,6 +146,22 @@ def fedjax_sim_compile():
   return module
 
 
+def fedjax_sim_fedavg(kind: str, examples: int, clients: int, per_round: int):
+  """(algorithm, initial state, data) of fedjax_sim's FedAvg on this task, as the peers'
+  short benchmarks run it (SGD 0.1 on clients, 1.0 on the server, batch 20, one epoch).
+  Imports fedjax_sim: for the scripts that run in its environment, not the peers'."""
+  import jax
+  import optax
+  import fedjax_sim as fs
+  xs, ys = zip(*(client_data(0, i, examples) for i in range(clients)))
+  data = fs.from_clients(list(xs), list(ys), num_classes=NUM_CLASSES)
+  model = fs.mlp(seed=0) if kind == "mlp" else fs.cnn(seed=0)
+  algorithm = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
+                        server_optimizer=optax.sgd(1.0), clients_per_round=per_round,
+                        batch_size=20, epochs=1)
+  return algorithm, algorithm.init(model.params, jax.random.key(0)), data
+
+
 def launch_time(main_start: float) -> float:
   """The driver's launch time (or `main_start`, when the worker is run by hand)."""
   return float(os.environ.get(LAUNCH_ENV, main_start))
