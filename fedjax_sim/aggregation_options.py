@@ -209,6 +209,7 @@ def with_backdoor(evaluate: Callable, apply: Callable, test, backdoor: attacks.B
     return {**evaluate(params), **measure(params)}
 
   both.check = getattr(evaluate, "check", None)  # the test data's checks (runner.run)
+  both.prepare = getattr(evaluate, "prepare", None)  # compiled while the round compiles
   return both
 
 

@@ -48,6 +48,8 @@ def make_evaluator(
     `evaluate.check(params)` raises ValueError if the model cannot take the test data's
     examples or its outputs do not fit their labels (`fs.run` and `fs.sweep` call it
     before compiling; `evaluate` calls it once, before its first evaluation).
+    `evaluate.prepare(params)` compiles it without evaluating (`fs.run` does, in a
+    thread, while the round compiles).
 
   Raises:
     ValueError: test features that hold NaN or inf, naming the example or client.
@@ -101,6 +103,15 @@ def make_evaluator(
       checks.check_labels(apply, params, client_test, "the client test splits")
     checked.append(True)
 
+  def prepare(params) -> None:
+    """Compiles the evaluation for parameters shaped like `params` (arrays or
+    `jax.ShapeDtypeStruct`s), so that the first `evaluate` finds it compiled; `fs.run`
+    calls it in a thread while the round's program compiles."""
+    if central is not None:
+      central.lower(params, *central_data).compile()
+    if per_client is not None:
+      per_client.lower(params, client_test).compile()
+
   def evaluate(params) -> dict[str, float]:
     if not checked:
       check(params)
@@ -113,6 +124,7 @@ def make_evaluator(
     return out
 
   evaluate.check = check
+  evaluate.prepare = prepare
   return evaluate
 
 

@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -87,6 +88,34 @@ def make_chunk(algorithm: FederatedAlgorithm, length: int) -> Callable:
     return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
 
   return compile_lib.jit(chunk, donate_argnums=0)
+
+
+def compile_with_evaluation(call: Callable, state: ServerState, data: FederatedData,
+                            evaluate: Callable | None) -> threading.Thread | None:
+  """Compiles `call(state, data)` (its first call then finds it compiled) while, in a
+  thread, `evaluate.prepare` compiles the evaluation: XLA:CPU keeps only part of the
+  cores busy compiling one program, and the evaluation's trace runs while the round's
+  compile holds no Python lock. Returns the thread, to join before the first evaluation;
+  None (nothing compiled here) for an evaluator without `prepare`. Evaluating stays as
+  it was: under configuration contexts of the caller's thread (which the thread does not
+  see) the evaluation just compiles again."""
+  prepare = getattr(evaluate, "prepare", None)
+  if prepare is None:
+    return None
+  lowered = call.trace(state, data).lower()
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  state.params)
+  thread = threading.Thread(target=_ignoring_errors, args=(prepare, shapes), daemon=True)
+  thread.start()
+  lowered.compile()
+  return thread
+
+
+def _ignoring_errors(fn: Callable, *args) -> None:
+  try:
+    fn(*args)
+  except Exception:  # the evaluation compiles again on its first call, and raises there
+    pass
 
 
 def _fetch(tree: Any) -> Any:
@@ -324,6 +353,7 @@ def run(
   call = make_chunk(algorithm, call_rounds)
   try:
     with DeferredSignals() as signals:
+      preparing = compile_with_evaluation(call, state, data, evaluate) if done < end else None
       while done < end:
         length = min(rounds_per_chunk, end - done)
         metrics = []
@@ -340,6 +370,9 @@ def run(
           first_loss = rows[0]["train_loss"]
         bad = next((r for r in rows if is_diverged(r["train_loss"], first_loss)), None)
         if bad is None and evaluate is not None:
+          if preparing is not None:
+            preparing.join()
+            preparing = None
           rows[-1].update(evaluate(state.params))
         for row in rows:
           if row is bad:

@@ -1,0 +1,112 @@
+"""`evaluate.prepare`: `fs.run` compiles the evaluation in a thread while the round's
+program compiles, and waits for it before the first evaluation."""
+
+import logging
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fedjax_sim as fs
+from fedjax_sim.algorithms import fedavg
+
+
+def _algorithm():
+  # loss w^2, one SGD step per round: w <- 0.8 w.
+  return fedavg(lambda p, x: p["w"] * x[:, 0], loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
+                client_optimizer=optax.sgd(0.1), clients_per_round=1, batch_size=1, steps=1)
+
+
+def _train():
+  return fs.from_clients([np.ones((1, 1), np.float32)], [np.zeros(1, int)])
+
+
+def test_run_prepares_the_evaluation_in_a_thread_and_waits_for_it():
+  events = []
+
+  def evaluate(params):
+    events.append(("evaluate", float(params["w"])))
+    return {"w": float(params["w"])}
+
+  def prepare(shapes):
+    events.append(("prepare", threading.current_thread() is threading.main_thread(),
+                   jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), shapes)))
+    time.sleep(1.0)  # longer than the round's compile: the run must wait for it
+    events.append(("prepared",))
+
+  evaluate.prepare = prepare
+  algorithm = _algorithm()
+  state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
+  _, history = fs.run(algorithm, state, _train(), rounds=2, rounds_per_chunk=1,
+                      evaluate=evaluate, progress=False)
+  assert events[0] == ("prepare", False, {"w": ((), jnp.dtype(jnp.float32))})
+  assert [e[0] for e in events] == ["prepare", "prepared", "evaluate", "evaluate"]
+  np.testing.assert_allclose([r["w"] for r in history], [0.8, 0.64], rtol=1e-6)
+
+
+def test_a_failing_prepare_leaves_the_run_as_it_was():
+  def evaluate(params):
+    return {"w": float(params["w"])}
+
+  def prepare(shapes):
+    raise RuntimeError("a preparation that fails")
+
+  evaluate.prepare = prepare
+  algorithm = _algorithm()
+  state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
+  unhandled, hook = [], threading.excepthook
+  threading.excepthook = lambda args: unhandled.append(args.exc_type)
+  try:
+    _, history = fs.run(algorithm, state, _train(), rounds=2, rounds_per_chunk=1,
+                        evaluate=evaluate, progress=False)
+  finally:
+    threading.excepthook = hook
+  assert unhandled == []  # no traceback printed from the thread
+  np.testing.assert_allclose([r["w"] for r in history], [0.8, 0.64], rtol=1e-6)
+
+
+def _compiles(caplog, fn):
+  """The names of the programs `fn()` compiled (jax's compile log)."""
+  caplog.clear()
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    fn()
+  return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_a_prepared_evaluator_does_not_compile_when_it_evaluates(caplog):
+  rng = np.random.default_rng(0)
+  x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
+  apply = lambda p, x: x @ p["w"]
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+  client_test = fs.from_clients([x[:30], x[30:]], [y[:30], y[30:]], num_classes=2)
+  shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+
+  prepared = fs.make_evaluator(apply, test=(x, y), client_test=client_test, batch_size=16)
+  assert any("central" in m for m in _compiles(caplog, lambda: prepared.prepare(shapes)))
+  assert not _compiles(caplog, lambda: prepared(params))
+
+  unprepared = fs.make_evaluator(apply, test=(x, y), client_test=client_test, batch_size=16)
+  assert any("central" in m for m in _compiles(caplog, lambda: unprepared(params)))
+  assert prepared(params) == unprepared(params)
+
+
+def test_run_compiles_the_evaluation_once_off_the_main_thread(caplog):
+  x = np.ones((4, 1), np.float32)
+  evaluate = fs.make_evaluator(lambda p, x: jnp.concatenate([p["w"] * x, -p["w"] * x], 1),
+                               test=(x, np.zeros(4, int)))
+  algorithm = _algorithm()
+  state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
+  caplog.clear()
+  jax.config.update("jax_log_compiles", True)  # for every thread: the context is per thread
+  try:
+    with caplog.at_level(logging.WARNING):
+      fs.run(algorithm, state, _train(), rounds=2, rounds_per_chunk=1, evaluate=evaluate,
+             progress=False)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  central = [r for r in caplog.records if "Compiling" in r.getMessage()
+             and "central" in r.getMessage()]
+  assert [r.threadName != "MainThread" for r in central] == [True]
