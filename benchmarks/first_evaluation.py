@@ -51,7 +51,8 @@ def worker(model: str) -> dict:
   _, history = fs.run(algorithm, state, data, rounds=4, rounds_per_chunk=2,
                       evaluate=evaluate, progress=False)
   return {"run_s": time.perf_counter() - start, "first_evaluation_s": seconds[0],
-          "later_evaluation_s": seconds[1:], "final": history[-1],
+          "later_evaluation_s": seconds[1:],
+          "final": {k: float(v) for k, v in history[-1].items() if getattr(v, "ndim", 0) == 0},
           "fedjax_sim": fs.__file__}
 
 
@@ -66,7 +67,7 @@ def run_worker(model: str, path: str) -> dict:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--baseline", required=True, metavar="REV")
+  p.add_argument("--baseline", metavar="REV", help="the git revision to compare with")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
   p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
@@ -75,6 +76,8 @@ def main(argv=None) -> None:
   if args.worker:
     print(json.dumps(worker(args.worker)))
     return
+  if not args.baseline:
+    p.error("--baseline REV is required")
   sys.path.insert(0, str(REPO / "benchmarks"))
   import machine
   import startup  # its temporary worktree of a revision
