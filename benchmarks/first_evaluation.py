@@ -80,9 +80,8 @@ def main(argv=None) -> None:
     p.error("--baseline REV is required")
   sys.path.insert(0, str(REPO / "benchmarks"))
   import machine
-  import startup  # its temporary worktree of a revision
   records = []
-  with startup._worktree(args.baseline) as baseline_dir:
+  with machine.git_worktree(args.baseline) as baseline_dir:
     paths = {"installed": str(REPO), "baseline": baseline_dir}
     for rep in range(args.repeats):
       for variant in (list(paths) if rep % 2 == 0 else list(paths)[::-1]):
@@ -101,7 +100,7 @@ def main(argv=None) -> None:
     ratios.append(run_s["installed"] / run_s["baseline"])
   dev = machine.device_info()
   info = machine.results_info(dev, "first_evaluation.py " + " ".join(argv or sys.argv[1:]),
-                              model=args.model, baseline=startup._rev(args.baseline))
+                              model=args.model, baseline=machine.short_rev(args.baseline))
   same = rows[0]["final"] == rows[1]["final"]
   lines = [f"# fs.run with an evaluation, against {info['baseline']} ({args.model})", "",
            f"Device: {info['device']}, jax {dev['jax_version']}, python {dev['python']}. "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -9,6 +10,7 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
 
 import jax
@@ -80,6 +82,29 @@ def git_commit() -> str | None:
                           cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
+
+
+@contextlib.contextmanager
+def git_worktree(rev: str):
+  """A temporary git worktree of the repository at `rev` (its path), removed afterwards:
+  fedjax_sim as of `rev`, to put first on a worker's path for a before/after run."""
+  repo = os.path.dirname(os.path.abspath(__file__))
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "baseline")
+    subprocess.run(["git", "worktree", "add", "--detach", path, rev], cwd=repo, check=True,
+                   capture_output=True)
+    try:
+      yield path
+    finally:
+      subprocess.run(["git", "worktree", "remove", "--force", path], cwd=repo,
+                     capture_output=True)
+
+
+def short_rev(rev: str) -> str:
+  """`rev`'s abbreviated commit hash."""
+  return subprocess.run(["git", "rev-parse", "--short", rev], check=True, text=True,
+                        capture_output=True,
+                        cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
 
 
 def _median_seconds(fn, x, repeats: int) -> float:

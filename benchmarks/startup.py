@@ -42,7 +42,6 @@ import pathlib  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CASES = {  # name: (model, examples per client, clients, clients per round)
@@ -117,25 +116,6 @@ def run_worker(case: str, variant: str, ml_dtypes_dir: str | None,
   return record
 
 
-@contextlib.contextmanager
-def _worktree(rev: str):
-  """A temporary git worktree of `rev`, removed afterwards."""
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "baseline")
-    subprocess.run(["git", "worktree", "add", "--detach", path, rev], cwd=REPO, check=True,
-                   capture_output=True)
-    try:
-      yield path
-    finally:
-      subprocess.run(["git", "worktree", "remove", "--force", path], cwd=REPO,
-                     capture_output=True)
-
-
-def _rev(rev: str) -> str:
-  return subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True,
-                        capture_output=True, text=True).stdout.strip()
-
-
 def summarize(records: list[dict]) -> list[dict]:
   rows = []
   for variant in dict.fromkeys(r["variant"] for r in records):
@@ -203,7 +183,7 @@ def main(argv=None) -> None:
     variants = ["installed", "ipython"] + (["ml_dtypes_0.7"] if args.ml_dtypes_dir else [])
   records = []
   with contextlib.ExitStack() as stack:
-    baseline_dir = stack.enter_context(_worktree(args.baseline)) if args.baseline else None
+    baseline_dir = stack.enter_context(machine.git_worktree(args.baseline)) if args.baseline else None
     for rep in range(args.repeats):
       for variant in (variants if rep % 2 == 0 else variants[::-1]):
         records.append(run_worker(args.case, variant, args.ml_dtypes_dir, baseline_dir))
@@ -211,7 +191,7 @@ def main(argv=None) -> None:
   dev = machine.device_info()
   info = machine.results_info(dev, "startup.py " + " ".join(  # the folder stays on this machine
       "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:])), case=args.case,
-      **({"baseline": _rev(args.baseline)} if args.baseline else {}))
+      **({"baseline": machine.short_rev(args.baseline)} if args.baseline else {}))
   rows = summarize(records)
   machine.write_results(args.output, "startup", info, dev, rows, records, markdown(rows, info))
 
