@@ -351,6 +351,7 @@ def run(
   # One program for every chunk, the shorter final one included (see the module doc).
   call_rounds = math.gcd(rounds_per_chunk, end - first)
   call = make_chunk(algorithm, call_rounds)
+  preparing = None
   try:
     with DeferredSignals() as signals:
       preparing = compile_with_evaluation(call, state, data, evaluate) if done < end else None
@@ -403,6 +404,8 @@ def run(
       status = f"failed: {type(e).__name__}: {e}"
     raise
   finally:
+    if preparing is not None:  # a run stopped before evaluating: no compile left at exit
+      preparing.join()
     bar.close()
     if metrics_file is not None:
       metrics_file.close()

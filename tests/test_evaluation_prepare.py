@@ -9,8 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fedjax_sim as fs
+from fedjax_sim import runner
 from fedjax_sim.algorithms import fedavg
 
 
@@ -107,6 +109,31 @@ def test_run_compiles_the_evaluation_once_off_the_main_thread(caplog):
              progress=False)
   finally:
     jax.config.update("jax_log_compiles", False)
-  central = [r for r in caplog.records if "Compiling" in r.getMessage()
-             and "central" in r.getMessage()]
-  assert [r.threadName != "MainThread" for r in central] == [True]
+  compiled = [r for r in caplog.records if "Compiling" in r.getMessage()]
+  central = [r.threadName != "MainThread" for r in compiled if "central" in r.getMessage()]
+  assert central == [True]
+  # The round's program compiled ahead of its first call, which found it compiled.
+  assert len([r for r in compiled if "jit(chunk)" in r.getMessage()]) == 1
+
+
+def test_a_run_that_stops_before_evaluating_waits_for_the_preparation():
+  finished = []
+
+  def evaluate(params):
+    return {}
+
+  def prepare(shapes):
+    time.sleep(1.0)
+    finished.append(True)
+
+  evaluate.prepare = prepare
+  # lr 10: w <- -19 w, diverged in the first chunk, before any evaluation.
+  algorithm = fedavg(lambda p, x: p["w"] * x[:, 0],
+                     loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
+                     client_optimizer=optax.sgd(10.0), clients_per_round=1, batch_size=1,
+                     steps=1)
+  state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
+  with pytest.raises(runner.Diverged):
+    fs.run(algorithm, state, _train(), rounds=4, rounds_per_chunk=4, evaluate=evaluate,
+           progress=False)
+  assert finished == [True]
