@@ -109,10 +109,10 @@ def slope(points: list[tuple[float, float]]) -> float:
           / sum((x - mx) ** 2 for x, _ in points))
 
 
-def markdown(info: dict, per_fusion: float, synthetic: list, rows: list) -> str:
+def markdown(info: dict, dev: dict, per_fusion: float, synthetic: list, rows: list) -> str:
   lines = [f"# Where a round's compile time goes ({info['device']})", "",
-           f"{info['when']}, commit {info['commit']}, jax {info['jax']}, python "
-           f"{info['python']}: `{info['command']}`. Each figure: the median over "
+           f"{info['when']}, commit {info['commit']}, jax {dev['jax_version']}, python "
+           f"{dev['python']}: `{info['command']}`. Each figure: the median over "
            f"{info['repeats']} fresh processes.", "",
            "## Compile time per fusion (synthetic)", "",
            "| fusions | compile |", "| ---: | ---: |"]
@@ -149,7 +149,6 @@ def main(argv=None) -> None:
     print(json.dumps(round_worker(arg) if kind == "round" else synthetic_worker(int(arg))))
     return
   sys.path.insert(0, str(REPO / "benchmarks"))
-  import jax
   import machine
   synthetic, records = [], []
   for rep in range(args.repeats):
@@ -163,13 +162,11 @@ def main(argv=None) -> None:
     runs = [r for r in records if r["case"] == case]
     rows.append({**runs[0], "compile_s": statistics.median(r["compile_s"] for r in runs)})
   dev = machine.device_info()
-  import platform
   info = machine.results_info(dev, "compile_breakdown.py " + " ".join(argv or sys.argv[1:]),
-                              repeats=args.repeats, jax=jax.__version__,
-                              python=platform.python_version())
+                              repeats=args.repeats)
   machine.write_results(args.output, "compile_breakdown", info, dev,
                         [{"per_fusion_s": per_fusion, "synthetic": synthetic}] + rows, records,
-                        markdown(info, per_fusion, synthetic, rows))
+                        markdown(info, dev, per_fusion, synthetic, rows))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,20 @@ def tiny_mlp():
   return (lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]), params
 
 
+def square_loss_fedavg(lr):
+  """FedAvg on the loss w^2, one SGD step per round: w <- w (1 - 2 lr) (lr 10 diverges at
+  round 3), on `one_example_data()`."""
+  from fedjax_sim.algorithms import fedavg
+  import optax
+  return fedavg(lambda p, x: p["w"] * x[:, 0], loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
+                client_optimizer=optax.sgd(lr), clients_per_round=1, batch_size=1, steps=1)
+
+
+def one_example_data():
+  """One client with one example, for `square_loss_fedavg`."""
+  return data_lib.from_clients([np.ones((1, 1), np.float32)], [np.zeros(1, int)])
+
+
 def max_relative_error(a, b):
   errs = [float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / (np.max(np.abs(np.asarray(y))) + 1e-12))
           for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))]

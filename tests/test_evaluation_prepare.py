@@ -8,22 +8,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import runner
-from fedjax_sim.algorithms import fedavg
+from conftest import one_example_data as _train, square_loss_fedavg
 
 
 def _algorithm():
-  # loss w^2, one SGD step per round: w <- 0.8 w.
-  return fedavg(lambda p, x: p["w"] * x[:, 0], loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
-                client_optimizer=optax.sgd(0.1), clients_per_round=1, batch_size=1, steps=1)
-
-
-def _train():
-  return fs.from_clients([np.ones((1, 1), np.float32)], [np.zeros(1, int)])
+  return square_loss_fedavg(0.1)  # w <- 0.8 w
 
 
 def test_run_prepares_the_evaluation_in_a_thread_and_waits_for_it():
@@ -70,15 +63,7 @@ def test_a_failing_prepare_leaves_the_run_as_it_was():
   np.testing.assert_allclose([r["w"] for r in history], [0.8, 0.64], rtol=1e-6)
 
 
-def _compiles(caplog, fn):
-  """The names of the programs `fn()` compiled (jax's compile log)."""
-  caplog.clear()
-  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-    fn()
-  return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
-def test_a_prepared_evaluator_does_not_compile_when_it_evaluates(caplog):
+def test_a_prepared_evaluator_does_not_compile_when_it_evaluates(count_compiles):
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
   apply = lambda p, x: x @ p["w"]
@@ -87,12 +72,15 @@ def test_a_prepared_evaluator_does_not_compile_when_it_evaluates(caplog):
   shapes = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
 
   prepared = fs.make_evaluator(apply, test=(x, y), client_test=client_test, batch_size=16)
-  assert any("central" in m for m in _compiles(caplog, lambda: prepared.prepare(shapes)))
-  assert not _compiles(caplog, lambda: prepared(params))
+  prepared.prepare(shapes)
+  before = count_compiles()
+  prepared_metrics = prepared(params)
+  assert count_compiles() == before
 
   unprepared = fs.make_evaluator(apply, test=(x, y), client_test=client_test, batch_size=16)
-  assert any("central" in m for m in _compiles(caplog, lambda: unprepared(params)))
-  assert prepared(params) == unprepared(params)
+  before = count_compiles()
+  assert unprepared(params) == prepared_metrics
+  assert count_compiles() >= before + 2  # its central and per-client programs
 
 
 def test_run_compiles_the_evaluation_once_off_the_main_thread(caplog):
@@ -127,11 +115,7 @@ def test_a_run_that_stops_before_evaluating_waits_for_the_preparation():
     finished.append(True)
 
   evaluate.prepare = prepare
-  # lr 10: w <- -19 w, diverged in the first chunk, before any evaluation.
-  algorithm = fedavg(lambda p, x: p["w"] * x[:, 0],
-                     loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
-                     client_optimizer=optax.sgd(10.0), clients_per_round=1, batch_size=1,
-                     steps=1)
+  algorithm = square_loss_fedavg(10.0)  # diverged in the first chunk, before evaluating
   state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
   with pytest.raises(runner.Diverged):
     fs.run(algorithm, state, _train(), rounds=4, rounds_per_chunk=4, evaluate=evaluate,

@@ -10,7 +10,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import runner
 from fedjax_sim.algorithms import fedavg
-from conftest import tiny_mlp
+from conftest import one_example_data, square_loss_fedavg, tiny_mlp
 
 
 class Recorder:
@@ -24,19 +24,13 @@ class Recorder:
     self.summaries.append(summary)
 
 
-def _algorithm(lr):
-  # loss w^2, one SGD step per round: w <- w (1 - 2 lr); lr 10 diverges at round 3.
-  return fedavg(lambda p, x: p["w"] * x[:, 0], loss=lambda p, x, y: p["w"] ** 2 + 0.0 * jnp.sum(x),
-                client_optimizer=optax.sgd(lr), clients_per_round=1, batch_size=1, steps=1)
-
-
 @pytest.fixture(scope="module")
 def train():
-  return fs.from_clients([np.ones((1, 1), np.float32)], [np.zeros(1, int)])
+  return one_example_data()
 
 
 def test_callbacks_see_every_chunk_and_the_summary(train):
-  algorithm = _algorithm(0.1)
+  algorithm = square_loss_fedavg(0.1)
   recorder, end_only = Recorder(), type("EndOnly", (), {"on_end": lambda self, s: None})()
   fs.run(algorithm, algorithm.init({"w": jnp.ones(())}, jax.random.key(0)), train, rounds=5,
          rounds_per_chunk=2, progress=False, callbacks=[recorder, end_only])
@@ -46,7 +40,7 @@ def test_callbacks_see_every_chunk_and_the_summary(train):
 
 
 def test_callbacks_get_the_summary_of_a_run_that_stops(train):
-  algorithm = _algorithm(10.0)
+  algorithm = square_loss_fedavg(10.0)
   recorder = Recorder()
   with pytest.raises(runner.Diverged):
     fs.run(algorithm, algorithm.init({"w": jnp.ones(())}, jax.random.key(0)), train, rounds=6,
