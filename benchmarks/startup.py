@@ -175,7 +175,8 @@ def main(argv=None) -> None:
   if args.worker:
     print(json.dumps(worker(*args.worker)))
     return
-  sys.path.insert(0, str(REPO / "benchmarks"))
+  sys.path[:0] = [str(REPO / "benchmarks"), str(REPO / "benchmarks" / "peers")]
+  import common
   import machine
   if args.baseline:
     variants = ["installed", "baseline"]
@@ -184,6 +185,8 @@ def main(argv=None) -> None:
   records = []
   with contextlib.ExitStack() as stack:
     baseline_dir = stack.enter_context(machine.git_worktree(args.baseline)) if args.baseline else None
+    common.byte_compile(sys.executable, str(REPO / "benchmarks" / "peers"), str(REPO / "fedjax_sim"),
+                        *([os.path.join(baseline_dir, "fedjax_sim")] if baseline_dir else []))
     for rep in range(args.repeats):
       for variant in (variants if rep % 2 == 0 else variants[::-1]):
         records.append(run_worker(args.case, variant, args.ml_dtypes_dir, baseline_dir))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 
 import numpy as np
@@ -160,6 +161,19 @@ def fedjax_sim_fedavg(kind: str, examples: int, clients: int, per_round: int):
                         server_optimizer=optax.sgd(1.0), clients_per_round=per_round,
                         batch_size=20, epochs=1)
   return algorithm, algorithm.init(model.params, jax.random.key(0)), data
+
+
+def byte_compile(python: str, *dirs: str) -> None:
+  """Writes `python`'s bytecode (__pycache__) for the modules under `dirs`, as `pip
+  install` does for the peers' packages in their environments.
+
+  Python compiles a module's source on every import when no bytecode was written for it,
+  and a machine whose environment sets PYTHONDONTWRITEBYTECODE never writes any: a tree
+  run from source (fedjax_sim, these workers) would then pay its compilation in every
+  fresh process (fedjax_sim's own modules: 0.14-0.19 s against 0.03-0.04 s with bytecode,
+  Python 3.12), which no installed package pays. `compileall` writes it regardless."""
+  subprocess.run([python, "-m", "compileall", "-q", *dirs], check=True,
+                 stdout=subprocess.DEVNULL)
 
 
 def launch_time(main_start: float) -> float:

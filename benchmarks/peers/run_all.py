@@ -622,6 +622,15 @@ def run_order(simulators: list[str], rep: int) -> list[str]:
   return order if rep % 2 == 0 else order[::-1]
 
 
+def prepare_bytecode(args) -> None:
+  """Every environment's bytecode of the workers, and fedjax_sim's of this tree: what pip
+  writes at install for the peers' packages (common.byte_compile)."""
+  package = os.path.join(os.path.dirname(os.path.dirname(HERE)), "fedjax_sim")
+  for env in sorted({SIMULATORS[sim][1] for sim in args.simulators}):
+    python = os.path.expanduser(getattr(args, f"{env}_python"))
+    common.byte_compile(python, HERE, *([package] if env == "fedjax_sim" else []))
+
+
 def main(argv=None):
   args = parse_args(argv)
   started = time.time()
@@ -641,6 +650,7 @@ def main(argv=None):
   first_rep = 1 + max((r["repeat"] for r in old["runs"]), default=-1) if old else 0
   if args.first_repeat is not None:
     first_rep = args.first_repeat
+  prepare_bytecode(args)
   runs = []
   for rep in range(first_rep, first_rep + args.repeats):
     for case in args.cases:
