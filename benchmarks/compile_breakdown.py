@@ -15,9 +15,14 @@ its compile time grows with the number of fusions more than with their size. Two
   XLA's metadata) come from the random keys: jax's threefry hash, in key splits,
   `fold_in`, uniform draws and the client-sampling shuffle, which jax lowers on CPU as a
   loop of five iterations, three fusions each, plus fusions around it. The rest: local
-  training, sampling, aggregation, the server update, metrics.
+  training, sampling, aggregation, the server update, metrics. A case with the suffix
+  `_fewer_hashes` is the round with two hashes fewer (`fewer_hashes()`), a trial.
+- with `--phases`, the compile's phases from jax's profiler: XLA's HLO passes, its
+  fusion emitters (one MLIR kernel per fusion) and LLVM's code generation, the last two
+  on XLA's compile threads.
 
   python benchmarks/compile_breakdown.py [--repeats 3] [--cases mlp100 cnn100 scale1000]
+      [--phases] [--no-synthetic]
 
 writes benchmarks/results/compile_breakdown_<platform>.md and .json (or `--output`).
 """
@@ -41,6 +46,7 @@ CASES = {  # name: (model, examples per client, clients, clients per round)
     "scale1000": ("mlp", 100, 1000, 100),
 }
 SIZES = (8, 32, 64, 128)
+FEWER_HASHES = "_fewer_hashes"  # a case name's suffix: the round with fewer_hashes()
 RANDOM = re.compile(r"threefry|fold_in|_uniform|RngStream|_shuffle|random_bits|_split")
 FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .* fusion\(.*")
 
@@ -55,12 +61,33 @@ def categorize(hlo_text: str) -> dict[str, int]:
   return counts
 
 
-def round_worker(case: str) -> dict:
+def fewer_hashes() -> None:
+  """Two threefry hashes fewer in the round (a trial; it changes every run's random
+  stream): an example's sort key one uniform draw of the epoch's key at its index,
+  instead of a draw from the key folded with its index, and the clients sampled by one
+  draw of random bits and an argsort, instead of `jax.random.choice`'s key split and
+  draw."""
+  import jax
+  import jax.numpy as jnp
+  from fedjax_sim import local
+  from fedjax_sim.algorithms import engine
+  local._sort_keys = lambda key, size: jax.random.uniform(key, (size,))
+  engine.sample_clients = lambda key, num_clients, k: jnp.argsort(
+      jax.random.bits(key, (num_clients,)), stable=True)[:k]
+
+
+def round_worker(case: str, phases: bool = False) -> dict:
+  """The case's round compiled once: seconds, fusions by origin and loops; with `phases`,
+  compiled under jax's profiler instead, and the compile's phases from its trace."""
   from fedjax_sim import runner
   sys.path.insert(0, str(REPO / "benchmarks" / "peers"))
   import common
-  algorithm, state, data = common.fedjax_sim_fedavg(*CASES[case])
+  if case.endswith(FEWER_HASHES):
+    fewer_hashes()
+  algorithm, state, data = common.fedjax_sim_fedavg(*CASES[case.removesuffix(FEWER_HASHES)])
   lowered = runner.make_chunk(algorithm, 1).trace(state, data).lower()
+  if phases:
+    return {"case": case, **profiled_compile(lowered)}
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
@@ -68,6 +95,39 @@ def round_worker(case: str) -> dict:
   counts = categorize(text)
   return {"case": case, "compile_s": seconds, "fusions": sum(counts.values()),
           "by_origin": counts, "loops": text.count(" while(")}
+
+
+# XLA:CPU's trace events of a compile (jaxlib 0.12; another jaxlib may name them otherwise).
+PHASES = {"HLO passes": ("HLO passes through layout assignment",
+                         "HLO passes after layout assignment"),
+          "fusion emitters": ("FusionCompiler::Compile",),
+          "LLVM code generation": ("TaskDispatcher::dispatch",)}
+
+
+def profiled_compile(lowered) -> dict:
+  """`lowered.compile()` under jax's profiler: its wall seconds, and per phase of
+  `PHASES` the CPU seconds its events took (summed over threads), their count and the
+  wall span from the first one's start to the last one's end (None where the trace has
+  none)."""
+  import gzip
+  import tempfile
+  import jax
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    start = time.perf_counter()
+    lowered.compile()
+    seconds = time.perf_counter() - start
+    jax.profiler.stop_trace()
+    trace_file = next(pathlib.Path(tmp).rglob("*.trace.json.gz"))
+    events = [e for e in json.load(gzip.open(trace_file))["traceEvents"] if e.get("ph") == "X"]
+  out = {"compile_s": seconds, "phases": {}}
+  for phase, names in PHASES.items():
+    mine = [e for e in events if any(e["name"].startswith(n) for n in names)]
+    out["phases"][phase] = None if not mine else {
+        "cpu_s": sum(e["dur"] for e in mine) / 1e6, "events": len(mine),
+        "threads": len({e["tid"] for e in mine}),
+        "span_s": (max(e["ts"] + e["dur"] for e in mine) - min(e["ts"] for e in mine)) / 1e6}
+  return out
 
 
 def synthetic_worker(rep: int) -> list[dict]:
@@ -109,64 +169,118 @@ def slope(points: list[tuple[float, float]]) -> float:
           / sum((x - mx) ** 2 for x, _ in points))
 
 
-def markdown(info: dict, dev: dict, per_fusion: float, synthetic: list, rows: list) -> str:
+def phase_rows(cases: list[str], profiled: list[dict]) -> list[dict]:
+  """Per case, the medians over repetitions of the profiled compile and of each phase."""
+  rows = []
+  for case in cases:
+    runs = [r for r in profiled if r["case"] == case]
+    if not runs:
+      continue
+    row = {"case": case, "runs": len(runs),
+           "compile_s": statistics.median(r["compile_s"] for r in runs)}
+    for phase in PHASES:
+      got = [r["phases"][phase] for r in runs if r["phases"][phase]]
+      row[phase] = {k: statistics.median(g[k] for g in got) for k in got[0]} if got else None
+    rows.append(row)
+  return rows
+
+
+def markdown(info: dict, dev: dict, per_fusion: float | None, synthetic: list, rows: list,
+             phases: list) -> str:
   lines = [f"# Where a round's compile time goes ({info['device']})", "",
            f"{info['when']}, commit {info['commit']}, jax {dev['jax_version']}, python "
            f"{dev['python']}: `{info['command']}`. Each figure: the median over "
-           f"{info['repeats']} fresh processes.", "",
-           "## Compile time per fusion (synthetic)", "",
-           "| fusions | compile |", "| ---: | ---: |"]
-  for k in SIZES:
-    lines.append(f"| {k} | {statistics.median(r['compile_s'] for r in synthetic if r['k'] == k) * 1e3:.0f}"
-                 " ms |")
-  lines += ["", f"Slope: **{per_fusion * 1e3:.1f} ms per fusion** (these fusions are "
-            "larger than most of a round's).", "",
-            "## The peer benchmark's rounds", "",
-            "| case | compile | fusions | per fusion | of them random keys | loops |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
+           f"{info['repeats']} fresh processes.", ""]
+  if synthetic:
+    lines += ["## Compile time per fusion (synthetic)", "",
+              "| fusions | compile |", "| ---: | ---: |"]
+    for k in SIZES:
+      ms = statistics.median(r["compile_s"] for r in synthetic if r["k"] == k) * 1e3
+      lines.append(f"| {k} | {ms:.0f} ms |")
+    lines += ["", f"Slope: **{per_fusion * 1e3:.1f} ms per fusion** (these fusions are "
+              "larger than most of a round's).", ""]
+  lines += ["## The peer benchmark's rounds", "",
+            "| case | compile | single runs | fusions | per fusion | of them random keys | loops |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
   for r in rows:
     keys = r["by_origin"]["random keys"]
-    lines.append(f"| {r['case']} | {r['compile_s']:.2f} s | {r['fusions']} | "
+    runs = ", ".join(f"{s:.2f}" for s in r["compile_s_runs"])
+    lines.append(f"| {r['case']} | {r['compile_s']:.2f} s | {runs} | {r['fusions']} | "
                  f"{r['compile_s'] / r['fusions'] * 1e3:.1f} ms | {keys} "
                  f"({keys / r['fusions']:.0%}) | {r['loops']} |")
   lines += ["", "Per fusion: the compile time over the fusions. Random keys: fusions whose op "
             "names come from jax's threefry hash (key splits, `fold_in`, uniform draws, the "
             "sampling shuffle). Loops: while loops in the compiled round (each threefry "
             "hash is one on CPU; the local steps and, where clients train in chunks, the "
-            "chunks are others)."]
+            "chunks are others). A case ending in `_fewer_hashes` is the round with two "
+            "threefry hashes fewer (`fewer_hashes()`: one uniform draw of an epoch's key for "
+            "the examples' sort keys, one draw of bits and an argsort for the sampling), a "
+            "trial that changes the random stream."]
+  if phases:
+    lines += ["", "## The compile's phases (jax's profiler)", "",
+              "| case | compile, profiled | " + " | ".join(
+                  f"{p}: CPU, events, span" for p in PHASES) + " | runs |",
+              "| --- | ---: | " + " | ".join("---:" for _ in PHASES) + " | ---: |"]
+    for r in phases:
+      cells = [("-" if r[p] is None else
+                f"{r[p]['cpu_s']:.2f} s, {r[p]['events']:.0f}, {r[p]['span_s']:.2f} s")
+               for p in PHASES]
+      lines.append(f"| {r['case']} | {r['compile_s']:.2f} s | " + " | ".join(cells)
+                   + f" | {r['runs']} |")
+    lines += ["", "From the trace of one compile per repetition under `jax.profiler` "
+              "(perfetto): per phase the CPU seconds of its events summed over XLA's "
+              "threads, their number, and the wall seconds from the first one's start to the "
+              "last one's end. HLO passes: the optimization passes before and after layout "
+              "assignment (one thread). Fusion emitters: a fusion's MLIR kernel, one event "
+              "a kernel. LLVM code generation: the tasks compiling kernels to machine code. "
+              "'-': this jaxlib's trace has no such event."]
   return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  p.add_argument("--cases", nargs="+", default=list(CASES),
+                 choices=list(CASES) + [c + FEWER_HASHES for c in CASES])
+  p.add_argument("--phases", action="store_true",
+                 help="also compile each case under jax's profiler, once per repetition, "
+                      "and report the compile's phases")
+  p.add_argument("--no-synthetic", action="store_true",
+                 help="skip the synthetic programs (no per-fusion slope)")
   p.add_argument("--output", default=None, help="the .json to write (the .md beside it)")
   p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.worker:
     kind, arg = args.worker
-    print(json.dumps(round_worker(arg) if kind == "round" else synthetic_worker(int(arg))))
+    print(json.dumps(synthetic_worker(int(arg)) if kind == "synthetic"
+                     else round_worker(arg, phases=kind == "phases")))
     return
   sys.path.insert(0, str(REPO / "benchmarks"))
   import machine
-  synthetic, records = [], []
+  synthetic, records, profiled = [], [], []
   for rep in range(args.repeats):
-    synthetic += run_worker("synthetic", str(rep))
+    if not args.no_synthetic:
+      synthetic += run_worker("synthetic", str(rep))
     for case in (args.cases if rep % 2 == 0 else args.cases[::-1]):
       records.append(run_worker("round", case))
       print(json.dumps(records[-1]), flush=True)
-  per_fusion = slope([(r["fusions"], r["compile_s"]) for r in synthetic])
+      if args.phases:
+        profiled.append(run_worker("phases", case))
+        print(json.dumps(profiled[-1]), flush=True)
+  per_fusion = slope([(r["fusions"], r["compile_s"]) for r in synthetic]) if synthetic else None
   rows = []
   for case in args.cases:
     runs = [r for r in records if r["case"] == case]
-    rows.append({**runs[0], "compile_s": statistics.median(r["compile_s"] for r in runs)})
+    rows.append({**runs[0], "compile_s": statistics.median(r["compile_s"] for r in runs),
+                 "compile_s_runs": [r["compile_s"] for r in runs]})
   dev = machine.device_info()
   info = machine.results_info(dev, "compile_breakdown.py " + " ".join(argv or sys.argv[1:]),
                               repeats=args.repeats)
   machine.write_results(args.output, "compile_breakdown", info, dev,
-                        [{"per_fusion_s": per_fusion, "synthetic": synthetic}] + rows, records,
-                        markdown(info, dev, per_fusion, synthetic, rows))
+                        [{"per_fusion_s": per_fusion, "synthetic": synthetic}] + rows,
+                        records + profiled,
+                        markdown(info, dev, per_fusion, synthetic, rows,
+                                 phase_rows(args.cases, profiled)))
 
 
 if __name__ == "__main__":
