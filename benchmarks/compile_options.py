@@ -5,7 +5,9 @@
 same program here). `--option region`: it turns on
 `xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
 0.11 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
-measured against no YNNPACK fusions (what it sets before 0.11). `--option emitters`: XLA's
+measured against no YNNPACK fusions (what it sets before 0.11). `--option dots`: every
+dot a YNNPACK fusion of its own (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`, on jaxlib 0.12
+and later), against its other YNNPACK fusions alone. `--option emitters`: XLA's
 MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, jaxlib 0.10) turned off,
 which fedjax_sim does not do (faster compiles, slower rounds). Each is measured both
 ways, side by side, on the peer benchmark's cases (benchmarks/peers: FedAvg, 10 clients
@@ -17,7 +19,7 @@ two executables' rounds interleaved (wall and CPU seconds per round) and the lar
 parameter difference after them. CPU seconds count both cores' work, so they vary less
 on a shared machine than wall seconds.
 
-  python benchmarks/compile_options.py [--option level|region|ynn|emitters] [--repeats 3]
+  python benchmarks/compile_options.py [--option level|region|ynn|dots|emitters] [--repeats 3]
 
 writes benchmarks/results/compile_options_<platform>.md and .json for `level`,
 compile_options_<option>_<platform>.* for the others (or `--output PATH.json` and its .md).
@@ -36,8 +38,13 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from fedjax_sim.compile import YNN_CONVOLUTIONS  # noqa: E402
+from fedjax_sim.compile import YNN_CONVOLUTIONS, YNN_DOTS, ynn_fusion_type  # noqa: E402
 
+import jaxlib  # noqa: E402
+
+# The YNNPACK fusions fedjax_sim sets on this jaxlib other than dots.
+_NOT_DOTS = ",".join(f for f in ynn_fusion_type(jaxlib.__version__).split(",")
+                     if f and f != YNN_DOTS)
 # --option: (XLA option, the two ways, their labels, the results file's title). A way of
 # None leaves the option out (XLA's default).
 OPTIONS = {
@@ -51,6 +58,13 @@ OPTIONS = {
             ("", YNN_CONVOLUTIONS), ("off", "convolutions"),
             "YNNPACK fusions on XLA:CPU: for convolutions (fedjax_sim on jaxlib 0.11 and "
             "later) against none (before)"),
+    # The other YNNPACK fusions (convolutions from 0.11) with and without every dot as a
+    # YNNPACK fusion of its own (no elementwise ops fused in; fedjax_sim from 0.12).
+    "dots": ("xla_cpu_experimental_ynn_fusion_type",
+             (_NOT_DOTS, ",".join(filter(None, (_NOT_DOTS, YNN_DOTS)))), ("off", "on"),
+             "YNNPACK for each dot on XLA:CPU (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`, "
+             "fedjax_sim on jaxlib 0.12 and later) on top of its other YNNPACK fusions, "
+             "against without"),
     "emitters": ("xla_cpu_use_fusion_emitters", (None, False), ("on", "off"),
                  "XLA:CPU's MLIR fusion emitters: off against XLA's default (on)"),
 }

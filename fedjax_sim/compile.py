@@ -2,13 +2,17 @@
 
 On XLA:CPU three options apply:
 
-- YNNPACK fusions off, but on jaxlib 0.11 and later for convolutions: on jaxlib 0.10
-  the YNNPACK fusions chosen by default for batched matmuls made a vmapped round 2x
-  slower than a per-client loop on a 2-core CPU, where plain XLA dot emission matches it
-  (benchmarks/round_throughput.py), and its convolutions made the CNN's round 1.30x
-  slower than Eigen's. From jaxlib 0.11 its convolutions are the faster (the CNN's round
-  0.85x on 0.11, 0.91x on 0.12; benchmarks/compile_options.py --option ynn); programs
-  without a convolution compile as with the fusions off, to the bit.
+- YNNPACK fusions off, but on jaxlib 0.11 and later for convolutions and on 0.12 and
+  later for every dot on its own: on jaxlib 0.10 the YNNPACK fusions chosen by default
+  for batched matmuls made a vmapped round 2x slower than a per-client loop on a 2-core
+  CPU, where plain XLA dot emission matches it (benchmarks/round_throughput.py), and its
+  convolutions made the CNN's round 1.30x slower than Eigen's. From jaxlib 0.11 its
+  convolutions are the faster (the CNN's round 0.85x on 0.11, 0.91x on 0.12;
+  benchmarks/compile_options.py --option ynn); programs without a convolution compile
+  as with the fusions off, to the bit. On jaxlib 0.12 each dot alone in a YNNPACK fusion
+  (no elementwise ops fused in) took the MLP rounds 0.90-0.92x the time and the CNN's
+  1.01x (--option dots); on 0.11 0.91-0.96x the wall time but 1.04-1.08x the CPU time,
+  and on 0.10 1.13-1.21x, so dots stay with XLA there.
 - LLVM optimization level 1 instead of XLA's default (3): the peer benchmark's rounds
   compile with 14-22% less CPU time (jax 0.10; 13-30% on jax 0.12) and run as
   fast (benchmarks/compile_options.py). Float results differ from level 3's in the
@@ -36,12 +40,16 @@ import jax
 import jaxlib
 
 YNN_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+YNN_DOTS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
 def ynn_fusion_type(jaxlib_version: str) -> str:
-  """The YNNPACK fusions to turn on: convolutions from jaxlib 0.11, none before."""
+  """The YNNPACK fusions to turn on (comma-separated): convolutions from jaxlib 0.11,
+  dots too from 0.12, none before 0.11."""
   major_minor = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:2])
-  return YNN_CONVOLUTIONS if major_minor >= (0, 11) else ""
+  return ",".join(fusions for fusions, since in ((YNN_CONVOLUTIONS, (0, 11)),
+                                                  (YNN_DOTS, (0, 12)))
+                  if major_minor >= since)
 
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ynn_fusion_type(jaxlib.__version__),

@@ -24,14 +24,18 @@ def test_cpu_rounds_compile_at_llvm_level_1_with_region_analysis(cpu):
   assert options() == {**YNN, LEVEL: 1, **REGION}
 
 
+CONV, BOTH = (compile_lib.YNN_CONVOLUTIONS,
+              f"{compile_lib.YNN_CONVOLUTIONS},{compile_lib.YNN_DOTS}")
+
+
 @pytest.mark.parametrize("version, fusions", [
-    ("0.10.2", ""), ("0.10.99", ""), ("0.11.0", compile_lib.YNN_CONVOLUTIONS),
-    ("0.11.2", compile_lib.YNN_CONVOLUTIONS), ("0.12.0.1", compile_lib.YNN_CONVOLUTIONS),
-    ("0.12.0.dev20261101", compile_lib.YNN_CONVOLUTIONS), ("0.13.1", compile_lib.YNN_CONVOLUTIONS),
-    ("1.0.0", compile_lib.YNN_CONVOLUTIONS)])
-def test_ynnpack_takes_the_convolutions_from_jaxlib_0_11(version, fusions):
-  """Before 0.11 YNNPACK's convolutions were the slower, so no YNNPACK fusion at all (its
-  matmul fusions stay off everywhere: slower for the MLP rounds on jaxlib 0.10)."""
+    ("0.10.2", ""), ("0.10.99", ""), ("0.11.0", CONV), ("0.11.2", CONV), ("0.11.99", CONV),
+    ("0.12.0", BOTH), ("0.12.0.1", BOTH), ("0.12.0.dev20261101", BOTH), ("0.13.1", BOTH),
+    ("1.0.0", BOTH)])
+def test_ynnpack_takes_convolutions_from_jaxlib_0_11_and_dots_from_0_12(version, fusions):
+  """Before 0.11 YNNPACK's convolutions were the slower, so no YNNPACK fusion at all; its
+  dots, each alone, were slower for the MLP rounds before 0.12 (1.13-1.21x on 0.10, more
+  CPU time on 0.11) and faster from 0.12 (benchmarks/compile_options.py --option dots)."""
   assert compile_lib.ynn_fusion_type(version) == fusions
 
 
