@@ -11,7 +11,7 @@ On XLA:CPU three options apply:
   benchmarks/compile_options.py --option ynn); programs without a convolution compile
   as with the fusions off, to the bit. On jaxlib 0.12 each dot alone in a YNNPACK fusion
   (no elementwise ops fused in) took the MLP rounds 0.90-0.92x the time and the CNN's
-  1.01x (--option dots); on 0.11 0.91-0.96x the wall time but 1.04-1.08x the CPU time,
+  1.01x (--option dots); on 0.11 0.91-0.95x the wall time but 1.04-1.08x the CPU time,
   and on 0.10 1.13-1.21x, so dots stay with XLA there.
 - LLVM optimization level 1 instead of XLA's default (3): the peer benchmark's rounds
   compile with 14-22% less CPU time (jax 0.10; 13-30% on jax 0.12) and run as

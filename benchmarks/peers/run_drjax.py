@@ -14,7 +14,8 @@ JAX MLP and CNN of jax_models.py (the CNN with `lax.conv_general_dilated`).
 
 `--compiler-options` chooses how the round is jitted: `plain` is `jax.jit` as a DrJAX user
 would call it; `fedjax_sim` adds the CPU compiler options fedjax_sim.compile sets (YNNPACK
-fusions off, or for convolutions only from jaxlib 0.11; LLVM level 1, a shorter compile;
+fusions off, or for convolutions from jaxlib 0.11 and each dot alone too from 0.12; LLVM
+level 1, a shorter compile;
 copy insertion with region analysis), chosen by fedjax_sim/compile.py itself
 (common.fedjax_sim_compile), each applied only where a probe compile accepts it.
 
