@@ -4,22 +4,25 @@
 `xla_backend_optimization_level` 1 instead of XLA's default (3; levels 1 and 2 gave the
 same program here). `--option region`: it turns on
 `xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
-0.11 and later it gives convolutions to YNNPACK (`xla_cpu_experimental_ynn_fusion_type`),
-measured against no YNNPACK fusions (what it sets before 0.11). `--option dots`: every
-dot a YNNPACK fusion of its own (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`, on jaxlib 0.12
-and later), against its other YNNPACK fusions alone. `--option emitters`: XLA's
-MLIR fusion emitters (`xla_cpu_use_fusion_emitters`, jaxlib 0.10) turned off,
-which fedjax_sim does not do (faster compiles, slower rounds). Each is measured both
-ways, side by side, on the peer benchmark's cases (benchmarks/peers: FedAvg, 10 clients
-a round, batch 20, the same synthetic MNIST-shaped clients), every other option as
-fedjax_sim sets it: for each repetition a fresh worker process lowers the one-round
-program once, compiles it both ways (the order alternates between repetitions) and
-records each compile's wall and CPU seconds and the program's copies, then runs the
-two executables' rounds interleaved (wall and CPU seconds per round) and the largest
-parameter difference after them. CPU seconds count both cores' work, so they vary less
-on a shared machine than wall seconds.
+0.11 and later it gives convolutions to YNNPACK
+(`xla_cpu_experimental_ynn_fusion_type`), measured against no YNNPACK fusions (what it
+sets before 0.11). `--option dots`: every dot a YNNPACK fusion of its own
+(`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`, on jaxlib 0.12 and later), against its other
+YNNPACK fusions alone. `--option dense`: not a compiler option but the dense layers'
+product: `models.linear_dot_general` (the input gradient as `(kernel @ g.T).T`, which
+fedjax_sim's MLP and CNN use) against `lax.dot_general` as plain `nnx.Linear` layers
+have it. `--option emitters`: XLA's MLIR fusion emitters (`xla_cpu_use_fusion_emitters`,
+jaxlib 0.10) turned off, which fedjax_sim does not do (faster compiles, slower rounds).
+Each is measured both ways, side by side, on the peer benchmark's cases
+(benchmarks/peers: FedAvg, 10 clients a round, batch 20, the same synthetic MNIST-shaped
+clients), every other option as fedjax_sim sets it: for each repetition a fresh worker
+process lowers the one-round program once (for `dense` once each way), compiles it both
+ways (the order alternates between repetitions) and records each compile's wall and CPU
+seconds and the program's copies, then runs the two executables' rounds interleaved
+(wall and CPU seconds per round) and the largest parameter difference after them. CPU
+seconds count both cores' work, so they vary less on a shared machine than wall seconds.
 
-  python benchmarks/compile_options.py [--option level|region|ynn|dots|emitters] [--repeats 3]
+  python benchmarks/compile_options.py [--option level|region|ynn|dots|dense|emitters] [--repeats 3]
 
 writes benchmarks/results/compile_options_<platform>.md and .json for `level`,
 compile_options_<option>_<platform>.* for the others (or `--output PATH.json` and its .md).
@@ -65,6 +68,10 @@ OPTIONS = {
              "YNNPACK for each dot on XLA:CPU (`LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT`, "
              "fedjax_sim on jaxlib 0.12 and later) on top of its other YNNPACK fusions, "
              "against without"),
+    # Not an XLA option (None): the dense layers' dot_general as the model is built.
+    "dense": (None, (False, True), ("plain", "linear_dot_general"),
+              "Dense layers through models.linear_dot_general (fedjax_sim's MLP and CNN) "
+              "against plain `nnx.Linear`"),
     "emitters": ("xla_cpu_use_fusion_emitters", (None, False), ("on", "off"),
                  "XLA:CPU's MLIR fusion emitters: off against XLA's default (on)"),
 }
@@ -84,21 +91,30 @@ def worker(case: str, option: str, order: list) -> dict:
   import numpy as np
 
   from fedjax_sim import compile as compile_lib
-  from fedjax_sim import runner
+  from fedjax_sim import models, runner
 
   *task, rounds = CASES[case]
-  algorithm, state, data = common.fedjax_sim_fedavg(*task)
-  # The jit's own options apply under those given to compile: lower without them.
-  compile_lib.compiler_options = lambda: None
-  lowered = runner.make_chunk(algorithm, 1).trace(state, data).lower()
   name, values, labels, _ = OPTIONS[option]
   others = {k: v for k, v in compile_lib._CPU_OPTIONS.items() if k != name}
   way = dict(zip(labels, values))
+  options = {label: {**others, **({} if name is None or way[label] is None
+                                  else {name: way[label]})} for label in labels}
+  # The jit's own options apply under those given to compile: lower without them.
+  compile_lib.compiler_options = lambda: None
+  ours = models.linear_dot_general
+  lowered = {}
+  for label in order:  # --option dense: the model built each way; otherwise built once
+    if option == "dense":
+      models.linear_dot_general = ours if way[label] else jax.lax.dot_general
+      jax.clear_caches()  # traces are cached: lower afresh
+    if option == "dense" or not lowered:
+      algorithm, state, data = common.fedjax_sim_fedavg(*task)
+      program = runner.make_chunk(algorithm, 1).trace(state, data).lower()
+    lowered[label] = program
   compiled, compile_s, copies = {}, {}, {}
   for label in order:
     wall, cpu = time.perf_counter(), time.process_time()
-    this = {} if way[label] is None else {name: way[label]}
-    compiled[label] = lowered.compile(compiler_options={**others, **this})
+    compiled[label] = lowered[label].compile(compiler_options=options[label])
     compile_s[label] = (time.perf_counter() - wall, time.process_time() - cpu)
     copies[label] = compiled[label].as_text().count(" copy(")
   states = {label: jax.tree_util.tree_map(lambda a: a.copy(), state) for label in order}
@@ -155,13 +171,15 @@ def summarize(records: list[dict], option: str) -> list[dict]:
 def markdown(rows: list[dict], info: dict, option: str) -> str:
   ms = lambda s: f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
   name, _, (old, new), title = OPTIONS[option]
-  what = "at both levels" if option == "level" else f"with `{name}` off and on"
+  what = ("at both levels" if option == "level" else f"with `{name}` off and on" if name
+          else f"with the model built and lowered each way ({old}, {new})")
   lines = [
       f"# {title}", "",
       f"Device: {info['device']}. jax {info['jax']}, {info['when']}, commit {info['commit']}: "
       f"`{info['command']}`.", "",
       "Each case: the one-round FedAvg program of benchmarks/peers (10 clients a round, "
-      "batch 20; scale1000: 100 of 1,000 clients) lowered once per fresh process and "
+      "batch 20; scale1000: 100 of 1,000 clients) "
+      + ("lowered once per fresh process and " if name else "") +
       f"compiled {what} (order alternating between repetitions), every other option as "
       "fedjax_sim sets it, then both executables' rounds interleaved. Figures: medians "
       f"over repetitions; {new} / {old} is the median of the per-repetition ratios (below "

@@ -224,10 +224,13 @@ def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   Autodiff writes that gradient as `g @ kernel.T`, a product whose large right operand
   is contracted on its minor axis, which XLA:CPU's Eigen kernel runs slowly: for the
   CNN's 3136x512 layer, batch 20, 2.14 ms against 0.81 ms this way, in a client step of
-  about 15 ms (benchmarks/results/cnn_layers_session8_cpu.md). The barrier keeps XLA from
-  rewriting the product back. Other products, and other backends, are left to
-  `lax.dot_general`. The CNN's dense layer uses it; pass it to your own large
-  `nnx.Linear` layers the same way."""
+  about 15 ms (benchmarks/results/cnn_layers_session8_cpu.md). With YNNPACK's dots
+  (jaxlib 0.12) the MLP's rounds take 0.93-0.94x the wall time with it, for the same CPU
+  time (the two cores kept busier), and 0.97-1.03x on jaxlib 0.10 and 0.11, to the same
+  bits (benchmarks/compile_options.py --option dense). The barrier keeps XLA from
+  rewriting the product back. Other products, and other
+  backends, are left to `lax.dot_general`. The MLP's and the CNN's dense layers use it;
+  pass it to your own `nnx.Linear` layers the same way."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
   if (jax.default_backend() != "cpu" or precision is not None or rhs.ndim != 2
       or any(batch) or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)
@@ -271,9 +274,9 @@ class MLP(nnx.Module):
 
   def __init__(self, num_features: int = 784, num_classes: int = 10, hidden: int = 200, *,
                rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(num_features, hidden, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-    self.out = nnx.Linear(hidden, num_classes, rngs=rngs)
+    dense = lambda a, b: nnx.Linear(a, b, dot_general=linear_dot_general, rngs=rngs)
+    self.fc1, self.fc2, self.out = dense(num_features, hidden), dense(hidden, hidden), dense(
+        hidden, num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1)

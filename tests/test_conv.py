@@ -176,6 +176,32 @@ def test_linear_dot_general_computes_the_input_gradient_from_the_kernel_side(mon
   assert "custom_vjp" not in str(jax.make_jaxpr(input_grad())(x, k))
 
 
+def test_mlp_layers_use_linear_dot_general_with_plain_layers_gradients(monkeypatch):
+  """fs.mlp's three dense layers go through models.linear_dot_general on CPU (its rounds
+  0.93-0.94x on jaxlib 0.12: benchmarks/results/compile_options_dense_cpu_jax012.md),
+  and its gradients are those of the same MLP of plain `nnx.Linear` layers."""
+  import optax
+
+  import fedjax_sim as fs
+  from fedjax_sim import models
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(6, 784)), jnp.float32)
+  y = jnp.asarray(rng.integers(0, 10, size=6))
+  loss_of = lambda model: lambda p: optax.softmax_cross_entropy_with_integer_labels(
+      model.apply(p, x), y).mean()
+  ours = fs.mlp(seed=3)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss_of(ours)))(ours.params))
+  assert jaxpr.count("custom_vjp_call") == (3 if jax.default_backend() == "cpu" else 0)
+  monkeypatch.setattr(models, "linear_dot_general", jax.lax.dot_general)
+  plain = fs.mlp(seed=3)
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(loss_of(plain)))(plain.params))
+  got = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss_of(ours)))(ours.params))
+  want = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss_of(plain)))(plain.params))
+  assert len(got) == len(want) == 6
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
 def test_max_pool_gradient_goes_to_the_first_maximum():
   """Unique maxima: autodiff's gradient. Ties: all of it to the first maximum of the
   window, row by row (a hand-computed golden), where autodiff would split it."""
