@@ -10,9 +10,11 @@ two programs are compared with the process and the load held the same.
 "DrJAX-style" is run_drjax.py's round in plain JAX: `drjax.map_fn` is a `jax.vmap` over
 the placed clients, so it is a vmap of a `lax.scan` of SGD steps over each client's
 shuffled examples, and an example-weighted mean of the deltas; clients sampled on the
-device. (DrJAX's own round, timed the same way in its environment against this plain
-version, took 31.7 against 30.9 ms.) Every round fetches its training loss to the host,
-as the peers' workers do.
+device. Where `drjax` imports in this environment (`pip install --no-deps drjax==0.2.1`:
+it is pure Python), DrJAX's own round (run_drjax.py's, with fedjax_sim's options) runs
+as a third program; its weighted mean multiplies and sums where the plain version has
+dots. fedjax_sim's rounds fetch their metrics and wait for the state, as its peers
+worker does, the others their training loss.
 
   python benchmarks/peers/in_process.py [--model mlp] [--repeats 7] [--output PATH.json]
 
@@ -22,6 +24,7 @@ writes benchmarks/results/peers_in_process_<platform>.md and .json.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -77,6 +80,23 @@ def drjax_style_round(model: str):
   return train_round
 
 
+def drjax_round(model: str):
+  """run_drjax.py's jitted round with fedjax_sim's options, or None without `drjax`."""
+  try:
+    import run_drjax
+  except ImportError:
+    return None
+  p = argparse.ArgumentParser()
+  common.add_task_args(p)
+  args = p.parse_args(["--output", "-", "--model", model, "--examples-per-client",
+                       str(EXAMPLES), "--clients-per-round", str(PER_ROUND),
+                       "--num-clients", str(CLIENTS), "--batch-size", str(BATCH),
+                       "--client-lr", str(LR)])
+  args.compiler_options = "fedjax_sim"
+  logging.getLogger("absl").setLevel(logging.ERROR)  # its no-mesh warnings, every trace
+  return run_drjax.make_round(args)
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
@@ -101,17 +121,27 @@ def main(argv=None) -> None:
   state = fs.tree.copy(algorithm.init(model.params, key))  # the chunk donates it
   chunk = runner.make_chunk(algorithm, 1).lower(state, data).compile()
 
-  def run_drjax(i):
-    nonlocal params
-    params, loss = drjax(params, jax.random.fold_in(key, i), all_x, all_y, counts)
-    return float(loss)
+  def runs(program):
+    current = params
+
+    def run(i):
+      nonlocal current
+      current, loss = program(current, jax.random.fold_in(key, i), all_x, all_y, counts)
+      return float(loss)
+    return run
 
   def run_fedjax_sim(i):
     nonlocal state
     state, metrics = chunk(state, data)
+    metrics = jax.device_get(metrics)
+    jax.block_until_ready(state)
     return float(np.asarray(metrics["train_loss"]).ravel()[-1])
 
-  programs = {"fedjax_sim": run_fedjax_sim, "DrJAX-style plain JAX": run_drjax}
+  programs = {"fedjax_sim": run_fedjax_sim, "DrJAX-style plain JAX": runs(drjax)}
+  own = drjax_round(args.model)
+  if own is not None:
+    programs["DrJAX 0.2.1, fedjax_sim's options"] = runs(
+        own.lower(params, key, all_x, all_y, counts).compile())
   times = {name: [] for name in programs}
   for _ in range(args.repeats):
     for name, run in programs.items():
@@ -127,7 +157,8 @@ def main(argv=None) -> None:
   dev = machine.device_info()
   info = machine.results_info(dev, "in_process.py " + " ".join(argv or sys.argv[1:]),
                               model=args.model)
-  lines = [f"# fedjax_sim and a DrJAX-style round in one process ({info['device']})", "",
+  title = "DrJAX's round" if len(programs) > 2 else "a DrJAX-style round"
+  lines = [f"# fedjax_sim and {title} in one process ({info['device']})", "",
            f"{info['when']}, commit {info['commit']}, jax {dev['jax_version']}: "
            f"`{info['command']}`. The peers' {args.model} task, 10 of 100 clients a round, "
            f"1 epoch of batch 20; {args.rounds} rounds of each program in turn, "
