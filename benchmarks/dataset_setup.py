@@ -3,8 +3,10 @@
 Each repetition runs a fresh worker process per way, the order rotating so that each
 way runs as often first, second and last (a process's first touches of memory depend
 on what the one before it freed). The ways: "fedjax_sim" as the package does it;
-"one thread", the same with the clients copied into the padded arrays on one thread
-instead of a thread per core; and "before", the
+"numpy pages", the same with the padded arrays' memory from `np.zeros` (which asks for
+transparent huge pages) instead of an `mmap` of small pages; "one thread", that with the
+clients copied into the padded arrays on one thread instead of a thread per core; and
+"before", the
 same code with the three earlier choices put back: one thread, padded arrays from
 `np.zeros` (16-byte aligned, so on CPU `jax.device_put` copies the whole dataset instead
 of keeping the array) and `checks.check_finite_features` over all the features at once
@@ -31,7 +33,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-WAYS = ("before", "one thread", "fedjax_sim")
+WAYS = ("before", "one thread", "numpy pages", "fedjax_sim")
 
 
 def worker(way: str, clients: int) -> dict:
@@ -45,6 +47,8 @@ def worker(way: str, clients: int) -> dict:
   from fedjax_sim import data as data_lib
   if way in ("before", "one thread"):
     data_lib._PARALLEL_FILL_BYTES = 2**62
+  if way in ("before", "one thread", "numpy pages"):
+    data_lib._SMALL_PAGES_BYTES = 2**62
   if way == "before":
     data_lib._aligned_zeros = lambda shape, dtype: np.zeros(shape, dtype)
     checks._FINITE_BLOCK = 2**62

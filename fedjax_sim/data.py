@@ -8,6 +8,7 @@ result (tests/test_local.py checks that).
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,11 @@ def check_count_range(data: FederatedData) -> None:
                      f"count_range=None")
 
 
+# Padded arrays at least this large get their memory from an `mmap` of small pages, not
+# from numpy (see `_aligned_zeros`).
+_SMALL_PAGES_BYTES = 1 << 24
+
+
 def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
   """`np.zeros(shape, dtype)` starting on an `align`-byte boundary.
 
@@ -95,9 +101,23 @@ def _aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray
   padded dataset into fresh memory. For 1,000 MNIST-shaped clients of 100 examples
   `from_clients` took 0.58 s that way and 0.36 s aligned, both on one thread (medians of
   12 fresh processes; this VM's first touch of fresh memory makes single runs vary up
-  to 1.4 s), the process's peak memory 1.13 against 0.76 GB (benchmarks/dataset_setup.py)."""
+  to 1.4 s), the process's peak memory 1.13 against 0.76 GB (benchmarks/dataset_setup.py).
+
+  A large array is an anonymous `mmap` (zeroed, page-aligned) advised against
+  transparent huge pages. numpy asks for them for large arrays, and where the kernel
+  must first compact memory to find them (`defrag` at `madvise`, a common setting) the
+  first touch stalls: `from_clients` of the clients above took 0.46-0.78 s in 7 of 12
+  fresh processes and 0.13-0.26 s in the rest, with small pages 0.18-0.33 s, median 0.20
+  against 0.49 s (benchmarks/results/dataset_setup_cpu_small_pages.md)."""
   dtype = np.dtype(dtype)
   size = int(np.prod(shape)) * dtype.itemsize
+  if size >= _SMALL_PAGES_BYTES and hasattr(mmap, "MADV_NOHUGEPAGE"):
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+      pages.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: small pages anyway
+      pass
+    return np.frombuffer(pages, np.uint8).view(dtype).reshape(shape)
   raw = np.zeros(size + align, np.uint8)
   start = -raw.ctypes.data % align
   return raw[start:start + size].view(dtype).reshape(shape)

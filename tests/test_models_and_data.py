@@ -63,11 +63,20 @@ def test_from_clients_pads_and_counts():
     fs.from_clients([np.ones((2, 3))], [np.zeros(2, int)], pad_to=1)
 
 
+@pytest.mark.parametrize("small_pages", [False, True])
 @pytest.mark.parametrize("x_dtype", [np.float32, np.float16])
-def test_from_clients_hands_the_device_aligned_arrays_it_can_keep(monkeypatch, x_dtype):
+def test_from_clients_hands_the_device_aligned_arrays_it_can_keep(monkeypatch, x_dtype,
+                                                                 small_pages):
   """The padded arrays start on a 64-byte boundary, so on CPU `jax.device_put` keeps
-  them as the device buffers instead of copying the whole dataset."""
+  them as the device buffers instead of copying the whole dataset; large ones (here
+  every one) are zeroed `mmap`s of small pages, the same arrays."""
+  import mmap
+
   from fedjax_sim import data as data_lib
+  if small_pages:
+    if not hasattr(mmap, "MADV_NOHUGEPAGE"):
+      pytest.skip("no madvise(MADV_NOHUGEPAGE) on this platform")
+    monkeypatch.setattr(data_lib, "_SMALL_PAGES_BYTES", 1)
   put = []
   real = data_lib.jax.device_put
   monkeypatch.setattr(data_lib.jax, "device_put", lambda tree: put.append(tree) or real(tree))
@@ -76,6 +85,10 @@ def test_from_clients_hands_the_device_aligned_arrays_it_can_keep(monkeypatch, x
   host_x, host_y, _ = put[0]
   assert host_x.ctypes.data % 64 == 0 and host_y.ctypes.data % 64 == 0
   assert host_x.dtype == x_dtype and host_x.shape == (3, 4, 3, 2)
+  base = host_x
+  while isinstance(base, np.ndarray):
+    base = base.base
+  assert isinstance(getattr(base, "obj", base), mmap.mmap) == small_pages
   np.testing.assert_array_equal(np.asarray(data.x)[1], [np.full((3, 2), 1)] + [np.zeros((3, 2))] * 3)
   np.testing.assert_array_equal(np.asarray(data.y)[0], [0, 1, 0, 0])
   if jax.default_backend() == "cpu":
