@@ -101,16 +101,20 @@ def worker(case: str, option: str, order: list) -> dict:
                                   else {name: way[label]})} for label in labels}
   # The jit's own options apply under those given to compile: lower without them.
   compile_lib.compiler_options = lambda: None
-  ours = models.linear_dot_general
-  lowered = {}
-  for label in order:  # --option dense: the model built each way; otherwise built once
-    if option == "dense":
+
+  def lower():
+    algorithm, state, data = common.fedjax_sim_fedavg(*task)
+    return runner.make_chunk(algorithm, 1).trace(state, data).lower(), state, data
+
+  if option == "dense":  # the model built and lowered each way
+    ours, lowered = models.linear_dot_general, {}
+    for label in order:
       models.linear_dot_general = ours if way[label] else jax.lax.dot_general
       jax.clear_caches()  # traces are cached: lower afresh
-    if option == "dense" or not lowered:
-      algorithm, state, data = common.fedjax_sim_fedavg(*task)
-      program = runner.make_chunk(algorithm, 1).trace(state, data).lower()
-    lowered[label] = program
+      lowered[label], state, data = lower()
+  else:
+    program, state, data = lower()
+    lowered = dict.fromkeys(order, program)
   compiled, compile_s, copies = {}, {}, {}
   for label in order:
     wall, cpu = time.perf_counter(), time.process_time()

@@ -9,6 +9,7 @@ patches-then-matmul on accelerators, canonical per-client convolutions on CPU.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -228,9 +229,9 @@ def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   (jaxlib 0.12) the MLP's rounds take 0.93-0.94x the wall time with it, for the same CPU
   time (the two cores kept busier), and 0.97-1.03x on jaxlib 0.10 and 0.11, to the same
   bits (benchmarks/compile_options.py --option dense). The barrier keeps XLA from
-  rewriting the product back. Other products, and other
-  backends, are left to `lax.dot_general`. The MLP's and the CNN's dense layers use it;
-  pass it to your own `nnx.Linear` layers the same way."""
+  rewriting the product back. Other products, and other backends, are left to
+  `lax.dot_general`. The MLP's and the CNN's dense layers use it; pass it to your own
+  `nnx.Linear` layers the same way."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
   if (jax.default_backend() != "cpu" or precision is not None or rhs.ndim != 2
       or any(batch) or tuple(lhs_contract) != (lhs.ndim - 1,) or tuple(rhs_contract) != (0,)
@@ -274,9 +275,10 @@ class MLP(nnx.Module):
 
   def __init__(self, num_features: int = 784, num_classes: int = 10, hidden: int = 200, *,
                rngs: nnx.Rngs):
-    dense = lambda a, b: nnx.Linear(a, b, dot_general=linear_dot_general, rngs=rngs)
-    self.fc1, self.fc2, self.out = dense(num_features, hidden), dense(hidden, hidden), dense(
-        hidden, num_classes)
+    dense = functools.partial(nnx.Linear, dot_general=linear_dot_general, rngs=rngs)
+    self.fc1 = dense(num_features, hidden)
+    self.fc2 = dense(hidden, hidden)
+    self.out = dense(hidden, num_classes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.reshape(x.shape[0], -1)
