@@ -97,6 +97,40 @@ def test_no_two_consumers_share_a_key():
     assert ka != kb, f"{a} and {b} share a key"
 
 
+def folded_tags(jaxpr) -> list[int]:
+  """The constants folded into keys anywhere in `jaxpr` (sub-jaxprs included)."""
+  tags = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "random_fold_in" and hasattr(eqn.invars[1], "val"):
+      tags.append(int(eqn.invars[1].val))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          tags += folded_tags(sub)
+  return tags
+
+
+def test_a_clients_second_key_is_derived_only_where_used(setup):
+  """Ditto's and FedRep's second key is the table's; a round that never asks for it
+  (FedAvg) traces, lowers and compiles no derivation of it."""
+  sample_key = jax.random.key(3)
+  inp = fs.ClientInput(params=None, message=None, row=None, x=None, y=None, n=None,
+                       client_id=jnp.int32(5), key=None, sample_key=sample_key, budget=None,
+                       relative_weight=None, hp={})
+  np.testing.assert_array_equal(
+      jax.random.key_data(inp.second_key),
+      jax.random.key_data(keys.client_key(keys.second_train_key(sample_key), 5)))
+  model, data = setup
+  state_and_data = lambda a: (a.init(model.params, jax.random.key(0), data.num_clients), data)
+  fedavg = fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1), **SCHEDULE)
+  ditto = fs.ditto(model.apply, client_optimizer=optax.sgd(0.1), lam=0.1, **SCHEDULE)
+  assert keys.SECOND_TRAINING_TAG not in folded_tags(
+      jax.make_jaxpr(fedavg.round)(*state_and_data(fedavg)).jaxpr)
+  assert keys.SECOND_TRAINING_TAG in folded_tags(
+      jax.make_jaxpr(ditto.round)(*state_and_data(ditto)).jaxpr)
+
+
 def test_an_algorithm_from_parts(setup):
   """FedAvg written from engine parts in a few lines equals fs.fedavg."""
   model, data = setup

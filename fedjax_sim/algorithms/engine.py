@@ -64,7 +64,7 @@ class ClientInput(NamedTuple):
   n: jax.Array            # its real example count
   client_id: jax.Array
   key: jax.Array          # its training key
-  second_key: jax.Array   # an independent key of its own (Ditto's personal steps)
+  sample_key: jax.Array   # the round's sampling key (see `second_key`)
   budget: Any             # its step budget under `systems`, else None
   relative_weight: jax.Array  # its weight over the mean weight of all clients (FedDyn)
   hp: Hparams
@@ -76,6 +76,12 @@ class ClientInput(NamedTuple):
   # as stored (no data schedule or transform): local training gathers its minibatches
   # from them, so `x` and `y` are not copied out unless something else reads them.
   data_rows: tuple[local.ClientRows, local.ClientRows] | None = None
+
+  @property
+  def second_key(self) -> jax.Array:
+    """An independent key of its own (Ditto's personal steps, FedRep's head steps),
+    derived where it is used: the round's program traces and lowers no unused keys."""
+    return keys.client_key(keys.second_train_key(self.sample_key), self.client_id)
 
 
 class ClientOutput(NamedTuple):
@@ -379,7 +385,6 @@ def compose(
     check_clients_per_round(sampled, data)
     hp = state.hp if hparam_schedule is None else hparam_schedule(state.round, state.hp)
     next_key, sample_key, train_key = keys.round_keys(state.key)
-    second_key = keys.second_train_key(sample_key)
     ids = sample_clients(sample_key, data.num_clients, sampled)
     if client_data_schedule is None:
       counts = data.counts[ids]
@@ -418,7 +423,7 @@ def compose(
                    if data_as_stored else None)
       return client_work.train(ClientInput(
           state.params, message, row, x, y, n, client_id, keys.client_key(train_key, client_id),
-          keys.client_key(second_key, client_id), budget, rel, hp, count_range, data_rows))
+          sample_key, budget, rel, hp, count_range, data_rows))
 
     def train_chunk(args):
       if client_sharding is None:
