@@ -52,13 +52,17 @@ def _loss_sums(logits: jax.Array, valid: jax.Array, safe: jax.Array
 
 
 def _softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """`optax.softmax_cross_entropy_with_integer_labels`, the same values and gradients,
-  with the label's logit picked by a select over the classes instead of
-  `take_along_axis`. The gather and its gradient's scatter-add are kernels of their
-  own in every local step on XLA:CPU; the select fuses with the softmax's."""
-  classes = jnp.arange(logits.shape[-1])
-  label_logits = jnp.sum(jnp.where(classes == labels[..., None], logits, 0.0), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - label_logits
+  """Softmax cross-entropy by integer label: minus the label's `log_softmax`, picked by a
+  select over the classes.
+
+  Not `optax.softmax_cross_entropy_with_integer_labels` (the same values to float32
+  rounding): its `take_along_axis` is a gather, and its gradient a scatter-add, kernels
+  of their own in every local step on XLA:CPU, where the select fuses with the
+  softmax's. And not `logsumexp - the label's logit`, selected the same way: XLA fuses
+  that gradient's terms differently in a scan of one round and of several, and a run's
+  rounds would differ in the last bit with `rounds_per_chunk`."""
+  picked = jnp.arange(logits.shape[-1]) == labels[..., None]
+  return -jnp.sum(jnp.where(picked, jax.nn.log_softmax(logits), 0.0), axis=-1)
 
 
 def cross_entropy(apply):
