@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 IGNORE_LABEL = -1  # a per-token label that is padding, not a target
 
@@ -47,22 +48,8 @@ def _loss_sums(logits: jax.Array, valid: jax.Array, safe: jax.Array
   """(summed cross-entropy, number of labels) per example. Training takes only this,
   not the accuracy: XLA drops an unused argmax from the program, but the round's first
   trace and lowering still paid for it."""
-  per_label = _softmax_cross_entropy(logits, safe)
+  per_label = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   return _per_example_sum(per_label, valid), _per_example_sum(jnp.ones_like(per_label), valid)
-
-
-def _softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Softmax cross-entropy by integer label: minus the label's `log_softmax`, picked by a
-  select over the classes.
-
-  Not `optax.softmax_cross_entropy_with_integer_labels` (the same values to float32
-  rounding): its `take_along_axis` is a gather, and its gradient a scatter-add, kernels
-  of their own in every local step on XLA:CPU, where the select fuses with the
-  softmax's. And not `logsumexp - the label's logit`, selected the same way: XLA fuses
-  that gradient's terms differently in a scan of one round and of several, and a run's
-  rounds would differ in the last bit with `rounds_per_chunk`."""
-  picked = jnp.arange(logits.shape[-1]) == labels[..., None]
-  return -jnp.sum(jnp.where(picked, jax.nn.log_softmax(logits), 0.0), axis=-1)
 
 
 def cross_entropy(apply):
