@@ -43,13 +43,17 @@ YNN_CONVOLUTIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
 YNN_DOTS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
 
+def major_minor(version: str = jaxlib.__version__) -> tuple[int, ...]:
+  """(major, minor) of a version string, by default this process's jaxlib's."""
+  return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+
+
 def ynn_fusion_type(jaxlib_version: str) -> str:
   """The YNNPACK fusions to turn on (comma-separated): convolutions from jaxlib 0.11,
   dots too from 0.12, none before 0.11."""
-  major_minor = tuple(int(p) for p in re.findall(r"\d+", jaxlib_version)[:2])
   return ",".join(fusions for fusions, since in ((YNN_CONVOLUTIONS, (0, 11)),
                                                   (YNN_DOTS, (0, 12)))
-                  if major_minor >= since)
+                  if major_minor(jaxlib_version) >= since)
 
 
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ynn_fusion_type(jaxlib.__version__),

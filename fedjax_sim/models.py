@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from fedjax_sim import compile as compile_lib
 from fedjax_sim import conv as conv_lib
 
 
@@ -67,10 +68,12 @@ def from_nnx(module: nnx.Module) -> Model:
 # without the emitters 0.4-0.5 s. The values agree with eager initialization to the last
 # bit or two (float32 ulps). jaxlib 0.11 and later have no emitters option; there -O0
 # alone more than halves the default's time (jax 0.12, the MLP's model phase 895 -> 399
-# ms: benchmarks/startup.py, results/startup_cpu_py312_before.md and _py312.md). Each
-# set is tried in turn: a jaxlib rejects an unknown option before compiling.
-_INIT_OPTIONS = ({"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False},
-                 {"xla_backend_optimization_level": 0})
+# ms: benchmarks/startup.py, results/startup_cpu_py312_before.md and _py312.md). The set
+# is chosen by version: a jaxlib rejects an unknown option only after the model's trace
+# and lowering, which a retry would pay again (0.19-0.24 s for the MLP on jax 0.12).
+_INIT_OPTIONS = {"xla_backend_optimization_level": 0,
+                 **({"xla_cpu_use_fusion_emitters": False}
+                    if compile_lib.major_minor() < (0, 11) else {})}
 
 
 def build(make_module: Callable[[], nnx.Module]) -> Model:
@@ -83,10 +86,9 @@ def build(make_module: Callable[[], nnx.Module]) -> Model:
     return params, rest
 
   params = None
-  for options in _INIT_OPTIONS if jax.default_backend() == "cpu" else ():
+  if jax.default_backend() == "cpu":
     try:
-      params, rest = jax.jit(init, compiler_options=options)()
-      break
+      params, rest = jax.jit(init, compiler_options=_INIT_OPTIONS)()
     except Exception:  # a jaxlib without one of these options, or inside a trace
       pass
   if params is None:  # as usual; may reuse the trace above, not running `init` again
