@@ -70,7 +70,8 @@ def from_nnx(module: nnx.Module) -> Model:
 # alone more than halves the default's time (jax 0.12, the MLP's model phase 895 -> 399
 # ms: benchmarks/startup.py, results/startup_cpu_py312_before.md and _py312.md). The set
 # is chosen by version: a jaxlib rejects an unknown option only after the model's trace
-# and lowering, which a retry would pay again (0.19-0.24 s for the MLP on jax 0.12).
+# and lowering, and trying the older set first cost the MLP's model phase 407 against 342
+# ms on jax 0.12 (results/startup_cpu_py312_init_options.md).
 _INIT_OPTIONS = {"xla_backend_optimization_level": 0,
                  **({"xla_cpu_use_fusion_emitters": False}
                     if compile_lib.major_minor() < (0, 11) else {})}
