@@ -133,7 +133,28 @@ def summarize(records: list[dict]) -> list[dict]:
   return rows
 
 
-def markdown(rows: list[dict], info: dict) -> str:
+ROUND = ("trace", "compile")  # the round's trace, lowering and compilation, as one span
+
+
+def baseline_ratios(records: list[dict]) -> dict[str, float] | None:
+  """With a baseline, installed / baseline per phase, for the round's trace-to-compile
+  span and to the first round: the median over repetitions of each repetition's ratio
+  (the two processes of a repetition run back to back). None without a baseline."""
+  installed = [r for r in records if r["variant"] == "installed"]
+  baseline = [r for r in records if r["variant"] == "baseline"]
+  if not baseline:
+    return None
+  spans = {phase: (PHASES[PHASES.index(phase) - 1] if phase != PHASES[0] else None, phase)
+           for phase in PHASES}
+  spans["trace to compile"] = (PHASES[PHASES.index(ROUND[0]) - 1], ROUND[1])
+  spans["to the first round"] = (None, PHASES[-1])
+  span = lambda r, a, b: r["ends"][b] - (r["ends"][a] if a else 0.0)
+  return {name: statistics.median(span(i, a, b) / span(j, a, b)
+                                  for i, j in zip(installed, baseline))
+          for name, (a, b) in spans.items()}
+
+
+def markdown(rows: list[dict], info: dict, ratios: dict[str, float] | None = None) -> str:
   s = lambda x: f"{x * 1e3:.0f} ms" if x < 1 else f"{x:.2f} s"
   lines = [
       f"# Start-up to the first round ({info['case']})", "",
@@ -157,6 +178,9 @@ def markdown(rows: list[dict], info: dict) -> str:
                  + f" | {s(r['to_first_round_s'])} | {r.get('fusions')} | python {v['python']}, "
                  f"jax {v['jax']}, "
                  f"ml_dtypes {v['ml_dtypes']}, numpy {v['numpy']} | {r['runs']} |")
+  if ratios:
+    lines += ["", "Installed / baseline, the median of the repetitions' ratios: "
+              + ", ".join(f"{name} {x:.2f}x" for name, x in ratios.items()) + "."]
   return "\n".join(lines) + "\n"
 
 
@@ -196,7 +220,8 @@ def main(argv=None) -> None:
       "DIR" if a == args.ml_dtypes_dir else a for a in (argv or sys.argv[1:])), case=args.case,
       **({"baseline": machine.short_rev(args.baseline)} if args.baseline else {}))
   rows = summarize(records)
-  machine.write_results(args.output, "startup", info, dev, rows, records, markdown(rows, info))
+  machine.write_results(args.output, "startup", info, dev, rows, records,
+                        markdown(rows, info, baseline_ratios(records)))
 
 if __name__ == "__main__":
   main()

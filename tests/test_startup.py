@@ -84,8 +84,9 @@ def test_tree_copy_is_one_compile_of_new_buffers():
 
 
 def test_model_initialization_is_one_trace_compiled_at_level_0():
-  # jaxlib 0.11 and later reject the emitters option, and only after the model's trace
-  # and lowering: the options are chosen by version, so no retry pays for them twice.
+  # jaxlib 0.11 and later reject the emitters option, and only after the lowering: the
+  # options are chosen by version, so initialization compiles once, with options this
+  # jaxlib accepts, from one trace of the module.
   assert compile_lib._accepted(models._INIT_OPTIONS)
   assert models._INIT_OPTIONS["xla_backend_optimization_level"] == 0
   traces = []
