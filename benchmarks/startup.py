@@ -6,7 +6,8 @@ clients a round, batch 20, the same synthetic MNIST-shaped clients) up to the en
 first round, and records when each phase ended, from the interpreter's start:
 `import jax`, `import fedjax_sim`, the clients' data, `fs.from_clients`, the model,
 the algorithm and its state, the runner's state copy, then the round's trace, lowering,
-compilation and first execution. Variants:
+compilation and first execution; then, untimed in those, how long the same model takes
+with another seed (a sweep's next seed). Variants:
 
 - installed: this environment as it is.
 - ipython: IPython imported inside the `import fedjax_sim` phase, as flax.nnx did before
@@ -91,9 +92,14 @@ def worker(case: str, variant: str) -> dict:
   jax.block_until_ready((state, metrics))
   mark("first round")
   fusions = compiled.as_text().count(" fusion(")
+  start = time.perf_counter()  # after the timed phases: what a sweep's next seed pays
+  another = fs.mlp(seed=1) if kind == "mlp" else fs.cnn(seed=1)
+  jax.block_until_ready(another.params)
+  another_seed = time.perf_counter() - start
   import ml_dtypes
   import numpy as np
   return {"case": case, "variant": variant, "ends": ends, "fusions": fusions,
+          "another_seed_s": another_seed,
           "versions": {"jax": jax.__version__, "ml_dtypes": ml_dtypes.__version__,
                        "numpy": np.__version__, "python": sys.version.split()[0]},
           "ipython_loaded": "IPython" in sys.modules}
@@ -128,6 +134,8 @@ def summarize(records: list[dict]) -> list[dict]:
     rows.append({"variant": variant, "runs": len(runs), "phases": durations,
                  "to_first_round_s": statistics.median(r["ends"][PHASES[-1]] for r in runs),
                  "fusions": runs[0].get("fusions"),
+                 "another_seed_s": (statistics.median(r["another_seed_s"] for r in runs)
+                                    if all("another_seed_s" in r for r in runs) else None),
                  "versions": runs[0]["versions"],
                  "ipython_loaded": runs[0]["ipython_loaded"]})
   return rows
@@ -149,9 +157,13 @@ def baseline_ratios(records: list[dict]) -> dict[str, float] | None:
   spans["trace to compile"] = (PHASES[PHASES.index(ROUND[0]) - 1], ROUND[1])
   spans["to the first round"] = (None, PHASES[-1])
   span = lambda r, a, b: r["ends"][b] - (r["ends"][a] if a else 0.0)
-  return {name: statistics.median(span(i, a, b) / span(j, a, b)
-                                  for i, j in zip(installed, baseline))
-          for name, (a, b) in spans.items()}
+  ratios = {name: statistics.median(span(i, a, b) / span(j, a, b)
+                                    for i, j in zip(installed, baseline))
+            for name, (a, b) in spans.items()}
+  if all("another_seed_s" in r for r in records):
+    ratios["model, another seed"] = statistics.median(
+        i["another_seed_s"] / j["another_seed_s"] for i, j in zip(installed, baseline))
+  return ratios
 
 
 def markdown(rows: list[dict], info: dict, ratios: dict[str, float] | None = None) -> str:
@@ -169,13 +181,18 @@ def markdown(rows: list[dict], info: dict, ratios: dict[str, float] | None = Non
       "its numpy loop registration is quadratic under numpy < 2.5, so fedjax_sim's "
       "requirements keep 0.6 on Python < 3.12)"
       + (f"; baseline (fedjax_sim at {info['baseline']}, the same worker)"
-         if info.get("baseline") else "") + ". Fusions: those in the compiled round.", "",
-      "| variant | " + " | ".join(PHASES) + " | to the first round | fusions | versions | runs |",
-      "| --- |" + " ---: |" * (len(PHASES) + 2) + " --- | ---: |"]
+         if info.get("baseline") else "") + ". Fusions: those in the compiled round. "
+      "Model, another seed: after the first round, the same model built with seed 1, as "
+      "a sweep's next seed would (not in the time to the first round).", "",
+      "| variant | " + " | ".join(PHASES) + " | to the first round | fusions "
+      "| model, another seed | versions | runs |",
+      "| --- |" + " ---: |" * (len(PHASES) + 3) + " --- | ---: |"]
   for r in rows:
     v = r["versions"]
     lines.append(f"| {r['variant']} | " + " | ".join(s(r["phases"][p]) for p in PHASES)
-                 + f" | {s(r['to_first_round_s'])} | {r.get('fusions')} | python {v['python']}, "
+                 + f" | {s(r['to_first_round_s'])} | {r.get('fusions')} | "
+                 + (s(r["another_seed_s"]) if r.get("another_seed_s") is not None else "-")
+                 + f" | python {v['python']}, "
                  f"jax {v['jax']}, "
                  f"ml_dtypes {v['ml_dtypes']}, numpy {v['numpy']} | {r['runs']} |")
   if ratios:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import conv as conv_lib
@@ -62,45 +63,74 @@ def from_nnx(module: nnx.Module) -> Model:
   return Model(apply, params)
 
 
-# Initialization runs once per model, so its program is compiled without backend
-# optimization or the fusion emitters: op by op, nnx's initializers compiled a truncated
-# normal per shape, 4-6 s for the CNN on a 2-core CPU; as one program at -O0 about 1 s,
-# without the emitters 0.4-0.5 s. The values agree with eager initialization to the last
-# bit or two (float32 ulps). jaxlib 0.11 and later have no emitters option; there -O0
-# alone more than halves the default's time (jax 0.12, the MLP's model phase 895 -> 399
-# ms: benchmarks/startup.py, results/startup_cpu_py312_before.md and _py312.md). The set
-# is chosen by version: a jaxlib rejects an unknown option only after the model's trace
-# and lowering, and trying the older set first cost the MLP's model phase 407 against 342
-# ms on jax 0.12 (results/startup_cpu_py312_init_options.md).
+# Initialization runs once per model (its program once per architecture), so it is
+# compiled without backend optimization or the fusion emitters: op by op, nnx's
+# initializers compiled a truncated normal per shape, 4-6 s for the CNN on a 2-core CPU;
+# as one program at -O0 about 1 s, without the emitters 0.4-0.5 s. The values agree with
+# eager initialization to the last bit or two (float32 ulps). jaxlib 0.11 and later have
+# no emitters option; there -O0 alone more than halves the default's time (jax 0.12, the
+# MLP's model phase 895 -> 399 ms: benchmarks/startup.py,
+# results/startup_cpu_py312_before.md and _py312.md). The set is chosen by version: a
+# jaxlib rejects an unknown option only after the model's trace and lowering, and trying
+# the older set first cost the MLP's model phase 407 against 342 ms on jax 0.12
+# (results/startup_cpu_py312_init_options.md).
 _INIT_OPTIONS = {"xla_backend_optimization_level": 0,
                  **({"xla_cpu_use_fusion_emitters": False}
                     if compile_lib.major_minor() < (0, 11) else {})}
 
 
-def build(make_module: Callable[[], nnx.Module]) -> Model:
-  """`from_nnx(make_module())` with the initializers compiled as one program."""
-  graphdefs = []  # the module's structure, static, kept from the one trace of `init`
+def build(module_class: Callable[..., nnx.Module], *args: Hashable, seed: int = 0,
+          **kwargs: Hashable) -> Model:
+  """`from_nnx(module_class(*args, **kwargs, rngs=nnx.Rngs(seed)))`, its initializers
+  compiled as one program taking the seed: once per architecture, so that another seed
+  (a sweep's, a notebook's next cell) neither traces nor compiles again."""
+  dtype = jax.dtypes.canonicalize_dtype(np.int64)  # what jax.random.key makes of an int
+  if (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
+      and np.iinfo(dtype).min <= seed <= np.iinfo(dtype).max):
+    return _initializer(module_class, args, tuple(sorted(kwargs.items())))(
+        np.asarray(seed, dtype))
+  # Anything else jax.random.key takes (a wider int, a key): a program for this seed.
+  return _Initializer(lambda _: module_class(*args, **kwargs, rngs=nnx.Rngs(seed)))(None)
 
-  def init():
-    graphdef, params, rest = nnx.split(make_module(), nnx.Param, ...)
-    graphdefs.append(graphdef)
-    return params, rest
 
-  params = None
-  if jax.default_backend() == "cpu":
-    try:
-      params, rest = jax.jit(init, compiler_options=_INIT_OPTIONS)()
-    except Exception:  # a jaxlib without one of these options, or inside a trace
-      pass
-  if params is None:  # as usual; may reuse the trace above, not running `init` again
-    params, rest = jax.jit(init)()
-  graphdef = (graphdefs[-1] if graphdefs
-              else nnx.split(nnx.eval_shape(make_module), nnx.Param, ...)[0])
+class _Initializer:
+  """`from_nnx(make_module(seed))` for a jit argument `seed`, the two jitted programs
+  kept, so that calls with another seed of the same dtype reuse them."""
 
-  def apply(params: Params, x: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params, rest)(x)
+  def __init__(self, make_module: Callable[[Any], nnx.Module]):
+    self.make_module = make_module
+    self.graphdef = None  # the module's structure, static, kept from the one trace
 
-  return Model(apply, params)
+    def init(seed):
+      self.graphdef, params, rest = nnx.split(make_module(seed), nnx.Param, ...)
+      return params, rest
+
+    self.tuned = (jax.jit(init, compiler_options=_INIT_OPTIONS)
+                  if jax.default_backend() == "cpu" else None)
+    self.plain = jax.jit(init)
+
+  def __call__(self, seed) -> Model:
+    out = None
+    if self.tuned is not None:
+      try:
+        out = self.tuned(seed)
+      except Exception:  # a jaxlib without one of these options, or inside a trace
+        pass
+    # As usual; may reuse the trace above, not running `init` again.
+    params, rest = self.plain(seed) if out is None else out
+    graphdef = (self.graphdef if self.graphdef is not None else
+                nnx.split(nnx.eval_shape(lambda: self.make_module(seed)), nnx.Param, ...)[0])
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+      return nnx.merge(graphdef, params, rest)(x)
+
+    return Model(apply, params)
+
+
+@functools.cache
+def _initializer(module_class, args: tuple, kwargs: tuple) -> _Initializer:
+  return _Initializer(lambda seed: module_class(*args, **dict(kwargs),
+                                                rngs=nnx.Rngs(jax.random.key(seed))))
 
 
 def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
@@ -368,19 +398,18 @@ class CharRNN(nnx.Module):
 
 
 def logistic_regression(num_features: int, num_classes: int, seed: int = 0) -> Model:
-  return build(lambda: LogisticRegression(num_features, num_classes, rngs=nnx.Rngs(seed)))
+  return build(LogisticRegression, num_features, num_classes, seed=seed)
 
 
 def mlp(num_features: int = 784, num_classes: int = 10, seed: int = 0) -> Model:
-  return build(lambda: MLP(num_features, num_classes, rngs=nnx.Rngs(seed)))
+  return build(MLP, num_features, num_classes, seed=seed)
 
 
 def cnn(num_classes: int = 10, in_channels: int = 1, image_size: int = 28, seed: int = 0,
         conv_impl: str = "auto") -> Model:
-  return build(lambda: CNN(num_classes, in_channels, image_size, conv_impl=conv_impl,
-                           rngs=nnx.Rngs(seed)))
+  return build(CNN, num_classes, in_channels, image_size, conv_impl=conv_impl, seed=seed)
 
 
 def char_rnn(vocab_size: int, embed_dim: int = 8, hidden: int = 256, num_layers: int = 2,
              seed: int = 0) -> Model:
-  return build(lambda: CharRNN(vocab_size, embed_dim, hidden, num_layers, rngs=nnx.Rngs(seed)))
+  return build(CharRNN, vocab_size, embed_dim, hidden, num_layers, seed=seed)

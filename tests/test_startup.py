@@ -83,23 +83,53 @@ def test_tree_copy_is_one_compile_of_new_buffers():
 
 
 
+class CountedMLP(models.MLP):
+  traces = 0
+
+  def __init__(self, *args, **kwargs):
+    CountedMLP.traces += 1
+    super().__init__(*args, **kwargs)
+
+
+def per_seed_program(seed):
+  # Initialization as it was before the seed became an argument: the seed a constant.
+  return models._Initializer(lambda _: models.MLP(3, 2, rngs=nnx.Rngs(seed)))(None)
+
+
 def test_model_initialization_is_one_trace_compiled_at_level_0():
   # jaxlib 0.11 and later reject the emitters option, and only after the lowering: the
   # options are chosen by version, so initialization compiles once, with options this
   # jaxlib accepts, from one trace of the module.
   assert compile_lib._accepted(models._INIT_OPTIONS)
   assert models._INIT_OPTIONS["xla_backend_optimization_level"] == 0
-  traces = []
-
-  def make():
-    traces.append(1)
-    return models.MLP(3, 2, rngs=nnx.Rngs(0))
-
-  params = models.build(make).params
-  assert len(traces) == 1
+  CountedMLP.traces = 0
+  with count_compiles() as compiles:
+    params = models.build(CountedMLP, 3, 2, seed=0).params
+  assert CountedMLP.traces == 1 and len(compiles) == 1
   eager = nnx.split(models.MLP(3, 2, rngs=nnx.Rngs(0)), nnx.Param, ...)[1]
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                          params, eager)
+
+
+def test_another_seed_reuses_the_initialization_program():
+  # The seed is the program's argument: a sweep's next seed neither traces nor compiles,
+  # and gets the bits a program compiled for that seed gives, at the int32 range's ends
+  # too; a seed beyond them (jax.random.key keeps its low 32 bits) gets a program of its
+  # own, and a numpy int (which nnx.Rngs rejects) is a seed like any other.
+  models.build(CountedMLP, 3, 2, seed=0)  # traced here or by a test before
+  CountedMLP.traces = 0
+  for seed in (1, -1, 2**31 - 1, -2**31, np.int64(5)):
+    with count_compiles() as compiles:
+      params = models.build(CountedMLP, 3, 2, seed=seed).params
+    assert CountedMLP.traces == 0 and compiles == [], seed
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params,
+                           per_seed_program(int(seed)).params)
+  wide = models.build(CountedMLP, 3, 2, seed=2**32 + 5).params
+  assert CountedMLP.traces == 1
+  jax.tree_util.tree_map(np.testing.assert_array_equal, wide, per_seed_program(5).params)
+  # Another architecture is another program.
+  assert models.build(CountedMLP, 4, 2, seed=0).params["fc1"]["kernel"].shape == (4, 200)
+  assert CountedMLP.traces == 2
 
 
 def test_the_training_loss_traces_no_accuracy():
