@@ -6,8 +6,9 @@ clients a round, batch 20, the same synthetic MNIST-shaped clients) up to the en
 first round, and records when each phase ended, from the interpreter's start:
 `import jax`, `import fedjax_sim`, the clients' data, `fs.from_clients`, the model,
 the algorithm and its state, the runner's state copy, then the round's trace, lowering,
-compilation and first execution; then, untimed in those, how long the same model takes
-with another seed (a sweep's next seed). Variants:
+compilation and first execution; then, outside those, how long the same model takes built
+again with the same seed, another and a third (a notebook's cell run again, a loop over
+seeds). Variants:
 
 - installed: this environment as it is.
 - ipython: IPython imported inside the `import fedjax_sim` phase, as flax.nnx did before
@@ -50,6 +51,8 @@ CASES = {  # name: (model, examples per client, clients, clients per round)
     "cnn100": ("cnn", 100, 100, 10),
     "scale1000": ("mlp", 100, 1000, 100),
 }
+# The model built again after the first round: its name in the tables, and the seed.
+REBUILDS = {"model, same seed": 0, "model, another seed": 1, "model, a third seed": 2}
 PHASES = ("import jax", "import fedjax_sim", "client data", "from_clients", "model",
           "algorithm + state", "state copy", "trace", "lower", "compile", "first round")
 
@@ -92,14 +95,15 @@ def worker(case: str, variant: str) -> dict:
   jax.block_until_ready((state, metrics))
   mark("first round")
   fusions = compiled.as_text().count(" fusion(")
-  start = time.perf_counter()  # after the timed phases: what a sweep's next seed pays
-  another = fs.mlp(seed=1) if kind == "mlp" else fs.cnn(seed=1)
-  jax.block_until_ready(another.params)
-  another_seed = time.perf_counter() - start
+  rebuilds = {}  # after the timed phases: the model built again, as a notebook or a loop would
+  for name, seed in REBUILDS.items():
+    start = time.perf_counter()
+    jax.block_until_ready((fs.mlp(seed=seed) if kind == "mlp" else fs.cnn(seed=seed)).params)
+    rebuilds[name] = time.perf_counter() - start
   import ml_dtypes
   import numpy as np
   return {"case": case, "variant": variant, "ends": ends, "fusions": fusions,
-          "another_seed_s": another_seed,
+          "rebuild_s": rebuilds,
           "versions": {"jax": jax.__version__, "ml_dtypes": ml_dtypes.__version__,
                        "numpy": np.__version__, "python": sys.version.split()[0]},
           "ipython_loaded": "IPython" in sys.modules}
@@ -134,8 +138,9 @@ def summarize(records: list[dict]) -> list[dict]:
     rows.append({"variant": variant, "runs": len(runs), "phases": durations,
                  "to_first_round_s": statistics.median(r["ends"][PHASES[-1]] for r in runs),
                  "fusions": runs[0].get("fusions"),
-                 "another_seed_s": (statistics.median(r["another_seed_s"] for r in runs)
-                                    if all("another_seed_s" in r for r in runs) else None),
+                 "rebuild_s": ({name: statistics.median(r["rebuild_s"][name] for r in runs)
+                                for name in REBUILDS}
+                               if all("rebuild_s" in r for r in runs) else None),
                  "versions": runs[0]["versions"],
                  "ipython_loaded": runs[0]["ipython_loaded"]})
   return rows
@@ -160,9 +165,10 @@ def baseline_ratios(records: list[dict]) -> dict[str, float] | None:
   ratios = {name: statistics.median(span(i, a, b) / span(j, a, b)
                                     for i, j in zip(installed, baseline))
             for name, (a, b) in spans.items()}
-  if all("another_seed_s" in r for r in records):
-    ratios["model, another seed"] = statistics.median(
-        i["another_seed_s"] / j["another_seed_s"] for i, j in zip(installed, baseline))
+  if all("rebuild_s" in r for r in records):
+    for name in REBUILDS:
+      ratios[name] = statistics.median(i["rebuild_s"][name] / j["rebuild_s"][name]
+                                       for i, j in zip(installed, baseline))
   return ratios
 
 
@@ -182,16 +188,18 @@ def markdown(rows: list[dict], info: dict, ratios: dict[str, float] | None = Non
       "requirements keep 0.6 on Python < 3.12)"
       + (f"; baseline (fedjax_sim at {info['baseline']}, the same worker)"
          if info.get("baseline") else "") + ". Fusions: those in the compiled round. "
-      "Model, another seed: after the first round, the same model built with seed 1, as "
-      "a sweep's next seed would (not in the time to the first round).", "",
-      "| variant | " + " | ".join(PHASES) + " | to the first round | fusions "
-      "| model, another seed | versions | runs |",
-      "| --- |" + " ---: |" * (len(PHASES) + 3) + " --- | ---: |"]
+      "Model again: after the first round (not in the time to it), the same model built "
+      "in turn with " + ", ".join(f"seed {seed} ({name})" for name, seed in REBUILDS.items())
+      + ".", "",
+      "| variant | " + " | ".join(PHASES) + " | to the first round | fusions | "
+      + " | ".join(REBUILDS) + " | versions | runs |",
+      "| --- |" + " ---: |" * (len(PHASES) + 2 + len(REBUILDS)) + " --- | ---: |"]
   for r in rows:
     v = r["versions"]
     lines.append(f"| {r['variant']} | " + " | ".join(s(r["phases"][p]) for p in PHASES)
                  + f" | {s(r['to_first_round_s'])} | {r.get('fusions')} | "
-                 + (s(r["another_seed_s"]) if r.get("another_seed_s") is not None else "-")
+                 + " | ".join(s(r["rebuild_s"][n]) if r.get("rebuild_s") else "-"
+                              for n in REBUILDS)
                  + f" | python {v['python']}, "
                  f"jax {v['jax']}, "
                  f"ml_dtypes {v['ml_dtypes']}, numpy {v['numpy']} | {r['runs']} |")

@@ -196,7 +196,7 @@ def test_mlp_layers_use_linear_dot_general_with_plain_layers_gradients(monkeypat
   assert jaxpr.count("custom_vjp_call") == (3 if jax.default_backend() == "cpu" else 0)
   monkeypatch.setattr(models, "linear_dot_general", jax.lax.dot_general)
   # A cache of initialization programs of its own: the MLP's was traced with the custom dot.
-  monkeypatch.setattr(models, "_initializer", functools.cache(models._initializer.__wrapped__))
+  monkeypatch.setattr(models, "_programs", functools.cache(models._programs.__wrapped__))
   plain = fs.mlp(seed=3)
   assert "custom_vjp_call" not in str(jax.make_jaxpr(jax.grad(loss_of(plain)))(plain.params))
   got = jax.tree_util.tree_leaves(jax.jit(jax.grad(loss_of(ours)))(ours.params))

@@ -91,9 +91,9 @@ class CountedMLP(models.MLP):
     super().__init__(*args, **kwargs)
 
 
-def per_seed_program(seed):
-  # Initialization as it was before the seed became an argument: the seed a constant.
-  return models._Initializer(lambda _: models.MLP(3, 2, rngs=nnx.Rngs(seed)))(None)
+def per_seed_program(seed, features=3):
+  # A program compiled for this seed alone (a constant of it), as before they were kept.
+  return models._Initializer(lambda _: models.MLP(features, 2, rngs=nnx.Rngs(seed)))(None)
 
 
 def test_model_initialization_is_one_trace_compiled_at_level_0():
@@ -111,25 +111,32 @@ def test_model_initialization_is_one_trace_compiled_at_level_0():
                          params, eager)
 
 
-def test_another_seed_reuses_the_initialization_program():
-  # The seed is the program's argument: a sweep's next seed neither traces nor compiles,
-  # and gets the bits a program compiled for that seed gives, at the int32 range's ends
-  # too; a seed beyond them (jax.random.key keeps its low 32 bits) gets a program of its
-  # own, and a numpy int (which nnx.Rngs rejects) is a seed like any other.
-  models.build(CountedMLP, 3, 2, seed=0)  # traced here or by a test before
+def test_a_model_built_again_reuses_its_initialization_program():
+  # An architecture's first seed is a constant of its program (which XLA folds); the same
+  # seed again and every seed after the second neither trace nor compile, and all give
+  # the bits of a program compiled for that seed, at the int32 range's ends too. A seed
+  # beyond them (jax.random.key keeps its low 32 bits) gets a program of its own, and a
+  # numpy int (which nnx.Rngs rejects) is a seed like any other.
+  arch = (CountedMLP, 5, 2)  # no other test builds it
   CountedMLP.traces = 0
-  for seed in (1, -1, 2**31 - 1, -2**31, np.int64(5)):
+  with count_compiles() as compiles:
+    models.build(*arch, seed=7)
+    models.build(*arch, seed=7)
+    second = models.build(*arch, seed=1).params
+  assert CountedMLP.traces == 2 and len(compiles) == 2  # seed 7's program, then any seed's
+  jax.tree_util.tree_map(np.testing.assert_array_equal, second, per_seed_program(1, 5).params)
+  for seed in (0, -1, 2**31 - 1, -2**31, np.int64(5), 7):
     with count_compiles() as compiles:
-      params = models.build(CountedMLP, 3, 2, seed=seed).params
-    assert CountedMLP.traces == 0 and compiles == [], seed
+      params = models.build(*arch, seed=seed).params
+    assert CountedMLP.traces == 2 and compiles == [], seed
     jax.tree_util.tree_map(np.testing.assert_array_equal, params,
-                           per_seed_program(int(seed)).params)
-  wide = models.build(CountedMLP, 3, 2, seed=2**32 + 5).params
-  assert CountedMLP.traces == 1
-  jax.tree_util.tree_map(np.testing.assert_array_equal, wide, per_seed_program(5).params)
+                           per_seed_program(int(seed), 5).params)
+  wide = models.build(*arch, seed=2**32 + 5).params
+  assert CountedMLP.traces == 3
+  jax.tree_util.tree_map(np.testing.assert_array_equal, wide, per_seed_program(5, 5).params)
   # Another architecture is another program.
-  assert models.build(CountedMLP, 4, 2, seed=0).params["fc1"]["kernel"].shape == (4, 200)
-  assert CountedMLP.traces == 2
+  assert models.build(CountedMLP, 4, 2, seed=7).params["fc1"]["kernel"].shape == (4, 200)
+  assert CountedMLP.traces == 4
 
 
 def test_the_training_loss_traces_no_accuracy():
