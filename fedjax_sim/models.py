@@ -91,7 +91,10 @@ def build(module_class: Callable[..., nnx.Module], *args: Hashable, seed: int = 
           and np.iinfo(dtype).min <= seed <= np.iinfo(dtype).max):
     # Anything else jax.random.key takes (a wider int, a key): a program for this seed.
     return _Initializer(lambda _: module_class(*args, **kwargs, rngs=nnx.Rngs(seed)))(None)
-  programs = _programs(module_class, args, tuple(sorted(kwargs.items())))
+  try:
+    programs = _programs(module_class, args, tuple(sorted(kwargs.items())))
+  except TypeError:  # an unhashable argument (a list of sizes): no key to keep programs by
+    return _Initializer(lambda _: module_class(*args, **kwargs, rngs=nnx.Rngs(seed)))(None)
   if programs.first is None:
     first = int(seed)
     programs.first_seed = first

@@ -139,6 +139,20 @@ def test_a_model_built_again_reuses_its_initialization_program():
   assert CountedMLP.traces == 4
 
 
+class Layers(nnx.Module):
+  def __init__(self, sizes, *, rngs):
+    self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes, sizes[1:])])
+
+
+def test_a_module_with_unhashable_arguments_builds_all_the_same():
+  # A list of sizes cannot key the kept programs: this seed's own program, as before.
+  params = models.build(Layers, [3, 4, 2], seed=1).params
+  want = nnx.split(Layers([3, 4, 2], rngs=nnx.Rngs(1)), nnx.Param, ...)[1]
+  assert params["layers"][1]["kernel"].shape == (4, 2)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                         params, want)
+
+
 def test_the_training_loss_traces_no_accuracy():
   # XLA drops an unused argmax, but tracing and lowering it cost the first round time.
   from fedjax_sim import losses
