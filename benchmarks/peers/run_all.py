@@ -16,8 +16,11 @@ repetition in reverse order and the order rotated every two (A, B, C, C, B, A, B
 A, C, B, ...: `run_order`), for `--repeats` repetitions, so that load from other work on
 the machine, and the memory each worker's predecessor freed, fall on all of them alike;
 before each worker the driver waits (at most 30 s) until the CPUs are nearly idle, since
-Flower's Ray processes outlive its run and slowed whichever worker came next. The tables report medians over
-repetitions, and ratios to fedjax_sim are taken within a repetition.
+Flower's Ray processes outlive its run and slowed whichever worker came next. Before
+the first repetition every worker runs once untimed (`warm_up`; `--no-warm-up` skips it),
+so that no timed run reads its packages from a cold disk, and every run records the
+CPUs' disk and hypervisor waits while it ran (`waits_during`). The tables report
+medians over repetitions, and ratios to fedjax_sim are taken within a repetition.
 
 The task (common.py): the 2NN MLP or the FedAvg CNN on MNIST-shaped synthetic data,
 `--num-clients` clients of `examples-per-client` examples, `--clients-per-round`
@@ -165,6 +168,9 @@ def parse_args(argv=None):
                       "re-run simulator with the file's runs of repetition N, N+1, ...)")
   p.add_argument("--readme-table", action="store_true",
                  help="print the README's compact table from --output and exit (no run)")
+  p.add_argument("--no-warm-up", action="store_true",
+                 help="skip the untimed run of every worker before the repetitions "
+                      "(warm_up): the first repetition then reads packages from disk")
   p.add_argument("--log-dir", default=None,
                  help="where worker logs go (default: a fresh temporary folder)")
   return p.parse_args(argv)
@@ -183,8 +189,8 @@ def is_tta(case: str) -> bool:
   return "target_accuracy" in CASES[case]
 
 
-def case_flags(args, case: str, sim: str) -> list[str]:
-  c = dict(CASES[case], rounds=case_rounds(args, case, sim))
+def case_flags(args, case: str, sim: str, rounds: int | None = None) -> list[str]:
+  c = dict(CASES[case], rounds=rounds or case_rounds(args, case, sim))
   flags = {"model": c["model"], "num-clients": c.get("num_clients", args.num_clients),
            "clients-per-round": c.get("clients_per_round", args.clients_per_round),
            "examples-per-client": c["examples_per_client"], "batch-size": args.batch_size,
@@ -198,14 +204,31 @@ def case_flags(args, case: str, sim: str) -> list[str]:
 _PRIMED: set[tuple[str, str]] = set()  # (case, cache folder) filled by a primer run
 
 
-def _cpu_times() -> tuple[int, int] | None:
-  """(idle, total) jiffies of all CPUs from /proc/stat (None where there is none)."""
+def _cpu_jiffies() -> list[int] | None:
+  """All CPUs' jiffies by state from /proc/stat's first line (user, nice, system, idle,
+  iowait, irq, softirq, steal, ...; None where there is none)."""
   try:
     with open("/proc/stat") as f:
-      values = [int(v) for v in f.readline().split()[1:]]
+      return [int(v) for v in f.readline().split()[1:]]
   except (OSError, ValueError):
     return None
-  return values[3] + values[4], sum(values)  # idle + iowait
+
+
+def _cpu_times() -> tuple[int, int] | None:
+  """(idle, total) jiffies of all CPUs (None where there is no /proc/stat)."""
+  values = _cpu_jiffies()
+  return None if values is None else (values[3] + values[4], sum(values))  # idle + iowait
+
+
+def waits_during(before: list[int] | None, after: list[int] | None) -> dict:
+  """CPU seconds that all CPUs spent waiting on the disk (iowait) or on the hypervisor
+  (steal) between two `_cpu_jiffies()` readings: on a VM, a worker whose packages are
+  read from a cold disk, or whose CPUs were taken away, shows here and not in its load."""
+  if before is None or after is None or len(after) < 8:
+    return {}
+  hz = os.sysconf("SC_CLK_TCK")
+  return {"iowait_s": round((after[4] - before[4]) / hz, 2),
+          "steal_s": round((after[7] - before[7]) / hz, 2)}
 
 
 def wait_for_quiet(max_s: float = 30.0, busy_below: float = 0.15) -> dict:
@@ -248,6 +271,7 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   load_before = list(os.getloadavg())
   env = dict(os.environ)
   env[common.LAUNCH_ENV] = repr(time.time())
+  jiffies = _cpu_jiffies()
   start = time.time()
   try:
     with open(log, "w") as f:
@@ -257,6 +281,7 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   except subprocess.TimeoutExpired:
     rc = "timeout"
   wall = time.time() - start
+  waits = waits_during(jiffies, _cpu_jiffies())
   if rc == 0 and os.path.exists(out):
     with open(out) as f:
       res = json.load(f)
@@ -266,8 +291,29 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
     res = {"simulator": label, "error": f"exit {rc}", "log_tail": tail}
     print(f"    FAILED ({rc}); log tail:\n{tail}", flush=True)
   res.update(case=case, key=sim, label=label, repeat=rep, process_wall_s=wall,
-             loadavg_before=load_before, **quiet)
+             loadavg_before=load_before, **quiet, **waits)
   return res
+
+
+def warm_up(args, log_dir: str) -> None:
+  """One untimed 2-round run of the first case by every worker (every environment and
+  script) before the timed repetitions: the first process to import a package reads it
+  from disk, which on a VM took 6-55 s where the same worker took 3-6 s from the page
+  cache, and that fell on the first repetition's workers alone."""
+  done = set()
+  for sim in args.simulators:
+    _, env_name, script, _ = SIMULATORS[sim]
+    python = os.path.expanduser(getattr(args, f"{env_name}_python"))
+    if (python, script) in done:
+      continue
+    done.add((python, script))
+    cmd = [python, os.path.join(HERE, script), *case_flags(args, args.cases[0], sim, rounds=2),
+           "--output", os.path.join(log_dir, f"warm-up-{sim}.json")]
+    start = time.time()
+    with open(os.path.join(log_dir, f"warm-up-{sim}.log"), "w") as f:
+      rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+    print(f"[warm-up] {sim}: {time.time() - start:.1f} s" + (f" (exit {rc})" if rc else ""),
+          flush=True)
 
 
 def fixed_cost(run: dict) -> float:
@@ -372,6 +418,27 @@ def _rounds(x, sim: str) -> str:
   if x == 0:
     return "always"
   return "never" if x == float("inf") else f"{math.ceil(x)} rounds"
+
+
+def waits_note(runs: list[dict]) -> list[str]:
+  """The markdown's paragraph on the CPUs' disk and hypervisor waits during the workers
+  (runs recorded before these were kept have none)."""
+  measured = [r for r in runs if "iowait_s" in r]
+  if not measured:
+    return []
+  worst = max(measured, key=lambda r: r["iowait_s"] + r["steal_s"])
+  slow = [r for r in measured if r["iowait_s"] + r["steal_s"] > 1.0]
+  note = (f"Waits: during each worker the CPUs waited on the disk {min(r['iowait_s'] for r in measured):.1f}"
+          f" to {max(r['iowait_s'] for r in measured):.1f} s (iowait) and on the hypervisor "
+          f"{min(r['steal_s'] for r in measured):.1f} to {max(r['steal_s'] for r in measured):.1f} s "
+          "(steal), all CPUs together; ")
+  if slow:
+    note += (f"{len(slow)} of {len(measured)} runs above 1 s, the most {worst['case']} "
+             f"{worst['label']} (repetition {worst['repeat'] + 1}: {worst['iowait_s']:.1f} s "
+             f"iowait, {worst['steal_s']:.1f} s steal); their medians include them.")
+  else:
+    note += "no run above 1 s."
+  return [note, ""]
 
 
 def markdown(result: dict) -> str:
@@ -488,6 +555,7 @@ def markdown(result: dict) -> str:
          "taken within a repetition." if max(loads) > meta["cpu_count"] + 1 else
          "No other work ran; the ratios are still taken within a repetition."),
       "",
+      *waits_note(result["runs"]),
       "Implementations:",
       "",
   ]
@@ -651,6 +719,8 @@ def main(argv=None):
   if args.first_repeat is not None:
     first_rep = args.first_repeat
   prepare_bytecode(args)
+  if not args.no_warm_up:
+    warm_up(args, log_dir)
   runs = []
   for rep in range(first_rep, first_rep + args.repeats):
     for case in args.cases:
