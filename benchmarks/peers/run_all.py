@@ -426,18 +426,17 @@ def waits_note(runs: list[dict]) -> list[str]:
   measured = [r for r in runs if "iowait_s" in r]
   if not measured:
     return []
-  worst = max(measured, key=lambda r: r["iowait_s"] + r["steal_s"])
+  span = lambda k: f"{min(r[k] for r in measured):.2f} to {max(r[k] for r in measured):.2f} s"
+  note = (f"Waits: while each worker ran, the CPUs waited on the disk {span('iowait_s')} "
+          f"(iowait) and on the hypervisor {span('steal_s')} (steal), all CPUs together; ")
   slow = [r for r in measured if r["iowait_s"] + r["steal_s"] > 1.0]
-  note = (f"Waits: during each worker the CPUs waited on the disk {min(r['iowait_s'] for r in measured):.1f}"
-          f" to {max(r['iowait_s'] for r in measured):.1f} s (iowait) and on the hypervisor "
-          f"{min(r['steal_s'] for r in measured):.1f} to {max(r['steal_s'] for r in measured):.1f} s "
-          "(steal), all CPUs together; ")
   if slow:
-    note += (f"{len(slow)} of {len(measured)} runs above 1 s, the most {worst['case']} "
-             f"{worst['label']} (repetition {worst['repeat'] + 1}: {worst['iowait_s']:.1f} s "
-             f"iowait, {worst['steal_s']:.1f} s steal); their medians include them.")
+    worst = max(slow, key=lambda r: r["iowait_s"] + r["steal_s"])
+    note += (f"{len(slow)} of {len(measured)} runs above 1 s together, the most {worst['case']} "
+             f"{worst['label']} (repetition {worst['repeat'] + 1}: {worst['iowait_s']:.2f} s "
+             f"iowait, {worst['steal_s']:.2f} s steal); the medians include them.")
   else:
-    note += "no run above 1 s."
+    note += "no run above 1 s together."
   return [note, ""]
 
 
