@@ -48,6 +48,7 @@ def test_an_optimization_level_in_xla_flags_wins(cpu, flags):
 
 
 def test_an_option_this_jaxlib_rejects_is_left_out(cpu):
+  cpu.setattr(compile_lib, "_TESTED_JAXLIBS", ())  # a jaxlib that gets the probe
   cpu.setattr(compile_lib, "_CPU_OPTIONS",
               {"xla_cpu_no_such_option_anywhere": True, LEVEL: 1})
   assert options() == {LEVEL: 1}
@@ -85,7 +86,20 @@ def test_the_drjax_peer_compiles_with_the_same_options(cpu):
   assert alone.compiler_options() == options()
 
 
-def test_one_probe_compile_when_this_jaxlib_accepts_every_option(cpu):
+def test_a_tested_jaxlib_takes_every_option_without_a_probe_compile(cpu):
+  """A probe is a compile (26-40 ms of start-up); the jaxlibs the project is tested on
+  skip it, and this one, if it is among them, must accept every option."""
+  probed = []
+  real = compile_lib._accepted
+  cpu.setattr(compile_lib, "_accepted", lambda option: probed.append(option) or real(option))
+  assert options() == compile_lib._CPU_OPTIONS
+  tested = compile_lib.major_minor() in compile_lib._TESTED_JAXLIBS
+  assert probed == ([] if tested else [compile_lib._CPU_OPTIONS])
+  assert real(compile_lib._CPU_OPTIONS)
+
+
+def test_an_untested_jaxlib_gets_one_probe_compile_when_it_accepts_every_option(cpu):
+  cpu.setattr(compile_lib, "_TESTED_JAXLIBS", ())
   probed = []
   real = compile_lib._accepted
   cpu.setattr(compile_lib, "_accepted", lambda option: probed.append(option) or real(option))
