@@ -65,11 +65,12 @@ def make_evaluator(
     size = min(batch_size, len(x))
     num_batches = -(-len(x) // size)
     pad = num_batches * size - len(x)
-    xb = jnp.asarray(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-                     .reshape(num_batches, size, *x.shape[1:]))
-    yb = jnp.asarray(np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
-                     .reshape(num_batches, size, *y.shape[1:]))
-    mb = jnp.asarray((np.arange(num_batches * size) < len(x)).reshape(num_batches, size))
+    # device_put, not jnp.asarray, which compiles a staging program per array (8-23 ms).
+    xb = jax.device_put(np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+                        .reshape(num_batches, size, *x.shape[1:]))
+    yb = jax.device_put(np.concatenate([y, np.zeros((pad, *y.shape[1:]), y.dtype)])
+                        .reshape(num_batches, size, *y.shape[1:]))
+    mb = jax.device_put((np.arange(num_batches * size) < len(x)).reshape(num_batches, size))
 
     @compile_lib.jit
     def central(params, xb, yb, mb):

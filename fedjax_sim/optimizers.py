@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_sim.checks import is_concrete
@@ -34,7 +35,7 @@ def _check_positive(name: str, value: float) -> None:
   from `state.hp` inside the round, or swept) is checked where it was set."""
   if not is_concrete(value):
     return
-  if isinstance(value, jax.Array) and value.ndim == 0:
+  if isinstance(value, (jax.Array, np.generic)) and np.ndim(value) == 0:
     value = float(value)
   if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
     raise ValueError(f"{name} must be a positive number, got {value!r}")

@@ -337,7 +337,13 @@ def compose(
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """`num_clients` is needed by algorithms and aggregators with per-client state."""
     hp = {k: scalar(v, np.float32) for k, v in hparams.items()}
-    opt_state, algorithm_state = server_rule.init(params, hp)
+    # The server rule's state from the host's numbers where they are: an optimizer built
+    # from device scalars runs eager ops (optax.sgd negates its rate), each a compile.
+    host_hp = {k: np.float32(v) if isinstance(v, (int, float, np.number)) else hp[k]
+               for k, v in hparams.items()}
+    opt_state, algorithm_state = jax.tree_util.tree_map(
+        lambda a: jax.device_put(a) if isinstance(a, (np.ndarray, np.generic)) else a,
+        server_rule.init(params, host_hp))
     client_states = (init_client_states(client_work.init_row(params), num_clients, name)
                      if stateful else None)
     agg_state = (None if aggregator is None
