@@ -35,9 +35,9 @@ def vmap_clients(fn: Callable, args: Any) -> Any:
   return jax.vmap(fn)(args)
 
 
+@jax.jit
 def copy(tree: Any) -> Any:
-  """A copy of every array in `tree` in new buffers (what a donated argument needs), on
-  the device and compiling nothing: `jnp.copy` leaf by leaf compiles one program per
-  leaf shape (about 30 ms each at start-up), and a jitted copy one program (7-10 ms)."""
-  return jax.device_put(tree, may_alias=False)
+  """A copy of every array in `tree`, made by one program: copying leaf by leaf
+  eagerly compiles one program per leaf shape, about 30 ms each at start-up."""
+  return jax.tree_util.tree_map(jnp.copy, tree)
 
