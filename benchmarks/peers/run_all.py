@@ -250,9 +250,24 @@ def wait_for_quiet(max_s: float = 30.0, busy_below: float = 0.15) -> dict:
           "cpu_busy_before": None if busy is None else round(busy, 3)}
 
 
-def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
-  label, env_name, script, extra = SIMULATORS[sim]
+def worker_command(args, sim: str, case: str, output: str, extra=(),
+                   rounds: int | None = None) -> list[str]:
+  """The command line of `sim`'s worker on `case` (its own python), writing to `output`."""
+  _, env_name, script, _ = SIMULATORS[sim]
   python = os.path.expanduser(getattr(args, f"{env_name}_python"))
+  return [python, os.path.join(HERE, script), *case_flags(args, case, sim, rounds), *extra,
+          "--output", output]
+
+
+def run_untimed(args, cmd: list[str], log: str) -> int:
+  """Runs a worker whose timings are not kept (a primer, a warm-up); its exit code."""
+  with open(log, "w") as f:
+    return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                          timeout=args.timeout).returncode
+
+
+def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
+  label, _, _, extra = SIMULATORS[sim]
   out = os.path.join(log_dir, f"{case}-{sim}-{rep}.json")
   log = os.path.join(log_dir, f"{case}-{sim}-{rep}.log")
   if callable(extra):
@@ -260,13 +275,12 @@ def run_worker(args, case: str, sim: str, rep: int, log_dir: str) -> dict:
   if sim == "fedjax_sim_cache":
     cache = os.path.join(log_dir, "compile_cache")
     extra = [*extra, "--compile-cache", cache]
-    primer = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra,
-              "--output", os.path.join(log_dir, f"{case}-{sim}-{rep}-primer.json")]
     if (case, cache) not in _PRIMED:  # fill the cache: an untimed run of the same case
-      with open(os.path.join(log_dir, f"{case}-{sim}-primer.log"), "w") as f:
-        subprocess.run(primer, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout)
+      run_untimed(args, worker_command(args, sim, case, os.path.join(
+          log_dir, f"{case}-{sim}-{rep}-primer.json"), extra),
+                  os.path.join(log_dir, f"{case}-{sim}-primer.log"))
       _PRIMED.add((case, cache))
-  cmd = [python, os.path.join(HERE, script), *case_flags(args, case, sim), *extra, "--output", out]
+  cmd = worker_command(args, sim, case, out, extra)
   quiet = wait_for_quiet()
   load_before = list(os.getloadavg())
   env = dict(os.environ)
@@ -302,16 +316,13 @@ def warm_up(args, log_dir: str) -> None:
   cache, and that fell on the first repetition's workers alone."""
   done = set()
   for sim in args.simulators:
-    _, env_name, script, _ = SIMULATORS[sim]
-    python = os.path.expanduser(getattr(args, f"{env_name}_python"))
-    if (python, script) in done:
+    cmd = worker_command(args, sim, args.cases[0], os.path.join(log_dir, f"warm-up-{sim}.json"),
+                         rounds=2)
+    if tuple(cmd[:2]) in done:  # the same python and script as a simulator before
       continue
-    done.add((python, script))
-    cmd = [python, os.path.join(HERE, script), *case_flags(args, args.cases[0], sim, rounds=2),
-           "--output", os.path.join(log_dir, f"warm-up-{sim}.json")]
+    done.add(tuple(cmd[:2]))
     start = time.time()
-    with open(os.path.join(log_dir, f"warm-up-{sim}.log"), "w") as f:
-      rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=args.timeout).returncode
+    rc = run_untimed(args, cmd, os.path.join(log_dir, f"warm-up-{sim}.log"))
     print(f"[warm-up] {sim}: {time.time() - start:.1f} s" + (f" (exit {rc})" if rc else ""),
           flush=True)
 
