@@ -16,7 +16,9 @@ its compile time grows with the number of fusions more than with their size. Two
   `fold_in`, uniform draws and the client-sampling shuffle, which jax lowers on CPU as a
   loop of five iterations, three fusions each, plus fusions around it. The rest: local
   training, sampling, aggregation, the server update, metrics. A case with the suffix
-  `_fewer_hashes` is the round with two hashes fewer (`fewer_hashes()`), a trial.
+  `_fewer_hashes` is the round with two hashes fewer (`fewer_hashes()`), a trial; one
+  with `_no_keys` the round with no hash at all (`no_keys()`), a bound on what the keys
+  cost. Each case also records the round's trace and lowering seconds.
 - with `--phases`, the compile's phases from jax's profiler: XLA's HLO passes, its
   fusion emitters (one MLIR kernel per fusion) and LLVM's code generation, the last two
   on XLA's compile threads.
@@ -47,6 +49,7 @@ CASES = {  # name: (model, examples per client, clients, clients per round)
 }
 SIZES = (8, 32, 64, 128)
 FEWER_HASHES = "_fewer_hashes"  # a case name's suffix: the round with fewer_hashes()
+NO_KEYS = "_no_keys"  # a case name's suffix: the round with no_keys()
 RANDOM = re.compile(r"threefry|fold_in|_uniform|RngStream|_shuffle|random_bits|_split")
 FUSION = re.compile(r"^\s*(?:ROOT )?%\S+ = .* fusion\(.*")
 
@@ -76,6 +79,22 @@ def fewer_hashes() -> None:
       jax.random.bits(key, (num_clients,)), stable=True)[:k]
 
 
+def no_keys() -> None:
+  """The round without a single threefry hash, a bound and not a simulator: every key is
+  the state's key, the first clients train every round, and an example's sort key is a
+  fixed function of its index. Called after the model's initialization, which keeps its
+  own hashes."""
+  import jax
+  import jax.numpy as jnp
+  from fedjax_sim import keys, local
+  from fedjax_sim.algorithms import engine
+  keys.round_keys = lambda key: (key, key, key)
+  keys.client_key = lambda train_key, client_id: train_key
+  engine.sample_clients = lambda key, num_clients, k: jnp.arange(k)
+  local._sort_keys = lambda key, size: jnp.sin(jnp.arange(size) * 1.7)
+  jax.random.fold_in = lambda key, data: key  # the epochs' keys in local training
+
+
 def round_worker(case: str, phases: bool = False) -> dict:
   """The case's round compiled once: seconds, fusions by origin and loops; with `phases`,
   compiled under jax's profiler instead, and the compile's phases from its trace."""
@@ -84,17 +103,24 @@ def round_worker(case: str, phases: bool = False) -> dict:
   import common
   if case.endswith(FEWER_HASHES):
     fewer_hashes()
-  algorithm, state, data = common.fedjax_sim_fedavg(*CASES[case.removesuffix(FEWER_HASHES)])
-  lowered = runner.make_chunk(algorithm, 1).trace(state, data).lower()
+  algorithm, state, data = common.fedjax_sim_fedavg(
+      *CASES[case.removesuffix(FEWER_HASHES).removesuffix(NO_KEYS)])
+  if case.endswith(NO_KEYS):
+    no_keys()
+  start = time.perf_counter()
+  traced = runner.make_chunk(algorithm, 1).trace(state, data)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
   if phases:
     return {"case": case, **profiled_compile(lowered)}
-  start = time.perf_counter()
   compiled = lowered.compile()
-  seconds = time.perf_counter() - start
+  seconds = time.perf_counter() - lowered_at
   text = compiled.as_text()
   counts = categorize(text)
   return {"case": case, "compile_s": seconds, "fusions": sum(counts.values()),
-          "by_origin": counts, "loops": text.count(" while(")}
+          "by_origin": counts, "loops": text.count(" while("),
+          "trace_s": traced_at - start, "lower_s": lowered_at - traced_at}
 
 
 # XLA:CPU's trace events of a compile (jaxlib 0.12; another jaxlib may name them otherwise).
@@ -200,12 +226,15 @@ def markdown(info: dict, dev: dict, per_fusion: float | None, synthetic: list, r
     lines += ["", f"Slope: **{per_fusion * 1e3:.1f} ms per fusion** (these fusions are "
               "larger than most of a round's).", ""]
   lines += ["## The peer benchmark's rounds", "",
-            "| case | compile | single runs | fusions | per fusion | of them random keys | loops |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
+            "| case | trace | lowering | compile | single runs | fusions | per fusion | "
+            "of them random keys | loops |",
+            "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
   for r in rows:
     keys = r["by_origin"]["random keys"]
     runs = ", ".join(f"{s:.2f}" for s in r["compile_s_runs"])
-    lines.append(f"| {r['case']} | {r['compile_s']:.2f} s | {runs} | {r['fusions']} | "
+    timed = lambda k: f"{r[k]:.2f} s" if r.get(k) is not None else "-"
+    lines.append(f"| {r['case']} | {timed('trace_s')} | {timed('lower_s')} | "
+                 f"{r['compile_s']:.2f} s | {runs} | {r['fusions']} | "
                  f"{r['compile_s'] / r['fusions'] * 1e3:.1f} ms | {keys} "
                  f"({keys / r['fusions']:.0%}) | {r['loops']} |")
   lines += ["", "Per fusion: the compile time over the fusions. Random keys: fusions whose op "
@@ -215,7 +244,10 @@ def markdown(info: dict, dev: dict, per_fusion: float | None, synthetic: list, r
             "chunks are others). A case ending in `_fewer_hashes` is the round with two "
             "threefry hashes fewer (`fewer_hashes()`: one uniform draw of an epoch's key for "
             "the examples' sort keys, one draw of bits and an argsort for the sampling), a "
-            "trial that changes the random stream."]
+            "trial that changes the random stream; one ending in `_no_keys` the round "
+            "without any hash (`no_keys()`: every key the state's, the first clients "
+            "sampled, sort keys a fixed function of the index), a bound on what the keys "
+            "cost. Trace, lowering: the round's, in seconds ('-': not recorded)."]
   if phases:
     lines += ["", "## The compile's phases (jax's profiler)", "",
               "| case | compile, profiled | " + " | ".join(
@@ -241,7 +273,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--cases", nargs="+", default=list(CASES),
-                 choices=list(CASES) + [c + FEWER_HASHES for c in CASES])
+                 choices=list(CASES) + [c + s for c in CASES for s in (FEWER_HASHES, NO_KEYS)])
   p.add_argument("--phases", action="store_true",
                  help="also compile each case under jax's profiler, once per repetition, "
                       "and report the compile's phases")
@@ -272,7 +304,8 @@ def main(argv=None) -> None:
   for case in args.cases:
     runs = [r for r in records if r["case"] == case]
     rows.append({**runs[0], "compile_s": statistics.median(r["compile_s"] for r in runs),
-                 "compile_s_runs": [r["compile_s"] for r in runs]})
+                 "compile_s_runs": [r["compile_s"] for r in runs],
+                 **{k: statistics.median(r[k] for r in runs) for k in ("trace_s", "lower_s")}})
   dev = machine.device_info()
   info = machine.results_info(dev, "compile_breakdown.py " + " ".join(argv or sys.argv[1:]),
                               repeats=args.repeats)
