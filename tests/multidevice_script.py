@@ -13,6 +13,7 @@ import optax
 import fedjax_sim as fs
 from fedjax_sim import data as data_lib
 from fedjax_sim import models, sharding
+from fedjax_sim import tree as tree_lib
 from conftest import max_relative_error, ragged_clients
 
 ROUNDS = 2
@@ -48,6 +49,12 @@ def main():
   out["clients_loss_error"] = max(losses)
   out["moved"] = max_relative_error(state.params, model.params) > 1e-2
   out["params_devices"] = len(jax.tree_util.tree_leaves(many_state.params)[0].sharding.device_set)
+  # fs.run's copy of the state keeps every leaf where it was, keys included.
+  keyed = {"state": many_state,
+           "keys": jax.device_put(jax.random.split(key, 8), sharding.client_sharding(mesh))}
+  out["copy_keeps_shardings"] = [
+      str(a.sharding) for a, b in zip(*map(jax.tree_util.tree_leaves, (tree_lib.copy(keyed), keyed)))
+      if a.sharding != b.sharding]
 
   make_hp = lambda hp: make(hp["client_lr"])
   grid = {"client_lr": [0.05, 0.1, 0.2, 0.4]}
