@@ -37,19 +37,24 @@ def vmap_clients(fn: Callable, args: Any) -> Any:
 
 def copy(tree: Any) -> Any:
   """A copy of every array in `tree` in new buffers (what a donated argument needs), each
-  with its sharding.
+  where it was.
 
-  Arrays this process holds whole are copied by `device_put` to their own shardings,
-  which compiles nothing (a jitted copy is one program: 7-10 ms of a run's start-up;
-  without the shardings given, `device_put` moves a sharded key array to one device).
-  Anything else (a multi-process run's global arrays, which `device_put` rejects on jax
-  0.12; numpy leaves) goes through one jitted program: leaf by leaf, eagerly, would
-  compile one per leaf shape, about 30 ms each."""
+  Arrays this process holds whole are copied by `device_put`, which compiles nothing (a
+  jitted copy is one program: 7-10 ms of a run's start-up). Anything else (a
+  multi-process run's global arrays, which `device_put` rejects on jax 0.12; numpy
+  leaves) goes through one jitted program: leaf by leaf, eagerly, would compile one per
+  leaf shape, about 30 ms each."""
   if all(isinstance(a, jax.Array) and a.is_fully_addressable
          for a in jax.tree_util.tree_leaves(tree)):
-    shardings = jax.tree_util.tree_map(lambda a: a.sharding, tree)
-    return jax.device_put(tree, shardings, may_alias=False)
+    return jax.tree_util.tree_map(_put_copy, tree)
   return _jitted_copy(tree)
+
+
+def _put_copy(a: jax.Array) -> jax.Array:
+  # A committed array's sharding is given: without it device_put moves a sharded key
+  # array to one device. An uncommitted one stays uncommitted, which jit's cache tells
+  # apart (the evaluation prepared ahead of a run would compile again).
+  return jax.device_put(a, a.sharding if a.committed else None, may_alias=False)
 
 
 @jax.jit
