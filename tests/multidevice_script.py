@@ -52,7 +52,7 @@ def main():
   # fs.run's copy of the state keeps every leaf where it was, keys included.
   keyed = {"state": many_state,
            "keys": jax.device_put(jax.random.split(key, 8), sharding.client_sharding(mesh))}
-  out["copy_keeps_shardings"] = [
+  out["copy_moved"] = [
       str(a.sharding) for a, b in zip(*map(jax.tree_util.tree_leaves, (tree_lib.copy(keyed), keyed)))
       if a.sharding != b.sharding]
 

@@ -20,6 +20,6 @@ def test_sharded_clients_and_sweep_equal_one_device():
   assert out["all_reduce"]  # aggregation is a cross-device reduction
   assert out["params_devices"] == 8
   assert out["moved"]
-  assert out["copy_keeps_shardings"] == []  # the shardings of the leaves that moved
+  assert out["copy_moved"] == []  # the shardings of copied leaves that moved
   assert out["clients_params_error"] < 1e-5 and out["clients_loss_error"] < 1e-5
   assert out["sweep_params_error"] < 1e-5 and out["sweep_loss_error"] < 1e-5
