@@ -3,7 +3,7 @@
 A `FederatedData` holds `x [num_clients, max_examples, ...]`, `y [num_clients,
 max_examples, ...]` and `counts [num_clients]`. Slots past a client's count are
 padding; local training and evaluation mask them out, so padding never changes a
-result (tests/test_local.py checks that).
+result (tests/test_engine.py checks that).
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ def quantity(labels, num_clients: int, sigma: float = 1.0, *, seed: int = 0,
     num_clients: number of clients.
     sigma: standard deviation of the log sizes (> 0); 0 would be equal sizes.
     seed: numpy seed.
-    min_size: examples every client gets before the skewed share.
+    min_size: examples every client gets before the skewed share (at least 1).
 
   Returns:
     One int64 index array per client.
@@ -211,6 +211,10 @@ def quantity(labels, num_clients: int, sigma: float = 1.0, *, seed: int = 0,
   n = _num_examples(labels)
   if not np.isfinite(sigma) or sigma < 0:
     raise ValueError(f"quantity: sigma must be a non-negative number, got {sigma!r}")
+  if (not isinstance(min_size, (int, np.integer)) or isinstance(min_size, bool)
+      or min_size < 1):
+    raise ValueError(f"quantity: min_size must be a positive integer (every client gets "
+                     f"at least one example), got {min_size!r}")
   _check(n, num_clients, min_size)
   rng = np.random.default_rng(seed)
   weights = rng.lognormal(0.0, sigma, num_clients)
@@ -277,7 +281,9 @@ class PartitionSummary(NamedTuple):
 
   def padding_efficiency(self, max_examples: int | None = None) -> float:
     """Real examples / padded slots once clients are padded to the largest (or capped)."""
-    cap = int(self.sizes.max()) if max_examples is None else max_examples
+    # from_clients pads to the largest client when the cap is above it
+    largest = int(self.sizes.max())
+    cap = largest if max_examples is None else min(int(max_examples), largest)
     return float(np.minimum(self.sizes, cap).sum()) / (self.num_clients * cap)
 
   def kept_fraction(self, max_examples: int) -> float:

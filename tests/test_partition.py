@@ -104,6 +104,9 @@ def test_take_builds_per_client_arrays_for_from_clients():
     (lambda: partition.shards(LABELS, 4, 2), "8 shards cannot cover 10 labels"),
     (lambda: partition.shards(LABELS, 1000, 2), "cannot split 1950 examples into 1000 clients"),
     (lambda: partition.quantity(LABELS, 10, -1.0), "sigma must be a non-negative number"),
+    # 0 would leave clients empty, a negative size would give examples to two clients
+    (lambda: partition.quantity(LABELS, 10, min_size=0), "min_size must be a positive integer"),
+    (lambda: partition.quantity(LABELS, 10, min_size=-3), "min_size must be a positive"),
     (lambda: partition.partition("pathological", LABELS, 10), "unknown partition 'pathological'"),
     (lambda: partition.dirichlet(LABELS.astype(float), 10, 1.0), "labels must be a 1-D integer"),
     (lambda: partition.natural([]), "user_ids must be a non-empty 1-D array"),
@@ -123,6 +126,8 @@ def test_summary_describes_sizes_labels_and_padding():
   cap = int(np.median(summary.sizes))
   assert summary.padding_efficiency(cap) > summary.padding_efficiency()
   assert summary.kept_fraction(cap) < 1.0
+  # A cap above the largest client pads to the largest client, as from_clients does.
+  assert summary.padding_efficiency(10 * summary.sizes.max()) == summary.padding_efficiency()
   text = str(summary)
   assert text.startswith("25 clients, 1950 examples") and "padding efficiency" in text
 
