@@ -225,6 +225,29 @@ def test_everyone_dropped_gives_a_zero_update(setup):
   assert max_relative_error(new_state.params, state.params) == 0.0
 
 
+@pytest.mark.parametrize("server_optimizer", [optax.sgd(1.0, momentum=0.9), optax.adam(0.1)])
+def test_a_round_nobody_reports_moves_neither_model_nor_server_optimizer(setup,
+                                                                         server_optimizer):
+  # After a round that trained, momentum (and Adam's moments) would move the model on a
+  # zero pseudo-gradient: a round with nobody aggregated must leave state as it was.
+  train, model, profiles = setup
+  gone = systems.make_profiles(6, examples_per_s=1.0, downlink_bytes_per_s=1.0,
+                               uplink_bytes_per_s=1.0, availability=0.0)
+  trains = make(model, 3, systems=systems.SystemsConfig(profiles),
+                server_optimizer=server_optimizer)
+  nobody = make(model, 3, systems=systems.SystemsConfig(gone, deadline_s=9.0),
+                server_optimizer=server_optimizer)
+  _, state, _ = one_round(trains, model.params, train)
+  new_state, m = jax.jit(nobody.round)(state, train)
+  assert m["num_aggregated"] == 0
+  for new, old in zip(jax.tree_util.tree_leaves((new_state.params, new_state.opt_state)),
+                      jax.tree_util.tree_leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(new, old)
+  # and the next round that trains moves the model again
+  after, m = jax.jit(trains.round)(new_state, train)
+  assert m["num_aggregated"] > 0 and max_relative_error(after.params, new_state.params) > 0
+
+
 def test_compressed_upload_time(setup):
   train, model, profiles = setup
   agg = aggregators.chain(compression.quantize(4), aggregators.mean())

@@ -162,6 +162,11 @@ def resolve(spec: OptimizerSpec, hp: Hparams) -> optax.GradientTransformation:
   return spec if isinstance(spec, optax.GradientTransformation) else spec(hp)
 
 
+def keep_unless(condition: jax.Array, new, old):
+  """`new` where `condition` holds, else `old`, leaf by leaf."""
+  return jax.tree_util.tree_map(lambda n, o: jnp.where(condition, n, o), new, old)
+
+
 def fedopt(server_optimizer: OptimizerSpec | None,
            delta_of: Callable[[Params], Params] = lambda upload: upload) -> ServerRule:
   """FedOpt's server rule: `server_optimizer` (default SGD lr 1, plain FedAvg) applied to
@@ -176,8 +181,12 @@ def fedopt(server_optimizer: OptimizerSpec | None,
     pseudo_grad = jax.tree_util.tree_map(jnp.negative, delta)
     updates, opt_state = resolve(server_optimizer, info.hp).update(
         pseudo_grad, state.opt_state, state.params)
-    return ServerUpdate(optax.apply_updates(state.params, updates), opt_state,
-                        state.algorithm_state, delta)
+    # A round in which no client was aggregated (all dropped) leaves the model and the
+    # optimizer as they were: a zero pseudo-gradient would still move them by momentum.
+    params, opt_state = keep_unless(info.any_aggregated,
+                                    (optax.apply_updates(state.params, updates), opt_state),
+                                    (state.params, state.opt_state))
+    return ServerUpdate(params, opt_state, state.algorithm_state, delta)
 
   return ServerRule(init, update)
 
