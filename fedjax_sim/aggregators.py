@@ -51,7 +51,10 @@ class Aggregator(NamedTuple):
 
   `weighted`: the reduction is the weights-respecting mean, so a row of weight 0 does
   not count (what `systems` needs for clients that are not aggregated). `stages`: for
-  a `chain`, its stages in order; empty for a single reducer.
+  a `chain`, its stages in order; empty for a single reducer. `distinct_clients`: what
+  it guarantees holds only if no client fills two rows (DP's sensitivity of one
+  client's clipped update, secure aggregation's pairwise masks by id), which FedBuff's
+  buffer cannot promise.
   """
 
   init: Callable[[Params, int], Any]
@@ -60,6 +63,7 @@ class Aggregator(NamedTuple):
   validate: Validate | None = None
   weighted: bool = False
   stages: tuple = ()
+  distinct_clients: bool = False
 
 
 class ClientTransform(NamedTuple):

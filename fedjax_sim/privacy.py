@@ -268,7 +268,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
                "noise_stddev": z * c / m}
     return delta, new_state, metrics
 
-  return Aggregator(init, aggregate, validate)
+  return Aggregator(init, aggregate, validate, distinct_clients=True)
 
 
 # ---------------------------------------------------------------------------------------

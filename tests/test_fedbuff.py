@@ -238,6 +238,30 @@ def test_bad_configuration_is_rejected_before_compiling(uneven, count_compiles):
   assert count_compiles() == start
 
 
+def test_stages_that_need_each_client_once_are_refused():
+  # A fast client can arrive twice before the buffer fills (random dispatch's test above
+  # sees it): DP's sensitivity and accountant, secure aggregation's masks by id, and
+  # top-k's per-client residuals all assume it cannot.
+  from fedjax_sim import aggregators, compression, privacy, robust, secure_aggregation
+  apply, params = tiny_mlp()
+  kwargs = dict(client_optimizer=optax.sgd(0.1), batch_size=4, steps=1,
+                profiles=equal_profiles(6), concurrency=3, buffer_size=2)
+  for reducer, name in ((privacy.dp_mean(0.5, 1.0), "dp_mean"),
+                        (secure_aggregation.secure_mean(), "secure_mean")):
+    for aggregator in (reducer, aggregators.chain(compression.quantize(8), reducer)):
+      with pytest.raises(ValueError, match=f"fedbuff cannot aggregate with {name}"):
+        algorithms.fedbuff(apply, aggregator=aggregator, **kwargs)
+  stateful = algorithms.fedbuff(
+      apply, aggregator=aggregators.chain(compression.top_k(3), aggregators.mean()), **kwargs)
+  with pytest.raises(ValueError, match="per-client transforms that keep state"):
+    stateful.init(params, jax.random.key(0))
+  # what stays allowed: stateless compression, robust reducers, top-k without feedback
+  for aggregator in (aggregators.chain(compression.top_k(3, error_feedback=False),
+                                       compression.quantize(8), aggregators.mean()),
+                     robust.coordinate_median()):
+    algorithms.fedbuff(apply, aggregator=aggregator, **kwargs).init(params, jax.random.key(0))
+
+
 def test_fedbuff_builds_by_name():
   apply, params = tiny_mlp()
   kwargs = dict(clients_per_round=2, batch_size=4, epochs=1)

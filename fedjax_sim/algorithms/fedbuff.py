@@ -50,7 +50,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import keys as keys_lib
-from fedjax_sim import local, systems
+from fedjax_sim import aggregators, local, systems
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_model_and_data,
                                         check_round_args, client_key, client_weights,
                                         map_clients, model_bytes, resolve_chunk_size,
@@ -88,6 +88,33 @@ def staleness_weight(staleness: str | Callable[[jax.Array], jax.Array]) -> Calla
 def _positive_int(name: str, value: Any) -> None:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_buffer_aggregator(aggregator: Any) -> None:
+  """Raises ValueError for a stage that needs every client at most once among the rows
+  it combines: a fast client can arrive twice before the buffer fills."""
+  for stage in () if aggregator is None else aggregators.stages_of(aggregator):
+    if getattr(stage, "distinct_clients", False):
+      name = getattr(stage.aggregate, "__qualname__", repr(stage)).split(".")[0]
+      raise ValueError(
+          f"fedbuff cannot aggregate with {name} (DP: --clip/--noise-multiplier/"
+          f"--target-epsilon; --aggregator secure_mean): a fast client can arrive twice "
+          f"before the buffer fills, and its guarantee (DP's sensitivity of one client's "
+          f"update and its accountant's uniform sampling, secure aggregation's pairwise "
+          f"masks) assumes every client at most once")
+
+
+def check_buffer_aggregator_state(aggregator: Any, state: Any) -> None:
+  """Raises ValueError for a per-client stage that keeps per-client state (top-k error
+  feedback): a client twice in one buffer would read its state twice and keep one write."""
+  if aggregator is None or not aggregator.stages:
+    return
+  for stage, stage_state in zip(aggregator.stages, state):
+    if isinstance(stage, aggregators.ClientTransform) and jax.tree_util.tree_leaves(stage_state):
+      raise ValueError(
+          f"fedbuff does not support per-client transforms that keep state (such as "
+          f"compression.top_k with error feedback): a client can arrive twice before the "
+          f"buffer fills; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
 
 
 def fedbuff(
@@ -128,8 +155,9 @@ def fedbuff(
       (None: all at once; "auto", the default: as in `fedavg`).
     loss: per-example loss; default softmax cross-entropy on integer labels.
     regularizer: `regularizer(params, downloaded_params)` added to each local step.
-    aggregator: how the buffer's uploads are combined, as in `fedavg` (DP, robust,
-      compression, attacks...): it gets the staleness-scaled deltas s(tau_i) delta_i
+    aggregator: how the buffer's uploads are combined, as in `fedavg` (robust,
+      compression, attacks...; not DP or secure aggregation, nor top-k with error
+      feedback: a client can arrive twice before the buffer fills): it gets the staleness-scaled deltas s(tau_i) delta_i
       and the weights w_i, so the weighted mean is the rule above.
     systems_config: refused: FedBuff simulates its clients' systems itself from
       `profiles`; a deadline or over-selection has no meaning without rounds.
@@ -160,6 +188,7 @@ def fedbuff(
   if concurrency > num_clients:
     raise ValueError(f"concurrency={concurrency} but the profiles describe only {num_clients} "
                      "clients, and no client can be in flight twice")
+  check_buffer_aggregator(aggregator)
   if getattr(aggregator, "validate", None) is not None:
     aggregator.validate(buffer_size, None)
   weight_of = staleness_weight(staleness)
@@ -191,7 +220,8 @@ def fedbuff(
             lambda a: jnp.broadcast_to(a, (concurrency, *jnp.shape(a))).copy(), params),
         start_s=jnp.zeros(concurrency, jnp.float32),
         keys=jax.vmap(lambda i: client_key(train_key, i))(ids))
-    agg_state = None if aggregator is None else aggregator.init(params, num_clients)
+    agg_state = None if aggregator is None else aggregator.init(params, profiles.num_clients)
+    check_buffer_aggregator_state(aggregator, agg_state)
     return ServerState(params, server_optimizer.init(params), jnp.zeros((), jnp.int32), next_key,
                        algorithm_state=slots, aggregator_state=agg_state,
                        sim_time=jnp.zeros((), jnp.float32), hp={})
