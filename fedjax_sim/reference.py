@@ -97,7 +97,8 @@ class ReferenceFedAvg:
   gets the global params as its context, as in `fedavg` (FedProx). `aggregator`, if
   given, is a host-side `aggregate(deltas: list of pytrees, weights [C], ids [C],
   key) -> delta` in place of the weighted mean (a loop implementation of the
-  vectorized aggregator, drawing from the same key); `client_data_transform` is
+  vectorized aggregator, drawing from the same key; a `weighted` attribute of False
+  says it ignores the weights, and then every client weighs 1, as in `fedavg`); `client_data_transform` is
   the same function `fedavg` takes, applied (jitted) to each client's padded data
   as there, then the padding is dropped.
   """
@@ -141,6 +142,8 @@ class ReferenceFedAvg:
     next_key, sample_key, train_key = round_keys(state.key)
     ids = np.asarray(sample_clients(sample_key, data.num_clients, self.clients_per_round))
     deltas, weights, loss_sum, count = [], [], 0.0, 0
+    # As in fedavg: an aggregator that ignores the weights makes every client count once.
+    by_examples = self.weighting == "examples" and getattr(self.aggregator, "weighted", True)
     for i in ids:
       x, y = data.client(int(i))
       if self.client_data_transform is not None:
@@ -149,7 +152,7 @@ class ReferenceFedAvg:
         x, y = np.asarray(x)[:int(n)], np.asarray(y)[:int(n)]
       delta, l, c = self.client_update(state.params, x, y, client_key(train_key, int(i)))
       deltas.append(jax.tree_util.tree_map(np.asarray, delta))
-      weights.append(float(len(x)) if self.weighting == "examples" else 1.0)
+      weights.append(float(len(x)) if by_examples else 1.0)
       loss_sum, count = loss_sum + l, count + c
     if self.aggregator is not None:
       mean = self.aggregator(deltas, np.array(weights), ids, aggregation_key(sample_key))

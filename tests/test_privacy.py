@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import aggregators, privacy
+from fedjax_sim import aggregators, keys, privacy
 import aggregation_reference as ref
 
 SMALL_ORDERS = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # fast RDP for tests
@@ -181,3 +181,36 @@ def test_chain_rejects_misordered_stages():
     aggregators.chain(privacy.clip(1.0))
   with pytest.raises(ValueError, match="per-client transforms come before the reducer"):
     aggregators.chain(aggregators.mean(), privacy.clip(1.0))
+
+
+@pytest.mark.parametrize("name", ["scaffold", "feddyn"])
+def test_with_dp_no_example_count_reaches_the_model_around_the_noise(name):
+  # Neighbouring datasets: client 5's data replaced (12 -> 30 examples), the same key,
+  # and client 5 not sampled. DP's reducer ignores the weights, so the round must not
+  # read example counts elsewhere either (SCAFFOLD's control variate step scaled by the
+  # sampled share of all examples, FedDyn's alpha_k by the client's): the two states are
+  # the same to the bit. With the weighted mean the counts do reach SCAFFOLD's state.
+  from conftest import ragged_clients, tiny_mlp
+  apply, params = tiny_mlp()
+  xs, ys = ragged_clients()
+  more_x, more_y = ragged_clients(seed=1, sizes=(30,))
+  datasets = [fs.from_clients(xs, ys, num_classes=3),
+              fs.from_clients(xs[:5] + more_x, ys[:5] + more_y, num_classes=3)]
+  key = next(jax.random.key(s) for s in range(20)
+             if 5 not in np.asarray(fs.sample_clients(keys.round_keys(jax.random.key(s))[1], 6, 2)))
+
+  def states(aggregator):
+    build = dict(scaffold=lambda **kw: fs.algorithms.scaffold(apply, client_learning_rate=0.1, **kw),
+                 feddyn=lambda **kw: fs.algorithms.feddyn(apply, alpha=0.1,
+                                                          client_optimizer=optax.sgd(0.1), **kw))
+    algorithm = build[name](clients_per_round=2, batch_size=4, steps=2, aggregator=aggregator)
+    return [jax.jit(algorithm.round)(algorithm.init(params, key, 6), data)[0]
+            for data in datasets]
+
+  first, second = states(privacy.dp_mean(0.5, 1.0))
+  for a, b in zip(jax.tree_util.tree_leaves((first.params, first.algorithm_state)),
+                  jax.tree_util.tree_leaves((second.params, second.algorithm_state))):
+    np.testing.assert_array_equal(a, b)
+  if name == "scaffold":
+    first, second = states(None)
+    assert optax.tree.norm(first.algorithm_state) != optax.tree.norm(second.algorithm_state)

@@ -350,6 +350,11 @@ def compose(
   if getattr(aggregator, "validate", None) is not None:
     aggregator.validate(sampled, None)
   stateful = client_work.init_row is not None
+  # A reducer that ignores the weights counts every client once, and so does everything
+  # else that reads them (SCAFFOLD's control variate step, FedDyn's alpha_k): else example
+  # counts, even those of clients not sampled, would reach the model around the reducer
+  # (around DP's clipping and noise, for one).
+  by_examples = weighting == "examples" and reducer_is_weighted(aggregator)
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """`num_clients` is needed by algorithms and aggregators with per-client state."""
@@ -416,7 +421,7 @@ def compose(
       counts = data.counts[ids]
     else:
       counts = jax.vmap(lambda i: client_data(data, i, state.round)[2])(ids)
-    if weighting == "examples":
+    if by_examples:
       raw_weights = counts.astype(jnp.float32)
       total_weight = data.counts.sum().astype(jnp.float32)
     else:
