@@ -215,8 +215,9 @@ def with_backdoor(evaluate: Callable, apply: Callable, test, backdoor: attacks.B
 
 def _reducer(args, clients_per_round: int) -> aggregators.Aggregator:
   name = args.aggregator
-  # Krum's f: the malicious clients expected in a round, rounded up.
-  f = math.ceil(value(args, "malicious_fraction") * clients_per_round)
+  # Krum's f: the malicious clients expected in a round, rounded up (after rounding off
+  # float error: 0.14 * 50 is 7.000000000000001).
+  f = math.ceil(round(value(args, "malicious_fraction") * clients_per_round, 9))
   if name == "mean":
     return aggregators.mean()
   if name == "median":

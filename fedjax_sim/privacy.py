@@ -146,6 +146,10 @@ def update_noise_multiplier(noise_multiplier: float, count_noise: float) -> floa
   z_delta = (z^-2 - (2 count_noise)^-2)^(-1/2), so that together they spend z."""
   if noise_multiplier == 0:
     return 0.0
+  if not count_noise > 0:
+    raise ValueError(f"adaptive clipping with noise (noise_multiplier {noise_multiplier:g}) "
+                     f"needs count noise > 0, got count_stddev {count_noise!r}: the count of "
+                     f"unclipped clients is released too")
   rest = noise_multiplier ** -2 - (2.0 * count_noise) ** -2
   if rest <= 0:
     raise ValueError(

@@ -15,6 +15,8 @@ once, as in the papers' analyses); the geometric median uses them, as RFA does.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -34,7 +36,8 @@ def coordinate_median() -> Aggregator:
 
 
 def _num_trimmed(clients: int, trim_fraction: float | None, num_trim: int | None) -> int:
-  return num_trim if num_trim is not None else int(trim_fraction * clients)
+  # floor(beta m), rounded first: 0.29 * 100 is 28.999999999999996 in floats
+  return num_trim if num_trim is not None else math.floor(round(trim_fraction * clients, 9))
 
 
 def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = None

@@ -37,6 +37,9 @@ import jax.numpy as jnp
 from fedjax_sim.aggregators import Aggregator, client_keys, no_state, ravel_clients
 
 RING_BITS = 32  # arithmetic in Z_{2^32}: uint32 wraps around
+# Levels are rounded in float32, which holds every integer only up to 2^24: with more
+# bits the top level 2^bits - 1 rounds up to 2^bits, past what the overflow check allows.
+MAX_BITS = 24
 
 
 def quantize_to_ring(flat: jax.Array, bits: int, clip_range: float, keys: jax.Array) -> jax.Array:
@@ -118,7 +121,7 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
   """The unweighted mean of the survivors' updates, computed through secure aggregation.
 
   Args:
-    bits: quantization bits per coordinate (1 to 31).
+    bits: quantization bits per coordinate (1 to 24).
     clip_range: coordinates are clipped to [-clip_range, clip_range] first.
     dropout: probability that a sampled client drops before sending its input.
     threshold: t, the fewest survivors the protocol proceeds with; None is a
@@ -127,8 +130,9 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
   Returns:
     An Aggregator; metrics `secagg_survivors`, `secagg_aborted`, `uplink_bytes`.
   """
-  if not (isinstance(bits, int) and 1 <= bits < RING_BITS):
-    raise ValueError(f"secure_mean: bits must be an integer in [1, {RING_BITS - 1}], got {bits!r}")
+  if not (isinstance(bits, int) and 1 <= bits <= MAX_BITS):
+    raise ValueError(f"secure_mean: bits must be an integer in [1, {MAX_BITS}] (float32 "
+                     f"rounds the levels), got {bits!r}")
   if not (isinstance(clip_range, (int, float)) and clip_range > 0):
     raise ValueError(f"secure_mean: clip_range must be > 0, got {clip_range!r}")
   if not 0.0 <= dropout < 1.0:

@@ -153,6 +153,8 @@ def test_target_epsilon_calibrates_noise_or_bounds_rounds():
     (lambda: privacy.gaussian_noise(-1.0), "noise multiplier must be a number >= 0"),
     (lambda: privacy.dp_mean(1.0, 1.0, adaptive=privacy.AdaptiveClipping(1.5)),
      "target_quantile must lie in"),
+    (lambda: privacy.dp_mean(1.0, 1.0, adaptive=privacy.AdaptiveClipping(count_stddev=0.0)
+                             ).validate(10, None), "needs count noise > 0"),
     (lambda: privacy.DPAccountant(1.0, 10, 5, 1e-5), "clients_per_round must be an integer"),
     (lambda: privacy.DPAccountant(1.0, 2, 5, 0.0), "delta must lie in"),
     (lambda: privacy.DPAccountant(1.0, 2, 5, 1e-5, accountant="gdp"), "accountant must be"),

@@ -105,3 +105,19 @@ def test_impossible_robust_configurations_error_before_compiling(small_mlp, coun
 def test_bad_robust_arguments(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_fractions_are_rounded_off_before_floor_and_ceil():
+  # 0.29 * 100 is 28.999999999999996 and 0.14 * 50 is 7.000000000000001 in floats: the
+  # trimmed mean trims floor(0.29 * 100) = 29 a side, Krum's f is ceil(0.14 * 50) = 7.
+  import argparse
+  from fedjax_sim import aggregation_options
+  values = np.arange(100.0) ** 2
+  deltas = {"w": jnp.asarray(values[::-1, None], jnp.float32)}
+  out, _, _ = robust.trimmed_mean(0.29).aggregate(None, deltas, jnp.ones(100),
+                                                   jnp.arange(100), None)
+  np.testing.assert_allclose(out["w"], [values[29:71].mean()], rtol=1e-6)
+  krum = aggregation_options._reducer(
+      argparse.Namespace(aggregator="krum", malicious_fraction=0.14), 50)
+  with pytest.raises(ValueError, match="num_byzantine=7 needs"):
+    krum.validate(10, None)

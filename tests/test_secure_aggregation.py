@@ -95,9 +95,22 @@ def test_secure_mean_is_the_survivors_quantized_mean():
     (lambda: sa.secure_mean(bits=0), "bits must be an integer"),
     (lambda: sa.secure_mean(clip_range=0.0), "clip_range must be > 0"),
     (lambda: sa.secure_mean(dropout=1.0), "dropout must lie in"),
-    (lambda: sa.secure_mean(bits=30).validate(10, None), "overflow the 32-bit modular sum"),
+    (lambda: sa.secure_mean(bits=25), "bits must be an integer in \\[1, 24\\]"),
+    (lambda: sa.secure_mean(bits=24).validate(512, None), "overflow the 32-bit modular sum"),
     (lambda: sa.secure_mean(threshold=11).validate(10, None), "threshold must be an integer"),
 ])
 def test_bad_secure_aggregation_configurations(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_the_most_bits_and_clients_allowed_decode_a_saturated_update_exactly():
+  # 24 bits and 2^8 clients fill the 32-bit ring: every client at +clip_range sends the
+  # top level 2^24 - 1 (float32 rounded it up to 2^24 at 25 bits, and the sum wrapped).
+  m, aggregator = 256, sa.secure_mean(bits=24, clip_range=1.0, threshold=256)
+  aggregator.validate(m, None)
+  deltas = {"w": jnp.full((m, 4), 1.0, jnp.float32)}
+  mean, _, metrics = aggregator.aggregate(None, deltas, jnp.ones(m), jnp.arange(m),
+                                          jax.random.key(0))
+  assert not metrics["secagg_aborted"]
+  np.testing.assert_array_equal(mean["w"], np.ones(4, np.float32))
