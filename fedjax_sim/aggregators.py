@@ -51,7 +51,10 @@ class Aggregator(NamedTuple):
 
   `weighted`: the reduction is the weights-respecting mean, so a row of weight 0 does
   not count (what `systems` needs for clients that are not aggregated). `stages`: for
-  a `chain`, its stages in order; empty for a single reducer. `distinct_clients`: what
+  a `chain`, its stages in order; empty for a single reducer. `ignores_weights`: the
+  reduction does not read the weights at all (order statistics, DP's and secure
+  aggregation's plain means), so the round weighs every client 1 wherever it reads
+  weights (`engine.compose`). `distinct_clients`: what
   it guarantees holds only if no client fills two rows (DP's sensitivity of one
   client's clipped update, secure aggregation's pairwise masks by id), which FedBuff's
   buffer cannot promise.
@@ -63,6 +66,7 @@ class Aggregator(NamedTuple):
   validate: Validate | None = None
   weighted: bool = False
   stages: tuple = ()
+  ignores_weights: bool = False
   distinct_clients: bool = False
 
 

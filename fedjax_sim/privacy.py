@@ -272,7 +272,8 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
                "noise_stddev": z * c / m}
     return delta, new_state, metrics
 
-  return Aggregator(init, aggregate, validate, distinct_clients=True)
+  return Aggregator(init, aggregate, validate, ignores_weights=True,
+                    distinct_clients=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -97,8 +97,8 @@ class ReferenceFedAvg:
   gets the global params as its context, as in `fedavg` (FedProx). `aggregator`, if
   given, is a host-side `aggregate(deltas: list of pytrees, weights [C], ids [C],
   key) -> delta` in place of the weighted mean (a loop implementation of the
-  vectorized aggregator, drawing from the same key; a `weighted` attribute of False
-  says it ignores the weights, and then every client weighs 1, as in `fedavg`); `client_data_transform` is
+  vectorized aggregator, drawing from the same key; an `ignores_weights` attribute
+  of True makes every client weigh 1, as in `fedavg`); `client_data_transform` is
   the same function `fedavg` takes, applied (jitted) to each client's padded data
   as there, then the padding is dropped.
   """
@@ -143,7 +143,8 @@ class ReferenceFedAvg:
     ids = np.asarray(sample_clients(sample_key, data.num_clients, self.clients_per_round))
     deltas, weights, loss_sum, count = [], [], 0.0, 0
     # As in fedavg: an aggregator that ignores the weights makes every client count once.
-    by_examples = self.weighting == "examples" and getattr(self.aggregator, "weighted", True)
+    by_examples = (self.weighting == "examples"
+                   and not getattr(self.aggregator, "ignores_weights", False))
     for i in ids:
       x, y = data.client(int(i))
       if self.client_data_transform is not None:

@@ -24,15 +24,21 @@ from fedjax_sim.aggregators import Aggregator, ClientTransform, no_state, ravel_
 from fedjax_sim import privacy
 
 
+def _median(values: jax.Array) -> jax.Array:
+  """The median over axis 0, a NaN counted as +inf: an extreme value like any other
+  that a Byzantine client may send, not one that makes the median NaN."""
+  return jnp.median(jnp.where(jnp.isnan(values), jnp.inf, values), axis=0)
+
+
 def coordinate_median() -> Aggregator:
   """The median over clients of every coordinate (the mean of the two middle ones
   when the number of clients is even)."""
 
   def aggregate(state, deltas, weights, ids, key):
     del weights, ids, key
-    return jax.tree_util.tree_map(lambda d: jnp.median(d, axis=0), deltas), state, {}
+    return jax.tree_util.tree_map(_median, deltas), state, {}
 
-  return Aggregator(no_state, aggregate)
+  return Aggregator(no_state, aggregate, ignores_weights=True)
 
 
 def _num_trimmed(clients: int, trim_fraction: float | None, num_trim: int | None) -> int:
@@ -72,7 +78,7 @@ def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = N
     trim = lambda d: jnp.mean(jnp.sort(d, axis=0)[k:m - k], axis=0)
     return jax.tree_util.tree_map(trim, deltas), state, {}
 
-  return Aggregator(no_state, aggregate, validate)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
 
 
 def pairwise_sq_distances(flat: jax.Array) -> jax.Array:
@@ -124,7 +130,7 @@ def krum(num_byzantine: int, *, num_selected: int = 1) -> Aggregator:
     selected = jnp.zeros(flat.shape[0], bool).at[chosen].set(True)
     return delta, state, {"krum_selected": selected}
 
-  return Aggregator(no_state, aggregate, validate)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
 
 
 def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregator:
@@ -141,7 +147,7 @@ def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregato
     return krum(num_byzantine, num_selected=m - num_byzantine).aggregate(
         state, deltas, weights, ids, key)
 
-  return Aggregator(no_state, aggregate, validate)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
 
 
 def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
@@ -154,17 +160,22 @@ def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
   (40 steps for outliers of size 1e12 with a third of the clients), while from a
   robust start a few steps converge whatever their size.
   """
-  alpha = weights / jnp.sum(weights)
+  # A row with an inf or NaN is dropped, as a server would reject it on arrival: in
+  # the iteration it would make every step NaN (0 * inf, or NaN distances).
+  finite = jnp.all(jnp.isfinite(flat), axis=1)
+  alpha = jnp.where(finite, weights, 0.0) / jnp.sum(jnp.where(finite, weights, 0.0))
+  rows = jnp.where(finite[:, None], flat, 0.0)
 
   def step(_, v):
-    beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(flat - v, axis=1))
-    return beta @ flat / jnp.sum(beta)
+    beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(rows - v, axis=1))
+    return beta @ rows / jnp.sum(beta)
 
-  return jax.lax.fori_loop(0, num_iterations, step, jnp.median(flat, axis=0))
+  return jax.lax.fori_loop(0, num_iterations, step, _median(flat))
 
 
 def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggregator:
-  """The weighted geometric median of the updates (RFA), by smoothed Weiszfeld.
+  """The weighted geometric median of the updates (RFA), by smoothed Weiszfeld; an
+  update with an inf or NaN coordinate is dropped.
 
   Args:
     num_iterations: Weiszfeld steps from the coordinate-wise median (fixed, so

@@ -167,4 +167,5 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
                "uplink_bytes": survivors.astype(jnp.float32) * d * (RING_BITS // 8)}
     return unravel(mean), state, metrics
 
-  return Aggregator(no_state, aggregate, validate, distinct_clients=True)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True,
+                    distinct_clients=True)

@@ -48,7 +48,7 @@ class Chain:
   def __init__(self, *stages):
     self.stages = stages
     self.r = next(i for i, s in enumerate(stages) if s.kind == "reducer")
-    self.weighted = stages[self.r].weighted
+    self.ignores_weights = getattr(stages[self.r], "ignores_weights", False)
 
   def __call__(self, deltas, weights, ids, key):
     keys = jax.random.split(key, len(self.stages))
@@ -162,7 +162,6 @@ class Scale:
 
 class Mean:
   kind = "reducer"
-  weighted = True
 
   def __call__(self, deltas, weights, ids, key):
     w = weights / weights.sum()
@@ -171,7 +170,7 @@ class Mean:
 
 class DPMean:
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
+  ignores_weights = True  # so the round counts every client once
 
   def __init__(self, clip_norm, noise_multiplier, target_quantile=None, learning_rate=0.2,
                count_stddev=None):
@@ -200,7 +199,7 @@ class DPMean:
 
 class Median:
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
+  ignores_weights = True  # so the round counts every client once
 
   def __call__(self, deltas, weights, ids, key):
     return unflat(np.median(np.stack([flat(d) for d in deltas]), axis=0), deltas[0])
@@ -208,7 +207,7 @@ class Median:
 
 class TrimmedMean:
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
+  ignores_weights = True  # so the round counts every client once
 
   def __init__(self, num_trim):
     self.k = num_trim
@@ -220,7 +219,7 @@ class TrimmedMean:
 
 class Krum:
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
+  ignores_weights = True  # so the round counts every client once
 
   def __init__(self, num_byzantine, num_selected=1):
     self.f, self.selected = num_byzantine, num_selected
@@ -238,7 +237,6 @@ class Krum:
 
 class GeometricMedian:
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
 
   def __init__(self, num_iterations=8, smoothing=1e-6):
     self.iterations, self.nu = num_iterations, smoothing
@@ -258,7 +256,7 @@ class SecureMean:
   updates (no masks: they are the vectorized path's business, and must cancel)."""
 
   kind = "reducer"
-  weighted = False  # ignores the weights: the round counts every client once
+  ignores_weights = True  # so the round counts every client once
 
   def __init__(self, bits=16, clip_range=1.0, dropout=0.0, threshold=None):
     self.bits, self.r, self.dropout, self.threshold = bits, clip_range, dropout, threshold

@@ -354,7 +354,9 @@ def compose(
   # else that reads them (SCAFFOLD's control variate step, FedDyn's alpha_k): else example
   # counts, even those of clients not sampled, would reach the model around the reducer
   # (around DP's clipping and noise, for one).
-  by_examples = weighting == "examples" and reducer_is_weighted(aggregator)
+  by_examples = weighting == "examples" and not any(
+      getattr(s, "ignores_weights", False)
+      for s in (() if aggregator is None else stages_of(aggregator)))
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """`num_clients` is needed by algorithms and aggregators with per-client state."""

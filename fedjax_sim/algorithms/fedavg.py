@@ -79,7 +79,8 @@ def fedavg(
       epochs / steps: local epochs, or a fixed number of local steps (exactly one).
       weighting: 'examples' (each update weighted by the client's example count) or
         'uniform'. With an aggregator whose reducer ignores the weights (DP, secure
-        aggregation, robust reducers) every client counts once throughout the round.
+        aggregation, median, trimmed mean, Krum) every client counts once throughout
+        the round.
       client_chunk_size: train this many clients at a time (a divisor of the
         clients sampled) to bound memory; None trains all at once; "auto" (the
         default) is all at once on accelerators and a few clients at a time on a
