@@ -66,18 +66,27 @@ def _check_noise(noise_multiplier) -> None:
 
 
 def clip_updates(deltas, clip_norm):
-  """Scales each client's update (stacked, leading axis) to L2 norm at most `clip_norm`.
+  """Scales each client's update (stacked, leading axis) to L2 norm at most `clip_norm`,
+  in float32 whatever the leaves' dtype (bfloat16's rounding would leave norms above
+  the bound, and the clipping norm is a float32 array in DP's state).
 
   Returns:
-    (clipped deltas, norms [C] before clipping).
+    (clipped deltas in float32, norms [C] before clipping).
   """
+  deltas = jax.tree_util.tree_map(lambda d: d.astype(jnp.float32), deltas)
   clip = optax.clip_by_global_norm(clip_norm)
   clipped = jax.vmap(lambda d: clip.update(d, optax.EmptyState())[0])(deltas)
   return clipped, jax.vmap(optax.tree.norm)(deltas)
 
 
+def _like(tree, reference):
+  """`tree`'s leaves cast to the dtypes of `reference`'s."""
+  return jax.tree_util.tree_map(lambda a, r: a.astype(r.dtype), tree, reference)
+
+
 def clip(clip_norm: float) -> ClientTransform:
-  """Per-client L2 clipping of updates to norm `clip_norm` (optax's global-norm clip).
+  """Per-client L2 clipping of updates to norm `clip_norm` (optax's global-norm clip),
+  in float32 (bfloat16 updates come back as float32, so the bound holds exactly).
 
   Also the norm bounding defence against model poisoning (Sun et al. 2019,
   `robust.norm_bound`). Metrics: `clipped_fraction`, `mean_client_norm` (before).
@@ -261,7 +270,9 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
     clipped, norms = clip_updates(deltas, c)
     total = jax.tree_util.tree_map(lambda d: jnp.sum(d, axis=0), clipped)
     noise = normal_like(noise_key, total)
-    delta = jax.tree_util.tree_map(lambda s, n: (s + z * c * n) / m, total, noise)
+    # summed and noised in float32 (what the sensitivity bound is of), then cast back
+    delta = _like(jax.tree_util.tree_map(lambda s, n: (s + z * c * n) / m, total, noise),
+                  jax.tree_util.tree_map(lambda d: d[0], deltas))
     new_state = state
     if adaptive is not None:
       unclipped = jnp.sum(norms <= c) + count_stddev(adaptive, m) * jax.random.normal(count_key)
