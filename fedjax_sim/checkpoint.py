@@ -92,6 +92,7 @@ class Checkpoints:
     self.directory = os.path.abspath(os.fspath(directory))
     self.max_to_keep = max_to_keep
     self._manager = None
+    self._continued_from = None  # the round last restored or saved
 
   def _open(self):
     if self._manager is None:
@@ -112,18 +113,27 @@ class Checkpoints:
 
   def save(self, state: Any, record: dict[str, Any], step: int | None = None) -> None:
     """Saves `state` (any pytree of arrays) at `step` (default `int(state.round)`) with
-    the JSON-able `record`."""
+    the JSON-able `record`, deleting the checkpoints of rounds from `step` on and, after
+    a restore, those newer than the round restored: the run continued replaces them."""
     ocp = _ocp()
     flat, keys, treedef = _to_saveable(state)
     step = int(jax.device_get(state.round)) if step is None else int(step)
     meta = {**record, "format": FORMAT, "round": step, "key_leaves": keys, "treedef": treedef,
             "sha256": _digest(flat)}
     manager = self._open()
-    if step in manager.all_steps():  # a rerun of the same round: replace it
-      manager.delete(step)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
-                                               meta=ocp.args.JsonSave(meta)))
+    # A rerun of this round, or a run continued from a checkpoint older than others (the
+    # newer ones corrupt, or an older round asked for): the newer ones belong to the run
+    # being replaced, and orbax writes no step below its newest (save returns False).
+    since = step - 1 if self._continued_from is None else min(self._continued_from, step - 1)
+    for stale in [s for s in manager.all_steps() if s > since]:
+      manager.delete(stale)
+    saved = manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                       meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
+    self._continued_from = step
+    if not saved:
+      raise CheckpointError(f"{self.directory}: orbax did not save round {step} (its steps: "
+                            f"{sorted(manager.all_steps())})")
 
   def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """(state, record) of checkpoint `step`, or of the newest good one.
@@ -199,6 +209,7 @@ class Checkpoints:
       if i in keys:
         a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
       restored.append(a)
+    self._continued_from = step  # a save after this replaces the newer checkpoints
     return jax.tree_util.tree_unflatten(treedef_obj, restored), meta
 
   def close(self) -> None:

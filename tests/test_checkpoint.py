@@ -264,7 +264,8 @@ def test_python_checkpoints_keys_keep_and_corrupt_fallback(setup, tmp_path, caps
   victim.write_bytes(bytes(data))
   capsys.readouterr()
   resumed, resumed_history = fs.run(algorithm, state, train, metrics_path=tmp_path / "cut.jsonl",
-                                    checkpoint_dir=ckpt, resume=True, **kw)
+                                    checkpoint_dir=ckpt, resume=True, checkpoint_every=2,
+                                    keep_checkpoints=3, **kw)
   err = capsys.readouterr().err
   assert "8 is corrupt or partial" in err and "previous one (round 6)" in err, err
   assert "6 is corrupt or partial (its arrays do not match" in err, err
@@ -273,6 +274,11 @@ def test_python_checkpoints_keys_keep_and_corrupt_fallback(setup, tmp_path, caps
   for a, b in zip(leaves(resumed), leaves(full)):
     np.testing.assert_array_equal(a, b)
   assert [r["round"] for r in resumed_history] == list(range(1, 9))
+  # The resumed run wrote its rounds 6 and 8 over the corrupt ones (orbax refused any
+  # round below the corrupt 8, silently, while it was there).
+  assert sorted(int(p) for p in os.listdir(ckpt)) == [4, 6, 8]
+  for step in (6, 8):
+    assert checkpoint_lib.Checkpoints(str(ckpt)).restore(state, step)[1]["round"] == step
   # A checkpoint folder is continued only on purpose, with the same chunks.
   with pytest.raises(ValueError, match="resume=True to continue it"):
     fs.run(algorithm, state, train, checkpoint_dir=ckpt, **kw)
