@@ -174,6 +174,23 @@ def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
+def split_scalars(deltas: Params) -> tuple[list, list, Callable[[list, list], Params]]:
+  """The stacked upload's leaves as (the update's, the scalars'), with the inverse
+  `join(update_leaves, scalar_leaves)`. Scalars (one value per client) are what an
+  algorithm sends beside its update: FedNova's gradient weight, q-FFL's h, FedExP's
+  squared norm; a compressor codes the update and leaves them exact."""
+  leaves, treedef = jax.tree_util.tree_flatten(deltas)
+  scalar = [leaf.ndim == 1 for leaf in leaves]  # [C]: stacked 0-d values
+
+  def join(update_leaves: list, scalar_leaves: list) -> Params:
+    update_leaves, scalar_leaves = iter(update_leaves), iter(scalar_leaves)
+    return jax.tree_util.tree_unflatten(
+        treedef, [next(scalar_leaves) if s else next(update_leaves) for s in scalar])
+
+  return ([leaf for leaf, s in zip(leaves, scalar) if not s],
+          [leaf for leaf, s in zip(leaves, scalar) if s], join)
+
+
 def ravel_clients(deltas: Params) -> tuple[jax.Array, Callable[[jax.Array], Params]]:
   """Flattens stacked updates to `[C, d]` (leaves in tree order), with the inverse.
 

@@ -13,6 +13,9 @@
   `[num_clients, d]` in the aggregator state, gathered and scattered by client id.
   Wire: k float32 values and k int32 indices.
 
+Scalars an algorithm sends beside its update (FedNova's gradient weight, q-FFL's h,
+FedExP's squared norm: `aggregators.split_scalars`) go up exact, as float32.
+
 Each compressor reports `uplink_bytes` (all sampled clients, this round),
 `bits_per_parameter` and `compression_error` (the mean over clients of
 ||decoded - input||^2 / ||input||^2); `fedavg` reports the float32 sizes when nothing compresses,
@@ -33,18 +36,20 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.aggregators import (ClientTransform, client_keys, no_state, ravel_clients,
-                                    stages_of)
+                                    split_scalars, stages_of)
 from fedjax_sim.tree import gather_rows, scatter_rows
 
-def uplink_bytes_per_client(aggregator: Any, num_params: int) -> float | None:
-  """Bytes one client uploads for a `num_params`-coordinate update under `aggregator`
-  (a compressor, or a chain holding one: the last compressor's size, as its metrics
-  report), or None if nothing compresses (the float32 update then goes up)."""
+def uplink_bytes_per_client(aggregator: Any, num_params: int, num_scalars: int = 0
+                            ) -> float | None:
+  """Bytes one client uploads for a `num_params`-coordinate update and `num_scalars`
+  float32 scalars beside it (`aggregators.split_scalars`) under `aggregator` (a
+  compressor, or a chain holding one: the last compressor's size, as its metrics
+  report), or None if nothing compresses (the float32 upload then goes up)."""
   bits = None
   for stage in stages_of(aggregator):
     if getattr(stage, "wire_bits", None) is not None:
       bits = stage.wire_bits(num_params)
-  return None if bits is None else bits / 8
+  return None if bits is None else bits / 8 + 4 * num_scalars
 
 
 def hadamard(x: jax.Array) -> jax.Array:
@@ -129,7 +134,8 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
     return bits * sent + 64  # plus min and max as float32
 
   def apply(state, deltas, weights, ids, key):
-    flat, unravel = ravel_clients(deltas)
+    update, scalars, join = split_scalars(deltas)
+    flat, unravel = ravel_clients(update)
     num, d = flat.shape
     sign_key, round_key = jax.random.split(key)
     keys = client_keys(round_key, ids)
@@ -139,11 +145,11 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
       decoded = unrotate(coded, signs, d)
     else:
       decoded = jax.vmap(lambda v, k: stochastic_quantize(v, bits, k))(flat, keys)
-    bits_per_client = wire_bits(d)
+    bits_per_client = wire_bits(d) + 32 * len(scalars)
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
-               "bits_per_parameter": jnp.float32(bits_per_client / d),
+               "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
                "compression_error": relative_error(decoded, flat)}
-    return unravel(decoded), weights, state, metrics
+    return join(jax.tree_util.tree_leaves(unravel(decoded)), scalars), weights, state, metrics
 
   return ClientTransform(no_state, apply, wire_bits=wire_bits)
 
@@ -187,7 +193,7 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     return num
 
   def init(params, num_clients):
-    d = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    d = sum(x.size for x in jax.tree_util.tree_leaves(params) if x.ndim)  # scalars go exact
     kept(d)
     if not error_feedback:
       return None
@@ -198,17 +204,19 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
 
   def apply(state, deltas, weights, ids, key):
     del key
-    flat, unravel = ravel_clients(deltas)
+    update, scalars, join = split_scalars(deltas)
+    flat, unravel = ravel_clients(update)
     num, d = flat.shape
     kk = kept(d)
     u = flat if state is None else flat + gather_rows(state.residual, ids)
     sent = jax.vmap(lambda v: top_k_mask(v, kk))(u)
     if state is not None:
       state = TopKState(scatter_rows(state.residual, ids, u - sent))
-    metrics = {"uplink_bytes": jnp.float32(num * kk * 8),  # float32 value + int32 index
-               "bits_per_parameter": jnp.float32(64 * kk / d),
+    bits_per_client = 64 * kk + 32 * len(scalars)  # float32 value + int32 index per kept
+    metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
+               "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
                "compression_error": relative_error(sent, u)}
-    return unravel(sent), weights, state, metrics
+    return join(jax.tree_util.tree_leaves(unravel(sent)), scalars), weights, state, metrics
 
   # float32 value + int32 index per kept coordinate
   return ClientTransform(init, apply, wire_bits=lambda d: 64 * kept(d))

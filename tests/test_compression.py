@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fedjax_sim import compression
+from fedjax_sim import aggregators, compression
 import aggregation_reference as ref
 from test_privacy import stacked, unstack
 
@@ -118,3 +118,30 @@ def test_top_k_without_error_feedback_keeps_the_largest():
 def test_bad_compression_configurations(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+@pytest.mark.parametrize("make", [lambda: compression.quantize(4),
+                                  lambda: compression.top_k(3, error_feedback=False)])
+def test_scalars_beside_the_update_go_exact_and_are_counted_as_float32(make):
+  # FedNova's gradient weight (about the number of local steps) beside its update: coded
+  # with it, it set the quantizer's range (nearly every coordinate rounded to 0 or to a
+  # step of 0.67 at 4 bits) and dominated the error metric.
+  stage = make()
+  update = stacked(5)
+  deltas = {"normalized_delta": update, "gradient_weight": jnp.arange(7.0) + 10.0}
+  one = jax.tree_util.tree_map(lambda a: a[0], deltas)
+  out, _, _, metrics = stage.apply(stage.init(one, 7), deltas, jnp.ones(7), jnp.arange(7),
+                                   jax.random.key(0))
+  np.testing.assert_array_equal(out["gradient_weight"], deltas["gradient_weight"])
+  alone, _, _, alone_metrics = stage.apply(stage.init(one["normalized_delta"], 7), update,
+                                           jnp.ones(7),
+                                           jnp.arange(7), jax.random.key(0))
+  for a, b in zip(jax.tree_util.tree_leaves(out["normalized_delta"]),
+                  jax.tree_util.tree_leaves(alone)):
+    np.testing.assert_array_equal(a, b)  # the update coded exactly as without the scalar
+  assert metrics["compression_error"] == alone_metrics["compression_error"]
+  assert metrics["uplink_bytes"] == alone_metrics["uplink_bytes"] + 7 * 4
+  d = 3 * 4 + 4
+  chain = aggregators.chain(stage, aggregators.mean())
+  assert compression.uplink_bytes_per_client(chain, d, 1) == (
+      compression.uplink_bytes_per_client(chain, d) + 4)

@@ -523,21 +523,28 @@ def test_secure_mean(name):
 def test_quantization_and_attack(name):
   """One chain: sign flip on the malicious clients, then 4-bit quantization. What the
   mean receives must be the clean uploads, negated for malicious clients, within each
-  client's 4-bit step; the uplink costs 4 bits a coordinate (plus two float32 bounds)
-  instead of 32; the attack changes the model."""
+  client's 4-bit step of its update's range, and the scalars an algorithm sends beside
+  its update (FedNova's gradient weight...) exactly; the uplink costs 4 bits a
+  coordinate (plus two float32 bounds) and 32 a scalar, instead of 32 each; the attack
+  changes the model."""
   final, m = aggregator_run(name, CHAIN)
   sampled_bad = 0
   for r in range(ROUNDS):
     bad = malicious()[np.asarray(m["client_ids"][r])]
     sampled_bad += bad.sum()
     assert int(m["malicious_sampled"][r]) == bad.sum()
-    clean, received = flat_clients(row(m["clean_in"], r)), flat_clients(row(m["spy_in"], r))
+    clean_in, spy_in = row(m["clean_in"], r), row(m["spy_in"], r)
+    scalars = np.array([a.ndim == 1 for a in jax.tree_util.tree_leaves(clean_in)
+                        for _ in range(int(np.prod(a.shape[1:])))])  # per column
+    clean, received = flat_clients(clean_in), flat_clients(spy_in)
     sent = np.where(bad[:, None], -clean, clean)
-    step = (sent.max(axis=1) - sent.min(axis=1)) / 15
-    assert np.all(np.abs(received - sent) <= step[:, None] * 1.001 + 1e-7), r
+    update, s = sent[:, ~scalars], scalars.sum()
+    step = (update.max(axis=1) - update.min(axis=1)) / 15
+    assert np.all(np.abs(received[:, ~scalars] - update) <= step[:, None] * 1.001 + 1e-7), r
+    np.testing.assert_array_equal(received[:, scalars], sent[:, scalars])
     assert np.abs(received - sent).max() > 0  # it quantized
-    d = clean.shape[1]
-    assert float(m["uplink_bytes"][r]) == M * (4 * d + 64) / 8 < M * 4 * d
+    d = update.shape[1]
+    assert float(m["uplink_bytes"][r]) == M * (4 * d + 64 + 32 * s) / 8 < M * 4 * (d + s)
     assert float(m["compression_error"][r]) > 0
   assert sampled_bad, "no malicious client was sampled: the attack check would not bite"
   params, _, _ = default_run(name)

@@ -403,10 +403,10 @@ def compose(
 
   def uplink_bytes(params) -> float:
     """What one client sends: the compressor's encoding, else its float32 upload."""
-    upload = client_work.upload_like(params)
-    num = sum(int(np.prod(np.shape(a))) for a in jax.tree_util.tree_leaves(upload))
-    compressed = (None if aggregator is None
-                  else compression.uplink_bytes_per_client(aggregator, num))
+    upload = jax.tree_util.tree_leaves(client_work.upload_like(params))
+    num = sum(int(np.prod(np.shape(a))) for a in upload if np.ndim(a))
+    compressed = (None if aggregator is None else compression.uplink_bytes_per_client(
+        aggregator, num, sum(1 for a in upload if not np.ndim(a))))
     return float(model_bytes(upload) if compressed is None else compressed)
 
   def chunk_size(params) -> int:
