@@ -423,6 +423,24 @@ ClientDataSchedule = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.A
                               tuple[jax.Array, jax.Array, jax.Array]]
 
 
+def _mul_mod(a: jax.Array, b: jax.Array, n: jax.Array, bound: int) -> jax.Array:
+  """a * b mod n for 0 <= a, b < n <= bound (static), without int32 overflow: directly
+  while (bound - 1)^2 fits in int32 (bound <= 46340) or in uint32 (<= 65536), else by
+  doubling and adding over b's 31 bits in uint32 (every partial sum stays below 2^32)."""
+  dtype = jnp.result_type(a, b, n)
+  if bound <= 46340:
+    return a * b % n
+  a, b, n = (jnp.asarray(v).astype(jnp.uint32) for v in (a, b, n))
+  if bound <= 65536:
+    return (a * b % n).astype(dtype)
+
+  def bit(i, acc):
+    acc = acc * 2 % n
+    return jnp.where((b >> (30 - i)) & 1, (acc + a) % n, acc)
+
+  return jax.lax.fori_loop(0, 31, bit, jnp.zeros_like(a)).astype(dtype)
+
+
 def sliding_window(window: int, stride: int) -> ClientDataSchedule:
   """A stream window over each client's examples.
 
@@ -437,8 +455,7 @@ def sliding_window(window: int, stride: int) -> ClientDataSchedule:
   def schedule(x, y, n, client_id, round_index):
     del client_id
     size = jnp.maximum(n, 1)
-    # (r mod n) * (stride mod n) mod n == r * stride mod n, without int32 overflow.
-    start = (round_index % size) * (stride % size) % size
+    start = _mul_mod(round_index % size, stride % size, size, x.shape[0])
     kept = jnp.minimum(n, window).astype(jnp.asarray(n).dtype)
     pos = jnp.arange(x.shape[0])
     index = jnp.where(pos < kept, (start + pos) % size, pos)

@@ -1,5 +1,6 @@
 """Client profiles and simulated time (fedjax_sim.systems)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -91,6 +92,17 @@ def test_sliding_window_wider_than_the_client_and_empty_clients():
   np.testing.assert_array_equal(wx[5:, 0], [-9, -9, -9])  # padding stays after
   _, _, n = systems.sliding_window(3, 1)(x, y, jnp.int32(0), jnp.int32(0), jnp.int32(4))
   assert int(n) == 0
+
+
+@pytest.mark.parametrize("n, stride, round_index", [
+    (46340, 46339, 46339), (50000, 49999, 49999), (70000, 69999, 69998), (70000, 12345, 3)])
+def test_sliding_window_start_on_large_clients(n, stride, round_index):
+  # (r mod n) * (stride mod n) passes 2^31 once n > 46,340 (and 2^32 past 65,536)
+  x, y = _padded(np.arange(n), n)
+  wx, _, _ = jax.jit(systems.sliding_window(2, stride))(x, y, jnp.int32(n), jnp.int32(0),
+                                                         jnp.int32(round_index))
+  np.testing.assert_array_equal(wx[:2, 0], [round_index * stride % n,
+                                            (round_index * stride + 1) % n])
 
 
 def test_label_drift_by_hand():
