@@ -2,7 +2,8 @@
 
 `--option level`: `fedjax_sim.compile` compiles rounds on CPU at
 `xla_backend_optimization_level` 1 instead of XLA's default (3; levels 1 and 2 gave the
-same program here). `--option region`: it turns on
+same program here). `--option level0`: level 0 against fedjax_sim's 1 (what a shorter
+compile costs the rounds). `--option region`: it turns on
 `xla_cpu_copy_insertion_use_region_analysis` (off by default). `--option ynn`: on jaxlib
 0.11 and later it gives convolutions to YNNPACK
 (`xla_cpu_experimental_ynn_fusion_type`), measured against no YNNPACK fusions (what it
@@ -22,7 +23,7 @@ seconds and the program's copies, then runs the two executables' rounds interlea
 (wall and CPU seconds per round) and the largest parameter difference after them. CPU
 seconds count both cores' work, so they vary less on a shared machine than wall seconds.
 
-  python benchmarks/compile_options.py [--option level|region|ynn|dots|dense|emitters] [--repeats 3]
+  python benchmarks/compile_options.py [--option level|level0|region|ynn|dots|dense|emitters] [--repeats 3]
 
 writes benchmarks/results/compile_options_<platform>.md and .json for `level`,
 compile_options_<option>_<platform>.* for the others (or `--output PATH.json` and its .md).
@@ -54,6 +55,8 @@ OPTIONS = {
     "level": ("xla_backend_optimization_level", (None, 1), ("default", "1"),
               "LLVM optimization level of the round on XLA:CPU: 1 (fedjax_sim) against "
               "XLA's default (3)"),
+    "level0": ("xla_backend_optimization_level", (1, 0), ("1", "0"),
+               "LLVM optimization level of the round on XLA:CPU: 0 against 1 (fedjax_sim)"),
     "region": ("xla_cpu_copy_insertion_use_region_analysis", (None, True), ("off", "on"),
                "Copy insertion with region analysis on XLA:CPU: on (fedjax_sim) against "
                "XLA's default (off)"),
@@ -175,7 +178,7 @@ def summarize(records: list[dict], option: str) -> list[dict]:
 def markdown(rows: list[dict], info: dict, option: str) -> str:
   ms = lambda s: f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
   name, _, (old, new), title = OPTIONS[option]
-  what = ("at both levels" if option == "level" else f"with `{name}` off and on" if name
+  what = ("at both levels" if option.startswith("level") else f"with `{name}` off and on" if name
           else f"with the model built and lowered each way ({old}, {new})")
   lines = [
       f"# {title}", "",
