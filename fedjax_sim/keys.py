@@ -15,6 +15,7 @@ the round, so chunking and sharding cannot change them:
 | the aggregator chain                   | fold_in(sample_key, 1)                         |
 | systems draws (response, stragglers)   | fold_in(sample_key, 2)                         |
 | second local training (Ditto, FedRep)  | fold_in(fold_in(sample_key, 3), i)             |
+| FedBuff's dispatch draw at arrival e   | fold_in(fold_in(sample_key, 4), e)             |
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 AGGREGATION_TAG = 1
 SYSTEMS_TAG = 2
 SECOND_TRAINING_TAG = 3
+ARRIVAL_TAG = 4
 # Local training folds small epoch numbers into a client's key; this one is out of their way.
 DATA_TAG = 0x7FFFFFFF
 
@@ -52,6 +54,11 @@ def aggregation_key(sample_key: jax.Array) -> jax.Array:
 def systems_key(sample_key: jax.Array) -> jax.Array:
   """The key of a round's system draws (who responds, who straggles, how much work)."""
   return jax.random.fold_in(sample_key, SYSTEMS_TAG)
+
+
+def arrival_key(sample_key: jax.Array) -> jax.Array:
+  """The round key of FedBuff's dispatch draws; arrival e's is `fold_in(it, e)`."""
+  return jax.random.fold_in(sample_key, ARRIVAL_TAG)
 
 
 def second_train_key(sample_key: jax.Array) -> jax.Array:

@@ -242,6 +242,8 @@ def fedbuff(
     n = profiles.num_clients
     # The next round's draws, exactly as fedavg splits its round key.
     next_key, sample_key, train_key = round_keys(state.key)
+    # (not fold_in(sample_key, event) itself: event 1's would be the aggregator's key)
+    dispatch_key = keys_lib.arrival_key(sample_key)
 
     def arrival(carry, event):
       ids, start, finish, keys, fresh, in_flight, dispatches = carry
@@ -250,7 +252,7 @@ def fedbuff(
       entry = (j, arrived, keys[j], fresh[j], jnp.where(fresh[j], version, slots.versions[j]), t)
       in_flight = in_flight.at[arrived].set(False)
       # A uniform draw among the clients not in flight (Gumbel-max over a masked score).
-      scores = jax.random.gumbel(jax.random.fold_in(sample_key, event), (n,))
+      scores = jax.random.gumbel(jax.random.fold_in(dispatch_key, event), (n,))
       new = jnp.argmax(jnp.where(in_flight, -jnp.inf, scores)).astype(jnp.int32)
       # A client dispatched twice in one round gets a distinct key each time; the
       # first dispatch keeps fedavg's key fold_in(train_key, id).
