@@ -149,7 +149,7 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
                "compression_error": relative_error(decoded, flat)}
-    return join(jax.tree_util.tree_leaves(unravel(decoded)), scalars), weights, state, metrics
+    return join(unravel(decoded), scalars), weights, state, metrics
 
   return ClientTransform(no_state, apply, wire_bits=wire_bits)
 
@@ -216,7 +216,7 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
                "compression_error": relative_error(sent, u)}
-    return join(jax.tree_util.tree_leaves(unravel(sent)), scalars), weights, state, metrics
+    return join(unravel(sent), scalars), weights, state, metrics
 
   # float32 value + int32 index per kept coordinate
   return ClientTransform(init, apply, wire_bits=lambda d: 64 * kept(d))

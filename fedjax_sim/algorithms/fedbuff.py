@@ -157,8 +157,9 @@ def fedbuff(
     regularizer: `regularizer(params, downloaded_params)` added to each local step.
     aggregator: how the buffer's uploads are combined, as in `fedavg` (robust,
       compression, attacks...; not DP or secure aggregation, nor top-k with error
-      feedback: a client can arrive twice before the buffer fills): it gets the staleness-scaled deltas s(tau_i) delta_i
-      and the weights w_i, so the weighted mean is the rule above.
+      feedback: a client can arrive twice before the buffer fills): it gets the
+      staleness-scaled deltas s(tau_i) delta_i and the weights w_i, so the weighted
+      mean is the rule above.
     systems_config: refused: FedBuff simulates its clients' systems itself from
       `profiles`; a deadline or over-selection has no meaning without rounds.
 
