@@ -321,3 +321,21 @@ def test_fedrep_head_by_name_on_an_nnx_model_and_bad_heads(small_mlp):
                             clients_per_round=2, batch_size=4, steps=1)
     with pytest.raises(ValueError, match="needs a head and a body"):
       algorithm.init(small_mlp.params, jax.random.key(0), 6)
+
+
+@pytest.mark.parametrize("schedule", [dict(epochs=1), dict(steps=2)])
+def test_feddyn_with_a_client_without_examples_stays_finite(schedule):
+  # Its weight over the mean is 0, and alpha / 0 * 0 made its g_k NaN (epochs=) and, with
+  # steps= (steps on the regularizer alone), the model. Its loss is 0: from the server's
+  # model with g_k = 0 it does not move, and g_k stays 0.
+  apply, params = tiny_mlp()
+  xs, ys = ragged_clients(sizes=(3, 0, 2, 4))
+  data = fs.from_clients(xs, ys, num_classes=3, allow_empty=True)
+  algorithm = fs.algorithms.feddyn(apply, alpha=0.3, client_optimizer=optax.sgd(0.1),
+                                   clients_per_round=4, batch_size=2, **schedule)
+  state = algorithm.init(params, jax.random.key(0), 4)
+  for _ in range(2):
+    state, _ = jax.jit(algorithm.round)(state, data)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(state.params))
+  for leaf in jax.tree_util.tree_leaves(state.client_states):
+    np.testing.assert_array_equal(leaf[1], np.zeros_like(leaf[1]))

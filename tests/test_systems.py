@@ -122,18 +122,24 @@ def test_label_drift_by_hand():
     systems.sliding_window(0, 1)
 
 
-def test_fedavg_trains_on_the_scheduled_window(ragged):
-  import jax
+@pytest.mark.parametrize("name", ["fedavg", "scaffold", "feddyn"])
+def test_trains_on_the_scheduled_window(ragged, name):
+  # SCAFFOLD's control variate step and FedDyn's alpha_k read the total weight of all
+  # clients, which must be on the scheduled counts' scale too (it summed the full ones).
   import optax
   import fedjax_sim as fs
   from conftest import max_relative_error
   xs, ys, train = ragged
   model = fs.logistic_regression(5, 3, seed=0)
-  kwargs = dict(client_optimizer=optax.sgd(0.5), clients_per_round=3, batch_size=4, epochs=1)
+  build = {"fedavg": lambda **kw: fs.fedavg(model.apply, client_optimizer=optax.sgd(0.5), **kw),
+           "scaffold": lambda **kw: fs.algorithms.scaffold(model.apply, client_learning_rate=0.5,
+                                                          **kw),
+           "feddyn": lambda **kw: fs.algorithms.feddyn(model.apply, alpha=0.1,
+                                                      client_optimizer=optax.sgd(0.5), **kw)}
+  kwargs = dict(clients_per_round=3, batch_size=4, epochs=1)
   window, stride, r = 5, 4, 3
-  scheduled = fs.fedavg(model.apply, client_data_schedule=systems.sliding_window(window, stride),
-                        **kwargs)
-  state = scheduled.init(model.params, jax.random.key(0))._replace(round=jnp.int32(r))
+  scheduled = build[name](client_data_schedule=systems.sliding_window(window, stride), **kwargs)
+  state = scheduled.init(model.params, jax.random.key(0), 6)._replace(round=jnp.int32(r))
   a, ma = jax.jit(scheduled.round)(state, train)
   # The same round on data windowed by hand: client i keeps min(5, n) examples from 12 mod n.
   by_hand = []
@@ -141,8 +147,11 @@ def test_fedavg_trains_on_the_scheduled_window(ragged):
     idx = (r * stride + np.arange(min(window, len(x)))) % len(x)
     by_hand.append((x[idx], y[idx]))
   windowed = fs.from_clients([x for x, _ in by_hand], [y for _, y in by_hand], num_classes=3)
-  plain = fs.fedavg(model.apply, **kwargs)
+  plain = build[name](**kwargs)
   b, mb = jax.jit(plain.round)(state, windowed)
   assert max_relative_error(a.params, b.params) < 1e-6
+  for got, want in zip(jax.tree_util.tree_leaves((a.algorithm_state, a.client_states)),
+                       jax.tree_util.tree_leaves((b.algorithm_state, b.client_states))):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
   assert int(ma["num_examples"]) == int(mb["num_examples"])
   assert max_relative_error(a.params, model.params) > 1e-3

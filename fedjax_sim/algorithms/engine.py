@@ -425,7 +425,11 @@ def compose(
       counts = jax.vmap(lambda i: client_data(data, i, state.round)[2])(ids)
     if by_examples:
       raw_weights = counts.astype(jnp.float32)
-      total_weight = data.counts.sum().astype(jnp.float32)
+      # All N clients' counts on the scale of the sampled ones': as scheduled this round
+      # (XLA drops the examples' gathers that only the counts' schedule would read).
+      all_counts = (data.counts if client_data_schedule is None else jax.vmap(
+          lambda i: client_data(data, i, state.round)[2])(jnp.arange(data.num_clients)))
+      total_weight = all_counts.sum().astype(jnp.float32)
     else:
       raw_weights = jnp.ones(ids.shape, jnp.float32)
       total_weight = jnp.float32(data.num_clients)

@@ -76,7 +76,10 @@ def feddyn(apply: Callable[[Params, jax.Array], jax.Array], *, alpha: float,
   loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
 
   def train(inp: engine.ClientInput) -> ClientOutput:
-    alpha_k = inp.hp["alpha"] / inp.relative_weight
+    # alpha / the client's weight over the mean weight; a client without examples (whose
+    # loss is 0) gets alpha, not alpha / 0 (inf * 0 made its g_k, with steps= the model, NaN)
+    rel = inp.relative_weight
+    alpha_k = inp.hp["alpha"] / jnp.where(rel > 0, rel, 1.0)
     result = engine.local_train(inp, loss, engine.resolve(client_optimizer, inp.hp), schedule,
                                 regularizer=dynamic_regularizer,
                                 context=(inp.row, inp.params, alpha_k))
