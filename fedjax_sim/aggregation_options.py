@@ -135,7 +135,7 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
       stages.append(attacks.scaling(malicious, value(args, "attack_scale")))
     else:
       # A corner trigger at the data's largest value, labelled class 0.
-      backdoor = attacks.Backdoor(features=(0, 1, 2, 3), value=float(np.max(train_x)), target=0)
+      backdoor = backdoor_trigger(train_x)
       data_transform = attacks.backdoor_data(malicious, backdoor)
       # Algorithms without a server learning rate (FedDyn, q-FFL) step by 1.
       server_lr = (registry.HPARAM["server_lr"].default_for(vars(args))
@@ -196,6 +196,11 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
   only_mean = len(stages) == 1 and args.aggregator == "mean" and not _dp_requested(args)
   aggregator = None if only_mean else aggregators.chain(*stages)
   return Setup(aggregator, data_transform, accountant, rounds, z, backdoor, notes)
+
+
+def backdoor_trigger(train_x) -> attacks.Backdoor:
+  """The CLI's backdoor: the first four features set to the data's largest value, label 0."""
+  return attacks.Backdoor(features=(0, 1, 2, 3), value=float(np.max(train_x)), target=0)
 
 
 def with_backdoor(evaluate: Callable, apply: Callable, test, backdoor: attacks.Backdoor | None

@@ -114,6 +114,11 @@ def sweep_command(args: argparse.Namespace) -> dict:
   for note in builder.check(model.params):
     print(f"fedjax-sim: {note}")
   evaluate = evaluation.make_evaluator(model.apply, test=task.test, client_test=task.client_test)
+  if "backdoor" in (settings.get("attack"), *config.static.get("attack", ())):
+    # every row then reports backdoor accuracy, as `fedjax-sim run` does (the rows without
+    # the attack: the clean model's, a baseline)
+    evaluate = aggregation_options.with_backdoor(
+        evaluate, model.apply, task.test, aggregation_options.backdoor_trigger(task.train.x))
   if config.plot:
     metrics = ["train_loss", *evaluate(model.params)]
     if config.plot not in metrics:

@@ -497,10 +497,16 @@ class Builder:
   def build(self, configuration: Mapping[str, Any]):
     """(FederatedAlgorithm, aggregation_options.Setup) of one configuration; its
     numeric values may be traced."""
+    import jax
     args = self.namespace(configuration)
-    setup = self._setup(args)
     num_clients = self.task.train.num_clients
-    profiles = run_options.build_profiles(args, num_clients)
+    # Called inside the sweep's traced init and round: what depends on concrete values
+    # alone (the profiles' draw, the backdoor trigger from the data's range) is computed
+    # now, as in `fedjax-sim run`, not staged into the trace (where jax 0.12 makes even a
+    # constant's jnp ops tracers, and the host-side checks of their values fail).
+    with jax.ensure_compile_time_eval():
+      setup = self._setup(args)
+      profiles = run_options.build_profiles(args, num_clients)
     systems_config = run_options.build_systems(args, profiles, setup.aggregator)
     algorithm = build_algorithm(
         args.algorithm, self.apply, client_optimizer=args.client_optimizer,
