@@ -31,6 +31,8 @@ NOT_CONFIG = ("command", "output", "no_progress", "resume", "overwrite", "checkp
               "keep_checkpoints", "no_compile_cache", "save_params")
 NOT_CONFIG_PREFIXES = ("tensorboard", "wandb")
 CHECKPOINTS = "checkpoints"
+# The writers' logs in a run folder (--tensorboard without a folder, --wandb's wandb/).
+LOG_FOLDERS = ("tensorboard", "wandb")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json")
 
 
@@ -168,14 +170,15 @@ def check_folder(path: str, args: argparse.Namespace,
 
 
 def clear(path: str) -> None:
-  """Removes a run's own files from `path` (config, metrics, summary, checkpoints), and
-  nothing else."""
+  """Removes a run's own files from `path` (config, metrics, summary, checkpoints, the
+  TensorBoard and W&B logs), and nothing else."""
   for name in RUN_FILES:
     try:
       os.remove(os.path.join(path, name))
     except FileNotFoundError:
       pass
-  shutil.rmtree(os.path.join(path, CHECKPOINTS), ignore_errors=True)
+  for folder in (CHECKPOINTS, *LOG_FOLDERS):
+    shutil.rmtree(os.path.join(path, folder), ignore_errors=True)
 
 
 def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace

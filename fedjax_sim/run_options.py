@@ -131,6 +131,10 @@ def check_flags(args: argparse.Namespace) -> None:
   """Raises ValueError / FileNotFoundError naming the flag of a bad value or combination
   (what can be checked without the task's data), a flag that has no effect included."""
   algorithm = args.algorithm
+  for flag in ("rounds", "eval_every"):  # before an --overwrite clears the folder
+    value = getattr(args, flag, None)
+    if value is not None and value <= 0:
+      raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
   systems_flags, profile_flags = _given(args, _SYSTEMS_FLAGS), _given(args, _PROFILE_FLAGS)
   if systems_flags and algorithm not in registry.ALGORITHMS:
     raise ValueError(f"{', '.join(systems_flags)}: synchronous rounds with stragglers work with "

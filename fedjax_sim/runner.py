@@ -375,11 +375,13 @@ def run(
             preparing.join()
             preparing = None
           rows[-1].update(evaluate(state.params))
-        for row in rows:
+        for i, row in enumerate(rows):
           if row is bad:
             status = f"diverged at round {row['round']}"
             if math.isfinite(row["train_loss"]):
               write(row)
+            # the writers (TensorBoard, W&B) get the rounds metrics.jsonl got
+            _notify(callbacks, "on_rounds", rows[:i + math.isfinite(row["train_loss"])])
             raise Diverged(
                 f"diverged: training loss {row['train_loss']:.4g} at round {row['round']} "
                 f"(the first round's: {first_loss:.4g}; the rule: {DIVERGENCE_RULE}); the run "

@@ -39,3 +39,15 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
   assert "clients_per_round=31 but the data has only 30 clients" in capsys.readouterr().err
   assert cli.main(["run", "--client-lr", "0", "--no-progress"]) == 2
   assert "--client-lr must be positive, got 0.0" in capsys.readouterr().err
+
+
+def test_a_bad_rounds_or_eval_every_keeps_a_finished_run(tmp_path, capsys):
+  # It was refused only by the runner, after --overwrite had cleared the folder.
+  out = str(tmp_path / "x")
+  small = ["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "3", "--steps",
+           "2", "--output", out, "--no-progress"]
+  assert cli.main(small) == 0
+  for flag in ("--rounds", "--eval-every"):
+    assert cli.main([*small, flag, "0", "--overwrite"]) == 2
+    assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+    assert (tmp_path / "x" / "summary.json").exists()

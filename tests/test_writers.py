@@ -192,3 +192,18 @@ def test_a_missing_writer_package_is_one_line_before_anything_runs(
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"pip install 'fedjax_sim[{extra}]'" in err
   assert not (out / "config.json").exists()
+
+
+def test_overwrite_clears_the_old_log_and_a_diverged_chunk_reaches_it(tmp_path):
+  # --overwrite left the old configuration's TensorBoard events beside the new ones (two
+  # values a step), and the rounds of the chunk in which a run diverged went to
+  # metrics.jsonl but not to the writers.
+  out = tmp_path / "run"
+  base = ["run", "--rounds", "6", "--eval-every", "6", "--clients-per-round", "3",
+          "--steps", "2", "--output", str(out), "--no-progress", "--tensorboard"]
+  assert cli.main([*base, "--client-lr", "0.07"]) == 0
+  assert cli.main([*base, "--server-lr", "300", "--overwrite"]) != 0  # diverges
+  rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert 0 < len(rows) < 6
+  scalars = tensorboard_scalars(out / "tensorboard")["train_loss"]
+  assert scalars == pytest.approx({r["round"]: r["train_loss"] for r in rows})
