@@ -25,7 +25,8 @@ def table(runs: Sequence[results.Run], root: str | None = None) -> tuple[list[st
   """(columns, rows) of the runs' table; folders relative to `root`."""
   keys = results.differences(runs)
   names = [m for m in METRICS if any(m in run.series for run in runs)]
-  columns = ["run", *keys, "seed", "status", "rounds"]
+  # rounds done: not "rounds", the configured number, a key column where runs differ in it
+  columns = ["run", *keys, "seed", "status", "rounds_done"]
   for name in names:
     columns += [f"final_{name}", f"best_{name}"]
   columns.append("seconds")
@@ -34,7 +35,7 @@ def table(runs: Sequence[results.Run], root: str | None = None) -> tuple[list[st
     folder = os.path.relpath(run.path, root) if root else run.path
     name = folder if run.kind == "run" else f"{folder}{run.name[run.name.rindex('['):]}"
     row: dict[str, Any] = {"run": name, **{k: run.config.get(k) for k in keys},
-                           "seed": run.seed, "status": run.status, "rounds": run.rounds}
+                           "seed": run.seed, "status": run.status, "rounds_done": run.rounds}
     for metric in names:
       row[f"final_{metric}"] = run.final(metric)
       row[f"best_{metric}"] = run.best(metric)

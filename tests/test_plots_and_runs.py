@@ -130,6 +130,9 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   summary = json.loads((done / "summary.json").read_text())
   (root / "failed" / "summary.json").write_text(
       json.dumps({**summary, "status": "failed: ValueError: boom", "rounds": 4}))
+  # configured for 8 rounds: "rounds" is then a key column, beside the rounds done
+  config = json.loads((done / "config.json").read_text())
+  (root / "failed" / "config.json").write_text(json.dumps({**config, "rounds": 8}))
   lines = (done / "metrics.jsonl").read_text().splitlines()
   (root / "interrupted" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
   (root / "interrupted" / "summary.json").write_text(
@@ -148,10 +151,11 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   assert set(rows) == {"finished", "failed", "interrupted", "killed", "sweep-running[*]",
                        *(f"sweep[{i}]" for i in range(4))}
   assert rows["sweep-running[*]"]["status"] == results.NO_SUMMARY
-  assert rows["finished"]["status"] == "completed" and rows["finished"]["rounds"] == "4"
+  assert rows["finished"]["status"] == "completed" and rows["finished"]["rounds_done"] == "4"
   assert rows["failed"]["status"] == "failed: ValueError: boom"
-  assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds"] == "2"
-  assert rows["killed"]["status"] == results.NO_SUMMARY and rows["killed"]["rounds"] == "3"
+  assert rows["failed"]["rounds"] == "8" and rows["failed"]["rounds_done"] == "4"
+  assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds_done"] == "2"
+  assert rows["killed"]["status"] == results.NO_SUMMARY and rows["killed"]["rounds_done"] == "3"
   assert rows["sweep[1]"]["status"] == "completed" and rows["sweep[1]"]["seed"] == "1"
   for name in ("finished", "failed", "interrupted", "killed", "sweep[0]"):
     assert f"{name} " in printed
