@@ -13,6 +13,8 @@ optionally a plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import importlib.util
 import json
 import math
@@ -131,6 +133,9 @@ def sweep_command(args: argparse.Namespace) -> dict:
   config_path = os.path.join(output, "config.json")
   resume = f"fedjax-sim sweep --config {shlex.quote(args.config)} --resume" + (
       f" --output {shlex.quote(args.output)}" if args.output else "")
+  if os.path.exists(os.path.join(output, "metrics.jsonl")):
+    raise run_dir.RunDirError(f"{output!r} holds a run of `fedjax-sim run`, not a sweep: "
+                              f"give the sweep another --output")
   if args.resume:
     if not os.path.isdir(checkpoint_dir):
       raise run_dir.RunDirError(f"--resume: {output!r} holds no checkpoints of a sweep")
@@ -141,6 +146,12 @@ def sweep_command(args: argparse.Namespace) -> dict:
   elif os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
     raise run_dir.RunDirError(f"{output!r} holds an unfinished sweep: continue it with "
                               f"`{resume}`, or remove {checkpoint_dir!r} to start over")
+  else:  # a finished sweep's results go before the new config.json: never read as its own
+    for name in SWEEP_RESULTS:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output, name))
+    for name in glob.glob(os.path.join(glob.escape(output), "*.png")):
+      os.remove(name)
   os.makedirs(output, exist_ok=True)
   checkpoint_lib.write_json_atomic(config_path, config.to_json())
   configurations = math.prod(len(v) for v in [*config.grid.values(), *config.static.values()])
@@ -201,6 +212,10 @@ def _format_seconds(seconds: float) -> str:
   if seconds >= 60:
     return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
   return f"{seconds:.2f} s"
+
+
+# What a finished sweep writes besides config.json (and its plot, METRIC.png).
+SWEEP_RESULTS = ("results.csv", "curves.npz", "summary.json")
 
 
 def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None,

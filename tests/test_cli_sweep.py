@@ -265,3 +265,28 @@ def test_readme_config_is_the_example():
   block = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
   example = sweep_config.load_config(ROOT / "benchmarks" / "sweep_example.json")
   assert sweep_config.parse_config(json.loads(block)).to_json() == example.to_json()
+
+
+def test_a_new_sweep_never_shows_the_old_one_s_results(tmp_path, monkeypatch, capsys):
+  # A sweep sent to a finished sweep's folder that then failed left the old results.csv
+  # and summary.json beside its own config.json: read back as its rows, "completed".
+  out = tmp_path / "sweep"
+  assert cli.main(["sweep", "--config", write(tmp_path, GOOD), "--output", str(out)]) == 0
+  assert (out / "results.csv").exists()
+
+  def boom(*args, **kwargs):
+    raise RuntimeError("the sweep failed")
+
+  monkeypatch.setattr(cli, "run_sweep", boom)
+  other = changed(settings__rounds=4)
+  with pytest.raises(RuntimeError):
+    cli.main(["sweep", "--config", write(tmp_path, other, "other.json"), "--output", str(out)])
+  assert not any((out / name).exists() for name in cli.SWEEP_RESULTS)
+  assert json.loads((out / "config.json").read_text())["settings"]["rounds"] == 4
+  # nor does a sweep write into a run's folder
+  run = tmp_path / "run"
+  assert cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "3",
+                   "--steps", "2", "--output", str(run), "--no-progress"]) == 0
+  capsys.readouterr()
+  assert cli.main(["sweep", "--config", write(tmp_path, GOOD), "--output", str(run)]) == 2
+  assert "holds a run of `fedjax-sim run`, not a sweep" in capsys.readouterr().err
