@@ -294,7 +294,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     config["profiles_summary"] = systems.describe(profiles)
   # The command line itself: `--resume` parses it again.
   config.update(argv=list(sys.argv[1:] if argv is None else argv),
-                config_hash=identity)
+                config_hash=identity, file_sha256=run_dir.file_digests(args))
   if not resuming:  # a resumed run keeps the config.json it continues
     checkpoint_lib.write_json_atomic(os.path.join(output, "config.json"), config)
   warm = None

@@ -87,9 +87,29 @@ def flag_config(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in sorted(items.items()) if _is_config_key(k)}
 
 
+# Flags that name an input file: the file's contents are part of the configuration.
+FILE_FLAGS = ("init_params", "profiles")
+
+
+def file_digests(args: argparse.Namespace | dict[str, Any]) -> dict[str, str]:
+  """flag -> SHA-256 of the file it names, for the `FILE_FLAGS` given (a file changed
+  behind the same path makes another run)."""
+  items = vars(args) if isinstance(args, argparse.Namespace) else args
+  out = {}
+  for name in FILE_FLAGS:
+    path = items.get(name)
+    if path and os.path.isfile(path):
+      with open(path, "rb") as f:
+        out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+  return out
+
+
 def config_hash(args: argparse.Namespace | dict[str, Any]) -> str:
-  """8 hex digits of the SHA-256 of `flag_config(args)`."""
-  text = json.dumps(flag_config(args), sort_keys=True, default=str)
+  """8 hex digits of the SHA-256 of `flag_config(args)` and the `file_digests`."""
+  config, digests = flag_config(args), file_digests(args)
+  if digests:  # (runs without input files keep the hashes they always had)
+    config["file_sha256"] = digests
+  text = json.dumps(config, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -154,6 +174,12 @@ def check_folder(path: str, args: argparse.Namespace,
   except SystemExit:
     old = {"argv": config["argv"]}
   new = flag_config(args)
+  changed = [f"--{n.replace('_', '-')}" for n in FILE_FLAGS
+             if config.get("file_sha256", {}).get(n) != file_digests(args).get(n)]
+  if old == new and changed:
+    raise RunDirError(f"--output {path!r} holds a run whose input file behind "
+                      f"{', '.join(changed)} has changed since: replace the run with "
+                      f"--overwrite, or choose another --output")
   if old != new:
     diff = _differences(old, new)
     shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")

@@ -213,3 +213,27 @@ def test_init_params_of_another_model_is_an_error(tmp_path, capsys):
   assert cli.main(["run", "--init-params", str(other), "--no-progress",
                    "--output", str(tmp_path / "x")]) == 2
   assert "--init-params: " in capsys.readouterr().err
+
+
+def test_a_changed_init_params_file_is_another_run(tmp_path, capsys):
+  # The folder's identity hashed --init-params' path alone: a new file behind the same
+  # path silently replaced the finished run of the old one.
+  like = tasks.load_task("synthetic").make_model("logreg", 0).params
+  init = tmp_path / "init.npz"
+  warm_start.save_params(init, jax.tree_util.tree_map(lambda a: np.full_like(a, 0.01), like))
+  flags = ["--init-params", str(init), "--rounds", "1", "--eval-every", "1"]
+  assert run(tmp_path, "a", *flags)[0] == 0
+  first = (tmp_path / "a" / "summary.json").read_text()
+  warm_start.save_params(init, jax.tree_util.tree_map(lambda a: np.full_like(a, -0.02), like))
+  capsys.readouterr()
+  assert run(tmp_path, "a", *flags)[0] == 2
+  assert "input file behind --init-params has changed" in capsys.readouterr().err
+  assert (tmp_path / "a" / "summary.json").read_text() == first
+  assert run(tmp_path, "a", *flags, "--overwrite")[0] == 0
+  # the default folder name follows the file's contents too
+  parser = cli.build_parser()
+  names = []
+  for value in (0.01, -0.02):
+    warm_start.save_params(init, jax.tree_util.tree_map(lambda a: np.full_like(a, value), like))
+    names.append(cli.run_dir.default_output(parser.parse_args(["run", *flags])))
+  assert names[0] != names[1]
