@@ -213,6 +213,10 @@ def make_local_update(
     positions = jnp.arange(batch_size)
     spe = steps_per_epoch(n, batch_size)
     budget = jnp.iinfo(jnp.int32).max if step_budget is None else step_budget
+    if steps is not None and not (min_examples or 0) > 0:
+      # A client without examples takes no step, as in epochs= mode (steps on zero
+      # gradients would still move it by weight decay, momentum or a regularizer).
+      budget = jnp.where(n > 0, budget, 0)
     zero = jnp.zeros(())
     carry = (params, optimizer.init(params), zero, zero, jnp.zeros((), jnp.int32))
 

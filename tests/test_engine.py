@@ -181,3 +181,16 @@ def test_regularizer_and_step_budget_reach_local_training():
   assert int(c.num_steps) == 2 and float(c.num_trained) == 4
   assert float(c.delta["w"]) == pytest.approx(3 * (1 - 0.99**2), rel=1e-5)
   assert int(a.num_steps) == 5
+
+
+@pytest.mark.parametrize("schedule", [dict(epochs=2), dict(steps=4)])
+def test_a_client_without_examples_takes_no_step(schedule):
+  # In steps= mode it took `steps` steps on zero gradients, which weight decay (or
+  # momentum, or a regularizer) turns into an update from no data.
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  update = jax.jit(local.make_local_update(
+      lambda p, x, y: (x @ p["w"] - y) ** 2, optax.adamw(0.1, weight_decay=0.5),
+      batch_size=2, **schedule))
+  result = update(params, jnp.ones((4, 3)), jnp.zeros(4), jnp.int32(0), jax.random.key(0))
+  np.testing.assert_array_equal(result.delta["w"], np.zeros(3))
+  assert int(result.num_steps) == 0 and float(result.num_trained) == 0.0
