@@ -96,6 +96,9 @@ def _print_table(rows: list[dict], columns: list[str]) -> None:
 
 def sweep_command(args: argparse.Namespace) -> dict:
   """Checks the config, loads the task, runs `fs.sweep` and writes the results."""
+  if args.checkpoint_every is not None and args.checkpoint_every < 0:
+    raise run_dir.RunDirError(f"--checkpoint-every must be an integer >= 0, got "
+                              f"{args.checkpoint_every}")
   config = sweep_config.load_config(args.config)
   if args.plot is not None:
     config.plot = None if args.plot.lower() in ("none", "false", "") else args.plot

@@ -120,6 +120,8 @@ def unused_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
   """(flag, what it needs) for each flag given that has no effect with the others: the
   aggregator chain's (`aggregation_options.unused_flags`) and the systems simulation's."""
   unused = aggregation_options.unused_flags(args)
+  if getattr(args, "wandb_mode", None) is not None and getattr(args, "wandb", None) is None:
+    unused.append(("--wandb-mode", "--wandb PROJECT"))
   if (args.stragglers is not None and args.deadline is None
       and args.straggler_fraction is None):
     unused.append(("--stragglers", "--deadline or --straggler-fraction (without them no "
@@ -135,6 +137,9 @@ def check_flags(args: argparse.Namespace) -> None:
     value = getattr(args, flag, None)
     if value is not None and value <= 0:
       raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+  seed = getattr(args, "seed", None)
+  if seed is not None and not 0 <= seed < 2 ** 32:  # jax's keys take 32 bits of it
+    raise ValueError(f"--seed must be an integer in [0, 2^32), got {seed}")
   systems_flags, profile_flags = _given(args, _SYSTEMS_FLAGS), _given(args, _PROFILE_FLAGS)
   if systems_flags and algorithm not in registry.ALGORITHMS:
     raise ValueError(f"{', '.join(systems_flags)}: synchronous rounds with stragglers work with "

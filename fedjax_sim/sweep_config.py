@@ -401,9 +401,10 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
 
   seeds = raw.get("seeds", [0])
   if (not isinstance(seeds, list) or not seeds
-      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-    raise ConfigError(f"{source}: seeds must be a non-empty list of integers >= 0, "
-                      f"got {seeds!r}")
+      or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32
+                 for s in seeds)):
+    raise ConfigError(f"{source}: seeds must be a non-empty list of integers in [0, 2^32) "
+                      f"(jax's keys take 32 bits), got {seeds!r}")
   if len(set(seeds)) != len(seeds):
     raise ConfigError(f"{source}: seeds repeats a seed: {seeds!r}")
 

@@ -39,6 +39,13 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
   assert "clients_per_round=31 but the data has only 30 clients" in capsys.readouterr().err
   assert cli.main(["run", "--client-lr", "0", "--no-progress"]) == 2
   assert "--client-lr must be positive, got 0.0" in capsys.readouterr().err
+  # jax's keys take 32 bits of a seed: 2^32 + 5 ran seed 5's run in another folder
+  assert cli.main(["run", "--seed", str(2 ** 32 + 5), "--no-progress"]) == 2
+  assert "--seed must be an integer in [0, 2^32), got 4294967301" in capsys.readouterr().err
+  assert cli.main(["run", "--wandb-mode", "offline", "--no-progress"]) == 2
+  assert "--wandb-mode has no effect here: it applies with --wandb" in capsys.readouterr().err
+  assert cli.main(["sweep", "--config", "missing.json", "--checkpoint-every", "-3"]) == 2
+  assert "--checkpoint-every must be an integer >= 0, got -3" in capsys.readouterr().err
 
 
 def test_a_bad_rounds_or_eval_every_keeps_a_finished_run(tmp_path, capsys):

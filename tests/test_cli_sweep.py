@@ -213,6 +213,7 @@ def changed(**changes):
     (changed(static={"model": ["mlp"]}), "static.model: every row of a sweep shares it"),
     (changed(static={"clients_per_rnd": [3]}), "static: unknown key 'clients_per_rnd'"),
     (changed(seeds=[]), "seeds must be a non-empty list of integers"),
+    (changed(seeds=[2 ** 32]), "seeds must be a non-empty list of integers in [0, 2^32)"),
     (changed(settings__num_clients=30), "(task 'synthetic'): unknown key 'num_clients'"),
     (changed(settings__alpha="x"), "settings.alpha (an option of task 'synthetic') must be a"),
     (changed(algorithm="fedadam", settings__server_optimizer="fedyogi"),
