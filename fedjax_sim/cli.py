@@ -142,8 +142,9 @@ def sweep_command(args: argparse.Namespace) -> dict:
   if args.resume:
     if not os.path.isdir(checkpoint_dir):
       raise run_dir.RunDirError(f"--resume: {output!r} holds no checkpoints of a sweep")
+    without_plot = lambda c: {k: v for k, v in c.items() if k != "plot"}  # no result's
     with open(config_path) as f:
-      if json.load(f) != json.loads(json.dumps(config.to_json())):
+      if without_plot(json.load(f)) != without_plot(json.loads(json.dumps(config.to_json()))):
         raise run_dir.RunDirError(f"--resume: {config_path} is not {args.config}'s sweep (the "
                                   f"config changed since): run it without --resume elsewhere")
   elif os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
