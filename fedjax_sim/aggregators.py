@@ -112,8 +112,10 @@ def mean() -> Aggregator:
 
   def aggregate(state, deltas, weights, ids, key):
     del ids, key
-    total = weighted_sum(weights, deltas)
-    return jax.tree_util.tree_map(lambda d: d / jnp.sum(weights), total), state, {}
+    total, weight = weighted_sum(weights, deltas), jnp.sum(weights)
+    # no weight at all (every client without examples): a zero update, as the fused mean
+    return jax.tree_util.tree_map(lambda d: d / jnp.where(weight > 0, weight, 1.0),
+                                  total), state, {}
 
   return Aggregator(no_state, aggregate, weighted=True)
 

@@ -194,3 +194,14 @@ def test_a_client_without_examples_takes_no_step(schedule):
   result = update(params, jnp.ones((4, 3)), jnp.zeros(4), jnp.int32(0), jax.random.key(0))
   np.testing.assert_array_equal(result.delta["w"], np.zeros(3))
   assert int(result.num_steps) == 0 and float(result.num_trained) == 0.0
+
+
+def test_the_mean_of_clients_without_examples_is_a_zero_update():
+  # Every weight 0 (all sampled clients empty): the fused mean gives 0; the mean
+  # aggregator divided by 0 and reported a NaN update norm.
+  mean = fs.aggregators.mean()
+  delta, _, _ = mean.aggregate(None, {"w": jnp.ones((3, 2))}, jnp.zeros(3), jnp.arange(3), None)
+  np.testing.assert_array_equal(delta["w"], np.zeros(2))
+  delta, _, _ = mean.aggregate(None, {"w": jnp.arange(6.0).reshape(3, 2)},
+                               jnp.array([0.0, 1.0, 3.0]), jnp.arange(3), None)
+  np.testing.assert_allclose(delta["w"], [(2 + 12) / 4, (3 + 15) / 4])

@@ -300,7 +300,8 @@ def fedbuff(
     stale = weight_of(tau.astype(jnp.float32)).astype(jnp.float32)
     agg_state, agg_metrics = state.aggregator_state, {}
     if aggregator is None:
-      delta = jax.tree_util.tree_map(lambda d: d / jnp.sum(weights),
+      weight = jnp.sum(weights)  # 0 only if no arrival has examples: a zero update
+      delta = jax.tree_util.tree_map(lambda d: d / jnp.where(weight > 0, weight, 1.0),
                                      weighted_sum(weights * stale, results.delta))
     else:
       uploads = jax.tree_util.tree_map(
