@@ -176,6 +176,16 @@ def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
+def stateful_client_stage(aggregator: "Aggregator | None", state: Any):
+  """The first per-client transform of `aggregator` that keeps state (top-k's error
+  feedback residuals) in `state` (the aggregator's), or None."""
+  if aggregator is None or not aggregator.stages:
+    return None  # a lone reducer has no per-client transforms
+  return next((stage for stage, stage_state in zip(aggregator.stages, state)
+               if isinstance(stage, ClientTransform) and jax.tree_util.tree_leaves(stage_state)),
+              None)
+
+
 def split_scalars(deltas: Params) -> tuple[list, list, Callable[[list, list], Params]]:
   """The stacked upload's leaves as (the update's, the scalars'), with the inverse
   `join(update_leaves, scalar_leaves)`. Scalars (one value per client) are what an

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import keys
-from fedjax_sim.aggregators import ClientTransform, stages_of
+from fedjax_sim.aggregators import stages_of, stateful_client_stage
 from fedjax_sim.checks import is_concrete
 
 # Defaults of `sample_profiles`, roughly phones on mobile networks: a few hundred
@@ -402,17 +402,12 @@ def check_aggregator(aggregator: Any) -> None:
 def check_aggregator_state(aggregator: Any, state: Any) -> None:
   """Raises ValueError if a per-client transform keeps per-client state (top-k error
   feedback): the clients a round does not aggregate would update it too."""
-  if aggregator is None:
-    return
-  stages = stages_of(aggregator)
-  if len(stages) == 1:
-    return  # a lone reducer has no per-client transforms
-  for stage, stage_state in zip(stages, state):
-    if isinstance(stage, ClientTransform) and jax.tree_util.tree_leaves(stage_state):
-      raise ValueError(
-          f"systems= does not support per-client transforms that keep state (such as "
-          f"compression.top_k with error feedback): clients that are not aggregated would "
-          f"update it too; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
+  stage = stateful_client_stage(aggregator, state)
+  if stage is not None:
+    raise ValueError(
+        f"systems= does not support per-client transforms that keep state (such as "
+        f"compression.top_k with error feedback): clients that are not aggregated would "
+        f"update it too; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
 
 
 # --- Time-varying client data. ---

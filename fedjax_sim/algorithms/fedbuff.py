@@ -107,14 +107,12 @@ def check_buffer_aggregator(aggregator: Any) -> None:
 def check_buffer_aggregator_state(aggregator: Any, state: Any) -> None:
   """Raises ValueError for a per-client stage that keeps per-client state (top-k error
   feedback): a client twice in one buffer would read its state twice and keep one write."""
-  if aggregator is None or not aggregator.stages:
-    return
-  for stage, stage_state in zip(aggregator.stages, state):
-    if isinstance(stage, aggregators.ClientTransform) and jax.tree_util.tree_leaves(stage_state):
-      raise ValueError(
-          f"fedbuff does not support per-client transforms that keep state (such as "
-          f"compression.top_k with error feedback): a client can arrive twice before the "
-          f"buffer fills; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
+  stage = aggregators.stateful_client_stage(aggregator, state)
+  if stage is not None:
+    raise ValueError(
+        f"fedbuff does not support per-client transforms that keep state (such as "
+        f"compression.top_k with error feedback): a client can arrive twice before the "
+        f"buffer fills; got a stateful {getattr(stage.apply, '__qualname__', stage)!r}")
 
 
 def fedbuff(
