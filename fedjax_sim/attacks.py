@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.aggregators import ClientTransform, no_state
+from fedjax_sim.aggregators import ClientTransform, no_state, split_scalars
 from fedjax_sim.evaluation import make_evaluator
 
 
@@ -77,6 +77,11 @@ def _check_mask(malicious) -> jax.Array:
 def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
   """Multiplies malicious clients' updates by scale_fn(is_malicious [C], weights [C]).
 
+  Only the update: the scalars an algorithm sends beside it (FedNova's gradient weight,
+  q-FFL's h, FedExP's squared norm; `aggregators.split_scalars`) go as the client
+  computed them, or a sign flip would flip FedNova's tau_eff too and a boost would
+  boost it twice.
+
   `malicious` is a mask over all clients, or an integer k: the first k sampled each
   round. Either is the stage's state, so a sweep can swap it in the ServerState
   without recompiling.
@@ -104,9 +109,9 @@ def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
     del key
     bad = is_bad(state, ids)
     factor = jnp.where(bad, scale_fn(bad, weights), 1.0)
-    scaled = jax.tree_util.tree_map(
-        lambda d: d * factor.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype), deltas)
-    return scaled, weights, state, {"malicious_sampled": jnp.sum(bad)}
+    update, scalars, join = split_scalars(deltas)
+    scaled = [d * factor.reshape(-1, *([1] * (d.ndim - 1))).astype(d.dtype) for d in update]
+    return join(scaled, scalars), weights, state, {"malicious_sampled": jnp.sum(bad)}
 
   return ClientTransform(init, apply, validate)
 

@@ -10,7 +10,10 @@
   Suresh, McMahan 2019, "Can You Really Backdoor Federated Learning?".
 
 The median, trimmed mean and Krum ignore the example weights (each client counts
-once, as in the papers' analyses); the geometric median uses them, as RFA does.
+once, as in the papers' analyses); the geometric median uses them, as RFA does. Krum
+and the geometric median measure distances between the updates alone, not the
+scalars some algorithms send beside them (FedNova's gradient weight), and combine the
+chosen clients' scalars as they combine their updates.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators import Aggregator, ClientTransform, no_state, ravel_clients
+from fedjax_sim.aggregators import (Aggregator, ClientTransform, no_state, ravel_clients,
+                                    split_scalars)
 from fedjax_sim import privacy
 
 
@@ -81,6 +85,25 @@ def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = N
   return Aggregator(no_state, aggregate, validate, ignores_weights=True)
 
 
+def _update_rows(deltas):
+  """The update as rows [C, d], and the scalars sent beside it (FedNova's gradient
+  weight, q-FFL's h, FedExP's squared norm: `split_scalars`) as [C, s], with
+  `join(unravel(row [d]), scalars [s])` giving one aggregated upload. Krum and the geometric
+  median measure distances between updates only: a gradient weight of about the local
+  step count would outweigh a whole update's distance, so the clients' step counts
+  would choose. The chosen clients' scalars are combined as their updates are."""
+  update, scalars, join_leaves = split_scalars(deltas)
+  flat, unravel = ravel_clients(update)
+  stacked = jnp.stack([s.astype(jnp.float32) for s in scalars], axis=1) if scalars else (
+      jnp.zeros((flat.shape[0], 0), jnp.float32))
+
+  def join(update_leaves, scalar_row):
+    return join_leaves(update_leaves,
+                       [scalar_row[i].astype(s.dtype) for i, s in enumerate(scalars)])
+
+  return flat, unravel, stacked, join
+
+
 def pairwise_sq_distances(flat: jax.Array) -> jax.Array:
   """||x_i - x_j||^2 for all pairs of rows of [m, d], one row at a time (memory m * d;
   differences rather than a Gram matrix, which loses precision for close updates)."""
@@ -122,11 +145,11 @@ def krum(num_byzantine: int, *, num_selected: int = 1) -> Aggregator:
 
   def aggregate(state, deltas, weights, ids, key):
     del weights, ids, key
-    flat, unravel = ravel_clients(deltas)
+    flat, unravel, scalars, join = _update_rows(deltas)
     validate(flat.shape[0])
     scores = krum_scores(flat, num_byzantine)
     chosen = jnp.argsort(scores)[:num_selected]
-    delta = unravel(jnp.mean(flat[chosen], axis=0))
+    delta = join(unravel(jnp.mean(flat[chosen], axis=0)), jnp.mean(scalars[chosen], axis=0))
     selected = jnp.zeros(flat.shape[0], bool).at[chosen].set(True)
     return delta, state, {"krum_selected": selected}
 
@@ -160,17 +183,26 @@ def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
   (40 steps for outliers of size 1e12 with a third of the clients), while from a
   robust start a few steps converge whatever their size.
   """
-  # A row with an inf or NaN is dropped, as a server would reject it on arrival: in
-  # the iteration it would make every step NaN (0 * inf, or NaN distances).
+  shares = weiszfeld_coefficients(flat, weights, num_iterations, smoothing)
+  return shares @ jnp.where((shares > 0)[:, None], flat, 0.0)  # 0 x inf would be NaN
+
+
+def weiszfeld_coefficients(flat: jax.Array, weights: jax.Array, num_iterations: int,
+                           smoothing: float) -> jax.Array:
+  """c [m], summing to 1, with `weiszfeld(...) = c @ flat`: the clients' shares of the
+  geometric median, so that what they send beside the update combines the same way."""
+  # A row with an inf or NaN is dropped (c = 0), as a server would reject it on
+  # arrival: in the iteration it would make every step NaN (0 * inf, or NaN distances).
   finite = jnp.all(jnp.isfinite(flat), axis=1)
   alpha = jnp.where(finite, weights, 0.0) / jnp.sum(jnp.where(finite, weights, 0.0))
   rows = jnp.where(finite[:, None], flat, 0.0)
 
-  def step(_, v):
+  def shares(v):
     beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(rows - v, axis=1))
-    return beta @ rows / jnp.sum(beta)
+    return beta / jnp.sum(beta)
 
-  return jax.lax.fori_loop(0, num_iterations, step, _median(flat))
+  v = jax.lax.fori_loop(0, num_iterations - 1, lambda _, v: shares(v) @ rows, _median(flat))
+  return shares(v)
 
 
 def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggregator:
@@ -190,8 +222,13 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
 
   def aggregate(state, deltas, weights, ids, key):
     del ids, key
-    flat, unravel = ravel_clients(deltas)
-    return unravel(weiszfeld(flat, weights, num_iterations, smoothing)), state, {}
+    flat, unravel, scalars, join = _update_rows(deltas)
+    # A client with a non-finite scalar is dropped with its update.
+    flat = jnp.where(jnp.all(jnp.isfinite(scalars), axis=1)[:, None], flat, jnp.nan)
+    shares = weiszfeld_coefficients(flat, weights, num_iterations, smoothing)
+    kept = (shares > 0)[:, None]
+    return join(unravel(shares @ jnp.where(kept, flat, 0.0)),
+                shares @ jnp.where(kept, scalars, 0.0)), state, {}
 
   return Aggregator(no_state, aggregate)
 

@@ -33,6 +33,25 @@ def unflat(vec: np.ndarray, like):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def split(tree):
+  """(the update's coordinates, the 0-d leaves: scalars an algorithm sends beside its
+  update, such as FedNova's gradient weight) of one client's upload, float64, with the
+  inverse `join(update, scalars)`."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  is_scalar = [np.ndim(x) == 0 for x in leaves]
+  update = [x for x, s in zip(leaves, is_scalar) if not s]
+  scalars = np.array([float(x) for x, s in zip(leaves, is_scalar) if s], np.float64)
+
+  def join(u, sc):
+    u_leaves, it, out = jax.tree_util.tree_leaves(unflat(u, update)), iter(sc), []
+    u_iter = iter(u_leaves)
+    for s in is_scalar:
+      out.append(np.float32(next(it)) if s else next(u_iter))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  return flat(update), scalars, join
+
+
 def normal(key, size):
   """The noise draw of privacy.normal_like: one vector over all coordinates, in tree order."""
   return np.asarray(jax.random.normal(key, (size,), jnp.float32), np.float64)
@@ -154,7 +173,11 @@ class Scale:
     factor = self.factor
     if factor is None:
       factor = weights.sum() / (self.lr * weights[bad].sum()) if bad.any() else 1.0
-    return [unflat(flat(d) * (factor if b else 1.0), d) for d, b in zip(deltas, bad)], weights
+    out = []
+    for d, b in zip(deltas, bad):  # the update; scalars beside it go as computed
+      u, sc, join = split(d)
+      out.append(join(u * (factor if b else 1.0), sc))
+    return out, weights
 
 
 # --- reducers ----------------------------------------------------------------------
@@ -225,14 +248,16 @@ class Krum:
     self.f, self.selected = num_byzantine, num_selected
 
   def __call__(self, deltas, weights, ids, key):
-    x = np.stack([flat(d) for d in deltas])
+    # Distances between the updates alone; the chosen clients' scalars averaged alike.
+    parts = [split(d) for d in deltas]
+    x, sc = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
     m = len(x)
     scores = []
     for i in range(m):
       dist = sorted(np.sum((x[i] - x[j]) ** 2) for j in range(m) if j != i)
       scores.append(sum(dist[:m - self.f - 2]))
     chosen = np.argsort(scores, kind="stable")[:self.selected]
-    return unflat(x[chosen].mean(axis=0), deltas[0])
+    return parts[0][2](x[chosen].mean(axis=0), sc[chosen].mean(axis=0))
 
 
 class GeometricMedian:
@@ -242,13 +267,16 @@ class GeometricMedian:
     self.iterations, self.nu = num_iterations, smoothing
 
   def __call__(self, deltas, weights, ids, key):
-    x = np.stack([flat(d) for d in deltas])
+    # Weiszfeld on the updates alone; the scalars combined with the last step's shares.
+    parts = [split(d) for d in deltas]
+    x, sc = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
     alpha = weights / weights.sum()
     v = np.median(x, axis=0)
     for _ in range(self.iterations):
       beta = alpha / np.maximum(self.nu, np.linalg.norm(x - v, axis=1))
-      v = beta @ x / beta.sum()
-    return unflat(v, deltas[0])
+      shares = beta / beta.sum()
+      v = shares @ x
+    return parts[0][2](v, shares @ sc)
 
 
 class SecureMean:

@@ -99,6 +99,30 @@ def test_model_poisoning_matches_loop_reference(name):
     np.testing.assert_allclose(0.5 * ref.flat(mean), attacker + 0.5 * honest, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stage,loop", [
+    (attacks.sign_flip(MALICIOUS, 2.0), ref.Scale(MALICIOUS, -2.0)),
+    (attacks.scaling(MALICIOUS, 10.0), ref.Scale(MALICIOUS, 10.0)),
+    (attacks.model_replacement(MALICIOUS, 0.5), ref.Scale(MALICIOUS, None, 0.5)),
+], ids=["sign_flip", "scaling", "model_replacement"])
+def test_model_poisoning_leaves_the_scalars_beside_the_update(stage, loop):
+  # FedNova's upload: a flipped gradient weight would flip tau_eff with the update, a
+  # boosted one boost the model twice. The loop reference scales the update alone too.
+  deltas = {"normalized_delta": stacked(1, num_clients=4),
+            "gradient_weight": jnp.array([5.0, 3.0, 5.0, 2.0])}
+  ids, weights = jnp.array([0, 3, 5, 2]), jnp.array([3.0, 1.0, 2.0, 4.0])
+  out, _, _, metrics = stage.apply(stage.init(None, None), deltas, weights, ids,
+                                  jax.random.key(0))
+  assert int(metrics["malicious_sampled"]) == 1  # client 3, second in the round
+  np.testing.assert_array_equal(np.asarray(out["gradient_weight"]), [5.0, 3.0, 5.0, 2.0])
+  factor = (np.asarray(out["normalized_delta"]["w"][1]) / np.asarray(
+      deltas["normalized_delta"]["w"][1])).ravel()
+  assert np.ptp(factor) < 1e-5 and abs(factor[0] - 1.0) > 0.5
+  expected, _ = loop(unstack(deltas, 4), np.asarray(weights), np.asarray(ids), None)
+  for i in range(4):
+    np.testing.assert_allclose(ref.flat(jax.tree_util.tree_map(lambda a: a[i], out)),
+                               ref.flat(expected[i]), rtol=1e-6)
+
+
 def test_backdoor_accuracy_is_the_triggered_target_rate():
   rng = np.random.default_rng(0)
   x, y = rng.normal(size=(50, 4)).astype(np.float32), rng.integers(0, 3, 50)

@@ -65,10 +65,13 @@ def test_ignores_a_minority_of_arbitrarily_large_updates(compiled, name):
   assert np.abs(ref.flat(mean)).max() > 100
 
 
+@pytest.mark.parametrize("scalar", [False, True], ids=["update", "with_scalar"])
 @pytest.mark.parametrize("name", sorted(AGGREGATORS))
-def test_agrees_with_loop_reference(compiled, name):
+def test_agrees_with_loop_reference(compiled, name, scalar):
   agg, aggregate = compiled[name]
   deltas = stacked(7, num_clients=9)
+  if scalar:  # a scalar sent beside the update, as FedNova's gradient weight
+    deltas = {"update": deltas, "gradient_weight": jnp.arange(9.0, 0.0, -1.0) * 3}
   weights = jnp.asarray(np.arange(1.0, 10.0), jnp.float32)
   out, _, metrics = aggregate(agg.init(None, None), deltas, weights, jnp.arange(9),
                               jax.random.key(0))
@@ -76,6 +79,35 @@ def test_agrees_with_loop_reference(compiled, name):
   np.testing.assert_allclose(ref.flat(out), ref.flat(expected), rtol=2e-5, atol=1e-5)
   if "krum" in name:
     assert int(np.sum(metrics["krum_selected"])) == (1 if name == "krum" else HONEST)
+
+
+def upload(update, scalar):
+  """Stacked uploads of a 1-coordinate update and a scalar beside it (FedNova's shape)."""
+  return {"normalized_delta": {"w": jnp.asarray(update, jnp.float32)[:, None]},
+          "gradient_weight": jnp.asarray(scalar, jnp.float32)}
+
+
+def test_krum_and_geometric_median_measure_distances_between_updates_alone():
+  # Updates 0, 0.1, 0.3, 5 (f = 0, two nearest): Krum scores .1, .05, .13, 46.1 by
+  # hand, so client 1. With the scalar (1, 50, 50, 50) in the distance, client 0 would
+  # lie 49 away from the rest and client 2 would win (22.13 against 24.05).
+  out, _, metrics = robust.krum(0).aggregate(
+      None, upload([0.0, 0.1, 0.3, 5.0], [1.0, 50.0, 50.0, 50.0]), jnp.ones(4), jnp.arange(4),
+      None)
+  np.testing.assert_array_equal(np.asarray(metrics["krum_selected"]), [False, True, False, False])
+  np.testing.assert_allclose(float(out["normalized_delta"]["w"][0]), 0.1, rtol=1e-6)
+  assert float(out["gradient_weight"]) == 50.0
+  # Two updates at 0 and one at 10: the geometric median stays at 0, with the two
+  # clients' equal shares of it, so the scalar is their mean, 2; with the scalars
+  # 1, 3, 100 in the distance it started at the median (0, 3) and stayed at client 1's.
+  out, _, _ = robust.geometric_median().aggregate(
+      None, upload([0.0, 0.0, 10.0], [1.0, 3.0, 100.0]), jnp.ones(3), jnp.arange(3), None)
+  np.testing.assert_allclose(float(out["normalized_delta"]["w"][0]), 0.0, atol=1e-5)
+  np.testing.assert_allclose(float(out["gradient_weight"]), 2.0, rtol=1e-5)
+  # A client whose scalar is not finite is dropped with its update.
+  out, _, _ = robust.geometric_median().aggregate(
+      None, upload([0.0, 0.0, 10.0], [1.0, 3.0, np.nan]), jnp.ones(3), jnp.arange(3), None)
+  np.testing.assert_allclose(float(out["gradient_weight"]), 2.0, rtol=1e-5)
 
 
 def test_krum_picks_honest_updates(compiled):
