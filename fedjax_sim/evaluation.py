@@ -12,7 +12,7 @@ import numpy as np
 from fedjax_sim import checks
 from fedjax_sim import compile as compile_lib
 from fedjax_sim.data import FederatedData
-from fedjax_sim.losses import label_sums
+from fedjax_sim.losses import IGNORE_LABEL, label_sums
 
 
 def _sums(apply, params, x, y, mask):
@@ -56,12 +56,18 @@ def make_evaluator(
   """
   if test is None and client_test is None:
     raise ValueError("give a central test set, per-client test splits, or both")
+  if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+    raise ValueError(f"make_evaluator: batch_size must be a positive integer, got "
+                     f"{batch_size!r}")
   central = None
   if test is not None:
     x, y = np.asarray(test[0]), np.asarray(test[1])
     if len(x) != len(y) or len(x) == 0:
       raise ValueError(f"test set: x has {len(x)} examples and y has {len(y)}; need equal, > 0")
     checks.check_finite_array(x, "the test set")
+    if np.issubdtype(y.dtype, np.integer) and not np.any(y != IGNORE_LABEL):
+      raise ValueError("the test set has no labels to score: every label is IGNORE_LABEL "
+                       f"({IGNORE_LABEL})")
     size = min(batch_size, len(x))
     num_batches = -(-len(x) // size)
     pad = num_batches * size - len(x)

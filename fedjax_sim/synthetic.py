@@ -42,8 +42,11 @@ def synthetic(
   Returns:
     (xs, ys): float32 inputs [n_k, num_features] and int32 labels [n_k].
   """
-  if alpha < 0 or beta < 0:
-    raise ValueError(f"alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+  # `not >= 0` refuses NaN too, with which every label came out as class 0.
+  if not (0 <= alpha < np.inf and 0 <= beta < np.inf):
+    raise ValueError(f"alpha and beta must be finite and >= 0, got alpha={alpha}, beta={beta}")
+  if max_size is not None and not (isinstance(max_size, (int, np.integer)) and max_size >= 1):
+    raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
   rng = np.random.default_rng(seed)
   sizes = rng.lognormal(size_mean, size_sigma, num_clients).astype(int) + min_size
   if max_size is not None:

@@ -204,6 +204,10 @@ def leaf_task(data: datasets.leaf.LeafData, *, num_classes: int, num_clients: in
               max_examples: int | None, x_dtype, make_model, default_model: str) -> Task:
   """A Task from LEAF's per-user splits: users' train data, their test data per client
   and pooled as the central test set. `num_clients` keeps the first users (sorted)."""
+  if num_clients is not None and not (isinstance(num_clients, (int, np.integer))
+                                      and num_clients >= 1):
+    # A negative count sliced users off the end, silently.
+    raise ValueError(f"num_clients must be a positive integer or None, got {num_clients!r}")
   keep = slice(None) if num_clients is None else slice(num_clients)
   test_x, test_y = data.test_x[keep], data.test_y[keep]
   nonempty = [i for i, t in enumerate(test_x) if len(t)]

@@ -7,7 +7,8 @@ clients run), applied to the server's examples, so it costs one compiled program
 so a warm start can come from an earlier run; loading checks every path, shape and
 dtype against the model it is loaded into. (An npz of named arrays rather than a
 checkpoint library: flax's msgpack serialization does not take nnx.State, and the
-file stays readable by numpy alone.)
+file stays readable by numpy alone; a bfloat16 leaf is stored as its bits, with the
+dtype's name beside it.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import local
+from fedjax_sim import checks, local
 from fedjax_sim.compile import jit
 from fedjax_sim.losses import cross_entropy
 
@@ -48,10 +49,18 @@ def pretrain(params: Params, apply: Callable[[Params, jax.Array], jax.Array], x:
     (trained params, {"server_train_loss": mean training loss, "server_steps": steps}).
   """
   local.check_schedule(batch_size, epochs, steps)
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+  x, y = np.asarray(x), np.asarray(y)
+  if x.ndim == 0 or y.ndim == 0 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
     raise ValueError(f"the server data needs at least one example and as many labels as "
                      f"examples, got x {x.shape} and y {y.shape}")
+  # As the clients' data and the test sets are checked: a NaN feature or a label the
+  # model has no output for gave a NaN loss, or (label -1) a loss over fewer examples.
+  checks.check_finite_array(x, "the server data")
+  if loss is None:  # the default loss reads labels as class indices
+    logits = checks.model_output(apply, params, x.shape[1:], x.dtype, "the server data")
+    checks.check_label_values(logits, y, np.ones(len(y), bool), "the server data",
+                              client_axis=False)
+  x, y = jax.device_put(x), jax.device_put(y)
   update = local.make_local_update(loss or cross_entropy(apply), optimizer,
                                    batch_size=batch_size, epochs=epochs, steps=steps)
 
@@ -69,12 +78,19 @@ def _named_leaves(tree: Params) -> dict[str, jax.Array]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+_DTYPE = "dtype of "  # the key recording a leaf's dtype that numpy has no name for
+
+
 def save_params(path: str | os.PathLike, params: Params) -> None:
   """Writes `params` to an `.npz` file, one array per pytree path (atomically: a
   failed write leaves any earlier file intact)."""
   path = os.fspath(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   arrays = {name: np.asarray(leaf) for name, leaf in _named_leaves(params).items()}
+  for name, a in list(arrays.items()):
+    if a.dtype.kind == "V":  # ml_dtypes' (bfloat16), which numpy would store as raw bytes
+      arrays[name] = a.view(f"u{a.dtype.itemsize}")
+      arrays[_DTYPE + name] = np.array(a.dtype.name)
   tmp = path + ".tmp.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
@@ -85,6 +101,9 @@ def load_params(path: str | os.PathLike, like: Params) -> Params:
   params); raises ValueError naming the first path, shape or dtype that differs."""
   with np.load(os.fspath(path)) as f:
     stored = {name: f[name] for name in f.files}
+  for key in [k for k in stored if k.startswith(_DTYPE)]:
+    name, dtype = key[len(_DTYPE):], jnp.dtype(str(stored.pop(key)))
+    stored[name] = stored[name].view(dtype)
   expected = _named_leaves(like)
   missing = sorted(set(expected) - set(stored))
   extra = sorted(set(stored) - set(expected))

@@ -135,6 +135,11 @@ def test_leaf_femnist_keeps_each_writer_as_one_client(tmp_path):
   task = tasks.load_task("femnist", data_dir=str(root / "data"))  # either folder works
   assert task.train.num_clients == 3 and len(task.test[1]) == 3
   np.testing.assert_array_equal(task.client_test.counts, [2, 1, 0])
+  assert tasks.load_task("femnist", data_dir=str(root), num_clients=2).train.num_clients == 2
+  for bad in (0, -1):  # -1 kept all users but the last, silently
+    with pytest.raises(ValueError, match=f"num_clients must be a positive integer or None, "
+                                         f"got {bad}"):
+      tasks.load_task("femnist", data_dir=str(root), num_clients=bad)
 
 
 def test_leaf_shakespeare_gives_per_token_next_characters(tmp_path):

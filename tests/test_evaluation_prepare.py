@@ -121,3 +121,17 @@ def test_a_run_that_stops_before_evaluating_waits_for_the_preparation():
     fs.run(algorithm, state, _train(), rounds=4, rounds_per_chunk=4, evaluate=evaluate,
            progress=False)
   assert finished == [True]
+
+
+def test_make_evaluator_refuses_a_bad_batch_size_and_a_test_set_without_targets():
+  apply = lambda p, x: x
+  x, y = np.zeros((4, 3), np.float32), np.zeros(4, np.int32)
+  for bad in (0, -2, 2.5):  # 0 was a ZeroDivisionError, -2 numpy's negative dimensions
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad}"):
+      fs.make_evaluator(apply, test=(x, y), batch_size=bad)
+  # Per-token labels all IGNORE_LABEL: the loss and accuracy were 0 / 0, NaN.
+  tokens = np.full((4, 5), fs.IGNORE_LABEL, np.int32)
+  with pytest.raises(ValueError, match="the test set has no labels to score"):
+    fs.make_evaluator(apply, test=(np.zeros((4, 5), np.int32), tokens))
+  tokens[2, 3] = 1
+  fs.make_evaluator(apply, test=(np.zeros((4, 5), np.int32), tokens))  # one target is enough

@@ -152,8 +152,17 @@ def test_synthetic_alpha_beta_control_heterogeneity():
   _, ys11 = fs.synthetic(1.0, 1.0, seed=0)
   hist11 = np.array([np.bincount(y, minlength=10) / len(y) for y in ys11])
   assert hist.std(axis=0).mean() < hist11.std(axis=0).mean()
-  with pytest.raises(ValueError, match="alpha and beta must be >= 0"):
+  with pytest.raises(ValueError, match="alpha and beta must be finite and >= 0"):
     fs.synthetic(-1.0, 1.0)
+  # NaN passed `alpha < 0` and gave every example label 0; inf likewise.
+  for bad in (np.nan, np.inf):
+    with pytest.raises(ValueError, match="alpha and beta must be finite and >= 0"):
+      fs.synthetic(bad, 1.0)
+    with pytest.raises(ValueError, match="alpha and beta must be finite and >= 0"):
+      fs.synthetic(1.0, bad)
+  assert len(fs.synthetic(0.0, 0.0, num_clients=2)[0]) == 2  # 0 is allowed
+  with pytest.raises(ValueError, match="max_size must be a positive integer"):
+    fs.synthetic(1.0, 1.0, max_size=0)
 
 
 def test_reddi_fedadam_one_step_golden():

@@ -62,3 +62,34 @@ def test_save_load_round_trip_and_mismatch(tmp_path):
     warm_start.load_params(path, fs.logistic_regression(4, 5).params)
   with pytest.raises(ValueError, match="does not hold this model's parameters"):
     warm_start.load_params(path, fs.mlp(4, 3).params)
+
+
+@pytest.mark.parametrize("break_data,match", [
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, 3, y)), "3 outputs but the server data's "
+                                                               "labels go up to 3"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 3, -1, y)), "labels must lie in \\[0, 3\\)"),
+    (lambda x, y: (np.where(np.arange(len(x))[:, None] == 2, np.nan, x), y),
+     "server data's features contain NaN \\(example 2"),
+])
+def test_pretrain_refuses_data_the_clients_would_not_pass(break_data, match):
+  # A label of 3 for 3 outputs gave a NaN loss; -1 a loss summed over 11 examples and
+  # divided by 12; a NaN feature NaN parameters.
+  model = fs.logistic_regression(4, 3)
+  x, y = break_data(*_server_data())
+  with pytest.raises(ValueError, match=match):
+    warm_start.pretrain(model.params, model.apply, x, y, optimizer=optax.sgd(0.1),
+                        batch_size=4, epochs=1, key=jax.random.key(0))
+
+
+def test_bfloat16_params_round_trip(tmp_path):
+  # numpy stores bfloat16 as 2 raw bytes ('V2'); loading refused them as another dtype.
+  model = fs.logistic_regression(4, 3, seed=1)
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), model.params)
+  warm_start.save_params(tmp_path / "bf16.npz", params)
+  loaded = warm_start.load_params(tmp_path / "bf16.npz", params)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  with pytest.raises(ValueError, match="bfloat16, the model expects \\(3,\\) float16"):
+    warm_start.load_params(tmp_path / "bf16.npz", jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float16), params))
