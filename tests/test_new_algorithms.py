@@ -323,6 +323,43 @@ def test_fedrep_head_by_name_on_an_nnx_model_and_bad_heads(small_mlp):
       algorithm.init(small_mlp.params, jax.random.key(0), 6)
 
 
+def test_fedrep_clients_not_aggregated_train_no_head_and_the_server_head_stays(uneven):
+  # Clients 1, 3, 5 never respond: they trained their head anyway (discarded) and its
+  # loss entered head_train_loss. Weight decay in the server's optimizer moved the
+  # server's head, which "never moves".
+  apply, params = tiny_mlp()
+  profiles = systems.make_profiles(6, examples_per_s=1e3, downlink_bytes_per_s=1e9,
+                                   uplink_bytes_per_s=1e9,
+                                   availability=np.array([1.0, 0.0] * 3))
+  algorithm = make_fedrep(apply, head=HEAD, client_optimizer=optax.sgd(0.3), head_steps=2,
+                          clients_per_round=6, batch_size=4, steps=2,
+                          server_optimizer=optax.adamw(0.1, weight_decay=0.5),
+                          systems=systems.SystemsConfig(profiles))
+  state = algorithm.init(params, jax.random.key(5), uneven.num_clients)
+  state, m = jax.jit(algorithm.round)(state, uneven)
+  aggregated, ids = np.asarray(m["client_aggregated"]), np.asarray(m["client_ids"])
+  np.testing.assert_array_equal(aggregated, ids % 2 == 0)
+  trained = np.asarray(m["client_head_num_trained"])
+  assert np.all(trained[~aggregated] == 0) and np.all(trained[aggregated] > 0)
+  loss_sum = np.asarray(m["client_head_loss_sum"])
+  assert float(m["head_train_loss"]) == pytest.approx(
+      loss_sum[aggregated].sum() / trained[aggregated].sum(), rel=1e-6)
+  for k in HEAD:
+    np.testing.assert_array_equal(np.asarray(state.params[k]), np.asarray(params[k]))
+  assert float(jnp.abs(state.params["w1"] - params["w1"]).max()) > 0
+
+
+@pytest.mark.parametrize("schedule,match", [
+    (dict(head_epochs=0), "head_epochs / head_steps: epochs must be a positive integer"),
+    (dict(head_epochs=2, head_steps=3), "head_epochs / head_steps: give exactly one"),
+])
+def test_fedrep_bad_head_schedules_name_the_head_arguments(schedule, match):
+  apply, _ = tiny_mlp()
+  with pytest.raises(ValueError, match=match):
+    make_fedrep(apply, head=HEAD, client_optimizer=optax.sgd(0.3), clients_per_round=2,
+                batch_size=4, epochs=1, **schedule)
+
+
 @pytest.mark.parametrize("schedule", [dict(epochs=1), dict(steps=2)])
 def test_feddyn_with_a_client_without_examples_stays_finite(schedule):
   # Its weight over the mean is 0, and alpha / 0 * 0 made its g_k NaN (epochs=) and, with

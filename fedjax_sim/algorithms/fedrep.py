@@ -120,16 +120,23 @@ def fedrep(apply: Callable[[Params, jax.Array], jax.Array], *, head: HeadSpec,
   loss, schedule = loss or cross_entropy(apply), engine.schedule_of(options)
   head_optimizer = head_optimizer or client_optimizer
   if head_epochs is not None or head_steps is not None:
-    local.check_schedule(schedule.batch_size, head_epochs, head_steps)
+    try:
+      local.check_schedule(schedule.batch_size, head_epochs, head_steps)
+    except ValueError as e:  # its message names epochs= / steps=, the body's arguments
+      raise ValueError(f"fedrep's head_epochs / head_steps: {e}") from None
     head_schedule = schedule._replace(epochs=head_epochs, steps=head_steps)
   else:
     head_schedule = schedule
 
   def train(inp: engine.ClientInput) -> ClientOutput:
     body = split(head, inp.params)[0]
-    # 1. The head, body frozen, from the client's own head, with no step budget.
+    # 1. The head, body frozen, from the client's own head, with no step budget, but
+    # none at all for a client that is not aggregated (dropped, late): its head is
+    # discarded, and its steps would count in head_train_loss.
+    head_budget = None if inp.budget is None else jnp.where(
+        inp.budget > 0, jnp.iinfo(jnp.int32).max, 0)
     head_loss = lambda h, x, y: loss(merge(inp.params, h), x, y)
-    tuned = engine.local_train(inp._replace(budget=None), head_loss,
+    tuned = engine.local_train(inp._replace(budget=head_budget), head_loss,
                                engine.resolve(head_optimizer, inp.hp), head_schedule,
                                start=inp.row, key=inp.second_key)
     new_head = optax.tree.add(inp.row, tuned.delta)
@@ -144,11 +151,14 @@ def fedrep(apply: Callable[[Params, jax.Array], jax.Array], *, head: HeadSpec,
   fedopt = engine.fedopt(server_optimizer)
 
   def update(state, upload, info) -> ServerUpdate:
-    # The server's head never moves: the body's mean delta, zeros for the head.
+    # The server's head never moves: the body's mean delta, zeros for the head, and the
+    # head put back after the optimizer (weight decay would shrink it).
     delta = merge(optax.tree.zeros_like(state.params), upload)
     m = info.client_metrics
     head_loss = m["head_loss_sum"].sum() / jnp.maximum(m["head_num_trained"].sum(), 1.0)
-    return fedopt.update(state, delta, info)._replace(metrics={"head_train_loss": head_loss})
+    out = fedopt.update(state, delta, info)
+    params = merge(out.params, split(head, state.params)[1])
+    return out._replace(params=params, metrics={"head_train_loss": head_loss})
 
   work = ClientWork(train, upload_like=lambda params: optax.tree.zeros_like(split(head, params)[0]),
                     init_row=lambda params: split(head, params)[1])
