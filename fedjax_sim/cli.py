@@ -173,8 +173,6 @@ def sweep_command(args: argparse.Namespace) -> dict:
   except runner.Interrupted as e:
     e.resume_command = resume
     raise
-  # The results below hold what a rerun needs; the checkpoints only served a resume.
-  shutil.rmtree(checkpoint_dir, ignore_errors=True)
   seconds = time.perf_counter() - start
   for row in result.rows:
     epsilon = builder.epsilon(row)
@@ -191,6 +189,9 @@ def sweep_command(args: argparse.Namespace) -> dict:
     result.plot(config.plot, ax=ax)  # a colour per configuration, a line style per seed
     ax.set_title(f"{config.task}, {config.label}: {len(result.rows)} rows")
     figure.savefig(os.path.join(output, f"{config.plot}.png"), dpi=120, bbox_inches="tight")
+  # Only now, with the results written (a stop while epsilon is computed for every row
+  # lost a finished sweep): they hold what a rerun needs; the checkpoints served a resume.
+  shutil.rmtree(checkpoint_dir, ignore_errors=True)
   keys = [*config.static, *config.grid, "seed"]
   shown = [c for c in ("final_test_accuracy", "best_test_accuracy", "final_train_loss",
                        "final_epsilon", "diverged") if c in result.rows[0]]
@@ -402,10 +403,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (checkpointed)' if e.checkpoint else ''}{then}", file=sys.stderr)
     return e.exit_code
   except _Terminated:
-    print("fedjax-sim: stopped by SIGTERM before a round finished", file=sys.stderr)
+    print("fedjax-sim: stopped by SIGTERM; files already written are kept", file=sys.stderr)
     return 128 + signal.SIGTERM
   except KeyboardInterrupt:
-    print("fedjax-sim: stopped by SIGINT before a round finished", file=sys.stderr)
+    print("fedjax-sim: stopped by SIGINT; files already written are kept", file=sys.stderr)
     return 128 + signal.SIGINT
   finally:
     if previous_term is not None:

@@ -147,6 +147,20 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
       curves[id(run)] = run.curve(metric, x)
     except KeyError as e:
       raise ValueError(e.args[0]) from None
+  # A configuration's seed once: a run and the sweep row it repeats (or one run in two
+  # folders) overwrote each other's line, or counted twice in a band's mean and count.
+  seen, unique, dropped = {}, [], []
+  for run in have:
+    key = (results.label(run, keys), run.seed)
+    if key in seen:
+      dropped.append(f"{run.name} (as {seen[key]})")
+    else:
+      seen[key] = run.name
+      unique.append(run)
+  if dropped:
+    warnings.warn(f"the same configuration and seed again, left out: {', '.join(dropped)}",
+                  stacklevel=2)
+  have = unique
   if ax is None:
     from matplotlib.figure import Figure  # lazy: an optional extra; no pyplot state
     ax = Figure(figsize=(8, 4.5)).subplots()

@@ -97,21 +97,30 @@ class SweepResult:
     configs = list(dict.fromkeys(labels))
     seeds = list(dict.fromkeys(row.get("seed") for row in self.rows))
     colours = plot_colours(len(configs))
-    styles = ["-", "--", ":", "-."]
     for row, label, y in zip(self.rows, labels, ys):
       ax.plot(x, y, color=colours[configs.index(label)],
-              linestyle=styles[seeds.index(row.get("seed")) % len(styles)],
+              **_seed_style(seeds.index(row.get("seed"))),
               label=f"{label}, seed={row.get('seed')}")
     handles = [Line2D([], [], color=c, label=label or "(one configuration)")
                for c, label in zip(colours, configs)]
     if len(seeds) > 1:
-      handles += [Line2D([], [], color="gray", linestyle=styles[i % len(styles)],
-                         label=f"seed={seed}") for i, seed in enumerate(seeds)]
+      handles += [Line2D([], [], color="gray", **_seed_style(i), label=f"seed={seed}")
+                  for i, seed in enumerate(seeds)]
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.legend(handles=handles, fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5),
               ncol=1 + len(handles) // 25)
     return ax
+
+
+_LINE_STYLES = ("-", "--", ":", "-.")
+_MARKERS = (None, "o", "s", "^", "x", "D", "v", "*")
+
+
+def _seed_style(i: int) -> dict[str, Any]:
+  """The i-th seed's line style, and a marker from the fifth on: 32 seeds apart."""
+  return {"linestyle": _LINE_STYLES[i % 4], "marker": _MARKERS[i // 4 % len(_MARKERS)],
+          "markersize": 4}
 
 
 def _product(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -142,7 +151,12 @@ def make_sweep_chunk(make_algorithm: Callable[[Hyperparams], FederatedAlgorithm]
 
 
 def _best(name: str, values: np.ndarray) -> float:
-  return float(np.max(values) if "accuracy" in name else np.min(values))
+  """The best finite value (NaN if none), as `results.Run.best`: a round that went NaN
+  made best_<metric> NaN here while `fedjax-sim runs` showed the best before it."""
+  finite = values[np.isfinite(values)]
+  if not finite.size:
+    return float("nan")
+  return float(np.max(finite) if "accuracy" in name else np.min(finite))
 
 
 def sweep(
@@ -195,11 +209,19 @@ def sweep(
   """
   if not isinstance(rounds, int) or rounds <= 0:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+  if rounds_per_chunk is not None and not (isinstance(rounds_per_chunk, int)
+                                           and rounds_per_chunk > 0):
+    # -1 looped for ever, as fs.run refuses too
+    raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
   rounds_per_chunk = rounds_per_chunk or rounds
   if not grid or any(len(v) == 0 for v in grid.values()):
     raise ValueError("grid needs at least one hyperparameter with at least one value")
   if not seeds:
     raise ValueError("seeds must not be empty")
+  bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer))
+         or not 0 <= s < 2**32]
+  if bad:  # 0.7 ran as seed 0 (a uint32 cast), reported as 0.7
+    raise ValueError(f"seeds must be integers in [0, 2^32), got {bad[0]!r}")
   overlap = set(grid) & set(static or {})
   if overlap:
     raise ValueError(f"{sorted(overlap)} are both in grid and static")

@@ -72,6 +72,7 @@ import csv
 import dataclasses
 import difflib
 import functools
+import io
 import itertools
 import json
 import math
@@ -82,7 +83,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_sim import aggregation_options, optimizers, run_options, tasks
+from fedjax_sim import aggregation_options, checkpoint, optimizers, run_options, tasks
 from fedjax_sim.algorithms import registry
 from fedjax_sim.algorithms.registry import build_algorithm
 
@@ -348,6 +349,9 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     else:
       static[name] = [_check_value(f"{source}: static.{name}", spec[name][0], v)
                       for v in values]
+    if any(v in static[name][:i] for i, v in enumerate(static[name])):
+      # as for the grid: a repeat compiled the same program twice and repeated its rows
+      raise ConfigError(f"{source}: static.{name} repeats a value: {values!r}")
 
   traceable = [h.key for h in registry.HPARAMS
                if algorithm in h.used_by and _applies(h, settings, static)]
@@ -593,16 +597,15 @@ def check_algorithms(config: SweepConfig, apply: Callable, params: Any, task: ta
 
 
 def write_results(result, config: SweepConfig, output: str, extra: dict[str, Any]) -> dict:
-  """Writes results.csv (one row per configuration and seed), curves.npz, summary.json."""
+  """Writes curves.npz, summary.json and results.csv (one row per configuration and
+  seed), each atomically and results.csv last: a folder with results.csv has them all."""
   os.makedirs(output, exist_ok=True)
   names = list(dict.fromkeys(k for row in result.rows for k in row))
-  with open(os.path.join(output, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=names)
-    writer.writeheader()
-    writer.writerows(result.rows)
-  np.savez(os.path.join(output, "curves.npz"), eval_rounds=result.eval_rounds,
+  tmp = os.path.join(output, f"curves.tmp{os.getpid()}.npz")
+  np.savez(tmp, eval_rounds=result.eval_rounds,
            **{f"round_{k}": v for k, v in result.curves.items()},
            **{f"eval_{k}": v for k, v in result.eval_curves.items()})
+  os.replace(tmp, os.path.join(output, "curves.npz"))
   summary = {"configurations": len(result.rows), "rounds": config.settings["rounds"],
              "seconds_per_compilation": [round(s, 3) for s in result.seconds],
              "eval_rounds": [int(r) for r in result.eval_rounds], **extra}
@@ -613,6 +616,10 @@ def write_results(result, config: SweepConfig, output: str, extra: dict[str, Any
   if np.isfinite(values).any():
     best = int(np.nanargmax(values) if "accuracy" in metric else np.nanargmin(values))
     summary["best"] = {"by": metric, **result.rows[best]}
-  with open(os.path.join(output, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  checkpoint.write_json_atomic(os.path.join(output, "summary.json"), summary)
+  table = io.StringIO(newline="")
+  writer = csv.DictWriter(table, fieldnames=names)
+  writer.writeheader()
+  writer.writerows(result.rows)
+  checkpoint.write_text_atomic(os.path.join(output, "results.csv"), table.getvalue())
   return summary

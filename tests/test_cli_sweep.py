@@ -210,6 +210,8 @@ def changed(**changes):
     (changed(settings__client_lr=0.1), "client_lr is both in settings and in grid"),
     (changed(settings__server_optimizer="adam"), "settings.server_optimizer must be one of"),
     (changed(static={"client_chunk_size": []}), "static.client_chunk_size must be a non-empty"),
+    (changed(static={"client_chunk_size": [3, 2, 3]}),
+     "static.client_chunk_size repeats a value: [3, 2, 3]"),
     (changed(static={"model": ["mlp"]}), "static.model: every row of a sweep shares it"),
     (changed(static={"clients_per_rnd": [3]}), "static: unknown key 'clients_per_rnd'"),
     (changed(seeds=[]), "seeds must be a non-empty list of integers"),
@@ -291,3 +293,30 @@ def test_a_new_sweep_never_shows_the_old_one_s_results(tmp_path, monkeypatch, ca
   capsys.readouterr()
   assert cli.main(["sweep", "--config", write(tmp_path, GOOD), "--output", str(run)]) == 2
   assert "holds a run of `fedjax-sim run`, not a sweep" in capsys.readouterr().err
+
+
+def test_a_stop_after_the_last_round_loses_nothing(tmp_path, monkeypatch, capsys):
+  # The checkpoints were deleted before every row's epsilon was computed and the results
+  # written: a Ctrl-C in between (seconds per row under DP) left config.json alone, and
+  # --resume found nothing to resume.
+  settings = {**SETTINGS, "clip": 0.5, "accountant": "pld"}
+  config = write(tmp_path, {"task": "synthetic", "settings": settings,
+                            "grid": {"noise_multiplier": [0.5, 2.0]}, "seeds": [0]})
+  out = tmp_path / "dp"
+  epsilon, calls = sweep_config.Builder.epsilon, []
+
+  def interrupted(self, row):
+    calls.append(row)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return epsilon(self, row)
+
+  monkeypatch.setattr(sweep_config.Builder, "epsilon", interrupted)
+  assert cli.main(["sweep", "--config", config, "--output", str(out)]) == 130
+  assert not (out / "results.csv").exists() and any((out / "checkpoints").iterdir())
+  monkeypatch.setattr(sweep_config.Builder, "epsilon", epsilon)
+  assert cli.main(["sweep", "--config", config, "--output", str(out), "--resume"]) == 0
+  assert [float(r["final_epsilon"]) > 0 for r in read_rows(out)] == [True, True]
+  assert not (out / "checkpoints").exists()
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "curves.npz", "results.csv",
+                                                   "summary.json"]

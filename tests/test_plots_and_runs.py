@@ -83,6 +83,21 @@ def test_plot_sweep_draws_seeds_as_mean_and_band(folders, tmp_path):
   assert "deadline=5" in labels[0] and "deadline=None" in labels[1]
 
 
+def test_plot_counts_a_configuration_s_seed_once(folders, tmp_path):
+  # The same sweep in two folders (a copy, or a run beside the sweep row it repeats):
+  # a band's mean counted every seed twice ("mean of 4 seeds"), lines overwrote each other.
+  copy = tmp_path / "copy"
+  shutil.copytree(folders / "sweep", copy)
+  with pytest.warns(UserWarning, match="the same configuration and seed again, left out: "):
+    ax = fs.plot_runs([folders / "sweep", copy])
+  assert _legend(ax) == ["client_lr=0.02 (mean of 2 seeds)", "client_lr=0.05 (mean of 2 seeds)"]
+  accuracy = np.load(folders / "sweep" / "curves.npz")["eval_test_accuracy"]
+  np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), accuracy[:2].mean(axis=0))
+  with pytest.warns(UserWarning, match="left out"):
+    ax = fs.plot_runs([folders / "sweep", copy], seeds="lines")
+  assert _legend(ax) == [f"client_lr={lr}, seed={s}" for lr in ("0.02", "0.05") for s in (0, 1)]
+
+
 def test_plot_x_axes_are_cumulative_bytes_and_simulated_time(folders):
   run = folders / "runs" / "lr0.05"
   rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

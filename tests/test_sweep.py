@@ -74,6 +74,33 @@ def test_sweep_rejects_bad_arguments(ragged, small_mlp):
              static={"client_lr": [0.1]}, rounds=1)
   with pytest.raises(ValueError, match="rounds"):
     fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=0)
+  # -1 looped for ever; a seed of 0.7 ran as seed 0 and was reported as 0.7.
+  with pytest.raises(ValueError, match="rounds_per_chunk must be a positive integer, got -1"):
+    fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=2,
+             rounds_per_chunk=-1)
+  for bad in (0.7, -1, 2**32, True):
+    with pytest.raises(ValueError, match=f"seeds must be integers in \\[0, 2\\^32\\), got {bad}"):
+      fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=1,
+               seeds=[0, bad])
+
+
+def test_best_of_a_curve_skips_rounds_that_went_nan():
+  # As results.Run.best (fedjax-sim runs): results.csv's best_<metric> was NaN.
+  from fedjax_sim.sweep import _best
+  assert _best("train_loss", np.array([2.0, 1.5, np.nan, np.nan])) == 1.5
+  assert _best("test_accuracy", np.array([0.2, np.inf, 0.4, np.nan])) == 0.4
+  assert np.isnan(_best("train_loss", np.array([np.nan, np.nan])))
+
+
+def test_sweep_plot_gives_every_seed_its_own_style(swept):
+  import matplotlib
+  matplotlib.use("Agg")
+  from fedjax_sim.sweep import _seed_style
+  # Line styles cycled every 4 seeds: seed 0 and seed 4 looked the same.
+  styles = {tuple(sorted(_seed_style(i).items(), key=str)) for i in range(32)}
+  assert len(styles) == 32
+  ax = swept[0].plot("train_loss")
+  assert [line.get_linestyle() for line in ax.get_lines()] == ["-", "--", "-", "--"]
 
 
 def make_with_systems(apply, profiles):
