@@ -171,6 +171,14 @@ def chain(*stages) -> Aggregator:
                     weighted=stages[r].weighted, stages=tuple(stages))
 
 
+def mean_over_clients(values: jax.Array, weights: jax.Array) -> jax.Array:
+  """The mean of per-client `values` [C] over the clients whose update counts (weight
+  > 0): a diagnostic of the round's aggregate, not diluted by the zero updates of
+  clients that dropped out or missed the deadline (`systems=`) or had no examples."""
+  counts = weights > 0
+  return jnp.sum(jnp.where(counts, values, 0.0)) / jnp.maximum(jnp.sum(counts), 1)
+
+
 def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   """One key per client, from its id (not its position in the round)."""
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)

@@ -35,8 +35,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators import (ClientTransform, client_keys, no_state, ravel_clients,
-                                    split_scalars, stages_of)
+from fedjax_sim.aggregators import (ClientTransform, client_keys, mean_over_clients, no_state,
+                                    ravel_clients, split_scalars, stages_of)
 from fedjax_sim.tree import gather_rows, scatter_rows
 
 def uplink_bytes_per_client(aggregator: Any, num_params: int, num_scalars: int = 0
@@ -108,10 +108,11 @@ def stochastic_quantize(v: jax.Array, bits: int, key: jax.Array) -> jax.Array:
   return jnp.where(width > 0, lo + level * (width / levels), v)
 
 
-def relative_error(decoded: jax.Array, flat: jax.Array) -> jax.Array:
-  """Mean over clients (rows) of ||decoded - flat||^2 / ||flat||^2."""
+def relative_error(decoded: jax.Array, flat: jax.Array, weights: jax.Array) -> jax.Array:
+  """Mean of ||decoded - flat||^2 / ||flat||^2 over the clients (rows) whose update
+  counts (`aggregators.mean_over_clients`)."""
   err = jnp.sum((decoded - flat) ** 2, axis=1) / jnp.maximum(jnp.sum(flat ** 2, axis=1), 1e-30)
-  return jnp.mean(err)
+  return mean_over_clients(err, weights)
 
 
 def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
@@ -148,7 +149,7 @@ def quantize(bits: int, *, rotation: bool = False) -> ClientTransform:
     bits_per_client = wire_bits(d) + 32 * len(scalars)
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
-               "compression_error": relative_error(decoded, flat)}
+               "compression_error": relative_error(decoded, flat, weights)}
     return join(unravel(decoded), scalars), weights, state, metrics
 
   return ClientTransform(no_state, apply, wire_bits=wire_bits)
@@ -215,7 +216,7 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     bits_per_client = 64 * kk + 32 * len(scalars)  # float32 value + int32 index per kept
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),
-               "compression_error": relative_error(sent, u)}
+               "compression_error": relative_error(sent, u, weights)}
     return join(unravel(sent), scalars), weights, state, metrics
 
   # float32 value + int32 index per kept coordinate

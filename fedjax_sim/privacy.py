@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim.aggregators import Aggregator, ClientTransform, ServerTransform, no_state
+from fedjax_sim.aggregators import (Aggregator, ClientTransform, ServerTransform, mean_over_clients,
+                                    no_state)
 from fedjax_sim.checks import is_concrete
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -89,15 +90,16 @@ def clip(clip_norm: float) -> ClientTransform:
   in float32 (bfloat16 updates come back as float32, so the bound holds exactly).
 
   Also the norm bounding defence against model poisoning (Sun et al. 2019,
-  `robust.norm_bound`). Metrics: `clipped_fraction`, `mean_client_norm` (before).
+  `robust.norm_bound`). Metrics: `clipped_fraction`, `mean_client_norm` (before), over
+  the clients whose update counts (`aggregators.mean_over_clients`).
   """
   _check_clip(clip_norm)
 
   def apply(state, deltas, weights, ids, key):
     del ids, key
     clipped, norms = clip_updates(deltas, clip_norm)
-    metrics = {"clipped_fraction": jnp.mean(norms > clip_norm),
-               "mean_client_norm": jnp.mean(norms)}
+    metrics = {"clipped_fraction": mean_over_clients(norms > clip_norm, weights),
+               "mean_client_norm": mean_over_clients(norms, weights)}
     return clipped, weights, state, metrics
 
   return ClientTransform(no_state, apply)

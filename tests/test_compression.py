@@ -66,6 +66,13 @@ def test_quantize_matches_loop_reference_and_reports_bytes(rotation):
             / np.sum(ref.flat(jax.tree_util.tree_map(lambda a: a[i], deltas)) ** 2)
             for i, e in enumerate(expected)]
   assert float(metrics["compression_error"]) == pytest.approx(np.mean(errors), rel=1e-3)
+  # Over the clients whose update counts: a client with weight 0 (dropped under systems=)
+  # sends a zero update, whose error of 0 diluted the mean.
+  counts = np.array([1, 1, 0, 1, 0, 1, 1], bool)
+  _, _, _, metrics_counted = jax.jit(compression.quantize(4, rotation=rotation).apply)(
+      None, deltas, jnp.asarray(counts, jnp.float32), ids, key)
+  assert float(metrics_counted["compression_error"]) == pytest.approx(
+      np.mean(np.asarray(errors)[counts]), rel=1e-3)
   d = 16  # 12 + 4 coordinates, a power of two already
   assert float(metrics["uplink_bytes"]) == 7 * (4 * d + 64) / 8
   assert float(metrics["bits_per_parameter"]) == pytest.approx((4 * d + 64) / d)

@@ -522,9 +522,10 @@ def test_secure_mean(name):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_quantization_and_attack(name):
   """One chain: sign flip on the malicious clients, then 4-bit quantization. What the
-  mean receives must be the clean uploads, negated for malicious clients, within each
+  mean receives must be the clean updates, negated for malicious clients, within each
   client's 4-bit step of its update's range, and the scalars an algorithm sends beside
-  its update (FedNova's gradient weight...) exactly; the uplink costs 4 bits a
+  its update (FedNova's gradient weight...) exactly as computed, neither flipped nor
+  quantized; the uplink costs 4 bits a
   coordinate (plus two float32 bounds) and 32 a scalar, instead of 32 each; the attack
   changes the model."""
   final, m = aggregator_run(name, CHAIN)
@@ -537,7 +538,7 @@ def test_quantization_and_attack(name):
     scalars = np.array([a.ndim == 1 for a in jax.tree_util.tree_leaves(clean_in)
                         for _ in range(int(np.prod(a.shape[1:])))])  # per column
     clean, received = flat_clients(clean_in), flat_clients(spy_in)
-    sent = np.where(bad[:, None], -clean, clean)
+    sent = np.where(bad[:, None] & ~scalars[None, :], -clean, clean)
     update, s = sent[:, ~scalars], scalars.sum()
     step = (update.max(axis=1) - update.min(axis=1)) / 15
     assert np.all(np.abs(received[:, ~scalars] - update) <= step[:, None] * 1.001 + 1e-7), r

@@ -47,6 +47,13 @@ def test_clip_bounds_every_update_and_matches_loop(count_compiles):
   np.testing.assert_allclose(after[~small], 1.5, rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(clipped["w"])[small], np.asarray(deltas["w"])[small])
   assert float(metrics["clipped_fraction"]) == pytest.approx((~small).mean())
+  # Over the clients whose update counts (weight > 0; zero updates of clients dropped
+  # under systems= were counted as not clipped).
+  counts = np.array([0, 1, 0, 1, 1, 0, 1], bool)
+  _, _, _, counted = jax.jit(stage.apply)(None, deltas, jnp.asarray(counts, jnp.float32),
+                                          jnp.arange(7), jax.random.key(0))
+  assert float(counted["clipped_fraction"]) == pytest.approx((~small)[counts].mean())
+  assert float(counted["mean_client_norm"]) == pytest.approx(before[counts].mean(), rel=1e-6)
   expected, _ = ref.Clip(1.5)(unstack(deltas, 7), np.ones(7), np.arange(7), None)
   for i, e in enumerate(expected):
     np.testing.assert_allclose(np.asarray(clipped["w"][i]), e["w"], rtol=1e-6, atol=1e-7)

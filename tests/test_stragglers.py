@@ -94,6 +94,18 @@ def test_deadline_drop_aggregates_exactly_the_clients_that_fit(setup):
   assert max_relative_error(new_state.params, state.params) > 1e-3
 
 
+def test_stage_metrics_count_only_the_aggregated_clients(setup):
+  # Every client that reports is clipped (a tiny bound); those that missed the deadline
+  # sent zero updates, which counted as not clipped: clipped_fraction read fits / 4.
+  train, model, profiles = setup
+  cfg = systems.SystemsConfig(profiles, deadline_s=DEADLINE, stragglers="drop")
+  algorithm = make(model, 4, systems=cfg,
+                   aggregator=aggregators.chain(robust.norm_bound(1e-6), aggregators.mean()))
+  _, _, m = one_round(algorithm, model.params, train)
+  assert 0 < m["client_aggregated"].sum() < 4
+  assert float(m["clipped_fraction"]) == 1.0
+
+
 def test_over_selection_keeps_the_fastest(setup):
   train, model, profiles = setup
   cfg = systems.SystemsConfig(profiles, over_selection=2)
