@@ -177,7 +177,8 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
         notes.append(f"epsilon {args.target_epsilon} at delta {delta:g} is spent after {last} "
                      f"rounds: stopping there")
       rounds = last
-    message = privacy.noise_warning(z, m, num_clients)
+    adaptive = privacy.AdaptiveClipping() if args.adaptive_clip else None
+    message = privacy.noise_warning(z, m, num_clients, adaptive)
     if message is not None:
       if args.noise_multiplier is None:  # calibrated: it grows with m too
         message += (" The noise multiplier was calibrated to --target-epsilon: more clients "
@@ -185,7 +186,6 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
                     "privacy), so more clients in all, fewer rounds or a larger epsilon are "
                     "what lower z/m.")
       notes.append(f"warning: {message}")
-    adaptive = privacy.AdaptiveClipping() if args.adaptive_clip else None
     stages.append(privacy.dp_mean(args.clip, z, adaptive=adaptive))
   else:
     if args.clip is not None or args.adaptive_clip:

@@ -41,7 +41,8 @@ from fedjax_sim.evaluation import make_evaluator
 def choose_malicious(num_clients: int, fraction: float | None = None, *, count: int | None = None,
                      seed: int = 0) -> np.ndarray:
   """A boolean mask [num_clients] marking round(fraction * num_clients) (or `count`)
-  clients, chosen at random by `seed`, as malicious."""
+  clients, chosen at random by `seed`, as malicious (Python's round, half to even: 0.1
+  of 25 clients is 2; give `count` for another)."""
   if not (isinstance(num_clients, int) and num_clients > 0):
     raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
   if (fraction is None) == (count is None):

@@ -193,26 +193,31 @@ class DPNoiseWarning(UserWarning):
 
 
 def noise_warning(noise_multiplier, clients_per_round: int,
-                  num_clients: int | None = None) -> str | None:
+                  num_clients: int | None = None,
+                  adaptive: AdaptiveClipping | None = None) -> str | None:
   """The warning for DP noise that dwarfs the clipped updates, or None.
 
   The rule: the noise on the averaged update has standard deviation z*C/m per
   coordinate; warn when that is above `NOISE_RATIO_LIMIT` * C (z/m > 0.1), and say how
-  many clients per round would bring it to 0.1 * C at this z (ceil(10 z)).
+  many clients per round would bring it to 0.1 * C at this z (ceil(10 z)). Under
+  `adaptive` clipping the update's noise is z_delta's (`update_noise_multiplier`),
+  larger than the total z.
   """
   if not is_concrete(noise_multiplier) or not noise_multiplier > 0:
     return None
-  z, m = float(noise_multiplier), int(clients_per_round)
+  z, m, name = float(noise_multiplier), int(clients_per_round), "z"
+  if adaptive is not None:
+    z, name = update_noise_multiplier(z, count_stddev(adaptive, m)), "z_delta"
   ratio = z / m
   if ratio <= NOISE_RATIO_LIMIT:
     return None
   needed = math.ceil(z / NOISE_RATIO_LIMIT - 1e-9)
   text = (f"the DP noise dwarfs the clipped updates: the noise on the averaged update has "
-          f"standard deviation z*C/m = {z:.4g}*C/{m} = {ratio:.3g}*C per coordinate, while the "
+          f"standard deviation {name}*C/m = {z:.4g}*C/{m} = {ratio:.3g}*C per coordinate, while the "
           f"clipping norm C bounds the norm of the whole averaged update; the rule: warn above "
-          f"{NOISE_RATIO_LIMIT:g}*C (z/m > {NOISE_RATIO_LIMIT:g}), where a model learns little. "
-          f"{needed} clients per round would bring it to {NOISE_RATIO_LIMIT:g}*C at this noise "
-          f"multiplier")
+          f"{NOISE_RATIO_LIMIT:g}*C ({name}/m > {NOISE_RATIO_LIMIT:g}), where a model learns "
+          f"little. {needed} clients per round would bring it to {NOISE_RATIO_LIMIT:g}*C at this "
+          f"noise multiplier")
   if num_clients is not None and needed > num_clients:
     text += f", more than the {num_clients} clients there are"
   return text + "."
@@ -256,7 +261,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *,
     if adaptive is not None and is_concrete(noise_multiplier) and noise_multiplier > 0:
       update_noise_multiplier(noise_multiplier, count_stddev(adaptive, clients_per_round))
     if num_clients is not None:  # against the data (not at construction): warned once per run
-      message = noise_warning(noise_multiplier, clients_per_round, num_clients)
+      message = noise_warning(noise_multiplier, clients_per_round, num_clients, adaptive)
       if message is not None:
         warnings.warn(message, DPNoiseWarning, stacklevel=2)
 

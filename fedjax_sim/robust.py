@@ -19,6 +19,7 @@ chosen clients' scalars as they combine their updates.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,11 @@ def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = N
     if 2 * k >= clients_per_round:
       raise ValueError(f"trimmed_mean drops {k} clients from each end, which leaves none of "
                        f"the {clients_per_round} clients per round")
+    if k == 0 and num_trim is None and trim_fraction > 0:
+      warnings.warn(f"trimmed_mean: trim_fraction {trim_fraction:g} of {clients_per_round} "
+                    f"clients per round trims none (floor({trim_fraction:g} x "
+                    f"{clients_per_round}) = 0): it is the unweighted mean, no defence; give "
+                    f"num_trim or a larger fraction", stacklevel=2)
 
   def aggregate(state, deltas, weights, ids, key):
     del weights, ids, key

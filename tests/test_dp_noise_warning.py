@@ -22,6 +22,13 @@ def test_noise_warning_rule():
   assert "z*C/m = 16*C/10 = 1.6*C per coordinate" in text
   assert "160 clients per round would bring it to 0.1*C" in text
   assert "more than the 30 clients there are" in text
+  # Under adaptive clipping the update gets z_delta = (0.95^-2 - (2 * 10/20)^-2)^-1/2 =
+  # 3.04 of a total 0.95: 0.30*C on the average, which the total's 0.095 did not warn of.
+  adaptive = privacy.AdaptiveClipping()
+  assert privacy.noise_warning(0.95, 10) is None
+  text = privacy.noise_warning(0.95, 10, adaptive=adaptive)
+  assert "z_delta*C/m = 3.042*C/10 = 0.304*C per coordinate" in text
+  assert "31 clients per round" in text
 
 
 def test_fs_run_warns_when_the_noise_dwarfs_the_signal(small_mlp):

@@ -1,6 +1,8 @@
 """Robust aggregators ignore a minority of arbitrarily large updates, agree with their
 loop references, and reject configurations they cannot honour before compiling."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,6 +143,17 @@ def test_impossible_robust_configurations_error_before_compiling(small_mlp, coun
 def test_bad_robust_arguments(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_a_trimmed_mean_that_trims_nobody_is_warned_of():
+  # The default fraction 0.1 trims floor(0.1 x 9) = 0: the plain unweighted mean.
+  with pytest.warns(UserWarning, match=r"trim_fraction 0.1 of 9 clients per round trims none"):
+    robust.trimmed_mean().validate(9)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    robust.trimmed_mean().validate(10)  # trims 1 from each end
+    robust.trimmed_mean(num_trim=0).validate(9)  # asked for
+    robust.trimmed_mean(0.0).validate(9)
 
 
 def test_fractions_are_rounded_off_before_floor_and_ceil():
