@@ -11,6 +11,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import privacy, robust, systems
 from fedjax_sim import reference_algorithms as ref
+from fedjax_sim.algorithms.base import model_bytes
 from fedjax_sim.algorithms.fedexp import fedexp as make_fedexp
 from fedjax_sim.algorithms.fedrep import fedrep as make_fedrep
 from fedjax_sim.algorithms.fedrep import merge, personalized_evaluator, split
@@ -347,6 +348,10 @@ def test_fedrep_clients_not_aggregated_train_no_head_and_the_server_head_stays(u
   for k in HEAD:
     np.testing.assert_array_equal(np.asarray(state.params[k]), np.asarray(params[k]))
   assert float(jnp.abs(state.params["w1"] - params["w1"]).max()) > 0
+  # Clients receive the body alone (their heads are their own): the downlink counted
+  # the whole model.
+  body = {k: v for k, v in params.items() if k not in HEAD}
+  assert float(m["downlink_bytes"]) == 6 * model_bytes(body) == float(m["uplink_bytes"]) * 2
 
 
 @pytest.mark.parametrize("schedule,match", [

@@ -98,11 +98,13 @@ class ClientOutput(NamedTuple):
 class ClientWork(NamedTuple):
   """`train(ClientInput) -> ClientOutput`; `upload_like(params)`: zeros shaped like one
   upload (the aggregator's init sees it); `init_row(params)`: a client's initial state
-  row, or None for clients without state."""
+  row, or None for clients without state; `download(params)`: the part of the model a
+  client receives (FedRep's clients need only the body), for the downlink's bytes."""
 
   train: Callable[[ClientInput], ClientOutput]
   upload_like: Callable[[Params], Params] = lambda params: params
   init_row: Callable[[Params], Any] | None = None
+  download: Callable[[Params], Params] = lambda params: params
 
 
 class RoundInfo(NamedTuple):
@@ -554,6 +556,6 @@ def compose(
   def downlink_bytes(state) -> int:
     """What one client receives: the model and the server's message."""
     message = jax.eval_shape(lambda s: server_rule.message(s, s.hp), state)
-    return model_bytes(state.params) + model_bytes(message)
+    return model_bytes(client_work.download(state.params)) + model_bytes(message)
 
   return FederatedAlgorithm(init, round, validate, tuple(hparams))

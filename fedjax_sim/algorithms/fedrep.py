@@ -160,8 +160,10 @@ def fedrep(apply: Callable[[Params, jax.Array], jax.Array], *, head: HeadSpec,
     params = merge(out.params, split(head, state.params)[1])
     return out._replace(params=params, metrics={"head_train_loss": head_loss})
 
+  # Clients receive and send the body alone: their heads are their own.
   work = ClientWork(train, upload_like=lambda params: optax.tree.zeros_like(split(head, params)[0]),
-                    init_row=lambda params: split(head, params)[1])
+                    init_row=lambda params: split(head, params)[1],
+                    download=lambda params: split(head, params)[0])
   return engine.compose("fedrep", apply, client_work=work,
                         server_rule=ServerRule(fedopt.init, update), hparams={}, **options)
 
