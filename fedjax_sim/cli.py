@@ -1,8 +1,9 @@
 """`fedjax-sim run`: train a federated task from the command line.
 
 With no arguments it trains FedAvg on Synthetic(1,1) with logistic regression,
-offline, and writes runs/<task>-<server optimizer>-seed<seed>/{config.json,
-metrics.jsonl, summary.json}.
+offline, and writes runs/<task>-<name>-seed<seed>-<hash>/{config.json,
+metrics.jsonl, summary.json} (the name: the algorithm, for fedavg the server optimizer;
+the hash: of the flags).
 
 `fedjax-sim sweep --config FILE` runs a grid of hyperparameters x seeds from a JSON or
 TOML file as one compiled program (see `fedjax_sim.sweep_config`) and writes

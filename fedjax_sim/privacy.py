@@ -184,7 +184,7 @@ class DPState(NamedTuple):
 # NOISE_RATIO_LIMIT * C (z/m > 0.1) a run is warned. Measured (benchmarks/results/
 # privacy_epsilon.json, logistic regression on Synthetic-IID, 100 rounds): z/m = 0.08
 # reaches test accuracy 0.75 against 0.82 without noise, 0.16 reaches 0.64; the default
-# task's 10 of 30 clients calibrated to epsilon 4 (z = 17, z/m = 1.7) ended below chance.
+# task's 10 of 30 clients calibrated to epsilon 4 (z = 16, z/m = 1.6) ended below chance.
 NOISE_RATIO_LIMIT = 0.1
 
 

@@ -451,8 +451,9 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
   run.add_argument("--seed", type=int, default=0,
                    help="seed of client sampling, shuffling and the initial model")
   run.add_argument("--output", default=None,
-                   help="output directory (default runs/<task>-<algorithm>-seed<seed>-<hash>, "
-                        "the hash of the flags)")
+                   help="output directory (default runs/<task>-<name>-seed<seed>-<hash>: "
+                        "the algorithm, for fedavg the server optimizer; the hash of the "
+                        "flags)")
   run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
   aggregation_options.add_flags(run)
   add_flags(run)

@@ -18,7 +18,8 @@ Keys:
 - `task`: a task of `fedjax-sim run` (default `synthetic`); its options (`partition`,
   `alpha`, `num_clients`...) go in `settings`.
 - `algorithm`: any synchronous algorithm of `fedjax-sim run` (`fedavg`, the default,
-  `fedprox`, `scaffold`, `fednova`, `feddyn`, `mimelite`, `ditto`, `qffl`), or a server
+  `fedprox`, `scaffold`, `fednova`, `feddyn`, `mimelite`, `ditto`, `qffl`, `fedexp`,
+  `fedrep`), or a server
   optimizer's name as a shorthand for FedAvg with it (`fedavgm`, `fedadagrad`,
   `fedadam`, `fedyogi`). FedBuff, asynchronous, is refused.
 - `settings`: fixed values. Their names, kinds and defaults are those of
@@ -27,7 +28,7 @@ Keys:
   `batch_size`, `client_optimizer`, `server_optimizer`, `weighting`,
   `client_chunk_size`, `eval_every`, `model`, the hyperparameters of the table
   `algorithms.registry.HPARAMS` (`client_lr`, `server_lr`, `client_momentum`, `mu`,
-  `feddyn_alpha`, `mime_momentum`, `ditto_lambda`, `q`), the aggregator chain's
+  `feddyn_alpha`, `mime_momentum`, `ditto_lambda`, `q`, `fedexp_eps`), the aggregator chain's
   (`aggregator`, `clip`, `noise_multiplier`, `target_epsilon`, `norm_bound`,
   `quantize_bits`, `attack`...), the systems simulation's (`deadline`, `dropout`,
   `straggler_fraction`, `over_selection`, `stragglers`, `profiles_seed`...),

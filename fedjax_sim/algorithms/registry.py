@@ -282,7 +282,7 @@ def build_algorithm(
       the output layer of `models.mlp`, `cnn` and `char_rnn`.
     **hparams: the algorithm hyperparameters of `HPARAMS` by key (`client_lr`,
       `server_lr`, `client_momentum`, `mu`, `feddyn_alpha`, `mime_momentum`,
-      `ditto_lambda`, `q`), defaults from the table. One that `name` does not use (or
+      `ditto_lambda`, `q`, `fedexp_eps`), defaults from the table. One that `name` does not use (or
       `client_momentum` without client optimizer 'momentum') is a ValueError, as are
       FedBuff's and FedRep's own arguments given to another algorithm: nothing given is
       silently ignored. Values may be traced (a sweep builds the algorithm inside its
