@@ -94,7 +94,8 @@ def build(module_class: Callable[..., nnx.Module], *args: Hashable, seed: int = 
   if (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool)
       and np.iinfo(dtype).min <= seed <= np.iinfo(dtype).max):
     try:
-      programs = _programs(module_class, args, tuple(sorted(kwargs.items())))
+      programs = _programs(module_class, _typed(args),
+                           tuple((k, _typed(v)) for k, v in sorted(kwargs.items())))
     except TypeError:  # an unhashable argument (a list of sizes): no key to keep them by
       pass
   if programs is None:  # or a seed no int array holds (a wider int, a key)
@@ -124,6 +125,15 @@ class _Programs:
 @functools.cache
 def _programs(module_class, args: tuple, kwargs: tuple) -> _Programs:
   return _Programs()
+
+
+def _typed(value: Any) -> Any:
+  """`value` with the types of its parts, as a key: 1, 1.0 and True are equal and hash
+  alike, so an architecture built with 1.0 reused the program built with 1 (int32
+  parameters)."""
+  if isinstance(value, tuple):
+    return (tuple, tuple(_typed(v) for v in value))
+  return (type(value), value)
 
 
 class _Initializer:
@@ -168,6 +178,10 @@ def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
   the softmax and the loss are computed at full precision.
   """
   dtype = jnp.dtype(compute_dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    # An integer or boolean compute dtype made every gradient zero, silently.
+    raise ValueError(f"mixed_precision: compute_dtype must be a floating dtype (bfloat16, "
+                     f"float16...), got {dtype}")
   base = model.apply
 
   def cast(a):
@@ -197,7 +211,12 @@ class Conv(nnx.Module):
     self.impl = impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return add_bias(conv_lib.conv2d_same(x, self.kernel[...], self.impl), self.bias[...])
+    # One dtype for both, as nnx.Conv does: lax.conv takes no uint8 images beside a
+    # float kernel (the "patches" impl did, so a model ran on GPU and failed on CPU).
+    kernel = self.kernel[...]
+    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    return add_bias(conv_lib.conv2d_same(x.astype(dtype), kernel.astype(dtype), self.impl),
+                    self.bias[...])
 
 
 @jax.custom_vjp
@@ -217,8 +236,10 @@ def _add_bias_bwd(bias, g):
   # The barrier materializes g, so XLA cannot fuse its producers into the sum again.
   flat = jax.lax.optimization_barrier(g).reshape(-1, g.shape[-1])
   ones = jnp.ones((flat.shape[0],), flat.dtype)
-  # Summed in float32 whatever the compute dtype (bfloat16 in mixed precision).
-  return g, jnp.matmul(ones, flat, preferred_element_type=jnp.float32).astype(bias.dtype)
+  # Summed in float32 at least, whatever the compute dtype (bfloat16 in mixed precision).
+  summed = jnp.matmul(ones, flat, preferred_element_type=jnp.promote_types(flat.dtype,
+                                                                          jnp.float32))
+  return g, summed.astype(bias.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

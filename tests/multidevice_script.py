@@ -12,7 +12,7 @@ import optax
 
 import fedjax_sim as fs
 from fedjax_sim import data as data_lib
-from fedjax_sim import models, sharding
+from fedjax_sim import memory, models, sharding
 from fedjax_sim import tree as tree_lib
 from conftest import max_relative_error, ragged_clients
 
@@ -65,6 +65,19 @@ def main():
                                   for a, b in zip(split.params, single.params))
   out["sweep_loss_error"] = float(np.max(np.abs(split.curves["train_loss"]
                                                 - single.curves["train_loss"])))
+  # The memory plan of a sharded round is of one device, measured at chunks that hold
+  # one and two clients per device (chunks 2 and 4 both held one: 0 bytes per client).
+  xs16, ys16 = ragged_clients(sizes=(6,) * 16)
+  train16 = sharding.replicate(data_lib.from_clients(xs16, ys16, num_classes=3), mesh)
+  make16 = lambda chunk: fs.fedavg(model.apply, client_optimizer=optax.sgd(0.1),
+                                   clients_per_round=16, client_chunk_size=chunk, batch_size=3,
+                                   steps=1, client_sharding=sharding.client_sharding(mesh))
+  plan = memory.measure_round(make16, model.params, train16, clients_per_round=16)
+  at16 = make16(16)
+  actual = memory.compiled_round_bytes(at16, at16.init(model.params, key), train16)[0]
+  out["memory_devices"] = plan.devices
+  out["memory_error_at_16"] = abs(plan.total_bytes(16) / actual - 1)
+  out["memory_per_client"] = plan.per_client_bytes
   print(json.dumps(out))
 
 

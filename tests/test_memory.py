@@ -61,3 +61,6 @@ def test_plan_explains_when_one_client_does_not_fit(setup):
 def test_device_budget_on_cpu_is_none_or_positive():
   budget = memory.device_budget()
   assert budget is None or budget > 0
+  if budget is None:  # the documented plan_client_chunk(..., device_budget()) on CPU
+    with pytest.raises(ValueError, match="needs a budget in bytes: this device reports no"):
+      memory.plan_client_chunk(memory.RoundMemory(100, 10, 1, 1, 1), 4, budget)

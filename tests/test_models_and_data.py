@@ -37,6 +37,41 @@ def test_cnn_impls_agree_under_vmap_over_client_weights(impl):
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["lax", "patches", "sequential"])
+def test_cnn_takes_uint8_images_with_every_impl(impl):
+  # lax.conv refused uint8 beside a float32 kernel ("lax", "sequential": CPU's default),
+  # while "patches" (GPU's) took them: one model, one device fails.
+  model = models.cnn(conv_impl=impl, seed=0)
+  x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+  np.testing.assert_allclose(model.apply(model.params, jnp.asarray(x)),
+                             model.apply(model.params, jnp.asarray(x, jnp.float32)), rtol=1e-6)
+
+
+class _Filled(nnx.Module):
+  def __init__(self, value, *, rngs):
+    del rngs
+    self.w = nnx.Param(jnp.full((2,), value))
+
+  def __call__(self, x):
+    return x * self.w[...]
+
+
+def test_init_programs_are_kept_by_argument_types_too():
+  # 1 == 1.0 == True as keys: the architecture built with 1.0 reused 1's program and
+  # came back int32.
+  assert jax.tree_util.tree_leaves(models.build(_Filled, 1, seed=0).params)[0].dtype == jnp.int32
+  assert jax.tree_util.tree_leaves(models.build(_Filled, 1.0, seed=0).params)[0].dtype == jnp.float32
+  assert jax.tree_util.tree_leaves(models.build(_Filled, value=(1.0), seed=0).params)[0].dtype \
+      == jnp.float32
+
+
+def test_mixed_precision_refuses_a_compute_dtype_that_is_not_floating():
+  # int8 or bool made every gradient 0: training that never moved.
+  for dtype in (jnp.int8, jnp.int32, bool):
+    with pytest.raises(ValueError, match="compute_dtype must be a floating dtype"):
+      models.mixed_precision(models.mlp(4, 3), dtype)
+
+
 def test_a_users_own_pure_apply_function_works():
   # Not nnx at all: a dict of arrays and a function.
   apply = lambda p, x: x @ p["w"] + p["b"]

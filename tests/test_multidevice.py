@@ -23,3 +23,5 @@ def test_sharded_clients_and_sweep_equal_one_device():
   assert out["copy_moved"] == []  # the shardings of copied leaves that moved
   assert out["clients_params_error"] < 1e-5 and out["clients_loss_error"] < 1e-5
   assert out["sweep_params_error"] < 1e-5 and out["sweep_loss_error"] < 1e-5
+  assert out["memory_devices"] == 8 and out["memory_per_client"] > 0
+  assert out["memory_error_at_16"] < 0.05
