@@ -117,14 +117,26 @@ def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
   return ClientTransform(init, apply, validate)
 
 
+def _check_factor(name: str, value, positive: bool) -> float:
+  value = float(value)
+  if not np.isfinite(value) or (positive and not value > 0):
+    # NaN or inf made a NaN model in a run reported as completed; a sign flip by -1 sent
+    # the update unflipped: no attack, reported as one.
+    raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+  return value
+
+
 def sign_flip(malicious, scale: float = 1.0) -> ClientTransform:
-  """Malicious clients (a mask over clients, or k per round) send -scale x their update."""
-  return _model_attack(malicious, lambda bad, w: -float(scale))
+  """Malicious clients (a mask over clients, or k per round) send -scale x their update
+  (scale > 0)."""
+  scale = _check_factor("sign_flip's scale", scale, positive=True)
+  return _model_attack(malicious, lambda bad, w: -scale)
 
 
 def scaling(malicious, factor: float) -> ClientTransform:
   """Malicious clients (a mask over clients, or k per round) send factor x their update."""
-  return _model_attack(malicious, lambda bad, w: float(factor))
+  factor = _check_factor("scaling's factor", factor, positive=False)
+  return _model_attack(malicious, lambda bad, w: factor)
 
 
 def model_replacement(malicious, server_learning_rate: float = 1.0,
@@ -133,6 +145,8 @@ def model_replacement(malicious, server_learning_rate: float = 1.0,
   (Bagdasaryan et al. 2020): by `boost`, or by sum(w) / (lr x sum of the malicious w)."""
   if not server_learning_rate > 0:
     raise ValueError(f"server_learning_rate must be > 0, got {server_learning_rate!r}")
+  if boost is not None:
+    boost = _check_factor("model_replacement's boost", boost, positive=True)
 
   def gamma(bad, w):
     if boost is not None:

@@ -30,7 +30,7 @@ import warnings
 
 import jax
 
-from fedjax_sim import aggregation_options, evaluation, optimizers, privacy
+from fedjax_sim import aggregation_options, aggregators, evaluation, optimizers, privacy
 from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import run_dir
 from fedjax_sim import run_options
@@ -280,7 +280,18 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   # anything is written to the run folder.
   algorithm.validate(algorithm.init(params, key, train.num_clients), train)
   runner.check_evaluator(evaluate, params)
-  for note in setup.notes:
+  notes = list(setup.notes)
+  # A reducer that ignores the weights counts every client once, whatever --weighting says
+  # (the engine's rule): say so, and record what ran.
+  weighting_used = args.weighting
+  if args.weighting == "examples" and setup.aggregator is not None and any(
+      getattr(s, "ignores_weights", False) for s in aggregators.stages_of(setup.aggregator)):
+    weighting_used = "uniform"
+    reducer = ("DP's mean" if args.noise_multiplier is not None or args.target_epsilon is not None
+               else f"--aggregator {args.aggregator}")
+    notes.append(f"{reducer} counts every client once: the weighting is uniform, not by "
+                 f"examples")
+  for note in notes:
     print(f"fedjax-sim: {note}")
   if profiles is not None:
     speed = systems.describe(profiles)["examples_per_s"]
@@ -295,7 +306,12 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     raise run_dir.RunDirError(f"--output {output!r}: {e.strerror or e}") from None
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
-                device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier)
+                device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier,
+                weighting_used=weighting_used)
+  if setup.accountant is not None:  # what DP ran with: the defaults, and the rounds
+    # --target-epsilon leaves (config's rounds and noise_multiplier are the flags')
+    config.update(dp_delta=setup.accountant.delta, dp_accountant=setup.accountant.accountant,
+                  dp_rounds=setup.rounds)
   if profiles is not None:
     config["profiles_summary"] = systems.describe(profiles)
   # The command line itself: `--resume` parses it again.
@@ -308,7 +324,9 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     lr = args.client_lr if args.warm_start_lr is None else args.warm_start_lr
     params, warm = warm_start.pretrain(
         params, model.apply, *server_data,
-        optimizer=optimizers.client_optimizer(args.client_optimizer, lr),
+        optimizer=optimizers.client_optimizer(
+            args.client_optimizer, lr, **({} if args.client_momentum is None
+                                          else {"momentum": args.client_momentum})),
         batch_size=min(args.batch_size, args.server_examples), steps=args.warm_start_steps,
         key=run_options.warm_start_key(args.seed))
     warm.update(server_examples=args.server_examples, **evaluate(params))

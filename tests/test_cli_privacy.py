@@ -37,6 +37,12 @@ def test_dp_run_with_backdoor_and_quantization(tmp_path, capsys):
   assert "6 of 30 clients are malicious (backdoor)" in printed
   config = json.loads((out / "config.json").read_text())
   assert config["attack"] == "backdoor" and config["noise_multiplier"] == 3.0
+  # What DP ran with, defaults and the rounds --target-epsilon left, and the weighting
+  # DP's mean uses whatever --weighting says (it counts every client once).
+  assert (config["dp_delta"], config["dp_accountant"], config["dp_rounds"]) == (
+      0.1 / 30, "pld", last)
+  assert config["weighting"] == "examples" and config["weighting_used"] == "uniform"
+  assert "DP's mean counts every client once: the weighting is uniform" in printed
 
 
 def test_target_epsilon_alone_calibrates_the_noise():
@@ -62,6 +68,11 @@ def test_target_epsilon_alone_calibrates_the_noise():
     (["--malicious-fraction", "0.2"],
      "--malicious-fraction has no effect here: it applies with an --attack"),
     (["--rotate"], "--rotate has no effect here: it applies with --quantize-bits"),
+    # NaN made a NaN model in a run reported as completed; a sign flip by -1 no attack.
+    (["--attack", "scaling", "--malicious-fraction", "0.3", "--attack-scale", "nan"],
+     "scaling's factor must be a finite number, got nan"),
+    (["--attack", "sign_flip", "--malicious-fraction", "0.3", "--attack-scale", "-1"],
+     "sign_flip's scale must be a finite number > 0, got -1.0"),
 ])
 def test_bad_flag_combinations_are_clear_errors(tmp_path, capsys, flags, match):
   code = cli.main(["run", "--rounds", "2", "--output", str(tmp_path / "x"), "--no-progress",

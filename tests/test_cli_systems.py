@@ -207,6 +207,21 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys, flags, match):
   assert not (tmp_path / "x" / "metrics.jsonl").exists()
 
 
+def test_warm_start_uses_the_client_momentum(tmp_path):
+  # The warm start built its optimizer without --client-momentum: always 0.9.
+  def warm(*flags):
+    code, out = run(tmp_path, "w" + "_".join(flags), "--warm-start-steps", "10",
+                    "--server-examples", "60", "--rounds", "1", "--eval-every", "1", *flags)
+    assert code == 0
+    return json.loads((out / "summary.json").read_text())["warm_start"]["server_train_loss"]
+
+  sgd = warm()
+  assert warm("--client-optimizer", "momentum", "--client-momentum", "0") == pytest.approx(
+      sgd, rel=1e-6)
+  assert warm("--client-optimizer", "momentum", "--client-momentum", "0.5") != pytest.approx(
+      sgd, rel=1e-3)
+
+
 def test_init_params_of_another_model_is_an_error(tmp_path, capsys):
   other = tmp_path / "other.npz"
   warm_start.save_params(other, {"w": np.zeros(3, np.float32)})

@@ -79,7 +79,10 @@ def split(head: HeadSpec, params: Params) -> tuple[Params, Params]:
   flags = jax.tree_util.tree_leaves(mask)
   if not any(flags) or all(flags):
     raise ValueError(f"fedrep needs a head and a body: head={head!r} selects "
-                     f"{sum(map(bool, flags))} of the model's {len(flags)} parameter arrays")
+                     f"{sum(map(bool, flags))} of the model's {len(flags)} parameter arrays "
+                     f"('out' is the output layer of models.mlp, cnn and char_rnn; a model "
+                     f"of one layer, such as logistic regression, has no body: on the "
+                     f"command line, --model mlp)")
   pick = lambda keep: jax.tree_util.tree_map(lambda m, p: p if bool(m) == keep else None,
                                              mask, params)
   return pick(False), pick(True)
