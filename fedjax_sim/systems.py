@@ -341,7 +341,13 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
   if config.deadline_s is not None:
     deadline = jnp.float32(config.deadline_s)
     late = comm + planned * per_step > deadline
-    fits = jnp.clip(jnp.floor((deadline - comm) / per_step), 0, planned).astype(jnp.int32)
+    # The most steps that pass the lateness test itself: the division alone, in float32,
+    # gave one step fewer where the work ends exactly at the deadline (0.3 + 1 x 0.2 s
+    # fits 0.5 s but (0.5 - 0.3) / 0.2 = 0.99999994), or one more than fits.
+    guess = jnp.floor((deadline - comm) / per_step)
+    guess = (guess + (comm + (guess + 1) * per_step <= deadline)
+             - (comm + guess * per_step > deadline))
+    fits = jnp.clip(guess, 0, planned).astype(jnp.int32)
     work = jnp.where(late, fits, planned) if partial else planned
     cannot = late & (fits == 0)
   else:
@@ -350,6 +356,11 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
   straggler = designated | late
   candidate = responded & (~cannot if partial else ~straggler)
   seconds = (comm + work * per_step).astype(jnp.float32)
+  if config.deadline_s is not None:
+    # Work that passed the lateness test finishes by the deadline: the same sum computed
+    # again (XLA may contract it differently) could land an ulp past it.
+    dropped_late = late if not partial else jnp.zeros_like(late)  # their full time
+    seconds = jnp.where(dropped_late, seconds, jnp.minimum(seconds, deadline))
 
   # Over-selection: the server keeps the first clients_per_round reports.
   finish = jnp.where(candidate, seconds, jnp.inf)

@@ -185,6 +185,23 @@ def test_protocol_stragglers(setup, policy, schedule):
     assert reduced > 0
 
 
+@pytest.mark.parametrize("speed,counts,fits", [(5.0, [1, 3], 1), (10.0, [2, 3], 2),
+                                                (40.0, [8, 10], 8)])
+def test_partial_work_that_ends_exactly_at_the_deadline_fits(speed, counts, fits):
+  # 0.3 s of latency + `fits` steps end at 0.5 s exactly: the client planned for that
+  # much is on time, and one planned for more is given as many steps, not one fewer
+  # ((0.5 - 0.3) / 0.2 = 0.99999994 in float32 gave 0 steps: not aggregated).
+  profiles = systems.make_profiles(2, examples_per_s=speed, downlink_bytes_per_s=1e6,
+                                   uplink_bytes_per_s=1e6, latency_s=0.3)
+  cfg = systems.SystemsConfig(profiles, deadline_s=0.5, stragglers="partial")
+  plan = jax.device_get(jax.jit(lambda c: systems.plan_round(
+      cfg, jnp.arange(2), c, jax.random.key(0), clients_per_round=2, batch_size=1, epochs=1,
+      steps=None, downlink_bytes=0.0, uplink_bytes=0.0))(jnp.asarray(counts, jnp.int32)))
+  np.testing.assert_array_equal(plan.step_budget, [fits, fits])
+  np.testing.assert_array_equal(plan.aggregated, [True, True])
+  assert plan.seconds.max() <= np.float32(0.5) and plan.round_time <= np.float32(0.5)
+
+
 def test_plan_round_draws():
   """Distributions of the draws, over one large round of the plan alone (no training)."""
   num = 2000
