@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import algorithms, systems
+from fedjax_sim import aggregators, algorithms, compression, systems
 from conftest import max_relative_error, ragged_clients, tiny_mlp
 
 
@@ -279,3 +279,28 @@ def test_fedbuff_builds_by_name():
       "fedbuff", apply, num_clients=6, aggregator=fs.aggregators.chain(
           fs.robust.coordinate_median()), **kwargs)
   assert robust.init(params, jax.random.key(0), 6).aggregator_state is not None
+
+
+def test_arrival_times_count_the_compressed_upload():
+  # 72 bytes of logistic regression each way at 72 bytes/s, 2 steps of 2 examples; a
+  # 4-bit quantizer sends 17 bytes up: the first arrival 1 + 1 + 17/72 s (it was 3 s,
+  # the update's full bytes, while the round reported 17 bytes uplinked).
+  rng = np.random.default_rng(0)
+  data = fs.from_clients([rng.normal(size=(4, 5)).astype(np.float32) for _ in range(4)],
+                         [rng.integers(0, 3, 4).astype(np.int32) for _ in range(4)],
+                         num_classes=3)
+  model = fs.logistic_regression(5, 3, seed=0)
+  profiles = systems.make_profiles(4, examples_per_s=[4.0, 2.0, 1.0, 0.5],
+                                   downlink_bytes_per_s=72.0, uplink_bytes_per_s=72.0)
+  quantized = aggregators.chain(compression.quantize(4), aggregators.mean())
+  up = compression.uplink_bytes_per_client(quantized, 18)
+  assert up == 17
+  algorithm = algorithms.fedbuff(model.apply, client_optimizer=optax.sgd(0.1), profiles=profiles,
+                                 concurrency=2, buffer_size=1, batch_size=2, steps=2,
+                                 aggregator=quantized)
+  state = algorithm.init(model.params, jax.random.key(0))
+  ids = np.asarray(state.algorithm_state.client_ids)
+  _, m = jax.jit(algorithm.round)(state, data)
+  train_s = 4 / np.array([4.0, 2.0, 1.0, 0.5])
+  assert float(m["client_arrival_s"][0]) == pytest.approx(np.min(1 + train_s[ids] + up / 72),
+                                                          rel=1e-6)

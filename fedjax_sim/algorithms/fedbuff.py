@@ -17,7 +17,8 @@ Buffered Asynchronous Aggregation" (AISTATS), Algorithm 1:
 Simulation. The in-flight clients are slots in `state.algorithm_state` (`InFlight`):
 each slot's client id, the model version and parameters it downloaded, its dispatch
 time and its training key. Its arrival time is its dispatch time plus
-`systems.client_seconds` of its full local work and the model's bytes both ways. One
+`systems.client_seconds` of its full local work, the model's bytes down and its update's
+up (as the aggregator's compressor codes it). One
 `round(state, data)` is one server update: a `lax.scan` over the K next arrival events
 (the earliest-finishing slot, ties to the lower slot index), each refilling its slot at
 its arrival time, then the K arrived clients are trained together (vmap) from the
@@ -50,7 +51,7 @@ import numpy as np
 import optax
 
 from fedjax_sim import keys as keys_lib
-from fedjax_sim import aggregators, local, systems
+from fedjax_sim import aggregators, compression, local, systems
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_model_and_data,
                                         check_round_args, client_key, client_weights,
                                         map_clients, model_bytes, resolve_chunk_size,
@@ -200,11 +201,21 @@ def fedbuff(
   local_update = local.make_local_update(loss, client_optimizer, batch_size=batch_size,
                                          epochs=epochs, steps=steps, regularizer=regularizer)
 
-  def seconds(ids: jax.Array, counts: jax.Array, nbytes: int) -> jax.Array:
-    """Simulated seconds of a full dispatch of clients `ids` (download, train, upload)."""
+  def seconds(ids: jax.Array, counts: jax.Array, nbytes: tuple[float, float]) -> jax.Array:
+    """Simulated seconds of a full dispatch of clients `ids` (download, train, upload):
+    `nbytes` = (down, up)."""
     work = systems.full_steps(counts[ids], batch_size, epochs, steps)
-    return systems.client_seconds(systems.gather(profiles, ids), work, batch_size, nbytes,
-                                  nbytes)
+    return systems.client_seconds(systems.gather(profiles, ids), work, batch_size, *nbytes)
+
+  def wire_bytes(params) -> tuple[float, float]:
+    """(downlink, uplink) bytes of a client: the model down, its update up, coded by the
+    aggregator's compressor as fedavg(systems=) counts it (the clock ignored it)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    num = sum(int(np.prod(np.shape(a))) for a in leaves if np.ndim(a))
+    coded = (None if aggregator is None else compression.uplink_bytes_per_client(
+        aggregator, num, sum(1 for a in leaves if not np.ndim(a))))
+    down = float(model_bytes(params))
+    return down, (down if coded is None else float(coded))
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """Dispatches `concurrency` clients at time 0, drawn as fedavg's round 0 draws them."""
@@ -237,7 +248,7 @@ def fedbuff(
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     slots, version = state.algorithm_state, state.round
-    nbytes = model_bytes(state.params)
+    nbytes = wire_bytes(state.params)
     n = profiles.num_clients
     # The next round's draws, exactly as fedavg splits its round key.
     next_key, sample_key, train_key = round_keys(state.key)
