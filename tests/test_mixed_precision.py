@@ -1,12 +1,16 @@
 """bfloat16 compute with float32 master weights (models.mixed_precision)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.models import mixed_precision
+from conftest import ragged_clients, tiny_mlp
 
 
 def test_mixed_precision_computes_in_bf16_and_keeps_float32_state(ragged, small_mlp):
@@ -34,3 +38,29 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_state(ragged, small_
     assert a.dtype == jnp.float32  # master weights and the aggregated model stay float32
     np.testing.assert_allclose(a, b, atol=2e-2)
   assert abs(h16[-1]["train_loss"] - h32[-1]["train_loss"]) < 0.05
+
+
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "mimelite"])
+def test_bfloat16_parameters_keep_every_state_dtype(name):
+  # The fused mean of bfloat16 uploads is float32: SCAFFOLD's c, FedDyn's h and model,
+  # MimeLite's momentum and model became float32 after a round, and fs.run's scan over
+  # rounds refused the changed carry; FedDyn's float32 rows went into bfloat16 ones.
+  xs, ys = ragged_clients(sizes=(5, 8, 3, 6))
+  data = fs.from_clients(xs, ys, num_classes=3)
+  apply, params = tiny_mlp()
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+  common = dict(clients_per_round=2, batch_size=4, steps=2)
+  algorithm = {
+      "scaffold": lambda: fs.scaffold(apply, client_learning_rate=0.3, **common),
+      "feddyn": lambda: fs.feddyn(apply, alpha=0.2, client_optimizer=optax.sgd(0.3), **common),
+      "mimelite": lambda: fs.mimelite(apply, client_learning_rate=0.3, momentum=0.6, **common),
+  }[name]()
+  state = algorithm.init(params, jax.random.key(0), data.num_clients)
+  dtypes = lambda s: [a.dtype for a in jax.tree_util.tree_leaves(
+      (s.params, s.algorithm_state, s.client_states))]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", FutureWarning)
+    after, _ = fs.run(algorithm, state, data, rounds=2, rounds_per_chunk=2, progress=False)
+  assert dtypes(after) == dtypes(state)
+  assert all(np.isfinite(np.asarray(a, np.float32)).all()
+             for a in jax.tree_util.tree_leaves(after.params))

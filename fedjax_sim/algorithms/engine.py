@@ -523,9 +523,18 @@ def compose(
     info = RoundInfo(hp, message, weight_sum, total_weight, data.num_clients, any_aggregated,
                      outputs.metrics)
     update = server_rule.update(state, aggregated, info)
+    # The state keeps its dtypes: with bfloat16 parameters the fused mean is float32, and
+    # a rule that adds it to its state (SCAFFOLD's c, FedDyn's h and model, MimeLite's
+    # momentum and model) turned bfloat16 leaves float32, which a scan over rounds refuses;
+    # so did clients' float32 rows scattered into bfloat16 ones (a FutureWarning now).
+    same_dtypes = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: n.astype(jnp.result_type(o)), new, old)
+    update = update._replace(
+        params=same_dtypes(update.params, state.params),
+        algorithm_state=same_dtypes(update.algorithm_state, state.algorithm_state))
     client_states = state.client_states
     if stateful:
-      new_rows = outputs.row
+      new_rows = same_dtypes(outputs.row, rows)
       if systems is not None:  # clients that were not aggregated keep their state
         new_rows = jax.tree_util.tree_map(
             lambda new, old: jnp.where(
