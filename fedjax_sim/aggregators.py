@@ -125,6 +125,13 @@ def stages_of(aggregator: Aggregator) -> tuple:
   return aggregator.stages or (aggregator,)
 
 
+def ignores_weights(aggregator: "Aggregator | None") -> bool:
+  """Whether `aggregator` counts every client once (its reducer ignores the weights:
+  median, Krum, DP's and secure mean...), so that a round weights its clients uniformly."""
+  return aggregator is not None and any(getattr(s, "ignores_weights", False)
+                                        for s in stages_of(aggregator))
+
+
 def chain(*stages) -> Aggregator:
   """Composes per-client transforms, one reducer and server transforms into one Aggregator.
 

@@ -284,10 +284,9 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   # A reducer that ignores the weights counts every client once, whatever --weighting says
   # (the engine's rule): say so, and record what ran.
   weighting_used = args.weighting
-  if args.weighting == "examples" and setup.aggregator is not None and any(
-      getattr(s, "ignores_weights", False) for s in aggregators.stages_of(setup.aggregator)):
+  if args.weighting == "examples" and aggregators.ignores_weights(setup.aggregator):
     weighting_used = "uniform"
-    reducer = ("DP's mean" if args.noise_multiplier is not None or args.target_epsilon is not None
+    reducer = ("DP's mean" if setup.accountant is not None
                else f"--aggregator {args.aggregator}")
     notes.append(f"{reducer} counts every client once: the weighting is uniform, not by "
                  f"examples")

@@ -58,7 +58,8 @@ class RoundMemory:
 
   def total_bytes(self, chunk: int) -> int:
     """Predicted bytes (per device) of a round training `chunk` clients at a time."""
-    return self.fixed_bytes + math.ceil(chunk / self.devices) * self.devices * self.per_client_bytes
+    per_device = math.ceil(chunk / self.devices)  # GSPMD pads a chunk to a multiple
+    return self.fixed_bytes + per_device * self.devices * self.per_client_bytes
 
 
 def _tree_bytes(tree: Any) -> int:
@@ -141,8 +142,10 @@ def measure_round(make_algorithm: Callable[[int], FederatedAlgorithm], params: A
     small, large = _line_chunks(clients_per_round)
     (at_small, arguments), devices = measure(small)
     if devices > 1:  # the clients are sharded: measure at multiples of the devices
+      first = small
       small, large = _line_chunks(clients_per_round, devices)
-      (at_small, arguments), _ = measure(small)
+      if small != first:  # (2 and 4 on 2 devices are already)
+        (at_small, arguments), _ = measure(small)
     per_client = max(0, (measure(large)[0][0] - at_small) // (large - small))
   else:
     small, ((at_small, arguments), _) = 1, measure(1)

@@ -232,9 +232,8 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
     # A client with a non-finite scalar is dropped with its update.
     flat = jnp.where(jnp.all(jnp.isfinite(scalars), axis=1)[:, None], flat, jnp.nan)
     shares = weiszfeld_coefficients(flat, weights, num_iterations, smoothing)
-    kept = (shares > 0)[:, None]
-    return join(unravel(shares @ jnp.where(kept, flat, 0.0)),
-                shares @ jnp.where(kept, scalars, 0.0)), state, {}
+    combine = lambda rows: shares @ jnp.where((shares > 0)[:, None], rows, 0.0)  # 0 x inf
+    return join(unravel(combine(flat)), combine(scalars)), state, {}
 
   return Aggregator(no_state, aggregate)
 

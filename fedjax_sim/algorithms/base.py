@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fedjax_sim import checks, keys, local
+from fedjax_sim import checks, compression, keys, local
 from fedjax_sim.checks import check_labels  # noqa: F401 (re-exported)
 from fedjax_sim.tree import (gather_rows, scatter_rows, vmap_clients,  # noqa: F401
                              weighted_sum)  # (re-exported)
@@ -116,6 +116,17 @@ def model_bytes(params: Params) -> int:
   wire each way per client when nothing is compressed."""
   return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
              for x in jax.tree_util.tree_leaves(params))
+
+
+def upload_bytes(aggregator: Any, upload: Params) -> float:
+  """Bytes one client sends of an upload shaped like `upload`: the aggregator's
+  compressor's encoding (`compression.uplink_bytes_per_client`), else the upload as
+  stored (`model_bytes`)."""
+  leaves = jax.tree_util.tree_leaves(upload)
+  num = sum(int(np.prod(np.shape(a))) for a in leaves if np.ndim(a))
+  coded = (None if aggregator is None else compression.uplink_bytes_per_client(
+      aggregator, num, sum(1 for a in leaves if not np.ndim(a))))
+  return float(model_bytes(upload) if coded is None else coded)
 
 
 def check_model_and_data(apply, params, data: FederatedData) -> None:

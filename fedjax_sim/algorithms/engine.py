@@ -37,10 +37,10 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        check_clients_per_round, check_model_and_data,
                                        check_round_args, gather_rows, init_client_states,
                                        model_bytes, resolve_chunk_size, sample_clients,
-                                       scatter_rows, vmap_clients, weighted_sum)
+                                       scatter_rows, upload_bytes, vmap_clients, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
-from fedjax_sim import compression, local
-from fedjax_sim.aggregators import Aggregator, stages_of
+from fedjax_sim import local
+from fedjax_sim.aggregators import Aggregator, ignores_weights, stages_of
 
 
 Params = Any
@@ -356,9 +356,7 @@ def compose(
   # else that reads them (SCAFFOLD's control variate step, FedDyn's alpha_k): else example
   # counts, even those of clients not sampled, would reach the model around the reducer
   # (around DP's clipping and noise, for one).
-  by_examples = weighting == "examples" and not any(
-      getattr(s, "ignores_weights", False)
-      for s in (() if aggregator is None else stages_of(aggregator)))
+  by_examples = weighting == "examples" and not ignores_weights(aggregator)
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """`num_clients` is needed by algorithms and aggregators with per-client state."""
@@ -405,11 +403,7 @@ def compose(
 
   def uplink_bytes(params) -> float:
     """What one client sends: the compressor's encoding, else its float32 upload."""
-    upload = jax.tree_util.tree_leaves(client_work.upload_like(params))
-    num = sum(int(np.prod(np.shape(a))) for a in upload if np.ndim(a))
-    compressed = (None if aggregator is None else compression.uplink_bytes_per_client(
-        aggregator, num, sum(1 for a in upload if not np.ndim(a))))
-    return float(model_bytes(upload) if compressed is None else compressed)
+    return upload_bytes(aggregator, client_work.upload_like(params))
 
   def chunk_size(params) -> int:
     if client_sharding is not None and client_chunk_size == "auto":

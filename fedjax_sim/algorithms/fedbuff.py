@@ -51,12 +51,12 @@ import numpy as np
 import optax
 
 from fedjax_sim import keys as keys_lib
-from fedjax_sim import aggregators, compression, local, systems
+from fedjax_sim import aggregators, local, systems
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_model_and_data,
                                         check_round_args, client_key, client_weights,
                                         map_clients, model_bytes, resolve_chunk_size,
-                                        round_keys, round_metrics,
-                                        sample_clients, server_step, weighted_sum)
+                                        round_keys, round_metrics, sample_clients, server_step,
+                                        upload_bytes, weighted_sum)
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
 
@@ -207,15 +207,6 @@ def fedbuff(
     work = systems.full_steps(counts[ids], batch_size, epochs, steps)
     return systems.client_seconds(systems.gather(profiles, ids), work, batch_size, *nbytes)
 
-  def wire_bytes(params) -> tuple[float, float]:
-    """(downlink, uplink) bytes of a client: the model down, its update up, coded by the
-    aggregator's compressor as fedavg(systems=) counts it (the clock ignored it)."""
-    leaves = jax.tree_util.tree_leaves(params)
-    num = sum(int(np.prod(np.shape(a))) for a in leaves if np.ndim(a))
-    coded = (None if aggregator is None else compression.uplink_bytes_per_client(
-        aggregator, num, sum(1 for a in leaves if not np.ndim(a))))
-    down = float(model_bytes(params))
-    return down, (down if coded is None else float(coded))
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """Dispatches `concurrency` clients at time 0, drawn as fedavg's round 0 draws them."""
@@ -248,7 +239,8 @@ def fedbuff(
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     slots, version = state.algorithm_state, state.round
-    nbytes = wire_bytes(state.params)
+    # The model down, its update up as the compressor codes it (as fedavg(systems=)).
+    nbytes = (float(model_bytes(state.params)), upload_bytes(aggregator, state.params))
     n = profiles.num_clients
     # The next round's draws, exactly as fedavg splits its round key.
     next_key, sample_key, train_key = round_keys(state.key)
