@@ -61,7 +61,10 @@ def test_init_programs_are_kept_by_argument_types_too():
   # came back int32.
   assert jax.tree_util.tree_leaves(models.build(_Filled, 1, seed=0).params)[0].dtype == jnp.int32
   assert jax.tree_util.tree_leaves(models.build(_Filled, 1.0, seed=0).params)[0].dtype == jnp.float32
-  assert jax.tree_util.tree_leaves(models.build(_Filled, value=(1.0), seed=0).params)[0].dtype \
+  # and as keyword arguments (a key of its own: built with 1 first, then 1.0)
+  assert jax.tree_util.tree_leaves(models.build(_Filled, value=1, seed=0).params)[0].dtype \
+      == jnp.int32
+  assert jax.tree_util.tree_leaves(models.build(_Filled, value=1.0, seed=0).params)[0].dtype \
       == jnp.float32
 
 
