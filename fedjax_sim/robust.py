@@ -13,7 +13,8 @@ The median, trimmed mean and Krum ignore the example weights (each client counts
 once, as in the papers' analyses); the geometric median uses them, as RFA does. Krum
 and the geometric median measure distances between the updates alone, not the
 scalars some algorithms send beside them (FedNova's gradient weight), and combine the
-chosen clients' scalars as they combine their updates.
+chosen clients' scalars as they combine their updates; norm bounding clips the update
+alone.
 """
 
 from __future__ import annotations
@@ -239,5 +240,17 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
 
 
 def norm_bound(max_norm: float) -> ClientTransform:
-  """Clips every update to L2 norm `max_norm` before aggregation (Sun et al. 2019)."""
-  return privacy.clip(max_norm)
+  """Clips every client's update to L2 norm `max_norm` before aggregation (Sun et al.
+  2019), in float32. The norm is the update's alone: the scalars an algorithm sends
+  beside it (`aggregators.split_scalars`) go as sent, or FedNova's gradient weight would
+  count in the norm and be shrunk with the update, changing its step. (DP's
+  `privacy.clip` clips them with the update: everything a client sends is bounded.)
+  Metrics as `privacy.clip`'s."""
+  clip = privacy.clip(max_norm)
+
+  def apply(state, deltas, weights, ids, key):
+    update, scalars, join = split_scalars(deltas)
+    clipped, weights, state, metrics = clip.apply(state, update, weights, ids, key)
+    return join(clipped, scalars), weights, state, metrics
+
+  return ClientTransform(clip.init, apply)

@@ -112,6 +112,25 @@ def test_krum_and_geometric_median_measure_distances_between_updates_alone():
   np.testing.assert_allclose(float(out["gradient_weight"]), 2.0, rtol=1e-5)
 
 
+def test_norm_bound_clips_the_update_alone_and_dp_clips_everything_sent():
+  # Updates (3, 4) and (0.3, 0.4), norms 5 and 0.5, with gradient weights 12 and 1.2.
+  # Bounded to 1: the first becomes (0.6, 0.8), its weight stays 12; the second is left.
+  deltas = {"normalized_delta": {"w": jnp.asarray([[3.0, 4.0], [0.3, 0.4]])},
+            "gradient_weight": jnp.asarray([12.0, 1.2])}
+  bound = robust.norm_bound(1.0)
+  out, _, _, metrics = bound.apply(bound.init(None, 2), deltas, jnp.ones(2), jnp.arange(2), None)
+  np.testing.assert_allclose(np.asarray(out["normalized_delta"]["w"]),
+                             [[0.6, 0.8], [0.3, 0.4]], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out["gradient_weight"]), np.float32([12.0, 1.2]))
+  np.testing.assert_allclose(float(metrics["mean_client_norm"]), 2.75, rtol=1e-6)
+  assert float(metrics["clipped_fraction"]) == 0.5
+  # DP's clip bounds all a client sends: norms 13 and 1.3, both scaled with their weight.
+  clip = fs.privacy.clip(1.0)
+  out, _, _, metrics = clip.apply(clip.init(None, 2), deltas, jnp.ones(2), jnp.arange(2), None)
+  np.testing.assert_allclose(np.asarray(out["gradient_weight"]), [12 / 13, 1.2 / 1.3], rtol=1e-6)
+  assert float(metrics["clipped_fraction"]) == 1.0
+
+
 def test_krum_picks_honest_updates(compiled):
   deltas, _ = with_attackers(50.0)
   for name in ("krum", "multi_krum"):
