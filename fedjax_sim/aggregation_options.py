@@ -26,6 +26,7 @@ DEFAULTS = {"trim_fraction": 0.1, "secagg_dropout": 0.0, "malicious_fraction": 0
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "geometric_median",
                "secure_mean")
 ATTACKS = ("none", "label_flip", "sign_flip", "scaling", "backdoor")
+KRUMS = ("krum", "multi_krum")  # sized by --malicious-fraction, with or without an attack
 
 
 class Setup(NamedTuple):
@@ -69,7 +70,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                  help="an attack by a fixed set of malicious clients")
   g.add_argument("--malicious-fraction", type=float, default=None,
                  help="with --attack: fraction of all clients that are malicious (a fixed "
-                      "set)")
+                      "set); with --aggregator krum or multi_krum also the fraction of a "
+                      "round's clients they tolerate (f, rounded up)")
   g.add_argument("--attack-scale", type=float, default=None,
                  help="--attack scaling: the factor; sign_flip: -scale "
                       f"(default {DEFAULTS['attack_scale']:g})")
@@ -89,8 +91,9 @@ def unused_flags(args) -> list[tuple[str, str]]:
     unused.append(("--trim-fraction", "--aggregator trimmed_mean"))
   if getattr(args, "secagg_dropout", None) is not None and args.aggregator != "secure_mean":
     unused.append(("--secagg-dropout", "--aggregator secure_mean"))
-  if getattr(args, "malicious_fraction", None) is not None and args.attack == "none":
-    unused.append(("--malicious-fraction", "an --attack"))
+  if (getattr(args, "malicious_fraction", None) is not None and args.attack == "none"
+      and args.aggregator not in KRUMS):
+    unused.append(("--malicious-fraction", "an --attack or --aggregator krum/multi_krum"))
   if getattr(args, "attack_scale", None) is not None and args.attack not in ("scaling",
                                                                                "sign_flip"):
     unused.append(("--attack-scale", "--attack scaling or sign_flip"))
@@ -142,6 +145,15 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
                    if getattr(args, "server_lr", None) is None else args.server_lr)
       stages.append(attacks.model_replacement(malicious, server_lr))
     notes.append(f"{int(malicious.sum())} of {num_clients} clients are malicious ({args.attack})")
+  elif args.aggregator in KRUMS:
+    if args.malicious_fraction is None and args.aggregator == "multi_krum":
+      # f = 0 averages every client: the plain mean, reported as a defence.
+      raise ValueError("--aggregator multi_krum needs --malicious-fraction, the fraction of "
+                       "a round's clients it tolerates: with none it averages all of them")
+    if not 0.0 <= malicious_fraction < 1.0:
+      raise ValueError(f"--malicious-fraction must be in [0, 1), got {malicious_fraction}")
+    if args.malicious_fraction is None:
+      notes.append("Krum tolerates no Byzantine client (f = 0): --malicious-fraction sizes f")
 
   if args.norm_bound is not None:
     stages.append(robust.norm_bound(args.norm_bound))

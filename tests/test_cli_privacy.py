@@ -56,6 +56,13 @@ def test_target_epsilon_alone_calibrates_the_noise():
       setup.noise_multiplier - 0.01, 30, 30, 0.1 / 30, "pld").epsilon(20)
 
 
+def test_krum_without_an_attack_says_what_it_tolerates():
+  args = cli.build_parser().parse_args(["run", "--aggregator", "krum"])
+  setup = aggregation_options.build(args, num_clients=30, num_classes=10, train_x=[0.0],
+                                    rounds=2)
+  assert "Krum tolerates no Byzantine client (f = 0)" in setup.notes[0]
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--noise-multiplier", "1"], "needs a clipping norm: give --clip"),
     (["--noise-multiplier", "-1", "--clip", "1"], "--noise-multiplier must be >= 0, got -1.0"),
@@ -66,7 +73,15 @@ def test_target_epsilon_alone_calibrates_the_noise():
      "krum with num_byzantine=4 needs at least 2\\*4\\+3 = 11 clients per round, got 10"),
     (["--attack", "sign_flip"], "needs --malicious-fraction in \\(0, 1\\)"),
     (["--malicious-fraction", "0.2"],
-     "--malicious-fraction has no effect here: it applies with an --attack"),
+     "--malicious-fraction has no effect here: it applies with an --attack or --aggregator "
+     "krum/multi_krum"),
+    # Without an attack --malicious-fraction sizes Krum's f (0.4 of 10 clients: 4); with
+    # f = 0 Multi-Krum averaged every client, the plain mean.
+    (["--malicious-fraction", "0.4", "--aggregator", "multi_krum"],
+     "krum with num_byzantine=4 needs at least 2\\*4\\+3 = 11 clients per round, got 10"),
+    (["--aggregator", "multi_krum"], "multi_krum needs --malicious-fraction"),
+    (["--aggregator", "krum", "--malicious-fraction", "1"],
+     "--malicious-fraction must be in \\[0, 1\\), got 1.0"),
     (["--rotate"], "--rotate has no effect here: it applies with --quantize-bits"),
     # NaN made a NaN model in a run reported as completed; a sign flip by -1 no attack.
     (["--attack", "scaling", "--malicious-fraction", "0.3", "--attack-scale", "nan"],
