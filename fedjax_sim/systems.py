@@ -5,6 +5,9 @@ A client's round is download, local training and upload after a fixed latency:
   seconds = latency_s + downlink_bytes / downlink_bytes_per_s
             + steps * batch_size / examples_per_s + uplink_bytes / uplink_bytes_per_s
 
+where `steps` counts every local step the client trains: Ditto's global and personal
+models each train its budgeted steps, FedRep's head steps come on top of its body's.
+
 `ClientProfiles` holds these rates as arrays over all clients (given, e.g. loaded from
 a device trace, or drawn by `sample_profiles`); `client_seconds` evaluates the formula
 for the sampled clients inside the round program, so deadlines, over-selection and
@@ -275,7 +278,8 @@ def num_protocol_stragglers(straggler_fraction: float, sampled: int) -> int | ja
 
 def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: jax.Array, *,
                clients_per_round: int, batch_size: int, epochs: int | None,
-               steps: int | None, downlink_bytes: Any, uplink_bytes: Any) -> RoundPlan:
+               steps: int | None, downlink_bytes: Any, uplink_bytes: Any,
+               trainings_per_step: int = 1, unbudgeted_steps: Any = 0) -> RoundPlan:
   """Decides, before any training, which sampled clients a synchronous round aggregates.
 
   The rule, per sampled client (ids [C], C = clients_per_round + over_selection):
@@ -285,10 +289,13 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
      round(straggler_fraction * C) protocol stragglers drawn at random, whose work
      is e epochs (e * ceil(n / B) steps, e uniform in {1..E}) or s steps (uniform
      in {1..S});
-  3. with a deadline D, a client whose planned work (communication + steps *
-     step_seconds) takes longer than D is a straggler too; under 'partial' it runs
-     floor((D - communication) / step_seconds) steps, clipped to [0, planned]
-     (0: it cannot contribute);
+  3. with a deadline D, a client whose planned work (fixed seconds + steps *
+     seconds per step) takes longer than D is a straggler too; under 'partial' it runs
+     floor((D - fixed seconds) / seconds per step) steps, clipped to [0, planned]
+     (0: it cannot contribute). Fixed seconds: communication plus the steps it trains
+     besides its budget (`unbudgeted_steps`, FedRep's head) at `step_seconds`; seconds
+     per step: `step_seconds` times the trainings each budgeted step pays for
+     (`trainings_per_step`: Ditto trains the global and the personal model alike);
   4. 'drop' excludes every straggler, 'partial' keeps their partial work;
   5. among the responding clients left (candidates), the clients_per_round with
      the smallest simulated seconds (ties by position) are aggregated: the server
@@ -299,7 +306,7 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
   are aggregated, the server has waited for a client that never reported in time
   and the round takes D. `seconds` is, per client, communication plus the steps
   of the work it attempts (its planned work, or under 'partial' the steps that
-  fit the deadline), whether or not it is aggregated.
+  fit the deadline) and its unbudgeted steps, whether or not it is aggregated.
 
   Args:
     config: the SystemsConfig.
@@ -309,6 +316,8 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
     clients_per_round: K, the clients the server aggregates at most.
     batch_size, epochs, steps: the local schedule.
     downlink_bytes, uplink_bytes: bytes each client receives and sends.
+    trainings_per_step: local trainings each step of the budget pays for (>= 1).
+    unbudgeted_steps: steps each client trains besides its budget, [C] or a scalar.
 
   Returns:
     A RoundPlan.
@@ -335,18 +344,20 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
     designated = jnp.zeros((num,), bool)
     planned = full
 
-  comm = communication_seconds(profiles, downlink_bytes, uplink_bytes)
-  per_step = step_seconds(profiles, batch_size)
+  one_step = step_seconds(profiles, batch_size)
+  fixed = (communication_seconds(profiles, downlink_bytes, uplink_bytes)
+           + unbudgeted_steps * one_step)
+  per_step = trainings_per_step * one_step
   partial = config.stragglers == "partial"
   if config.deadline_s is not None:
     deadline = jnp.float32(config.deadline_s)
-    late = comm + planned * per_step > deadline
+    late = fixed + planned * per_step > deadline
     # The most steps that pass the lateness test itself: the division alone, in float32,
     # gave one step fewer where the work ends exactly at the deadline (0.3 + 1 x 0.2 s
     # fits 0.5 s but (0.5 - 0.3) / 0.2 = 0.99999994), or one more than fits.
-    guess = jnp.floor((deadline - comm) / per_step)
-    guess = (guess + (comm + (guess + 1) * per_step <= deadline)
-             - (comm + guess * per_step > deadline))
+    guess = jnp.floor((deadline - fixed) / per_step)
+    guess = (guess + (fixed + (guess + 1) * per_step <= deadline)
+             - (fixed + guess * per_step > deadline))
     fits = jnp.clip(guess, 0, planned).astype(jnp.int32)
     work = jnp.where(late, fits, planned) if partial else planned
     cannot = late & (fits == 0)
@@ -355,7 +366,7 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
     work, cannot = planned, late
   straggler = designated | late
   candidate = responded & (~cannot if partial else ~straggler)
-  seconds = (comm + work * per_step).astype(jnp.float32)
+  seconds = (fixed + work * per_step).astype(jnp.float32)
   if config.deadline_s is not None:
     # Work that passed the lateness test finishes by the deadline: the same sum computed
     # again (XLA may contract it differently) could land an ulp past it.

@@ -202,6 +202,26 @@ def test_partial_work_that_ends_exactly_at_the_deadline_fits(speed, counts, fits
   assert plan.seconds.max() <= np.float32(0.5) and plan.round_time <= np.float32(0.5)
 
 
+def test_steps_that_cost_two_trainings_and_steps_beside_the_budget_are_timed():
+  # 0.25 s a step, 0.5 s latency, 4 steps planned; each budgeted step trains twice (Ditto)
+  # and client 1 trains 2 steps besides (FedRep's head): 0.5 + 4 x 0.5 = 2.5 s and
+  # 0.5 + 2 x 0.25 + 4 x 0.5 = 3 s. A 2 s deadline leaves them 3 and 2 steps.
+  profiles = systems.make_profiles(2, examples_per_s=4.0, downlink_bytes_per_s=1e6,
+                                   uplink_bytes_per_s=1e6, latency_s=0.5)
+
+  def plan(deadline):
+    cfg = systems.SystemsConfig(profiles, deadline_s=deadline, stragglers="partial")
+    return jax.device_get(systems.plan_round(
+        cfg, jnp.arange(2), jnp.asarray([4, 4]), jax.random.key(0), clients_per_round=2,
+        batch_size=1, epochs=1, steps=None, downlink_bytes=0.0, uplink_bytes=0.0,
+        trainings_per_step=2, unbudgeted_steps=jnp.asarray([0, 2])))
+
+  np.testing.assert_allclose(plan(None).seconds, [2.5, 3.0])
+  np.testing.assert_array_equal(plan(None).step_budget, [4, 4])
+  np.testing.assert_array_equal(plan(2.0).step_budget, [3, 2])
+  np.testing.assert_allclose(plan(2.0).seconds, [2.0, 2.0])
+
+
 def test_plan_round_draws():
   """Distributions of the draws, over one large round of the plan alone (no training)."""
   num = 2000

@@ -89,6 +89,7 @@ def ditto(apply: Callable[[Params, jax.Array], jax.Array], *, lam: float,
     loss_value = m["personal_loss_sum"].sum() / jnp.maximum(m["personal_num_trained"].sum(), 1.0)
     return fedopt.update(state, upload, info)._replace(metrics={"personal_train_loss": loss_value})
 
-  work = ClientWork(train, init_row=lambda params: params)
+  # Both models train the client's budgeted steps: systems times each step twice.
+  work = ClientWork(train, init_row=lambda params: params, trainings_per_step=2)
   return engine.compose("ditto", apply, client_work=work, server_rule=ServerRule(fedopt.init, update),
                         hparams={"lam": lam}, hparam_checks={"lam": engine.NONNEGATIVE}, **options)

@@ -99,12 +99,19 @@ class ClientWork(NamedTuple):
   """`train(ClientInput) -> ClientOutput`; `upload_like(params)`: zeros shaped like one
   upload (the aggregator's init sees it); `init_row(params)`: a client's initial state
   row, or None for clients without state; `download(params)`: the part of the model a
-  client receives (FedRep's clients need only the body), for the downlink's bytes."""
+  client receives (FedRep's clients need only the body), for the downlink's bytes.
+
+  For `systems`' simulated time: `trainings_per_step`, the local trainings each step of
+  a client's budget pays for (Ditto trains its global and its personal model the same
+  steps: 2); `unbudgeted_steps(counts [C]) -> steps [C]`, the steps it trains besides
+  its budget (FedRep's head), or None."""
 
   train: Callable[[ClientInput], ClientOutput]
   upload_like: Callable[[Params], Params] = lambda params: params
   init_row: Callable[[Params], Any] | None = None
   download: Callable[[Params], Params] = lambda params: params
+  trainings_per_step: int = 1
+  unbudgeted_steps: Callable[[jax.Array], jax.Array] | None = None
 
 
 class RoundInfo(NamedTuple):
@@ -436,7 +443,10 @@ def compose(
       plan = systems_lib.plan_round(
           systems, ids, counts, keys.systems_key(sample_key), clients_per_round=clients_per_round,
           batch_size=batch_size, epochs=epochs, steps=steps,
-          downlink_bytes=float(downlink_bytes(state)), uplink_bytes=uplink_bytes(state.params))
+          downlink_bytes=float(downlink_bytes(state)), uplink_bytes=uplink_bytes(state.params),
+          trainings_per_step=client_work.trainings_per_step,
+          unbudgeted_steps=(0 if client_work.unbudgeted_steps is None
+                            else client_work.unbudgeted_steps(counts)))
       weights = jnp.where(plan.aggregated, weights, 0.0)
       budgets = plan.step_budget
     message = server_rule.message(state, hp)

@@ -33,8 +33,9 @@ Schedules: the body steps follow the common schedule (epochs / steps), the head 
 `head_epochs` / `head_steps` (default: the same); the authors' code trains the head for
 about 10 epochs and the body for 1. The head steps draw their example order from the
 engine's second training key (`keys.second_train_key`), the body steps from the
-client's training key. `systems` times the body steps only: a straggler's step budget
-caps its body steps, and its head steps are not part of its simulated time.
+client's training key. A client's step budget under `systems` caps its body steps; its
+head steps count in its simulated time (`systems.plan_round`'s unbudgeted steps), so a
+client whose head steps alone pass a deadline cannot contribute.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim import evaluation, local
+from fedjax_sim import evaluation, local, systems
 from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
@@ -166,7 +167,10 @@ def fedrep(apply: Callable[[Params, jax.Array], jax.Array], *, head: HeadSpec,
   # Clients receive and send the body alone: their heads are their own.
   work = ClientWork(train, upload_like=lambda params: optax.tree.zeros_like(split(head, params)[0]),
                     init_row=lambda params: split(head, params)[1],
-                    download=lambda params: split(head, params)[0])
+                    download=lambda params: split(head, params)[0],
+                    unbudgeted_steps=lambda counts: systems.full_steps(
+                        counts, head_schedule.batch_size, head_schedule.epochs,
+                        head_schedule.steps))
   return engine.compose("fedrep", apply, client_work=work,
                         server_rule=ServerRule(fedopt.init, update), hparams={}, **options)
 
