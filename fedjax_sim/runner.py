@@ -51,11 +51,22 @@ def is_diverged(loss: float, first_loss: float) -> bool:
   return loss > DIVERGED_LOSS or loss > DIVERGED_FACTOR * reference
 
 
-def diverged_round(losses) -> int | None:
-  """The first round (counted from 1) whose loss in the curve `losses` means divergence."""
+def trained(num_aggregated) -> bool:
+  """Whether a round trained anyone: under `systems` every sampled client may drop
+  (`num_aggregated` 0), and its training loss is then NaN, not a divergence."""
+  return num_aggregated is None or num_aggregated > 0
+
+
+def diverged_round(losses, num_aggregated=None) -> int | None:
+  """The first round (counted from 1) whose loss in the curve `losses` means divergence;
+  rounds whose `num_aggregated` (a curve beside it, if given) is 0 trained nobody and
+  are skipped. The first round that trained is the reference."""
   losses = [float(v) for v in np.asarray(losses).reshape(-1)]
-  for i, loss in enumerate(losses):
-    if is_diverged(loss, losses[0]):
+  counts = ([None] * len(losses) if num_aggregated is None
+            else np.asarray(num_aggregated).reshape(-1).tolist())
+  first = next((loss for loss, n in zip(losses, counts) if trained(n)), math.nan)
+  for i, (loss, n) in enumerate(zip(losses, counts)):
+    if trained(n) and is_diverged(loss, first):
       return i + 1
   return None
 
@@ -368,8 +379,11 @@ def run(
           for row in rows:
             row.update(round_metrics(row["round"]))
         if first_loss is None:
-          first_loss = rows[0]["train_loss"]
-        bad = next((r for r in rows if is_diverged(r["train_loss"], first_loss)), None)
+          first_loss = next((r["train_loss"] for r in rows
+                             if trained(r.get("num_aggregated"))), None)
+        reference = math.nan if first_loss is None else first_loss
+        bad = next((r for r in rows if trained(r.get("num_aggregated"))
+                    and is_diverged(r["train_loss"], reference)), None)
         if bad is None and evaluate is not None:
           if preparing is not None:
             preparing.join()

@@ -333,7 +333,9 @@ def sweep(
         row[f"final_{name}"] = float(values[i, -1])
         row[f"best_{name}"] = _best(name, values[i])
       if "train_loss" in group_curves:
-        row["diverged_round"] = runner.diverged_round(group_curves["train_loss"][i])
+        aggregated = group_curves.get("num_aggregated")
+        row["diverged_round"] = runner.diverged_round(
+            group_curves["train_loss"][i], None if aggregated is None else aggregated[i])
         row["diverged"] = row["diverged_round"] is not None
       rows.append(row)
       params_out.append(jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), states.params))

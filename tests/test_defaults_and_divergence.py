@@ -72,3 +72,9 @@ def test_divergence_rule():
   assert runner.diverged_round([0.01, 900.0]) is None        # the reference is at least 1
   assert runner.diverged_round([2e6]) == 1                   # above 1e6
   assert runner.diverged_round([1.0, float("nan")]) == 2
+  # A round nobody reported (systems: num_aggregated 0) has a NaN loss, not a divergence,
+  # and does not count as the reference: 3e3 > 1e3 x 2.0 at round 3.
+  nan = float("nan")
+  assert runner.diverged_round([nan, 2.0, nan, 1.5], num_aggregated=[0, 3, 0, 3]) is None
+  assert runner.diverged_round([nan, 2.0, 3e3], num_aggregated=[0, 3, 3]) == 3
+  assert runner.diverged_round([nan, 2.0], num_aggregated=[3, 3]) == 1

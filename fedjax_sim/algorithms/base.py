@@ -189,6 +189,14 @@ def server_step(optimizer: optax.GradientTransformation, state: ServerState,
   return optax.apply_updates(state.params, updates), opt_state
 
 
+def mean_loss(loss_sum: jax.Array, num_trained: jax.Array) -> jax.Array:
+  """The round's mean training loss over every example trained, from per-client sums;
+  NaN where no client trained (every one dropped): no loss was measured, and a 0 would
+  plot as a perfect round. The runner does not count that NaN as divergence."""
+  total = num_trained.sum()
+  return jnp.where(total > 0, loss_sum.sum() / jnp.maximum(total, 1.0), jnp.nan)
+
+
 def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
                   data: FederatedData, ids: jax.Array, models_up: int = 1,
                   models_down: int = 1) -> dict:
@@ -200,7 +208,7 @@ def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
   """
   per_model = ids.shape[0] * model_bytes(delta)
   return {
-      "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
+      "train_loss": mean_loss(loss_sum, num_trained),
       "update_norm": optax.tree.norm(delta),
       "num_examples": data.counts[ids].sum(),
       "client_ids": ids,

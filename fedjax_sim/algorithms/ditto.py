@@ -25,12 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_sim import local
 from fedjax_sim.algorithms import engine
-from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.base import FederatedAlgorithm, mean_loss
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
 from fedjax_sim.losses import cross_entropy
 
@@ -86,7 +85,7 @@ def ditto(apply: Callable[[Params, jax.Array], jax.Array], *, lam: float,
 
   def update(state, upload, info) -> ServerUpdate:
     m = info.client_metrics
-    loss_value = m["personal_loss_sum"].sum() / jnp.maximum(m["personal_num_trained"].sum(), 1.0)
+    loss_value = mean_loss(m["personal_loss_sum"], m["personal_num_trained"])
     return fedopt.update(state, upload, info)._replace(metrics={"personal_train_loss": loss_value})
 
   # Both models train the client's budgeted steps: systems times each step twice.

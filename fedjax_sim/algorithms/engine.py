@@ -36,7 +36,7 @@ from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
                                        check_clients_per_round, check_model_and_data,
                                        check_round_args, gather_rows, init_client_states,
-                                       model_bytes, resolve_chunk_size, sample_clients,
+                                       mean_loss, model_bytes, resolve_chunk_size, sample_clients,
                                        scatter_rows, upload_bytes, vmap_clients, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import local
@@ -546,7 +546,7 @@ def compose(
       client_states = scatter_rows(state.client_states, ids, new_rows)
     loss_sum, num_trained = outputs.loss_sum, outputs.num_trained
     metrics = {
-        "train_loss": loss_sum.sum() / jnp.maximum(num_trained.sum(), 1.0),
+        "train_loss": mean_loss(loss_sum, num_trained),
         "update_norm": optax.tree.norm(update.delta),
         "num_examples": counts.sum(),
         "client_ids": ids,

@@ -49,7 +49,7 @@ import optax
 
 from fedjax_sim import evaluation, local, systems
 from fedjax_sim.algorithms import engine
-from fedjax_sim.algorithms.base import FederatedAlgorithm
+from fedjax_sim.algorithms.base import FederatedAlgorithm, mean_loss
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
 from fedjax_sim.data import FederatedData
 from fedjax_sim.losses import cross_entropy
@@ -159,7 +159,7 @@ def fedrep(apply: Callable[[Params, jax.Array], jax.Array], *, head: HeadSpec,
     # head put back after the optimizer (weight decay would shrink it).
     delta = merge(optax.tree.zeros_like(state.params), upload)
     m = info.client_metrics
-    head_loss = m["head_loss_sum"].sum() / jnp.maximum(m["head_num_trained"].sum(), 1.0)
+    head_loss = mean_loss(m["head_loss_sum"], m["head_num_trained"])
     out = fedopt.update(state, delta, info)
     params = merge(out.params, split(head, state.params)[1])
     return out._replace(params=params, metrics={"head_train_loss": head_loss})
