@@ -80,6 +80,8 @@ def check_label_values(logits: jax.ShapeDtypeStruct, y: np.ndarray, real: np.nda
   """Raises ValueError if the labels `y` (at the real examples `real`) do not fit the
   model's output `logits` (its shape on a batch of one example): labels per example of
   another shape than the outputs', a label above the number of outputs, or below 0."""
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{_of(what)} labels must be integers (class indices), got {y.dtype}")
   label_shape = y.shape[2:] if client_axis else y.shape[1:]
   if len(logits.shape) >= 2 and tuple(logits.shape[1:-1]) != tuple(label_shape):
     raise ValueError(
@@ -109,9 +111,25 @@ def check_label_values(logits: jax.ShapeDtypeStruct, y: np.ndarray, real: np.nda
                    f"{bottom}{where}")
 
 
+def check_counts(data: FederatedData, what: str = "the data") -> None:
+  """Raises ValueError unless `data.counts` holds one integer per client in [0, its padded
+  slots]: `from_clients` makes them so, but data built by hand is not checked there,
+  and a count past the slots trains padding again, a negative one skews the weights."""
+  counts = np.asarray(data.counts)
+  if counts.shape != (data.num_clients,) or not np.issubdtype(counts.dtype, np.integer):
+    raise ValueError(f"{_of(what)} counts must be integers, one per client "
+                     f"({data.num_clients}), got shape {counts.shape} and dtype {counts.dtype}")
+  bad = np.flatnonzero((counts < 0) | (counts > data.max_examples))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(f"{_of(what)} counts must lie in [0, {data.max_examples}] (the padded "
+                     f"slots per client); client {i}'s is {int(counts[i])}")
+
+
 def check_labels(apply, params, data: FederatedData, what: str = "the data") -> None:
   """Raises ValueError if the model cannot take `data`'s examples, or its labels do not fit
   the model's outputs (negative, or not below the number of outputs)."""
+  check_counts(data, what)
   logits = model_output(apply, params, data.x.shape[2:], data.x.dtype, f"{_of(what)} examples")
   y, counts = np.asarray(data.y), np.asarray(data.counts)
   real = np.arange(data.max_examples) < counts[:, None]

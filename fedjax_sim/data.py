@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.losses import IGNORE_LABEL
@@ -172,8 +173,9 @@ def from_clients(
     max_examples: keep at most this many examples per client, to bound padding:
       every client is padded to the largest, so one huge client makes every client
       cost as much as it does. Capping DROPS the examples past the cap: each client
-      keeps its first `max_examples`, deterministically (the partitioners return
-      clients in a random order, so that is a random subset). `counts` then holds
+      keeps its first `max_examples`, deterministically (`iid`, `dirichlet`, `shards`
+      and `quantity` give each client its examples in a random order, so that is a
+      random subset; `natural` and the LEAF tasks keep the files' order). `counts` then holds
       the capped sizes; see `padding_efficiency` and `partition.summarize`.
 
   Returns:
@@ -213,8 +215,10 @@ def from_clients(
       kind = "NaN" if np.isnan(x[j]).any() else "inf"
       raise ValueError(f"client {i}'s features contain {kind} (example {j}; {int(bad.sum())} "
                        f"example(s) of this client): clean or drop those examples")
+    _check_fits(x, x_dtype, f"client {i}'s features")
     if not np.issubdtype(y.dtype, np.integer):
       raise ValueError(f"client {i}: labels must be integers, got {y.dtype}")
+    _check_fits(y, np.int32, f"client {i}'s labels")
     # Per-token labels (extra axes) may hold IGNORE_LABEL at padded positions.
     lowest = IGNORE_LABEL if y.ndim > 1 else 0
     if num_classes is not None and len(y) and (y.min() < lowest or y.max() >= num_classes):
@@ -236,6 +240,22 @@ def from_clients(
   return FederatedData(x, y, device_counts, count_range_of(counts))
 
 
+def _check_fits(values: np.ndarray, dtype, what: str) -> None:
+  """Raises ValueError if `values` hold a number that `dtype`, what they are stored as,
+  cannot (int64 labels past int32 wrapped around; float64 features past float32's
+  range became inf)."""
+  dtype = np.dtype(dtype)
+  if not values.size or values.dtype == dtype or not jnp.issubdtype(dtype, jnp.number):
+    return
+  # jnp's iinfo/finfo: numpy's do not know bfloat16.
+  info = jnp.iinfo(dtype) if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype)
+  low, high = values.min(), values.max()
+  if low < info.min or high > info.max:
+    show = str if jnp.issubdtype(dtype, jnp.integer) else (lambda v: f"{float(v):.4g}")
+    raise ValueError(f"{what} go from {show(low)} to {show(high)}, beyond what they are "
+                     f"stored as ({dtype.name}: {show(info.min)} to {show(info.max)})")
+
+
 def split_clients(
     xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], test_fraction: float, seed: int = 0
 ) -> tuple[list, list, list, list]:
@@ -247,9 +267,13 @@ def split_clients(
   """
   if not 0.0 <= test_fraction < 1.0:
     raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
+  if len(xs) != len(ys):
+    raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
   rng = np.random.default_rng(seed)
   out = ([], [], [], [])
-  for x, y in zip(xs, ys):
+  for i, (x, y) in enumerate(zip(xs, ys)):
+    if len(x) != len(y):
+      raise ValueError(f"client {i}: x has {len(x)} examples but y has {len(y)}")
     order = rng.permutation(len(x))
     n_test = min(int(round(test_fraction * len(x))), len(x) - 1)
     test, train = order[:n_test], order[n_test:]

@@ -88,6 +88,9 @@ def make_evaluator(
 
   per_client = None
   if client_test is not None:
+    checks.check_counts(client_test, "the client test splits")
+    if not int(np.asarray(client_test.counts).sum()):
+      raise ValueError("the client test splits hold no example: there is nothing to evaluate")
     checks.check_finite_features(client_test, "the client test splits")
 
     @compile_lib.jit

@@ -217,7 +217,10 @@ def quantity(labels, num_clients: int, sigma: float = 1.0, *, seed: int = 0,
                      f"at least one example), got {min_size!r}")
   _check(n, num_clients, min_size)
   rng = np.random.default_rng(seed)
-  weights = rng.lognormal(0.0, sigma, num_clients)
+  # Lognormal weights, scaled by exp(-max) (the shares are ratios): exp(z) itself
+  # overflows to inf for sigma in the hundreds and made NaN sizes.
+  z = rng.normal(0.0, sigma, num_clients)
+  weights = np.exp(z - z.max())
   sizes = min_size + _apportion(n - num_clients * min_size, weights)
   return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
 

@@ -91,6 +91,11 @@ def from_client_splits(xs, ys, *, num_classes: int, test_fraction: float, seed: 
   central test. `max_examples` caps the training examples per client (see
   `from_clients`); test splits are never capped."""
   train_x, train_y, test_x, test_y = data_lib.split_clients(xs, ys, test_fraction, seed)
+  if not any(len(t) for t in test_y):
+    sizes = [len(x) for x in xs]
+    raise ValueError(f"no client keeps a test example: {test_fraction:g} of clients of "
+                     f"{min(sizes)} to {max(sizes)} examples rounds to none; use fewer clients, "
+                     f"so that each holds more examples")
   return Task(
       train=data_lib.from_clients(train_x, train_y, num_classes=num_classes,
                                   max_examples=max_examples),

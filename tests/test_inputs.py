@@ -87,6 +87,59 @@ def test_labels_out_of_range_for_the_model(small_mlp, count_compiles):
   assert count_compiles() == before
 
 
+def test_values_past_what_they_are_stored_as_are_refused():
+  # int64 labels are stored as int32 (2**32 + 1 wrapped to 1); float64 features as
+  # float32 (1e300 became inf, past the NaN/inf check).
+  with pytest.raises(ValueError, match="client 0's labels go from 0 to 4294967297, beyond "
+                                       "what they are stored as \\(int32"):
+    fs.from_clients([np.zeros((2, 3))], [np.array([0, 2**32 + 1])])
+  with pytest.raises(ValueError, match="client 0's features go from 0 to 1e\\+300"):
+    fs.from_clients([np.array([[0.0], [1e300]])], [np.zeros(2, int)])
+  # At the edge: float32's largest finite value and int32's largest label are kept.
+  top = float(np.finfo(np.float32).max)
+  data = fs.from_clients([np.array([[top]])], [np.array([2**31 - 1])])
+  assert float(data.x[0, 0, 0]) == top and int(data.y[0, 0]) == 2**31 - 1
+
+
+def test_hand_built_data_with_bad_counts_or_float_labels_is_refused(small_mlp, count_compiles):
+  good = fs.from_clients([np.zeros((4, 5)), np.zeros((2, 5))], [np.zeros(4, int), np.zeros(2, int)])
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+                     batch_size=2, epochs=1)
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  with_counts = lambda c: good._replace(counts=jax.device_put(np.asarray(c)), count_range=None)
+  float_labels = good._replace(y=jax.device_put(np.zeros(good.y.shape, np.float32)))
+  evaluate = fs.make_evaluator(small_mlp.apply, test=(np.zeros((3, 5)), np.zeros(3, np.float32)))
+  before = count_compiles()
+  algorithm.validate(state, with_counts(np.int32([4, 4])))  # every client's 4 slots: allowed
+  # A count past the 4 slots trained slot 0 again; a negative one skewed the weights.
+  for counts, match in (([5, 2], "client 0's is 5"), ([4, -1], "client 1's is -1")):
+    with pytest.raises(ValueError, match=r"counts must lie in \[0, 4\] \(the padded slots "
+                                         r"per client\); " + match):
+      algorithm.validate(state, with_counts(np.int32(counts)))
+  with pytest.raises(ValueError, match="counts must be integers, one per client"):
+    algorithm.validate(state, with_counts(np.float32([4, 2])))
+  with pytest.raises(ValueError, match="the data's labels must be integers \\(class indices\\), "
+                                       "got float32"):
+    algorithm.validate(state, float_labels)
+  with pytest.raises(ValueError, match="the test set's labels must be integers"):
+    evaluate.check(small_mlp.params)
+  assert count_compiles() == before
+
+
+def test_evaluation_with_no_test_example_is_refused():
+  empty = fs.from_clients([np.zeros((0, 5))] * 2, [np.zeros(0, int)] * 2, allow_empty=True)
+  with pytest.raises(ValueError, match="the client test splits hold no example"):
+    fs.make_evaluator(lambda p, x: x, client_test=empty)
+  # 20% of clients of 1-2 examples is no test example at all.
+  with pytest.raises(ValueError, match="no client keeps a test example: 0.2 of clients of 1 "
+                                       "to 2 examples rounds to none; use fewer clients"):
+    fs.tasks.load_task("digits", num_clients=1000)
+  with pytest.raises(ValueError, match="got inputs for 3 clients but labels for 2"):
+    fs.split_clients([np.zeros((3, 2))] * 3, [np.zeros(3, int)] * 2, 0.2)
+  with pytest.raises(ValueError, match="client 0: x has 5 examples but y has 7"):
+    fs.split_clients([np.zeros((5, 2))], [np.zeros(7, int)], 0.2)
+
+
 def test_mismatched_feature_shapes():
   with pytest.raises(ValueError, match="client 1: inputs of shape"):
     fs.from_clients([np.zeros((2, 3)), np.zeros((2, 4))], [np.zeros(2, int), np.zeros(2, int)])

@@ -49,6 +49,15 @@ def test_dirichlet_small_alpha_gives_few_labels_per_client_large_alpha_nearly_al
   assert few.sizes.max() - few.sizes.min() <= 1
 
 
+def test_quantity_with_a_huge_sigma_still_hands_out_every_example_once():
+  # exp of normal draws with sigma 400 overflowed to inf: NaN shares duplicated examples
+  # and left clients empty.
+  parts = partition.quantity(1000, 50, 400.0, seed=0)
+  everything = np.concatenate(parts)
+  assert len(everything) == 1000 and len(np.unique(everything)) == 1000
+  assert min(len(p) for p in parts) >= 1
+
+
 def test_dirichlet_takes_given_sizes_to_combine_with_quantity_skew():
   sizes = [len(p) for p in partition.quantity(LABELS, 25, 1.5, seed=1)]
   parts = partition.dirichlet(LABELS, 25, 0.1, sizes=sizes)
