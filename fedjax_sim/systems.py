@@ -118,15 +118,23 @@ def _draw(name: str, spec: Distribution, num: int, rng: np.random.Generator) -> 
   return arr
 
 
+def check_profiles_fit(profiles: ClientProfiles, num_clients: int) -> None:
+  """Raises ValueError unless the profiles describe `num_clients` clients: a round reads
+  them by client id (out of range, jax clamps it: another client's profile). A check
+  of shapes alone, so a round traced on other data runs it too."""
+  if profiles.num_clients != num_clients:
+    raise ValueError(f"the profiles describe {profiles.num_clients} clients but the data has "
+                     f"{num_clients}")
+
+
 def check_profiles(profiles: ClientProfiles, num_clients: int | None = None) -> None:
   """Raises ValueError naming the field and client of a bad profile value."""
   sizes = {np.shape(v) for v in profiles}
   if len(sizes) != 1 or len(next(iter(sizes))) != 1:
     raise ValueError(f"every ClientProfiles field must be a 1-d array of the same length, "
                      f"got shapes {[np.shape(v) for v in profiles]}")
-  if num_clients is not None and profiles.num_clients != num_clients:
-    raise ValueError(f"the profiles describe {profiles.num_clients} clients but the data has "
-                     f"{num_clients}")
+  if num_clients is not None:
+    check_profiles_fit(profiles, num_clients)
   for name, value in profiles._asdict().items():
     v = np.asarray(value)
     if name == "latency_s":
@@ -143,8 +151,8 @@ def check_profiles(profiles: ClientProfiles, num_clients: int | None = None) -> 
 def full_steps(counts: jax.Array, batch_size: int, epochs: int | None,
                steps: int | None) -> jax.Array:
   """Local steps each client takes when it finishes its work (int32)."""
-  if steps is not None:
-    return jnp.full(jnp.shape(counts), steps, jnp.int32)
+  if steps is not None:  # a client without examples takes no step (local.py)
+    return jnp.where(jnp.asarray(counts) > 0, steps, 0).astype(jnp.int32)
   return (epochs * ((counts + batch_size - 1) // batch_size)).astype(jnp.int32)
 
 
@@ -370,8 +378,10 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
   if config.deadline_s is not None:
     # Work that passed the lateness test finishes by the deadline: the same sum computed
     # again (XLA may contract it differently) could land an ulp past it.
-    dropped_late = late if not partial else jnp.zeros_like(late)  # their full time
-    seconds = jnp.where(dropped_late, seconds, jnp.minimum(seconds, deadline))
+    # Clients without work that fits (dropped late; under 'partial' those that cannot
+    # contribute) report their own time, past the deadline where it is.
+    unfit = late if not partial else cannot
+    seconds = jnp.where(unfit, seconds, jnp.minimum(seconds, deadline))
 
   # Over-selection: the server keeps the first clients_per_round reports.
   finish = jnp.where(candidate, seconds, jnp.inf)

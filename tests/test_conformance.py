@@ -252,19 +252,20 @@ def aggregators_of(name):
   return names + [CHAIN]
 
 
-# Simulated time per step of a budget, in steps, and steps trained besides it: Ditto
-# trains its global and its personal model the budgeted steps; FedRep trains its head
-# (by default the body's whole schedule) before the budgeted body steps.
+# Simulated time per step of a budget, in steps, and epochs of steps trained besides
+# it: Ditto trains its global and its personal model the budgeted steps; FedRep trains
+# its head (by default the body's schedule) before the budgeted body steps, MimeLite
+# computes a full-batch gradient (an epoch of steps).
 TRAININGS_PER_STEP = {"ditto": 2}
-HEAD_STEPS = {"fedrep"}
+UNBUDGETED_EPOCHS = {"fedrep": SETUP.epochs, "mimelite": 1}
 
 
 def deadline(name):
   """features.DEADLINE_S (slow clients 1 s a step, so one step fits), stretched where a
-  step costs more (Ditto: still one step) or a head comes first (FedRep: the slow
-  clients' heads take 2-3 s, then a 3-step client fits one body step)."""
-  if name in HEAD_STEPS:
-    return features.DEADLINE_S + 3.0
+  step costs more (Ditto: still one step) or steps come besides the budget (FedRep,
+  MimeLite: the slow clients' take 2-3 s, then a 3-step client fits one step)."""
+  if name in UNBUDGETED_EPOCHS:
+    return features.DEADLINE_S + 3.0 * UNBUDGETED_EPOCHS[name]
   return features.DEADLINE_S * TRAININGS_PER_STEP.get(name, 1)
 
 
@@ -575,7 +576,7 @@ def expected_steps(ids, name):
   counts = np.asarray(DATA.counts)[ids]
   full = SETUP.epochs * -(-counts // B)
   step = B / np.asarray(features.profiles(N).examples_per_s)[ids]
-  head = full * step if name in HEAD_STEPS else 0.0
+  head = UNBUDGETED_EPOCHS.get(name, 0) * -(-counts // B) * step
   fits = np.floor((deadline(name) - head) / (TRAININGS_PER_STEP.get(name, 1) * step))
   return full, np.clip(fits, 0, full).astype(int)
 

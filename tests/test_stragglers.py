@@ -222,6 +222,38 @@ def test_steps_that_cost_two_trainings_and_steps_beside_the_budget_are_timed():
   np.testing.assert_allclose(plan(2.0).seconds, [2.0, 2.0])
 
 
+def test_a_client_that_cannot_contribute_reports_its_own_time():
+  # 3 s of latency against a 2 s deadline: no step fits; under 'partial' it was reported
+  # at the deadline, under 'drop' at its full time. Its own time is 3 s (no step tried)
+  # under 'partial', 3 + 2 x 0.25 = 3.5 s under 'drop'; client 0 (0.5 s) is on time.
+  profiles = systems.make_profiles(2, examples_per_s=4.0, downlink_bytes_per_s=1e6,
+                                   uplink_bytes_per_s=1e6, latency_s=np.array([0.0, 3.0]))
+  for policy, late_seconds in (("partial", 3.0), ("drop", 3.5)):
+    cfg = systems.SystemsConfig(profiles, deadline_s=2.0, stragglers=policy)
+    plan = jax.device_get(systems.plan_round(
+        cfg, jnp.arange(2), jnp.asarray([2, 2]), jax.random.key(0), clients_per_round=2,
+        batch_size=1, epochs=1, steps=None, downlink_bytes=0.0, uplink_bytes=0.0))
+    np.testing.assert_allclose(plan.seconds, [0.5, late_seconds])
+    np.testing.assert_array_equal(plan.aggregated, [True, False])
+
+
+def test_a_round_refuses_profiles_of_other_clients(setup):
+  # validate checks it, but a round jitted directly on other data read clamped ids:
+  # another client's profile.
+  train, model, profiles = setup
+  other = systems.make_profiles(4, examples_per_s=1.0, downlink_bytes_per_s=1.0,
+                                uplink_bytes_per_s=1.0)
+  algorithm = make(model, 2, systems=systems.SystemsConfig(other))
+  state = algorithm.init(model.params, jax.random.key(0))
+  match = f"the profiles describe 4 clients but the data has {train.num_clients}"
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(algorithm.round, state, train)
+  buffered = fs.fedbuff(model.apply, client_optimizer=optax.sgd(0.1), profiles=other,
+                        concurrency=2, buffer_size=1, batch_size=4, epochs=1)
+  with pytest.raises(ValueError, match=match):
+    jax.eval_shape(buffered.round, buffered.init(model.params, jax.random.key(0)), train)
+
+
 def test_plan_round_draws():
   """Distributions of the draws, over one large round of the plan alone (no training)."""
   num = 2000

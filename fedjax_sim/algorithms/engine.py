@@ -419,6 +419,8 @@ def compose(
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     check_clients_per_round(sampled, data)
+    if systems is not None:
+      systems_lib.check_profiles_fit(systems.profiles, data.num_clients)
     hp = state.hp if hparam_schedule is None else hparam_schedule(state.round, state.hp)
     next_key, sample_key, train_key = keys.round_keys(state.key)
     ids = sample_clients(sample_key, data.num_clients, sampled)

@@ -238,6 +238,7 @@ def fedbuff(
       aggregator.validate(buffer_size, data.num_clients)
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
+    systems.check_profiles_fit(profiles, data.num_clients)
     slots, version = state.algorithm_state, state.round
     # The model down, its update up as the compressor codes it (as fedavg(systems=)).
     nbytes = (float(model_bytes(state.params)), upload_bytes(aggregator, state.params))

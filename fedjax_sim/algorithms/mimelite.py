@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim import local
+from fedjax_sim import local, systems
 from fedjax_sim.algorithms import engine
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.algorithms.engine import ClientOutput, ClientWork, ServerRule, ServerUpdate
@@ -85,7 +85,11 @@ def mimelite(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning
     return ServerUpdate(params, (), m, upload["delta"], {"momentum_norm": optax.tree.norm(m)})
 
   zeros = optax.tree.zeros_like
-  work = ClientWork(train, lambda p: {"delta": zeros(p), "grad": zeros(p)})
+  # The full-batch gradient is an epoch of forward and backward passes besides the
+  # budgeted steps: systems times it as one epoch of steps.
+  work = ClientWork(train, lambda p: {"delta": zeros(p), "grad": zeros(p)},
+                    unbudgeted_steps=lambda counts: systems.full_steps(
+                        counts, schedule.batch_size, 1, None))
   rule = ServerRule(init, update, message=lambda state, hp: state.algorithm_state)
   return engine.compose("mimelite", apply, client_work=work, server_rule=rule,
                         hparams={"client_lr": client_learning_rate, "momentum": momentum,
