@@ -214,18 +214,36 @@ def sweep(
     # -1 looped for ever, as fs.run refuses too
     raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
   rounds_per_chunk = rounds_per_chunk or rounds
-  if not grid or any(len(v) == 0 for v in grid.values()):
+  if not grid:
     raise ValueError("grid needs at least one hyperparameter with at least one value")
-  if not seeds:
+  for what, values_of in (("grid", grid), ("static", static or {})):
+    for name, values in values_of.items():
+      # A string ran letter by letter; a number failed deep inside; [] made no rows.
+      if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+        raise ValueError(f"{what}[{name!r}] must be a list of values, got {values!r}")
+      if len(values) == 0:
+        raise ValueError(f"{what}[{name!r}] needs at least one value")
+      if len(set(map(repr, values))) < len(values):
+        raise ValueError(f"{what}[{name!r}] repeats a value: {list(values)!r}")
+  if len(seeds) == 0:
     raise ValueError("seeds must not be empty")
   bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, (int, np.integer))
          or not 0 <= s < 2**32]
   if bad:  # 0.7 ran as seed 0 (a uint32 cast), reported as 0.7
     raise ValueError(f"seeds must be integers in [0, 2^32), got {bad[0]!r}")
+  if len(set(int(s) for s in seeds)) < len(seeds):
+    raise ValueError(f"seeds repeat a seed: {[int(s) for s in seeds]}")
   overlap = set(grid) & set(static or {})
   if overlap:
     raise ValueError(f"{sorted(overlap)} are both in grid and static")
+  groups = _product(static) if static else [{}]
+  # Every configuration built with concrete values, which checks them on the host (the
+  # traced builds cannot), before anything compiles; the first of a group validates it.
+  probes = [[make_algorithm({**config, **group}) for config in _product(grid)][0]
+            for group in groups]
   traced = [{**config, "seed": seed} for config in _product(grid) for seed in seeds]
+  # Each row's grid values and seed as JSON numbers (a checkpoint records them).
+  configs = [[float(c[name]) for name in grid] + [int(c["seed"])] for c in traced]
   hparams = {name: jnp.asarray([c[name] for c in traced], jnp.float32) for name in grid}
   keys = jax.vmap(jax.random.key)(jnp.asarray(list(seeds) * (len(traced) // len(seeds)), jnp.uint32))
 
@@ -238,13 +256,12 @@ def sweep(
   if resume and checkpoint_dir is None:
     raise ValueError("resume=True needs the checkpoint_dir to resume from")
   rows, params_out, seconds = [], [], []
-  curves: dict[str, list] = {}
-  eval_curves: dict[str, list] = {}
+  curves: list[dict[str, np.ndarray]] = []        # per static group
+  eval_curves: list[dict[str, np.ndarray]] = []
   eval_rounds: list[int] = []
-  for group, static_config in enumerate(_product(static or {}) if static else [{}]):
+  for group, static_config in enumerate(groups):
     start = time.perf_counter()
-    # Validate one configuration (with concrete values) before anything compiles.
-    probe = make_algorithm({**traced[0], **static_config})
+    probe = probes[group]
     init_args = () if num_clients is None else (num_clients,)
     # jit: fresh output buffers, never aliases of `params` (the chunks donate them).
     states = jax.jit(jax.vmap(lambda hp, key: make_algorithm({**hp, **static_config}).init(
@@ -272,6 +289,9 @@ def sweep(
           raise ValueError(f"{checkpoints.directory}: written by a sweep of "
                            f"{record['rows']} rows with rounds_per_chunk="
                            f"{record['rounds_per_chunk']}, not this one")
+        if record.get("configs", configs) != configs:  # its rows would be relabelled
+          raise ValueError(f"{checkpoints.directory}: written by a sweep of other grid "
+                           f"values or seeds ({record['configs']}), not this one ({configs})")
         done, seconds_before = record["round"], record["seconds"]
         # Exact: float32/int32 values survive JSON as Python numbers.
         group_metrics.append({n: np.asarray(c["values"], dtype=c["dtype"]).reshape(c["shape"])
@@ -283,7 +303,8 @@ def sweep(
       curves_so_far = {n: np.concatenate([m[n] for m in group_metrics], axis=1)
                        for n, v in group_metrics[0].items() if np.ndim(v) == 2}
       checkpoints.save(states, {
-          "rounds_per_chunk": rounds_per_chunk, "rows": len(traced), "evals": group_evals,
+          "rounds_per_chunk": rounds_per_chunk, "rows": len(traced), "configs": configs,
+          "evals": group_evals,
           "eval_rounds": group_eval_rounds,
           "seconds": seconds_before + time.perf_counter() - start,
           "curves": {n: {"dtype": c.dtype.str, "shape": list(c.shape),
@@ -339,13 +360,23 @@ def sweep(
         row["diverged"] = row["diverged_round"] is not None
       rows.append(row)
       params_out.append(jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), states.params))
-    for target, source in ((curves, group_curves), (eval_curves, group_eval)):
-      for name, values in source.items():
-        target.setdefault(name, []).append(values)
+    curves.append(group_curves)
+    eval_curves.append(group_eval)
   return SweepResult(
       rows=rows,
-      curves={n: np.concatenate(v) for n, v in curves.items()},
+      curves=_stack_groups(curves, len(traced), rounds),
       eval_rounds=np.array(eval_rounds),
-      eval_curves={n: np.concatenate(v) for n, v in eval_curves.items()},
+      eval_curves=_stack_groups(eval_curves, len(traced), len(eval_rounds)),
       params=params_out,
       seconds=seconds)
+
+
+def _stack_groups(groups: list[dict[str, np.ndarray]], rows: int, width: int
+                  ) -> dict[str, np.ndarray]:
+  """Each metric's curves of every static group, one row per configuration in row order:
+  NaN rows where a group does not report the metric (systems' metrics in the group with
+  systems alone), which would otherwise leave its rows off and misalign the rest."""
+  names = dict.fromkeys(name for group in groups for name in group)
+  return {name: np.concatenate([group[name] if name in group
+                                else np.full((rows, width), np.nan) for group in groups])
+          for name in names}

@@ -84,6 +84,56 @@ def test_sweep_rejects_bad_arguments(ragged, small_mlp):
                seeds=[0, bad])
 
 
+def test_sweep_checks_every_row_and_the_shape_of_its_arguments(ragged, small_mlp,
+                                                                count_compiles):
+  _, _, train = ragged
+  seen = []
+
+  def make(hp):  # forwards **hp, as registry.build_algorithm does
+    seen.append(sorted(hp))
+    fs.algorithms.build_algorithm("fedprox", small_mlp.apply, clients_per_round=2,
+                                  batch_size=4, steps=1, **hp)
+    return fs.fedprox(small_mlp.apply, mu=hp["mu"], client_optimizer=optax.sgd(0.1),
+                      clients_per_round=2, batch_size=4, steps=1)
+
+  before = count_compiles()
+  # Only the first row was checked: mu -1 in the second ran as a normal row.
+  with pytest.raises(ValueError, match="mu must be >= 0, got -1.0"):
+    fs.sweep(make, small_mlp.params, train, grid={"mu": [0.01, -1.0]}, rounds=1)
+  # The probe got a `seed` no traced build sees: a factory forwarding **hp failed.
+  assert seen == [["mu"], ["mu"]]
+  cases = [(dict(static={"cpr": []}), "static\\['cpr'\\] needs at least one value"),
+           (dict(static={"opt": "sgd"}), "static\\['opt'\\] must be a list of values, got 'sgd'"),
+           (dict(static={"cpr": 4}), "static\\['cpr'\\] must be a list of values, got 4"),
+           (dict(grid={"mu": [0.1, 0.1]}), "grid\\['mu'\\] repeats a value"),
+           (dict(seeds=[3, 3]), "seeds repeat a seed: \\[3, 3\\]")]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      fs.sweep(make, small_mlp.params, train, **{"grid": {"mu": [0.1]}, "rounds": 1, **kwargs})
+  assert count_compiles() == before
+
+
+def test_curves_of_a_metric_some_static_groups_lack_stay_aligned(ragged, small_mlp):
+  # round_time_s comes from the group with systems alone: its rows were stacked as the
+  # whole curve, row 0's label on row 1's times.
+  _, _, train = ragged
+  profiles = fs.systems.make_profiles(train.num_clients, examples_per_s=10.0,
+                                      downlink_bytes_per_s=1e9, uplink_bytes_per_s=1e9)
+
+  def make(hp):
+    return fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(hp["lr"]), clients_per_round=2,
+                     batch_size=4, steps=1,
+                     systems=fs.systems.SystemsConfig(profiles) if hp["systems"] else None)
+
+  result = fs.sweep(make, small_mlp.params, train, grid={"lr": [0.1]},
+                    static={"systems": [False, True]}, rounds=2, seeds=np.arange(2))
+  assert [(r["systems"], r["seed"]) for r in result.rows] == [
+      (False, 0), (False, 1), (True, 0), (True, 1)]
+  times = result.curves["round_time_s"]
+  assert times.shape == (4, 2) and np.isnan(times[:2]).all() and (times[2:] > 0).all()
+  assert result.curves["train_loss"].shape == (4, 2)
+
+
 def test_best_of_a_curve_skips_rounds_that_went_nan():
   # As results.Run.best (fedjax-sim runs): results.csv's best_<metric> was NaN.
   from fedjax_sim.sweep import _best

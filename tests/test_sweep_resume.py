@@ -59,6 +59,10 @@ def test_python_sweep_interrupted_then_resumed_equals_uninterrupted(tmp_path, mo
   np.testing.assert_array_equal(resumed.eval_rounds, full.eval_rounds)
   for a, b in zip(jax.tree_util.tree_leaves(resumed.params), jax.tree_util.tree_leaves(full.params)):
     np.testing.assert_array_equal(a, b)
+  # Checkpoints of other grid values (or seeds) are refused: their rows were relabelled.
+  with pytest.raises(ValueError, match="written by a sweep of other grid values or seeds"):
+    fs.sweep(make, model.params, task.train, checkpoint_dir=ckpt, resume=True,
+             **{**kw, "grid": {"client_lr": [0.01, 0.2]}})
 
 
 def test_cli_sweep_resume(tmp_path, monkeypatch, capsys):
