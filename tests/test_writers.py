@@ -8,6 +8,7 @@ records are a LevelDB log).
 
 import glob
 import json
+import os
 import pathlib
 import struct
 
@@ -192,6 +193,30 @@ def test_a_missing_writer_package_is_one_line_before_anything_runs(
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and f"pip install 'fedjax_sim[{extra}]'" in err
   assert not (out / "config.json").exists()
+
+
+def test_a_writer_that_cannot_start_is_one_line_and_loses_no_finished_run(
+    tmp_path, monkeypatch, capsys):
+  # W&B online without an API key failed at wandb.init, after the finished run in the
+  # folder had been cleared; a --tensorboard DIR that is a file failed after a chunk.
+  for name in ("WANDB_API_KEY", "WANDB_MODE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+  monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+  out = tmp_path / "run"
+  base = ["run", "--rounds", "2", "--clients-per-round", "3", "--steps", "1", "--output",
+          str(out), "--no-progress"]
+  assert cli.main(base) == 0
+  kept = sorted(os.listdir(out))
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for flags, message in ((["--wandb", "p"], "--wandb: W&B cannot log online here"),
+                         (["--tensorboard", str(a_file)], "is a file, not a folder")):
+    capsys.readouterr()
+    assert cli.main([*base, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(out)) == kept
 
 
 def test_overwrite_clears_the_old_log_and_a_diverged_chunk_reaches_it(tmp_path):
