@@ -37,7 +37,7 @@ from fedjax_sim import run_options
 from fedjax_sim import cli_results  # fedjax-sim plot, fedjax-sim runs
 from fedjax_sim import writers as writers_lib  # --tensorboard, --wandb
 from fedjax_sim.run_options import TASK_OPTIONS, add_run_flags, chunk_size_arg  # noqa: F401
-from fedjax_sim import runner, systems, tasks, warm_start
+from fedjax_sim import results, runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
 from fedjax_sim import sweep_config
 from fedjax_sim.algorithms import build_algorithm, registry
@@ -140,14 +140,19 @@ def sweep_command(args: argparse.Namespace) -> dict:
   if os.path.exists(os.path.join(output, "metrics.jsonl")):
     raise run_dir.RunDirError(f"{output!r} holds a run of `fedjax-sim run`, not a sweep: "
                               f"give the sweep another --output")
+  without_plot = lambda c: {k: v for k, v in c.items() if k != "plot"}  # no result's
+  same_config = lambda: without_plot(run_dir.read_json(config_path) or {}) == without_plot(
+      json.loads(json.dumps(config.to_json())))
   if args.resume:
     if not os.path.isdir(checkpoint_dir):
       raise run_dir.RunDirError(f"--resume: {output!r} holds no checkpoints of a sweep")
-    without_plot = lambda c: {k: v for k, v in c.items() if k != "plot"}  # no result's
-    with open(config_path) as f:
-      if without_plot(json.load(f)) != without_plot(json.loads(json.dumps(config.to_json()))):
-        raise run_dir.RunDirError(f"--resume: {config_path} is not {args.config}'s sweep (the "
-                                  f"config changed since): run it without --resume elsewhere")
+    if not same_config():
+      raise run_dir.RunDirError(f"--resume: {config_path} is not {args.config}'s sweep (the "
+                                f"config changed since): run it without --resume elsewhere")
+  elif results.is_sweep(output) and not same_config():
+    # Its results were deleted before the new sweep had produced any.
+    raise run_dir.RunDirError(f"{output!r} holds the results of another sweep: give this one "
+                              f"another --output, or remove them")
   elif os.path.isdir(checkpoint_dir) and os.listdir(checkpoint_dir):
     raise run_dir.RunDirError(f"{output!r} holds an unfinished sweep: continue it with "
                               f"`{resume}`, or remove {checkpoint_dir!r} to start over")
@@ -230,7 +235,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   run_dir.check_flags(args)
   resuming = args.resume is not None
   if resuming:  # the flags of the run's config.json
-    args = run_dir.resume_args(parser, args)
+    args = run_dir.resume_args(parser, args, sys.argv[1:] if argv is None else argv)
   # The folder and its checks use the flags as given (the checks below fill in defaults).
   output = args.output or run_dir.default_output(args)
   identity = run_dir.config_hash(args)

@@ -17,6 +17,7 @@ resuming, and the persistent compilation cache.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -134,7 +135,8 @@ def check_output(path: str, flag: str = "--output") -> None:
     raise RunDirError(f"{flag} {path!r}: {existing!r} is not writable")
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+  """The JSON value in `path`, or None where it is missing or unreadable."""
   try:
     with open(path) as f:
       return json.load(f)
@@ -158,11 +160,16 @@ def check_folder(path: str, args: argparse.Namespace,
   check_output(path)
   if not os.path.isdir(path) or not os.listdir(path):
     return
-  config = _read_json(os.path.join(path, "config.json"))
+  config = read_json(os.path.join(path, "config.json"))
   resume = f"fedjax-sim run --resume {shlex.quote(path)}"
   if not isinstance(config, dict):
     raise RunDirError(f"--output {path!r} is not empty and holds no fedjax-sim run (no "
                       f"readable config.json): choose another --output")
+  if "grid" in config or any(os.path.isfile(os.path.join(path, name))
+                             for name in ("results.csv", "curves.npz")):
+    # Not under --overwrite either: clearing a run's files left the sweep's beside them.
+    raise RunDirError(f"--output {path!r} holds a sweep (`fedjax-sim sweep`), not a run: "
+                      f"choose another --output")
   if args.overwrite:
     return
   if not isinstance(config.get("argv"), list):
@@ -186,7 +193,7 @@ def check_folder(path: str, args: argparse.Namespace,
     raise RunDirError(f"--output {path!r} holds a run of another configuration ({shown}): "
                       f"continue it with `{resume}`, replace it with --overwrite, or choose "
                       f"another --output")
-  summary = _read_json(os.path.join(path, "summary.json"))
+  summary = read_json(os.path.join(path, "summary.json"))
   status = summary.get("status") if isinstance(summary, dict) else None
   if status != "completed":
     rounds = summary.get("rounds") if isinstance(summary, dict) else None
@@ -207,23 +214,41 @@ def clear(path: str) -> None:
     shutil.rmtree(os.path.join(path, folder), ignore_errors=True)
 
 
-def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace
-                ) -> argparse.Namespace:
-  """`fedjax-sim run --resume RUN_DIR`: the flags of RUN_DIR/config.json, with this
-  command's --no-progress, --checkpoint-every, --keep-checkpoints and
-  --no-compile-cache."""
-  path = args.resume
+def given_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: list[str]) -> set[str]:
+  """The names of the flags `argv` gives to `parser`'s `run` command, whatever their
+  values: `--seed 0` too, which a comparison with the defaults misses. Falls back to
+  that comparison where `argv` is not the command line of `args` (a call from Python)."""
+  suppressed = copy.deepcopy(parser)
+  commands = next(a for a in suppressed._actions
+                  if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+  for action in commands.choices["run"]._actions:  # noqa: SLF001
+    action.default = argparse.SUPPRESS
+  try:
+    given = vars(suppressed.parse_args(argv))
+  except SystemExit:
+    given = {}
+  if given.get("resume") == args.resume:
+    return set(given) - {"command"}
   defaults = parser.parse_args(["run"])
+  return {n for n, v in vars(args).items() if getattr(defaults, n, None) != v}
+
+
+def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                argv: list[str]) -> argparse.Namespace:
+  """`fedjax-sim run --resume RUN_DIR`: the flags of RUN_DIR/config.json, with this
+  command's (`argv`) --no-progress, --checkpoint-every, --keep-checkpoints and
+  --no-compile-cache; any other flag given is an error, even at its default value."""
+  path = args.resume
   allowed = {"resume", "no_progress", "checkpoint_every", "keep_checkpoints",
              "no_compile_cache", "command"}
-  given = [n for n, v in vars(args).items()
-           if n not in allowed and getattr(defaults, n, None) != v]
+  given = sorted(given_flags(parser, args, argv) - allowed)
   if given:
     raise RunDirError(f"--resume {path} takes the run's flags from its config.json: drop "
                       + ", ".join("--" + n.replace("_", "-") for n in given))
   if not os.path.isdir(path):
     raise RunDirError(f"--resume {path!r}: no such folder")
-  config = _read_json(os.path.join(path, "config.json"))
+  config = read_json(os.path.join(path, "config.json"))
   if not isinstance(config, dict) or "argv" not in config:
     raise RunDirError(f"--resume {path!r}: no config.json written by `fedjax-sim run` (with "
                       f"its flags) in this folder")
@@ -232,6 +257,12 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace
     setattr(resumed, name, getattr(args, name))
   resumed.output = path
   resumed.overwrite = False
+  changed = [f"--{n.replace('_', '-')}" for n in FILE_FLAGS
+             if config.get("file_sha256", {}).get(n) != file_digests(resumed).get(n)]
+  if changed:  # the rounds to come would read other data than the rounds so far
+    raise RunDirError(f"--resume {path!r}: the input file behind {', '.join(changed)} has "
+                      f"changed since the run started: restore it, or start over with "
+                      f"--overwrite")
   return resumed
 
 

@@ -281,11 +281,18 @@ def test_a_new_sweep_never_shows_the_old_one_s_results(tmp_path, monkeypatch, ca
     raise RuntimeError("the sweep failed")
 
   monkeypatch.setattr(cli, "run_sweep", boom)
+  # Another sweep is refused: it deleted these results before it had any of its own.
   other = changed(settings__rounds=4)
+  capsys.readouterr()
+  assert cli.main(["sweep", "--config", write(tmp_path, other, "other.json"), "--output",
+                   str(out)]) == 2
+  assert "holds the results of another sweep" in capsys.readouterr().err
+  assert all((out / name).exists() for name in ("results.csv", "curves.npz", "summary.json"))
+  assert json.loads((out / "config.json").read_text())["settings"]["rounds"] != 4
+  # The same sweep again replaces them, and if it fails shows none of them as its own.
   with pytest.raises(RuntimeError):
-    cli.main(["sweep", "--config", write(tmp_path, other, "other.json"), "--output", str(out)])
+    cli.main(["sweep", "--config", write(tmp_path, GOOD), "--output", str(out)])
   assert not any((out / name).exists() for name in cli.SWEEP_RESULTS)
-  assert json.loads((out / "config.json").read_text())["settings"]["rounds"] == 4
   # nor does a sweep write into a run's folder
   run = tmp_path / "run"
   assert cli.main(["run", "--rounds", "2", "--eval-every", "2", "--clients-per-round", "3",
@@ -293,6 +300,11 @@ def test_a_new_sweep_never_shows_the_old_one_s_results(tmp_path, monkeypatch, ca
   capsys.readouterr()
   assert cli.main(["sweep", "--config", write(tmp_path, GOOD), "--output", str(run)]) == 2
   assert "holds a run of `fedjax-sim run`, not a sweep" in capsys.readouterr().err
+  # nor a run into a sweep's folder, even with --overwrite (its files stayed beside)
+  for flags in ([], ["--overwrite"]):
+    assert cli.main(["run", "--rounds", "2", "--output", str(out), "--no-progress",
+                     *flags]) == 2
+    assert "holds a sweep (`fedjax-sim sweep`), not a run" in capsys.readouterr().err
 
 
 def test_a_stop_after_the_last_round_loses_nothing(tmp_path, monkeypatch, capsys):

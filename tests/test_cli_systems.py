@@ -53,6 +53,19 @@ def test_deadline_and_over_selection_from_a_trace(tmp_path, capsys):
   assert config["deadline"] == 5.0 and config["profiles_summary"]["latency_s"]["median"] == 0.5
 
 
+def test_resuming_with_a_changed_profiles_file_is_refused(tmp_path, capsys):
+  # The rounds to come read the new file: its rounds disagreed with config.json's hash.
+  trace = tmp_path / "trace.csv"
+  write_trace(trace, [20.0] * 30)
+  code, out = run(tmp_path, "sync", "--profiles", str(trace), "--rounds", "2", "--steps", "1")
+  assert code == 0
+  write_trace(trace, [2.0] * 30)
+  capsys.readouterr()
+  assert cli.main(["run", "--resume", str(out)]) == 2
+  assert "the input file behind --profiles has changed since the run started" in (
+      capsys.readouterr().err)
+
+
 def test_drawn_profiles_with_fedprox_partial_work(tmp_path):
   code, out = run(tmp_path, "prox", "--algorithm", "fedprox", "--profiles-seed", "1",
                   "--speed-median", "300", "--speed-sigma", "0.3", "--stragglers", "partial",

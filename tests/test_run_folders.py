@@ -106,5 +106,8 @@ def test_resume_errors(finished, tmp_path, capsys):
   assert "no such folder" in error(capsys)
   assert cli.main(["run", "--resume", str(finished), "--rounds", "5"]) == 2
   assert "drop --rounds" in error(capsys)
+  # A flag at its default value was dropped silently (--seed 0 on a run of another seed).
+  assert cli.main(["run", "--resume", str(finished), "--seed", "0", "--no-progress"]) == 2
+  assert "drop --seed" in error(capsys)
   assert cli.main(["run", "--resume", str(finished), "--overwrite"]) == 2
   error(capsys)
