@@ -319,6 +319,9 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
       settings[name] = check_hparam(f"{source}: settings.{name}", name, value)
     elif name in spec:
       settings[name] = _check_value(f"{source}: settings.{name}", spec[name][0], value)
+      if name == "init_seed" and not 0 <= settings[name] < 2 ** 32:  # not --seed's error
+        raise ConfigError(f"{source}: settings.init_seed must be an integer in [0, 2^32), "
+                          f"got {value!r}")
     else:
       kind = _task_option_kind(task, name)
       task_options[name] = value if kind is None else _check_value(
@@ -392,6 +395,12 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
       if h.default_by is not None and h.default_by[0] in static:
         continue  # its default depends on the static combination: build_algorithm's
       settings[h.key] = h.default_for(settings)
+  for h in registry.hparams_of(algorithm):
+    others = [v for v in static.get(h.needs[0], []) if v != h.needs[1]] if h.needs else []
+    if h.key in grid and others:  # its rows there would be one run under several labels
+      raise ConfigError(f"{source}: grid.{h.key} applies with {h.needs[0]} {h.needs[1]!r} "
+                        f"alone, but static.{h.needs[0]} also lists {others!r}: sweep those "
+                        f"in a config of their own")
   if "server_lr" in grid and settings["attack"] == "backdoor":
     raise ConfigError(f"{source}: grid.server_lr: the backdoor attack's model replacement "
                       "checks the server learning rate in Python (attacks.model_replacement), "

@@ -216,6 +216,11 @@ def changed(**changes):
     (changed(static={"clients_per_rnd": [3]}), "static: unknown key 'clients_per_rnd'"),
     (changed(seeds=[]), "seeds must be a non-empty list of integers"),
     (changed(seeds=[2 ** 32]), "seeds must be a non-empty list of integers in [0, 2^32)"),
+    (changed(settings__init_seed=2 ** 32), "settings.init_seed must be an integer in [0, 2^32)"),
+    # The rows of the sgd group would be one run under two labels.
+    (changed(grid__client_momentum=[0.0, 0.9], static={"client_optimizer": ["sgd", "momentum"]}),
+     "grid.client_momentum applies with client_optimizer 'momentum' alone, but "
+     "static.client_optimizer also lists ['sgd']"),
     (changed(settings__num_clients=30), "(task 'synthetic'): unknown key 'num_clients'"),
     (changed(settings__alpha="x"), "settings.alpha (an option of task 'synthetic') must be a"),
     (changed(algorithm="fedadam", settings__server_optimizer="fedyogi"),
