@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 
 import jax
@@ -321,6 +322,10 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
   # The command line itself: `--resume` parses it again.
   config.update(argv=list(sys.argv[1:] if argv is None else argv),
                 config_hash=identity, file_sha256=run_dir.file_digests(args))
+  if args.wandb is not None:  # the W&B run of this folder, which a resumed run continues
+    kept = run_dir.read_json(os.path.join(output, "config.json")) if resuming else None
+    config["wandb_id"] = ((kept or {}).get("wandb_id")
+                          or f"{identity}-{uuid.uuid4().hex[:8]}")
   if not resuming:  # a resumed run keeps the config.json it continues
     checkpoint_lib.write_json_atomic(os.path.join(output, "config.json"), config)
   warm = None

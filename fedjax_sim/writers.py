@@ -220,7 +220,9 @@ def from_args(args, output: str, config: Mapping[str, Any]) -> list:
   if tensorboard is not None:
     out.append(TensorBoardWriter(tensorboard or os.path.join(output, "tensorboard"), config))
   if project is not None:
+    # One W&B run per run folder: a resumed run continues it (config.json keeps its id).
+    resume = {"id": config["wandb_id"], "resume": "allow"} if config.get("wandb_id") else {}
     out.append(WandbWriter(project, config, dir=output,
                            name=os.path.basename(os.path.normpath(output)),
-                           mode=getattr(args, "wandb_mode", None)))
+                           mode=getattr(args, "wandb_mode", None), **resume))
   return out

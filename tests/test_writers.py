@@ -219,6 +219,18 @@ def test_a_writer_that_cannot_start_is_one_line_and_loses_no_finished_run(
     assert sorted(os.listdir(out)) == kept
 
 
+def test_a_resumed_run_continues_its_w_and_b_run(tmp_path):
+  # It started a second W&B run, which split the rounds in two.
+  out = tmp_path / "run"
+  assert cli.main(["run", "--rounds", "2", "--clients-per-round", "3", "--steps", "1",
+                   "--output", str(out), "--no-progress", "--wandb", "p",
+                   "--wandb-mode", "offline"]) == 0
+  assert cli.main(["run", "--resume", str(out), "--no-progress"]) == 0
+  runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*")))
+  run_id = json.loads((out / "config.json").read_text())["wandb_id"]
+  assert len(runs) == 2 and all(r.endswith("-" + run_id) for r in runs), runs
+
+
 def test_overwrite_clears_the_old_log_and_a_diverged_chunk_reaches_it(tmp_path):
   # --overwrite left the old configuration's TensorBoard events beside the new ones (two
   # values a step), and the rounds of the chunk in which a run diverged went to
