@@ -180,7 +180,7 @@ def test_synthetic_is_deterministic_and_shaped_like_the_paper():
   assert not np.array_equal(fs.synthetic(1.0, 1.0, seed=1)[0][0][:5], xs[0][:5])
 
 
-def test_synthetic_alpha_beta_control_heterogeneity():
+def test_synthetic_beta_controls_heterogeneity_and_alpha_no_label():
   # beta is the std of the clients' input means: larger beta, more spread client means.
   spread = lambda beta: np.std([x.mean() for x in fs.synthetic(0.0, beta, seed=3)[0]])
   assert spread(5.0) > 3 * spread(0.0)
@@ -190,6 +190,10 @@ def test_synthetic_alpha_beta_control_heterogeneity():
   _, ys11 = fs.synthetic(1.0, 1.0, seed=0)
   hist11 = np.array([np.bincount(y, minlength=10) / len(y) for y in ys11])
   assert hist.std(axis=0).mean() < hist11.std(axis=0).mean()
+  # alpha, as in the paper's generator, shifts every class's logit alike: no label moves
+  # (the module docstring says so; this holds it to it).
+  labels = lambda alpha: fs.synthetic(alpha, 1.0, seed=3)[1]
+  assert all(np.array_equal(a, b) for a, b in zip(labels(0.0), labels(5.0)))
   with pytest.raises(ValueError, match="alpha and beta must be finite and >= 0"):
     fs.synthetic(-1.0, 1.0)
   # NaN passed `alpha < 0` and gave every example label 0; inf likewise.
