@@ -99,7 +99,8 @@ def build(module_class: Callable[..., nnx.Module], *args: Hashable, seed: int = 
     except TypeError:  # an unhashable argument (a list of sizes): no key to keep them by
       pass
   if programs is None:  # or a seed no int array holds (a wider int, a key)
-    return own_program(seed)(None)
+    # nnx.Rngs takes a Python int of any size, but no numpy integer
+    return own_program(int(seed) if isinstance(seed, np.integer) else seed)(None)
   if programs.first is None:
     programs.first_seed, programs.first = int(seed), own_program(int(seed))
   if seed == programs.first_seed:

@@ -58,6 +58,23 @@ def test_plan_explains_when_one_client_does_not_fit(setup):
     memory.plan_client_chunk(measured, CLIENTS, measured.fixed_bytes // 2)
 
 
+def test_a_sharded_plan_keeps_to_chunks_of_whole_devices_and_says_per_device():
+  # 4 devices, 12 clients: chunk 6 (predicted as 8, measured 7.5% above) fit the budget
+  # by the line but not compiled; only multiples of 4 are predicted exactly.
+  mb = memory.MB
+  sharded = memory.RoundMemory(fixed_bytes=10 * mb, per_client_bytes=mb, model_bytes=mb // 2,
+                               data_bytes=mb // 4, argument_bytes=5 * mb, devices=4)
+  assert memory.plan_client_chunk(sharded, 12, sharded.total_bytes(8)) == 4
+  assert memory.plan_client_chunk(sharded, 12, sharded.total_bytes(12)) == 12
+  # Chunks below a device are the only ones left: they are still tried.
+  assert memory.plan_client_chunk(sharded, 2, sharded.total_bytes(2)) == 2
+  # One client more on each device costs each device 4 x 1 MB: the message said 1 MB.
+  with pytest.raises(MemoryError, match="one client per device \\(4 at a time\\) needs "
+                                        "14.0 MB per device.*one client per device needs "
+                                        "4.0 MB.*more devices"):
+    memory.plan_client_chunk(sharded, 12, 12 * mb)
+
+
 def test_device_budget_on_cpu_is_none_or_positive():
   budget = memory.device_budget()
   assert budget is None or budget > 0
