@@ -86,11 +86,13 @@ class Checkpoints:
     max_to_keep: how many of the latest checkpoints to keep.
   """
 
-  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, *,
+               read_only: bool = False):
     if not isinstance(max_to_keep, int) or max_to_keep <= 0:
       raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
     self.directory = os.path.abspath(os.fspath(directory))
     self.max_to_keep = max_to_keep
+    self.read_only = read_only  # a reader: never deletes, not even unfinished saves
     self._manager = None
     self._continued_from = None  # the round last restored or saved
 
@@ -98,10 +100,12 @@ class Checkpoints:
     if self._manager is None:
       ocp = _ocp()
       # Synchronous saves: the next compiled chunk donates the state's buffers, so the
-      # save must have read them before it starts (a small state saves in ~50 ms).
+      # save must have read them before it starts (a small state saves in ~50 ms). Only
+      # the writer removes unfinished saves: a reader's manager removed the one a live
+      # run was writing, which then failed.
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=self.max_to_keep, enable_async_checkpointing=False, create=True,
-          cleanup_tmp_directories=True)
+          max_to_keep=self.max_to_keep, enable_async_checkpointing=False,
+          create=not self.read_only, cleanup_tmp_directories=not self.read_only)
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     return self._manager
 
@@ -119,7 +123,7 @@ class Checkpoints:
     flat, keys, treedef = _to_saveable(state)
     step = int(jax.device_get(state.round)) if step is None else int(step)
     meta = {**record, "format": FORMAT, "round": step, "key_leaves": keys, "treedef": treedef,
-            "sha256": _digest(flat)}
+            "sha256": _digest(flat), "arrays": _array_specs(flat)}
     manager = self._open()
     # A rerun of this round, or a run continued from a checkpoint older than others (the
     # newer ones corrupt, or an older round asked for): the newer ones belong to the run
@@ -185,6 +189,18 @@ class Checkpoints:
           f"than this run's (another algorithm, model or option?): saved {meta['treedef']}, "
           f"expected {treedef}")
 
+    # Orbax casts to the template's dtype (and refuses another shape as an error that
+    # reads like corruption): compare with what was saved first, naming the array.
+    wanted, saved = _array_specs(flat_template), meta.get("arrays", {})
+    for name in sorted(set(wanted) & set(saved)):
+      if wanted[name] != saved[name]:
+        path = jax.tree_util.keystr(
+            jax.tree_util.tree_flatten_with_path(template)[0][int(name)][0])
+        raise CheckpointError(
+            f"{os.path.join(self.directory, str(step))}: the state's {path} was saved with "
+            f"shape {tuple(saved[name][0])} and dtype {saved[name][1]}, this run's has "
+            f"{tuple(wanted[name][0])} {wanted[name][1]} (another model, precision or option?)")
+
     def abstract(a):
       sharding = a.sharding if isinstance(a, jax.Array) else None
       return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
@@ -218,6 +234,11 @@ class Checkpoints:
       self._manager = None
 
 
+def _array_specs(flat: dict[str, Any]) -> dict[str, list]:
+  """name -> [shape, dtype name] of saved arrays (JSON-able, compared on restore)."""
+  return {name: [list(np.shape(a)), np.dtype(a.dtype).name] for name, a in flat.items()}
+
+
 def restore(directory: str | os.PathLike, template: Any, step: int | None = None
             ) -> tuple[Any, dict[str, Any]]:
   """Loads a checkpoint that `fs.run(..., checkpoint_dir=directory)` wrote.
@@ -233,7 +254,7 @@ def restore(directory: str | os.PathLike, template: Any, step: int | None = None
     (state, record): `record["round"]` is the round, `record["lines"]` the metrics lines
     written up to it.
   """
-  checkpoints = Checkpoints(directory)
+  checkpoints = Checkpoints(directory, read_only=True)
   try:
     return checkpoints.restore(template, step)
   finally:

@@ -333,6 +333,10 @@ def run(
   metrics_file = None if metrics_path is None else _open_metrics(metrics_path, lines)
   status = "completed"
   done = int(state.round)
+  if summary_path is not None and done < end:
+    # Until this session ends: a resumed run killed mid-way left the last session's
+    # "interrupted" (or "completed") beside rounds written since.
+    write_summary(summary_path, history, "running", seconds_before)
   bar = tqdm(total=end - first, initial=done - first, unit="round", disable=not progress,
              dynamic_ncols=True)
   last_save = {"round": done, "time": time.perf_counter(), "cost": 0.0}
@@ -388,7 +392,13 @@ def run(
           if preparing is not None:
             preparing.join()
             preparing = None
-          rows[-1].update(evaluate(state.params))
+          try:
+            rows[-1].update(evaluate(state.params))
+          except BaseException:  # the chunk's rounds trained: keep them, unevaluated
+            for row in rows:
+              write(row)
+            _notify(callbacks, "on_rounds", rows)
+            raise
         for i, row in enumerate(rows):
           if row is bad:
             status = f"diverged at round {row['round']}"

@@ -116,4 +116,8 @@ def load_params(path: str | os.PathLike, like: Params) -> Params:
                        f"{stored[name].dtype}, the model expects {np.shape(leaf)} "
                        f"{np.dtype(leaf.dtype)}")
   treedef = jax.tree_util.tree_structure(like)
-  return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(stored[n]) for n in expected])
+  # A numpy leaf stays numpy: jnp.asarray narrowed float64 to float32 (int64 wrapped to
+  # int32) after the dtypes had been checked equal, where jax runs without x64.
+  return jax.tree_util.tree_unflatten(treedef, [
+      stored[n] if isinstance(leaf, np.ndarray) else jnp.asarray(stored[n])
+      for n, leaf in expected.items()])

@@ -335,3 +335,54 @@ def test_an_ignored_sigint_stays_ignored(setup):
   finally:
     signal.signal(signal.SIGINT, before)
   assert [r["round"] for r in history] == [1, 2, 3, 4]  # the run went on
+
+
+def test_reading_a_run_s_checkpoints_leaves_its_unfinished_save_and_names_a_mismatch(
+    setup, tmp_path):
+  algorithm, state, train, _ = setup
+  ckpt = tmp_path / "ckpt"
+  fs.run(algorithm, state, train, rounds=2, rounds_per_chunk=2, progress=False,
+         checkpoint_dir=ckpt, checkpoint_every=2)
+  # A live run's save in progress: fs.restore's manager deleted it, and the run failed.
+  saving = ckpt / "4.orbax-checkpoint-tmp-1760000000000000"
+  saving.mkdir()
+  assert fs.restore(ckpt, state)[1]["round"] == 2 and saving.is_dir()
+  # Another dtype or shape was "every checkpoint is corrupt" (a user might delete them).
+  wider = state._replace(params=jax.tree_util.tree_map(
+      lambda a: jnp.zeros((a.shape[0] + 1, *a.shape[1:]), a.dtype), state.params))
+  bf16 = state._replace(params=jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.bfloat16), state.params))
+  for template, what in ((wider, r"shape \(10,\) and dtype float32, this run's has "
+                                 r"\(11,\) float32"),
+                         (bf16, r"shape \(10,\) and dtype float32, this run's has \(10,\) "
+                                r"bfloat16")):
+    with pytest.raises(checkpoint_lib.CheckpointError, match=r"the state's \.params\[.* was saved "
+                                                             r"with " + what):
+      fs.restore(ckpt, template)
+
+
+def test_a_session_s_summary_says_running_and_a_failed_evaluation_keeps_its_rounds(
+    setup, tmp_path):
+  algorithm, state, train, evaluate = setup
+  summary_path = tmp_path / "summary.json"
+  seen, calls = [], [0]
+
+  class Peek:  # what a reader of the folder sees mid-run
+    def on_rounds(self, rows):
+      seen.append(json.loads(summary_path.read_text())["status"])
+
+  def failing(params):  # the second evaluation fails, after the chunk's rounds trained
+    calls[0] += 1
+    if calls[0] == 2:
+      raise MemoryError("evaluation ran out of memory")
+    return evaluate(params)
+
+  with pytest.raises(MemoryError):
+    fs.run(algorithm, state, train, rounds=6, rounds_per_chunk=2, progress=False,
+           evaluate=failing, metrics_path=tmp_path / "m.jsonl", summary_path=summary_path,
+           callbacks=[Peek()])
+  rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [1, 2, 3, 4] and "test_accuracy" not in rows[3]
+  summary = json.loads(summary_path.read_text())
+  assert summary["status"].startswith("failed: MemoryError") and summary["rounds"] == 4
+  assert seen == ["running", "running"]

@@ -93,3 +93,14 @@ def test_bfloat16_params_round_trip(tmp_path):
   with pytest.raises(ValueError, match="bfloat16, the model expects \\(3,\\) float16"):
     warm_start.load_params(tmp_path / "bf16.npz", jax.tree_util.tree_map(
         lambda a: a.astype(jnp.float16), params))
+
+
+def test_numpy_params_keep_their_dtypes(tmp_path):
+  # Checked equal, then narrowed by jnp.asarray without x64: float64 to float32, and the
+  # int64 past int32's range wrapped.
+  params = {"w": np.full(2, 1 / 3), "step": np.array([2**40 + 7])}
+  path = str(tmp_path / "p.npz")
+  warm_start.save_params(path, params)
+  loaded = warm_start.load_params(path, params)
+  assert loaded["w"].dtype == np.float64 and loaded["w"][0] == 1 / 3
+  assert loaded["step"].dtype == np.int64 and int(loaded["step"][0]) == 2**40 + 7
