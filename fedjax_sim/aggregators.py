@@ -45,6 +45,14 @@ Params = Any
 Validate = Callable[[int, "int | None"], None]
 
 
+# A metric a reducer may report: bool [C], the clients whose uploads its result holds
+# (secure aggregation's survivors; none where it aborts). The engine takes it out of the
+# metrics and counts only those clients as aggregated: their weights in the round's
+# weight sum (an aborted round then leaves model and optimizer as they were), and only
+# their per-client state rows change.
+SURVIVORS = "_survivors"
+
+
 class Aggregator(NamedTuple):
   """A reducer: `aggregate(state, deltas [C, ...], weights [C], ids [C], key)
   -> (delta, state, metrics)`.

@@ -34,7 +34,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.aggregators import Aggregator, client_keys, no_state, ravel_clients
+from fedjax_sim.aggregators import (SURVIVORS, Aggregator, client_keys, no_state, ravel_clients,
+                                    split_scalars)
 
 RING_BITS = 32  # arithmetic in Z_{2^32}: uint32 wraps around
 # Levels are rounded in float32, which holds every integer only up to 2^24: with more
@@ -152,7 +153,11 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
 
   def aggregate(state, deltas, weights, ids, key):
     del weights
-    flat, unravel = ravel_clients(deltas)
+    # The update through the ring; the scalars sent beside it (FedNova's gradient weight,
+    # q-FFL's h) exactly, over the same survivors: clipped to clip_range and quantized
+    # with the update they became 1 (a server step tau times too small).
+    update, scalars, join = split_scalars(deltas)
+    flat, unravel = ravel_clients(update)
     m, d = flat.shape
     validate(m)
     round_key, drop_key, mask_key = jax.random.split(key, 3)
@@ -163,9 +168,13 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
     aborted = survivors < min_survivors(m)
     total = unmask_sum(masked, ids, alive, mask_key)
     mean = jnp.where(aborted, 0.0, dequantize_mean(total, survivors, bits, clip_range))
+    scalar_means = [jnp.where(aborted, 0.0, jnp.sum(jnp.where(alive, s, 0.0))
+                              / jnp.maximum(survivors, 1)).astype(s.dtype) for s in scalars]
+    sent = d + len(scalars)  # ring elements per client, the scalars' among them
     metrics = {"secagg_survivors": survivors, "secagg_aborted": aborted,
-               "uplink_bytes": survivors.astype(jnp.float32) * d * (RING_BITS // 8)}
-    return unravel(mean), state, metrics
+               "uplink_bytes": survivors.astype(jnp.float32) * sent * (RING_BITS // 8),
+               SURVIVORS: alive & ~aborted}
+    return join(unravel(mean), scalar_means), state, metrics
 
   return Aggregator(no_state, aggregate, validate, ignores_weights=True,
                     distinct_clients=True)

@@ -294,17 +294,20 @@ class SecureMean:
     m, levels = len(deltas), 2 ** self.bits - 1
     alive = np.asarray(jax.random.uniform(drop_key, (m,))) >= self.dropout
     t = self.threshold if self.threshold is not None else m // 2 + 1
+    # The update quantized; the scalars beside it (FedNova's gradient weight) exact.
+    parts = [split(d) for d in deltas]
+    join = parts[0][2]
     if alive.sum() < t:
-      return unflat(np.zeros_like(flat(deltas[0])), deltas[0])
-    values = []
-    for d, i, a in zip(deltas, ids, alive):
-      v = flat(d)
+      return join(np.zeros_like(parts[0][0]), np.zeros_like(parts[0][1]))
+    values, scalars = [], []
+    for (v, sc, _), i, a in zip(parts, ids, alive):
       u = np.asarray(jax.random.uniform(client_key(round_key, i), (len(v),)), np.float64)
       s = (np.clip(v, -self.r, self.r) + self.r) / (2 * self.r) * levels
       level = np.clip(np.floor(s) + (u < s - np.floor(s)), 0, levels)
       if a:
         values.append(level / levels * 2 * self.r - self.r)
-    return unflat(np.mean(values, axis=0), deltas[0])
+        scalars.append(sc)
+    return join(np.mean(values, axis=0), np.mean(scalars, axis=0))
 
 
 # --- server stages -----------------------------------------------------------------

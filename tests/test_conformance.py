@@ -525,13 +525,20 @@ def test_coordinate_median(name):
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_secure_mean(name):
-  """Every client survives: the result is the unweighted mean of the uploads clipped to
-  [-1, 1], up to the 16-bit quantization."""
+  """Every client survives: the result is the unweighted mean of the updates clipped to
+  [-1, 1], up to the 16-bit quantization, and of the scalars beside them (FedNova's
+  gradient weight...) exactly: clipped with the update, they became 1."""
   final, m = aggregator_run(name, "secure mean")
   for r in range(ROUNDS):
-    u = np.clip(flat_clients(row(m["spy_in"], r)), -1.0, 1.0)
+    spy_in = row(m["spy_in"], r)
+    scalars = np.array([a.ndim == 1 for a in jax.tree_util.tree_leaves(spy_in)
+                        for _ in range(int(np.prod(a.shape[1:])))])  # per column
+    sent = flat_clients(spy_in)
+    u = np.where(scalars[None, :], sent, np.clip(sent, -1.0, 1.0))
     step = 2.0 / (2 ** 16 - 1)
-    assert_close(flat(row(m["spy_out"], r)), u.mean(axis=0), rtol=0, atol=step * 1.01)
+    out = flat(row(m["spy_out"], r))
+    assert_close(out, u.mean(axis=0), rtol=0, atol=step * 1.01)
+    assert_close(out[scalars], sent[:, scalars].mean(axis=0), rtol=1e-6, atol=0)
     assert int(m["secagg_survivors"][r]) == M and not bool(m["secagg_aborted"][r])
   assert np.all(np.isfinite(flat(final.params)))
 

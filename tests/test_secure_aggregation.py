@@ -114,3 +114,59 @@ def test_the_most_bits_and_clients_allowed_decode_a_saturated_update_exactly():
                                           jax.random.key(0))
   assert not metrics["secagg_aborted"]
   np.testing.assert_array_equal(mean["w"], np.ones(4, np.float32))
+
+
+def test_scalars_beside_the_update_are_averaged_exactly_over_the_survivors():
+  # FedNova's gradient weight went through the ring with the update: clipped to
+  # clip_range, 10 became 1, a server step ten times too small.
+  agg = sa.secure_mean(bits=12, clip_range=1.0, dropout=0.3, threshold=2)
+  deltas = {"update": stacked(4, scales=np.full(7, 0.5)),
+            "gradient_weight": jnp.arange(7.0) + 10.0}
+  ids = jnp.array([3, 1, 4, 15, 9, 2, 6])
+  loop = ref.SecureMean(12, 1.0, 0.3, 2)
+  dropped_some = False
+  for seed in range(6):
+    key = jax.random.key(seed)
+    out, _, metrics = agg.aggregate(None, deltas, jnp.ones(7), ids, key)
+    expected = loop(unstack(deltas, 7), np.ones(7), np.asarray(ids), key)
+    np.testing.assert_allclose(ref.flat(out), ref.flat(expected), rtol=1e-5, atol=1e-6)
+    alive = np.asarray(metrics[sa.SURVIVORS])
+    assert alive.sum() == int(metrics["secagg_survivors"])
+    np.testing.assert_allclose(float(out["gradient_weight"]), (np.arange(7.0) + 10)[alive].mean(),
+                               rtol=1e-6)
+    assert float(metrics["uplink_bytes"]) == alive.sum() * (16 + 1) * 4
+    dropped_some |= not alive.all()
+  assert dropped_some
+
+
+def test_an_aborted_round_moves_nothing_and_dropped_clients_keep_their_state():
+  # The aborted round's zero mean counted as aggregated: server momentum went on moving
+  # the model (q-FFL divided by an aggregated h of 0: NaN); dropped clients' SCAFFOLD
+  # rows changed though their uploads were not in the mean.
+  import optax
+  import fedjax_sim as fs
+  from fedjax_sim.algorithms import features
+  setup = features.default_setup()
+  agg = sa.secure_mean(dropout=0.4, threshold=6)  # 8 clients a round: some rounds abort
+  common = dict(clients_per_round=8, batch_size=4, epochs=1, aggregator=agg)
+  momentum = fs.fedavg(setup.model.apply, client_optimizer=optax.sgd(0.1),
+                       server_optimizer=optax.sgd(1.0, momentum=0.9), **common)
+  scaffold = fs.scaffold(setup.model.apply, client_learning_rate=0.1, **common)
+  seen = set()
+  for algorithm in (momentum, scaffold):
+    state = algorithm.init(setup.model.params, jax.random.key(0), setup.num_clients)
+    step = jax.jit(algorithm.round)
+    for _ in range(8):
+      new, m = step(state, setup.data)
+      moved = any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
+          jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(state.params)))
+      aborted = bool(m["secagg_aborted"])
+      assert moved != aborted, (algorithm, m["secagg_survivors"])
+      if algorithm is scaffold:  # rows of the survivors alone change
+        rows = lambda s: np.concatenate([np.asarray(a).reshape(setup.num_clients, -1)
+                                         for a in jax.tree_util.tree_leaves(s.client_states)], 1)
+        changed = np.any(rows(new) != rows(state), axis=1).sum()
+        assert changed == (0 if aborted else int(m["secagg_survivors"]))
+      seen.add(aborted)
+      state = new
+  assert seen == {True, False}

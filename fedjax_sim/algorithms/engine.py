@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import keys
 from fedjax_sim.checks import is_concrete  # noqa: F401 (engine.is_concrete)
 from fedjax_sim import systems as systems_lib
@@ -485,6 +486,7 @@ def compose(
     unchunk = lambda tree: jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), tree)
     args = (ids, rows, budgets, relative_weight)
     agg_state, agg_metrics = state.aggregator_state, {}
+    kept = None if plan is None else plan.aggregated  # the clients aggregated, if not all
     if aggregator is None:
       if chunk == sampled:
         # One chunk: the weighted sum straight from it (what the scan below computes, bit
@@ -521,7 +523,11 @@ def compose(
                  else unchunk(jax.lax.map(train_chunk, by_chunk(args))))
       aggregated, agg_state, agg_metrics = aggregator.aggregate(
           state.aggregator_state, outputs.upload, weights, ids, keys.aggregation_key(sample_key))
-      weight_sum = weights.sum()
+      agg_metrics = dict(agg_metrics)
+      survived = agg_metrics.pop(aggregators_lib.SURVIVORS, None)
+      if survived is not None:  # the reducer dropped clients (secure aggregation)
+        kept = survived if kept is None else kept & survived
+      weight_sum = weights.sum() if survived is None else jnp.where(survived, weights, 0.0).sum()
       if systems is not None:
         aggregated = jax.tree_util.tree_map(
             lambda d: jnp.where(plan.aggregated.any(), d, jnp.zeros_like(d)), aggregated)
@@ -541,10 +547,10 @@ def compose(
     client_states = state.client_states
     if stateful:
       new_rows = same_dtypes(outputs.row, rows)
-      if systems is not None:  # clients that were not aggregated keep their state
+      if kept is not None:  # clients that were not aggregated keep their state
         new_rows = jax.tree_util.tree_map(
             lambda new, old: jnp.where(
-                plan.aggregated.reshape(-1, *([1] * (new.ndim - 1))), new, old), new_rows, rows)
+                kept.reshape(-1, *([1] * (new.ndim - 1))), new, old), new_rows, rows)
       client_states = scatter_rows(state.client_states, ids, new_rows)
     loss_sum, num_trained = outputs.loss_sum, outputs.num_trained
     metrics = {
