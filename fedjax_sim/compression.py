@@ -212,7 +212,9 @@ def top_k(k: int | None = None, *, fraction: float | None = None,
     u = flat if state is None else flat + gather_rows(state.residual, ids)
     sent = jax.vmap(lambda v: top_k_mask(v, kk))(u)
     if state is not None:
-      state = TopKState(scatter_rows(state.residual, ids, u - sent))
+      # A client of weight 0 counts for nothing in the mean: it keeps all of u to send.
+      state = TopKState(scatter_rows(state.residual, ids,
+                                     jnp.where((weights > 0)[:, None], u - sent, u)))
     bits_per_client = 64 * kk + 32 * len(scalars)  # float32 value + int32 index per kept
     metrics = {"uplink_bytes": jnp.float32(num * bits_per_client / 8),
                "bits_per_parameter": jnp.float32(bits_per_client / (d + len(scalars))),

@@ -436,8 +436,9 @@ def calibrate_noise_multiplier(target_epsilon: float, *, rounds: int, clients_pe
   `target_epsilon`, within `tol` of the smallest such (dp-accounting's
   `calibrate_dp_mechanism`)."""
   _check_accounting(1.0, clients_per_round, num_clients, delta, accountant)
-  if not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0):
-    raise ValueError(f"target epsilon must be > 0, got {target_epsilon!r}")
+  if not (isinstance(target_epsilon, (int, float)) and 0 < target_epsilon < math.inf):
+    # inf halved the multiplier to 0 for a minute, then failed inside dp-accounting
+    raise ValueError(f"target epsilon must be a finite number > 0, got {target_epsilon!r}")
   if not (isinstance(rounds, int) and rounds > 0):
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
   dpa = _dp_accounting()

@@ -140,8 +140,8 @@ class ReferenceScaffold(_LoopAlgorithm):
       c_i = client_states[i]
       delta, l, n, k = self.trainer.train(state.params, x, y, client_key(train_key, i),
                                           _lin((1, c), (-1, c_i)))
-      # Option II: c_i+ = c_i - c + (x - y_i) / (K lr).
-      new_c_i = _lin((1, c_i), (-1, c), (-1 / (k * self.lr), delta))
+      # Option II: c_i+ = c_i - c + (x - y_i) / (K lr); a client that took no step keeps c_i.
+      new_c_i = _lin((1, c_i), (-1, c), (-1 / (k * self.lr), delta)) if k else c_i
       changes.append(_lin((1, new_c_i), (-1, c_i)))
       client_states[i] = new_c_i
       deltas.append(_host(delta))

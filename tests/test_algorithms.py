@@ -328,3 +328,20 @@ def test_cli_runs_an_algorithm_with_per_client_state(tmp_path, capsys):
   assert cli.main(["run", "--algorithm", "mimelite", "--server-optimizer", "fedyogi",
                    "--no-progress", "--output", str(tmp_path / "x")]) == 2
   assert "mimelite has its own server update" in capsys.readouterr().err
+
+
+def test_scaffold_client_without_examples_keeps_its_control_variate(small_mlp):
+  # With no step, option II's change was -c: the client's c_i, and the server's c after
+  # it, drifted towards -c each time it was sampled.
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(n, 5)).astype(np.float32) for n in (4, 0, 4)]
+  ys = [rng.integers(0, 3, n) for n in (4, 0, 4)]
+  data = fs.from_clients(xs, ys, allow_empty=True)
+  algorithm = algorithms.scaffold(small_mlp.apply, client_learning_rate=0.1, clients_per_round=3,
+                                  batch_size=2, epochs=1, weighting="uniform")
+  state = algorithm.init(small_mlp.params, jax.random.key(0), 3)
+  for _ in range(3):
+    state, _ = algorithm.round(state, data)
+  rows = [np.asarray(a) for a in jax.tree_util.tree_leaves(state.client_states)]
+  assert all(not np.any(a[1]) for a in rows)  # the empty client's c_1 is still 0
+  assert any(np.any(a[0]) for a in rows)      # the others' moved

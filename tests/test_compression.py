@@ -105,6 +105,20 @@ def test_top_k_keeps_exactly_k_and_error_feedback_loses_nothing():
     np.testing.assert_allclose(residual[i], row, rtol=1e-5, atol=1e-6)
 
 
+def test_a_client_of_weight_zero_keeps_what_it_could_not_send():
+  # Its upload counts for nothing in the mean (no examples this round), so its residual
+  # must keep it all: it forgot what the mean discarded.
+  stage = compression.top_k(1)
+  state = stage.init({"w": jnp.zeros(3)}, 2)
+  first = {"w": jnp.asarray([[1.0, 0.4, 0.3], [1.0, 0.4, 0.3]])}
+  _, _, state, _ = stage.apply(state, first, jnp.ones(2), jnp.arange(2), None)
+  np.testing.assert_allclose(np.asarray(state.residual), [[0.0, 0.4, 0.3]] * 2, rtol=1e-6)
+  zero = {"w": jnp.zeros((2, 3))}
+  _, _, state, _ = stage.apply(state, zero, jnp.asarray([1.0, 0.0]), jnp.arange(2), None)
+  np.testing.assert_allclose(np.asarray(state.residual), [[0.0, 0.0, 0.3], [0.0, 0.4, 0.3]],
+                             rtol=1e-6)
+
+
 def test_top_k_without_error_feedback_keeps_the_largest():
   deltas = {"v": jnp.array([[0.1, -5.0, 2.0, 0.3, -0.2]])}
   out, _, state, _ = compression.top_k(fraction=0.4, error_feedback=False).apply(

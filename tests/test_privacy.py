@@ -167,7 +167,11 @@ def test_target_epsilon_calibrates_noise_or_bounds_rounds():
     (lambda: privacy.DPAccountant(1.0, 2, 5, 1e-5, accountant="gdp"), "accountant must be"),
     (lambda: privacy.calibrate_noise_multiplier(-1.0, rounds=5, clients_per_round=2,
                                                 num_clients=5, delta=1e-5),
-     "target epsilon must be > 0"),
+     "target epsilon must be a finite number > 0"),
+    # inf halved the multiplier to 0 for a minute, then failed inside dp-accounting
+    (lambda: privacy.calibrate_noise_multiplier(float("inf"), rounds=5, clients_per_round=2,
+                                                num_clients=5, delta=1e-5),
+     "target epsilon must be a finite number > 0, got inf"),
 ])
 def test_bad_privacy_configurations(make, match):
   with pytest.raises(ValueError, match=match):

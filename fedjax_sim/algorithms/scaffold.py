@@ -82,9 +82,13 @@ def scaffold(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning
     result = engine.local_train(inp, loss, optax.sgd(lr), schedule, regularizer=correction_term,
                                 context=optax.tree.sub(c, c_i))
     # Option II: c_i+ - c_i = -c - delta_i / (K_i eta_l), delta_i = y_i - x.
+    # A client that took no step (no examples) learned nothing: its c_i stays (-c
+    # would pull it, and the server's c, towards -c each time it is sampled).
     inv_steps = 1.0 / (jnp.maximum(result.num_steps, 1) * lr)
-    change = jax.tree_util.tree_map(lambda d, cc: -cc - d * inv_steps.astype(d.dtype),
-                                    result.delta, c)
+    took_steps = result.num_steps > 0
+    change = jax.tree_util.tree_map(
+        lambda d, cc: jnp.where(took_steps, -cc - d * inv_steps.astype(d.dtype), 0.0).astype(
+            d.dtype), result.delta, c)
     return ClientOutput({"delta": result.delta, "control_delta": change},
                         optax.tree.add(c_i, change), result.loss_sum, result.num_trained,
                         result.num_steps)
