@@ -205,13 +205,23 @@ def noise_warning(noise_multiplier, clients_per_round: int,
   """
   if not is_concrete(noise_multiplier) or not noise_multiplier > 0:
     return None
-  z, m, name = float(noise_multiplier), int(clients_per_round), "z"
+  total, m, name = float(noise_multiplier), int(clients_per_round), "z"
+  z = total
   if adaptive is not None:
-    z, name = update_noise_multiplier(z, count_stddev(adaptive, m)), "z_delta"
+    z, name = update_noise_multiplier(total, count_stddev(adaptive, m)), "z_delta"
   ratio = z / m
   if ratio <= NOISE_RATIO_LIMIT:
     return None
   needed = math.ceil(z / NOISE_RATIO_LIMIT - 1e-9)
+  if adaptive is not None:
+    # z_delta itself shrinks with more clients (their count noise, m/20 by default, grows):
+    # the first m at which the rule passes, at most the bound above.
+    def passes(k):
+      try:
+        return update_noise_multiplier(total, count_stddev(adaptive, k)) / k <= NOISE_RATIO_LIMIT
+      except ValueError:  # count noise too small for this z at k
+        return False
+    needed = next((k for k in range(m + 1, needed) if passes(k)), needed)
   text = (f"the DP noise dwarfs the clipped updates: the noise on the averaged update has "
           f"standard deviation {name}*C/m = {z:.4g}*C/{m} = {ratio:.3g}*C per coordinate, while the "
           f"clipping norm C bounds the norm of the whole averaged update; the rule: warn above "
