@@ -243,8 +243,11 @@ class SystemsConfig:
     # deadline_s, dropout and straggler_fraction may be traced (a sweep builds the config
     # inside its program): they are checked when concrete.
     d = self.deadline_s
-    if d is not None and is_concrete(d) and not (_is_number(d) and np.isfinite(d) and d > 0):
-      raise ValueError(f"deadline_s must be a number > 0 (or None for no deadline), got {d!r}")
+    # float32 holds it on the device: past its largest value it became inf (inf times).
+    if d is not None and is_concrete(d) and not (
+        _is_number(d) and 0 < d <= np.finfo(np.float32).max):
+      raise ValueError(f"deadline_s must be a number > 0 that float32 holds (or None for no "
+                       f"deadline), got {d!r}")
     if not (isinstance(self.over_selection, (int, np.integer))
             and not isinstance(self.over_selection, bool) and self.over_selection >= 0):
       raise ValueError(f"over_selection must be an integer >= 0, got {self.over_selection!r}")

@@ -356,6 +356,7 @@ def test_compressed_upload_time(setup):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(deadline_s=0.0), "deadline_s must be a number > 0"),
     (dict(deadline_s=-1), "got -1"),
+    (dict(deadline_s=1e39), "that float32 holds .* got 1e\\+39"),  # inf on the device
     (dict(over_selection=-1), "over_selection must be an integer >= 0, got -1"),
     (dict(stragglers="wait"), "stragglers must be 'drop' or 'partial', got 'wait'"),
     (dict(dropout=1.0), "dropout must lie in \\[0, 1\\), got 1.0"),
