@@ -336,16 +336,41 @@ def fixed_cost(run: dict) -> float:
 
 
 def break_even(mine: dict, peer: dict) -> float | None:
-  """Rounds after which fedjax_sim's end to end is shorter than the peer's, from the two
-  runs' fixed costs and warm rates: 0 where it is never behind, inf where it never
-  catches up; None without warm rates or where it is ahead only at first."""
+  """Where fedjax_sim's end to end is the shorter, from the two runs' fixed costs and
+  warm rates: 0 from the start on (never behind); x > 0 from round x on (it catches
+  up); inf never; -x until round x (ahead at first, then the peer's faster rounds
+  overtake it). None without warm rates."""
   rate = lambda run: run["timings"]["per_round_warm_median_s"]
   if not (rate(mine) and rate(peer)):
     return None
   extra, gain = fixed_cost(mine) - fixed_cost(peer), rate(peer) - rate(mine)
   if extra <= 0:
-    return 0.0 if gain >= 0 else None
+    if gain >= 0:
+      return 0.0
+    return -extra / gain if extra < 0 else float("inf")  # (both negative: > 0 rounds)
   return extra / gain if gain > 0 else float("inf")
+
+
+def ahead(values: list) -> str:
+  """The repetitions' break-even points (`break_even`) in words, by kind: "always",
+  "after N rounds", "never", "until N rounds" (then behind), N the median of its kind,
+  with counts where the repetitions differ in kind (a median across kinds, as this
+  column took before, turned "always" and "never" into either, and dropped "until")."""
+  values = [v for v in values if v is not None]
+  kinds = {"always": [v for v in values if v == 0],
+           "after": [v for v in values if 0 < v < math.inf],
+           "never": [v for v in values if v == math.inf],
+           "until": [-v for v in values if v < 0]}
+  words = {"always": lambda xs: "always", "never": lambda xs: "never",
+           "after": lambda xs: f"after {math.ceil(statistics.median(xs))} rounds",
+           "until": lambda xs: f"until {math.ceil(statistics.median(xs))} rounds"}
+  seen = [(k, xs) for k, xs in kinds.items() if xs]
+  if not seen:
+    return "-"
+  if len(seen) == 1:
+    return words[seen[0][0]](seen[0][1])
+  return ", ".join(f"{words[k](xs)} ({len(xs)} of {len(values)})"
+                   for k, xs in sorted(seen, key=lambda kv: -len(kv[1])))
 
 
 def median(xs):
@@ -355,7 +380,7 @@ def median(xs):
 
 def summarize(runs: list[dict], cases, sims) -> list[dict]:
   """One row per (case, simulator): medians over repetitions, and speedups of fedjax_sim
-  as the median of per-repetition ratios (each pair measured back to back)."""
+  as the median of per-repetition ratios (each pair from one repetition)."""
   rows = []
   for case in cases:
     base = {r["repeat"]: r for r in runs
@@ -403,8 +428,7 @@ def summarize(runs: list[dict], cases, sims) -> list[dict]:
                for r, b in pairs if r["timings"]["per_round_warm_median_s"]
                and b["timings"]["per_round_warm_median_s"]])
           if not is_tta(case):
-            row["fedjax_sim_ahead_after_rounds"] = median(
-                [break_even(b, r) for r, b in pairs])
+            row["fedjax_sim_ahead_after_rounds_all"] = [break_even(b, r) for r, b in pairs]
           # Only between runs of the same number of rounds.
           row["over_fedjax_sim_end_to_end"] = median(
               [r["timings"]["end_to_end_s"] / b["timings"]["end_to_end_s"] for r, b in pairs
@@ -423,12 +447,15 @@ def _x(x):
   return "-" if x is None else f"{x:.1f}x"
 
 
-def _rounds(x, sim: str) -> str:
-  if sim.startswith(BASELINE) or x is None:  # fedjax_sim itself, or ahead only at first
+def _rounds(row: dict) -> str:
+  if row["simulator"].startswith(BASELINE):  # fedjax_sim itself
     return "-"
-  if x == 0:
-    return "always"
-  return "never" if x == float("inf") else f"{math.ceil(x)} rounds"
+  if "fedjax_sim_ahead_after_rounds_all" in row:
+    return ahead(row["fedjax_sim_ahead_after_rounds_all"])
+  x = row.get("fedjax_sim_ahead_after_rounds")  # a results file of before ahead()
+  if x is None:
+    return "-"
+  return "always" if x == 0 else "never" if x == math.inf else f"{math.ceil(x)} rounds"
 
 
 def waits_note(runs: list[dict]) -> list[str]:
@@ -480,7 +507,7 @@ def markdown(result: dict) -> str:
   if any(not is_tta(row["case"]) for row in result["summary"]):
     lines += [
         "| case | simulator | s/round (warm) | first round | imports + setup | end to end "
-        "| per round / fedjax_sim | end to end / fedjax_sim | fedjax_sim ahead after "
+        "| per round / fedjax_sim | end to end / fedjax_sim | fedjax_sim ahead "
         "| eval loss | runs |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -506,7 +533,7 @@ def markdown(result: dict) -> str:
         f"| {_s(row['imports_and_setup_s'])} | {_s(row['end_to_end_s'])} "
         f"| {_x(row.get('over_fedjax_sim_per_round'))} "
         f"| {_x(row.get('over_fedjax_sim_end_to_end'))} "
-        f"| {_rounds(row.get('fedjax_sim_ahead_after_rounds'), row['simulator'])} "
+        f"| {_rounds(row)} "
         f"| {loss} | {row['runs']}{fails} |")
   tta = [row for row in result["summary"] if is_tta(row["case"])]
   if tta:
@@ -548,10 +575,12 @@ def markdown(result: dict) -> str:
       "included). End to end: process launch to the end of the last round. "
       "x / fedjax_sim: how many times longer than fedjax_sim (one round per call) in "
       "the same repetition, median over repetitions; above 1 fedjax_sim is faster. "
-      "fedjax_sim ahead after: the number of rounds from which fedjax_sim's end to end "
-      "is the shorter, from each run's warm rate and fixed cost (end to end less its "
-      "rounds at the warm rate: launch, imports, setup, compilation), median over "
-      "repetitions ('always': never behind; 'never': it does not catch up). "
+      "fedjax_sim ahead: where fedjax_sim's end to end is the shorter, from each "
+      "repetition's warm rates and fixed costs (end to end less its rounds at the warm "
+      "rate: launch, imports, setup, compilation): 'always' (never behind), 'after N "
+      "rounds' (it catches up), 'until N rounds' (ahead at first, then overtaken), "
+      "'never'; N the median over the repetitions of that kind, with counts where "
+      "repetitions differ in kind. "
       "Eval loss: cross-entropy on 2,000 held-out examples of the teacher task, before "
       "and after training (each simulator's own initialization), a check that all "
       "simulators do the same training.",
