@@ -1,9 +1,9 @@
 """Reading what runs and sweeps leave on disk, for plots and tables of results.
 
 A run folder (`fedjax-sim run`) holds config.json (the flags and a few derived values,
-flat), metrics.jsonl (one row per round) and, once the run has stopped, summary.json
-(its status: "completed", "failed: ...", "diverged at round r", ...). A folder without
-summary.json is a run in progress, or one that was killed.
+flat), metrics.jsonl (one row per round) and summary.json (its status: "completed",
+"failed: ...", "diverged at round r", ... once the run has stopped; "running" while it
+runs, which a killed run leaves: read as NO_SUMMARY, as a folder without one).
 
 A sweep folder (`fedjax-sim sweep`) holds config.json (the sweep's config),
 results.csv (one row per configuration and seed), curves.npz (per-round training
@@ -29,7 +29,7 @@ import numpy as np
 
 from fedjax_sim import sweep_config
 
-NO_SUMMARY = "running or killed (no summary.json)"
+NO_SUMMARY = "running or killed"  # summary.json missing, or as fs.run left it: "running"
 # Configuration keys that never tell runs apart: where the output goes, how it is shown
 # and logged, checkpointed or resumed, the seed (runs differing only by seed are drawn as
 # one mean and band), the device.
@@ -173,10 +173,12 @@ def load_run(path: str) -> Run:
                                                                      float))
   summary_path = os.path.join(path, "summary.json")
   summary = _read_json(summary_path) if os.path.isfile(summary_path) else {}
+  status, seconds = summary.get("status", NO_SUMMARY), summary.get("seconds")
+  if status == "running":  # fs.run's, until it stops: a run in progress or a killed one
+    status, seconds = NO_SUMMARY, None
   return Run(path=path, name=os.path.basename(os.path.normpath(path)), kind="run",
              config={k: v for k, v in config.items() if k != "seed"},
-             seed=config.get("seed"), status=summary.get("status", NO_SUMMARY),
-             seconds=summary.get("seconds"), series=series)
+             seed=config.get("seed"), status=status, seconds=seconds, series=series)
 
 
 def _sweep_settings(raw: dict) -> dict[str, Any]:

@@ -122,6 +122,11 @@ def unused_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
   unused = aggregation_options.unused_flags(args)
   if getattr(args, "wandb_mode", None) is not None and getattr(args, "wandb", None) is None:
     unused.append(("--wandb-mode", "--wandb PROJECT"))
+  if getattr(args, "task", None) == "synthetic" and getattr(args, "alpha", None) is not None:
+    # Synthetic's alpha shifts every class's logit alike: not one label changes
+    # (fedjax_sim.synthetic), so two runs that differ by it alone are the same run.
+    unused.append(("--alpha", "--partition dirichlet on a partitioned task (Synthetic's "
+                   "alpha changes no label: it shifts every class's logit alike)"))
   if (args.stragglers is not None and args.deadline is None
       and args.straggler_fraction is None):
     unused.append(("--stragglers", "--deadline or --straggler-fraction (without them no "
@@ -158,6 +163,8 @@ def check_flags(args: argparse.Namespace) -> None:
       raise FileNotFoundError(f"--profiles: no such file {args.profiles!r}")
     if os.path.splitext(args.profiles)[1].lower() not in (".csv", ".npz"):
       raise ValueError(f"--profiles: {args.profiles!r} must be a .csv or .npz file")
+  if args.profiles_seed is not None and args.profiles_seed < 0:  # numpy's own error named none
+    raise ValueError(f"--profiles-seed must be an integer >= 0, got {args.profiles_seed}")
   if args.speed_median is not None and not (_finite(args.speed_median) and args.speed_median > 0):
     raise ValueError(f"--speed-median must be a positive number of examples/s, got "
                      f"{args.speed_median}")
@@ -408,8 +415,8 @@ def add_run_flags(run: argparse.ArgumentParser) -> None:
                     help="how to split the data into clients (digits, mnist5k, TFDS tasks; "
                          "default iid)")
   data.add_argument("--alpha", type=float, default=None,
-                    help="the Dirichlet concentration under --partition dirichlet; task "
-                         "synthetic: Synthetic's alpha (default 0.5 and 1)")
+                    help="the Dirichlet concentration under --partition dirichlet (default "
+                         "0.5; not for task synthetic, whose alpha changes no label)")
   data.add_argument("--num-clients", type=int, default=None,
                     help="number of clients (default: the task's)")
   data.add_argument("--shards-per-client", type=int, default=None,

@@ -2,8 +2,8 @@
 
 One row per run folder and per sweep row: the folder, the configuration keys whose
 values differ between the runs, the seed, the status (completed, failed, diverged,
-interrupted, or running/killed where there is no summary.json yet), the rounds done,
-final and best test accuracy, final and best training loss, and the wall time (a
+interrupted, or running/killed where summary.json says it runs or is missing), the
+rounds done, final and best test accuracy, final and best training loss, and the wall time (a
 sweep's rows share the sweep's). Sortable by any column; `--csv` writes it for a
 spreadsheet.
 """

@@ -430,8 +430,9 @@ def check_aggregator(aggregator: Any) -> None:
           f"systems= needs an aggregator whose reducer is the weighted mean "
           f"(aggregators.mean(), possibly in a chain with per-client and server transforms); "
           f"got the reducer {getattr(reducer.aggregate, '__qualname__', reducer)!r}, which "
-          f"ignores the weights, so clients that dropped out or missed the deadline would "
-          f"count as zero updates")
+          f"is not (it ignores the weights, or starts from a median, as the geometric "
+          f"median), so clients that dropped out or missed the deadline would count as zero "
+          f"updates")
 
 
 def check_aggregator_state(aggregator: Any, state: Any) -> None:

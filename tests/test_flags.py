@@ -25,6 +25,11 @@ from fedjax_sim.algorithms import build_algorithm
      "'dirichlet'"),
     (["--task", "digits", "--partition", "dirichlet", "--sigma", "2"],
      "sigma \\(--sigma\\) has no effect with partition 'dirichlet'"),
+    # Synthetic's alpha changes no label: two runs differing by it were one run.
+    (["--alpha", "0.3"], "--alpha has no effect here: it applies with --partition dirichlet "
+     "on a partitioned task \\(Synthetic's alpha changes no label"),
+    (["--profiles-seed", "-1", "--deadline", "5"], "--profiles-seed must be an integer >= 0, "
+     "got -1"),
 ])
 def test_a_flag_without_effect_is_an_error_naming_what_it_needs(tmp_path, capsys, flags,
                                                                    match):

@@ -152,7 +152,9 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   (root / "interrupted" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
   (root / "interrupted" / "summary.json").write_text(
       json.dumps({**summary, "status": "interrupted", "rounds": 2}))
-  (root / "killed" / "summary.json").unlink()
+  # As fs.run leaves it when killed: "running", with the seconds of its start.
+  (root / "killed" / "summary.json").write_text(
+      json.dumps({"status": "running", "rounds": 0, "seconds": 0.0}))
   (root / "killed" / "metrics.jsonl").write_text("\n".join(lines[:3]) + '\n{"round": 4, "tr')
   shutil.copytree(folders / "sweep", root / "sweep")
   (root / "sweep-running").mkdir()  # a sweep before its results: its config only
@@ -171,6 +173,7 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   assert rows["failed"]["rounds"] == "8" and rows["failed"]["rounds_done"] == "4"
   assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds_done"] == "2"
   assert rows["killed"]["status"] == results.NO_SUMMARY and rows["killed"]["rounds_done"] == "3"
+  assert rows["killed"]["seconds"] == ""  # not the stale 0.0
   assert rows["sweep[1]"]["status"] == "completed" and rows["sweep[1]"]["seed"] == "1"
   for name in ("finished", "failed", "interrupted", "killed", "sweep[0]"):
     assert f"{name} " in printed

@@ -355,7 +355,8 @@ def compose(
   if server_rule.weighted_ratio and weighting != "uniform" and not reducer_is_weighted(aggregator):
     raise ValueError(
         f"{name}'s server rule divides example-weighted means, but this aggregator's reducer "
-        f"ignores the weights; use weighting='uniform' (then every reducer is exact) or a "
+        f"is not the weighted mean (it ignores the weights, or uses them otherwise, as the "
+        f"geometric median); use weighting='uniform' (then every reducer is exact) or a "
         f"weighted reducer (aggregators.mean(), possibly in a chain)")
   if getattr(aggregator, "validate", None) is not None:
     aggregator.validate(sampled, None)
