@@ -245,7 +245,7 @@ class SystemsConfig:
     d = self.deadline_s
     # float32 holds it on the device: past its largest value it became inf (inf times).
     if d is not None and is_concrete(d) and not (
-        _is_number(d) and 0 < d <= np.finfo(np.float32).max):
+        _is_number(d) and 0 < d <= float(np.finfo(np.float32).max)):
       raise ValueError(f"deadline_s must be a number > 0 that float32 holds (or None for no "
                        f"deadline), got {d!r}")
     if not (isinstance(self.over_selection, (int, np.integer))
