@@ -244,6 +244,10 @@ def _reducer(args, clients_per_round: int) -> aggregators.Aggregator:
   if name == "krum":
     return robust.krum(f)
   if name == "multi_krum":
+    if f == 0:  # it averages every client: the plain mean, reported as a defence
+      raise ValueError(f"--aggregator multi_krum tolerating f = 0 clients (--malicious-fraction "
+                       f"{value(args, 'malicious_fraction'):g} of {clients_per_round}) averages "
+                       f"all of them: give a fraction that leaves f >= 1")
     return robust.multi_krum(f)
   if name == "geometric_median":
     return robust.geometric_median()

@@ -213,9 +213,15 @@ def split_scalars(deltas: Params) -> tuple[list, list, Callable[[list, list], Pa
   """The stacked upload's leaves as (the update's, the scalars'), with the inverse
   `join(update_leaves, scalar_leaves)`. Scalars (one value per client) are what an
   algorithm sends beside its update: FedNova's gradient weight, q-FFL's h, FedExP's
-  squared norm; a compressor codes the update and leaves them exact."""
+  squared norm; a compressor codes the update and leaves them exact.
+
+  They are told by shape alone: a model parameter of shape () counts as one too (none
+  of the package's models has one), except where every leaf has that shape: then the
+  upload is all update."""
   leaves, treedef = jax.tree_util.tree_flatten(deltas)
   scalar = [leaf.ndim == 1 for leaf in leaves]  # [C]: stacked 0-d values
+  if all(scalar):  # a model of 0-d parameters: no update would be left to code or bound
+    scalar = [False] * len(leaves)
 
   def join(update_leaves: list, scalar_leaves: list) -> Params:
     update_leaves, scalar_leaves = iter(update_leaves), iter(scalar_leaves)

@@ -36,7 +36,7 @@ NO_SUMMARY = "running or killed"  # summary.json missing, or as fs.run left it: 
 IGNORED_KEYS = frozenset({"output", "no_progress", "seed", "command", "plot", "tensorboard",
                           "wandb", "wandb_mode", "resume", "checkpoint_every",
                           "keep_checkpoints", "overwrite", "no_compile_cache", "argv",
-                          "config_hash", "profiles_summary",
+                          "config_hash", "profiles_summary", "wandb_id",
                           "device"})
 # Per-round metrics that are amounts per round: an x axis sums them over the rounds.
 PER_ROUND_AMOUNTS = ("uplink_bytes", "downlink_bytes")

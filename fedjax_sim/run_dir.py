@@ -17,8 +17,10 @@ resuming, and the persistent compilation cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 import shlex
@@ -225,7 +227,8 @@ def given_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
   for action in commands.choices["run"]._actions:  # noqa: SLF001
     action.default = argparse.SUPPRESS
   try:
-    given = vars(suppressed.parse_args(argv))
+    with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage line, not ours
+      given = vars(suppressed.parse_args(argv))
   except SystemExit:
     given = {}
   if given.get("resume") == args.resume:

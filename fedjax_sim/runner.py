@@ -51,22 +51,24 @@ def is_diverged(loss: float, first_loss: float) -> bool:
   return loss > DIVERGED_LOSS or loss > DIVERGED_FACTOR * reference
 
 
-def trained(num_aggregated) -> bool:
+def trained(num_aggregated=None, num_examples=None) -> bool:
   """Whether a round trained anyone: under `systems` every sampled client may drop
-  (`num_aggregated` 0), and its training loss is then NaN, not a divergence."""
-  return num_aggregated is None or num_aggregated > 0
+  (`num_aggregated` 0), and clients may have no examples (`num_examples` 0); its
+  training loss is then NaN, not a divergence. None: not reported."""
+  return all(n is None or n > 0 for n in (num_aggregated, num_examples))
 
 
-def diverged_round(losses, num_aggregated=None) -> int | None:
+def diverged_round(losses, num_aggregated=None, num_examples=None) -> int | None:
   """The first round (counted from 1) whose loss in the curve `losses` means divergence;
-  rounds whose `num_aggregated` (a curve beside it, if given) is 0 trained nobody and
-  are skipped. The first round that trained is the reference."""
+  rounds whose `num_aggregated` or `num_examples` (curves beside it, if given) is 0
+  trained nobody and are skipped. The first round that trained is the reference."""
   losses = [float(v) for v in np.asarray(losses).reshape(-1)]
-  counts = ([None] * len(losses) if num_aggregated is None
-            else np.asarray(num_aggregated).reshape(-1).tolist())
-  first = next((loss for loss, n in zip(losses, counts) if trained(n)), math.nan)
-  for i, (loss, n) in enumerate(zip(losses, counts)):
-    if trained(n) and is_diverged(loss, first):
+  curve = lambda c: ([None] * len(losses) if c is None
+                     else np.asarray(c).reshape(-1).tolist())
+  rounds = list(zip(losses, curve(num_aggregated), curve(num_examples)))
+  first = next((loss for loss, *n in rounds if trained(*n)), math.nan)
+  for i, (loss, *n) in enumerate(rounds):
+    if trained(*n) and is_diverged(loss, first):
       return i + 1
   return None
 
@@ -384,9 +386,9 @@ def run(
             row.update(round_metrics(row["round"]))
         if first_loss is None:
           first_loss = next((r["train_loss"] for r in rows
-                             if trained(r.get("num_aggregated"))), None)
+                             if trained(r.get("num_aggregated"), r.get("num_examples"))), None)
         reference = math.nan if first_loss is None else first_loss
-        bad = next((r for r in rows if trained(r.get("num_aggregated"))
+        bad = next((r for r in rows if trained(r.get("num_aggregated"), r.get("num_examples"))
                     and is_diverged(r["train_loss"], reference)), None)
         if bad is None and evaluate is not None:
           if preparing is not None:

@@ -219,7 +219,8 @@ def sweep(
   for what, values_of in (("grid", grid), ("static", static or {})):
     for name, values in values_of.items():
       # A string ran letter by letter; a number failed deep inside; [] made no rows.
-      if isinstance(values, (str, bytes)) or not isinstance(values, Sequence | np.ndarray):
+      if isinstance(values, (str, bytes)) or not isinstance(values,
+                                                           Sequence | np.ndarray | jax.Array):
         raise ValueError(f"{what}[{name!r}] must be a list of values, got {values!r}")
       if len(values) == 0:
         raise ValueError(f"{what}[{name!r}] needs at least one value")
@@ -354,9 +355,9 @@ def sweep(
         row[f"final_{name}"] = float(values[i, -1])
         row[f"best_{name}"] = _best(name, values[i])
       if "train_loss" in group_curves:
-        aggregated = group_curves.get("num_aggregated")
+        beside = [group_curves.get(n) for n in ("num_aggregated", "num_examples")]
         row["diverged_round"] = runner.diverged_round(
-            group_curves["train_loss"][i], None if aggregated is None else aggregated[i])
+            group_curves["train_loss"][i], *(None if c is None else c[i] for c in beside))
         row["diverged"] = row["diverged_round"] is not None
       rows.append(row)
       params_out.append(jax.tree_util.tree_map(lambda a, i=i: np.asarray(a[i]), states.params))

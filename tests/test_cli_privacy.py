@@ -80,6 +80,8 @@ def test_krum_without_an_attack_says_what_it_tolerates():
     (["--malicious-fraction", "0.4", "--aggregator", "multi_krum"],
      "krum with num_byzantine=4 needs at least 2\\*4\\+3 = 11 clients per round, got 10"),
     (["--aggregator", "multi_krum"], "multi_krum needs --malicious-fraction"),
+    (["--aggregator", "multi_krum", "--malicious-fraction", "0"],
+     "multi_krum tolerating f = 0 clients .* averages all of them"),
     (["--aggregator", "krum", "--malicious-fraction", "1"],
      "--malicious-fraction must be in \\[0, 1\\), got 1.0"),
     (["--rotate"], "--rotate has no effect here: it applies with --quantize-bits"),

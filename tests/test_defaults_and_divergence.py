@@ -78,3 +78,17 @@ def test_divergence_rule():
   assert runner.diverged_round([nan, 2.0, nan, 1.5], num_aggregated=[0, 3, 0, 3]) is None
   assert runner.diverged_round([nan, 2.0, 3e3], num_aggregated=[0, 3, 3]) == 3
   assert runner.diverged_round([nan, 2.0], num_aggregated=[3, 3]) == 1
+  # Nor is a round whose sampled clients have no examples (no systems metrics then).
+  assert runner.diverged_round([2.0, nan, 1.5], num_examples=[8, 0, 8]) is None
+
+
+def test_a_round_of_clients_without_examples_does_not_stop_fs_run():
+  # Clients of 4 and 0 examples, one a round: the empty one's rounds have a NaN loss,
+  # which stopped the run as diverged.
+  train = fs.from_clients([np.ones((4, 1), np.float32), np.ones((0, 1), np.float32)],
+                          [np.zeros(4, int), np.zeros(0, int)], allow_empty=True)
+  algorithm = _exploding(0.1)
+  state = algorithm.init({"w": jnp.ones(())}, jax.random.key(0))
+  _, history = fs.run(algorithm, state, train, rounds=6, rounds_per_chunk=2, progress=False)
+  losses = [r["train_loss"] for r in history]
+  assert len(losses) == 6 and any(np.isnan(losses)) and not all(np.isnan(losses))

@@ -124,6 +124,10 @@ def test_norm_bound_clips_the_update_alone_and_dp_clips_everything_sent():
   np.testing.assert_array_equal(np.asarray(out["gradient_weight"]), np.float32([12.0, 1.2]))
   np.testing.assert_allclose(float(metrics["mean_client_norm"]), 2.75, rtol=1e-6)
   assert float(metrics["clipped_fraction"]) == 0.5
+  # A model of 0-d parameters alone: all of it is the update (no update was left: a crash).
+  only = {"w": jnp.asarray([3.0, 0.5])}
+  out, _, _, _ = bound.apply(bound.init(None, 2), only, jnp.ones(2), jnp.arange(2), None)
+  np.testing.assert_allclose(np.asarray(out["w"]), [1.0, 0.5], rtol=1e-6)
   # DP's clip bounds all a client sends: norms 13 and 1.3, both scaled with their weight.
   clip = fs.privacy.clip(1.0)
   out, _, _, metrics = clip.apply(clip.init(None, 2), deltas, jnp.ones(2), jnp.arange(2), None)

@@ -3,6 +3,7 @@
 import importlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -125,7 +126,7 @@ def test_curves_of_a_metric_some_static_groups_lack_stay_aligned(ragged, small_m
                      batch_size=4, steps=1,
                      systems=fs.systems.SystemsConfig(profiles) if hp["systems"] else None)
 
-  result = fs.sweep(make, small_mlp.params, train, grid={"lr": [0.1]},
+  result = fs.sweep(make, small_mlp.params, train, grid={"lr": jnp.asarray([0.1])},
                     static={"systems": [False, True]}, rounds=2, seeds=np.arange(2))
   assert [(r["systems"], r["seed"]) for r in result.rows] == [
       (False, 0), (False, 1), (True, 0), (True, 1)]
