@@ -146,10 +146,6 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
       stages.append(attacks.model_replacement(malicious, server_lr))
     notes.append(f"{int(malicious.sum())} of {num_clients} clients are malicious ({args.attack})")
   elif args.aggregator in KRUMS:
-    if args.malicious_fraction is None and args.aggregator == "multi_krum":
-      # f = 0 averages every client: the plain mean, reported as a defence.
-      raise ValueError("--aggregator multi_krum needs --malicious-fraction, the fraction of "
-                       "a round's clients it tolerates: with none it averages all of them")
     if not 0.0 <= malicious_fraction < 1.0:
       raise ValueError(f"--malicious-fraction must be in [0, 1), got {malicious_fraction}")
     if args.malicious_fraction is None:
@@ -245,9 +241,12 @@ def _reducer(args, clients_per_round: int) -> aggregators.Aggregator:
     return robust.krum(f)
   if name == "multi_krum":
     if f == 0:  # it averages every client: the plain mean, reported as a defence
+      if args.malicious_fraction is None:
+        raise ValueError("--aggregator multi_krum needs --malicious-fraction, the fraction of "
+                         "a round's clients it tolerates: with none it averages all of them")
       raise ValueError(f"--aggregator multi_krum tolerating f = 0 clients (--malicious-fraction "
-                       f"{value(args, 'malicious_fraction'):g} of {clients_per_round}) averages "
-                       f"all of them: give a fraction that leaves f >= 1")
+                       f"{args.malicious_fraction:g} of {clients_per_round}) averages all of "
+                       f"them: give a fraction that leaves f >= 1")
     return robust.multi_krum(f)
   if name == "geometric_median":
     return robust.geometric_median()

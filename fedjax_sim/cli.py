@@ -38,7 +38,7 @@ from fedjax_sim import run_options
 from fedjax_sim import cli_results  # fedjax-sim plot, fedjax-sim runs
 from fedjax_sim import writers as writers_lib  # --tensorboard, --wandb
 from fedjax_sim.run_options import TASK_OPTIONS, add_run_flags, chunk_size_arg  # noqa: F401
-from fedjax_sim import results, runner, systems, tasks, warm_start
+from fedjax_sim import runner, systems, tasks, warm_start
 from fedjax_sim.sweep import sweep as run_sweep  # the package exports the function as `sweep`
 from fedjax_sim import sweep_config
 from fedjax_sim.algorithms import build_algorithm, registry
@@ -150,7 +150,7 @@ def sweep_command(args: argparse.Namespace) -> dict:
     if not same_config():
       raise run_dir.RunDirError(f"--resume: {config_path} is not {args.config}'s sweep (the "
                                 f"config changed since): run it without --resume elsewhere")
-  elif results.is_sweep(output) and not same_config():
+  elif run_dir.is_sweep(output) and not same_config():
     # Its results were deleted before the new sweep had produced any.
     raise run_dir.RunDirError(f"{output!r} holds the results of another sweep: give this one "
                               f"another --output, or remove them")
@@ -245,6 +245,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     run_dir.check_folder(output, args, parser)
   run_options.check_flags(args)  # flag values and combinations, before loading anything
   writers_lib.check(args)  # a missing writer package: one line naming its extra
+  if args.tensorboard:  # its own folder, written from the first chunk
+    run_dir.check_output(args.tensorboard, "--tensorboard")
   epochs = args.epochs if args.epochs is not None or args.steps is not None else 1
   options = {name: getattr(args, name) for name in TASK_OPTIONS
              if getattr(args, name) is not None}

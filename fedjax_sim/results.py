@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_sim import sweep_config
+from fedjax_sim.run_dir import is_sweep
 
 NO_SUMMARY = "running or killed"  # summary.json missing, or as fs.run left it: "running"
 # Configuration keys that never tell runs apart: where the output goes, how it is shown
@@ -138,11 +139,6 @@ def is_run(path: str) -> bool:
   return os.path.isfile(os.path.join(path, "metrics.jsonl")) or (
       os.path.isfile(os.path.join(path, "config.json")) and not is_sweep(path)
       and "grid" not in _read_json(os.path.join(path, "config.json")))
-
-
-def is_sweep(path: str) -> bool:
-  return (os.path.isfile(os.path.join(path, "results.csv"))
-          or os.path.isfile(os.path.join(path, "curves.npz")))
 
 
 def load_run(path: str) -> Run:

@@ -137,6 +137,12 @@ def check_output(path: str, flag: str = "--output") -> None:
     raise RunDirError(f"{flag} {path!r}: {existing!r} is not writable")
 
 
+def is_sweep(path: str) -> bool:
+  """Whether `path` holds a finished sweep's results (`fedjax-sim sweep`)."""
+  return (os.path.isfile(os.path.join(path, "results.csv"))
+          or os.path.isfile(os.path.join(path, "curves.npz")))
+
+
 def read_json(path: str) -> Any:
   """The JSON value in `path`, or None where it is missing or unreadable."""
   try:
@@ -167,8 +173,7 @@ def check_folder(path: str, args: argparse.Namespace,
   if not isinstance(config, dict):
     raise RunDirError(f"--output {path!r} is not empty and holds no fedjax-sim run (no "
                       f"readable config.json): choose another --output")
-  if "grid" in config or any(os.path.isfile(os.path.join(path, name))
-                             for name in ("results.csv", "curves.npz")):
+  if "grid" in config or is_sweep(path):
     # Not under --overwrite either: clearing a run's files left the sweep's beside them.
     raise RunDirError(f"--output {path!r} holds a sweep (`fedjax-sim sweep`), not a run: "
                       f"choose another --output")

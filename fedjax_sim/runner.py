@@ -58,6 +58,10 @@ def trained(num_aggregated=None, num_examples=None) -> bool:
   return all(n is None or n > 0 for n in (num_aggregated, num_examples))
 
 
+def _row_trained(row: dict) -> bool:
+  return trained(row.get("num_aggregated"), row.get("num_examples"))
+
+
 def diverged_round(losses, num_aggregated=None, num_examples=None) -> int | None:
   """The first round (counted from 1) whose loss in the curve `losses` means divergence;
   rounds whose `num_aggregated` or `num_examples` (curves beside it, if given) is 0
@@ -385,11 +389,10 @@ def run(
           for row in rows:
             row.update(round_metrics(row["round"]))
         if first_loss is None:
-          first_loss = next((r["train_loss"] for r in rows
-                             if trained(r.get("num_aggregated"), r.get("num_examples"))), None)
+          first_loss = next((r["train_loss"] for r in rows if _row_trained(r)), None)
         reference = math.nan if first_loss is None else first_loss
-        bad = next((r for r in rows if trained(r.get("num_aggregated"), r.get("num_examples"))
-                    and is_diverged(r["train_loss"], reference)), None)
+        bad = next((r for r in rows
+                    if _row_trained(r) and is_diverged(r["train_loss"], reference)), None)
         if bad is None and evaluate is not None:
           if preparing is not None:
             preparing.join()

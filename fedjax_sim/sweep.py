@@ -240,8 +240,10 @@ def sweep(
   groups = _product(static) if static else [{}]
   # Every configuration built with concrete values, which checks them on the host (the
   # traced builds cannot), before anything compiles; the first of a group validates it.
-  probes = [[make_algorithm({**config, **group}) for config in _product(grid)][0]
-            for group in groups]
+  probes = []
+  for group in groups:
+    built = [make_algorithm({**config, **group}) for config in _product(grid)]
+    probes.append(built[0])
   traced = [{**config, "seed": seed} for config in _product(grid) for seed in seeds]
   # Each row's grid values and seed as JSON numbers (a checkpoint records them).
   configs = [[float(c[name]) for name in grid] + [int(c["seed"])] for c in traced]

@@ -391,16 +391,16 @@ def parse_config(raw: Any, source: str = "config") -> SweepConfig:
     if not _applies(h, settings, static):
       if settings.get(h.key) is not None or h.key in grid:
         raise ConfigError(f"{source}: {h.key} applies with {h.needs[0]} {h.needs[1]!r}")
-    elif settings[h.key] is None and h.default is not None and h.key not in grid:
+    elif h.key in grid:
+      others = [v for v in static.get(h.needs[0], []) if v != h.needs[1]] if h.needs else []
+      if others:  # its rows there would be one run under several labels
+        raise ConfigError(f"{source}: grid.{h.key} applies with {h.needs[0]} {h.needs[1]!r} "
+                          f"alone, but static.{h.needs[0]} also lists {others!r}: sweep those "
+                          f"in a config of their own")
+    elif settings[h.key] is None and h.default is not None:
       if h.default_by is not None and h.default_by[0] in static:
         continue  # its default depends on the static combination: build_algorithm's
       settings[h.key] = h.default_for(settings)
-  for h in registry.hparams_of(algorithm):
-    others = [v for v in static.get(h.needs[0], []) if v != h.needs[1]] if h.needs else []
-    if h.key in grid and others:  # its rows there would be one run under several labels
-      raise ConfigError(f"{source}: grid.{h.key} applies with {h.needs[0]} {h.needs[1]!r} "
-                        f"alone, but static.{h.needs[0]} also lists {others!r}: sweep those "
-                        f"in a config of their own")
   if "server_lr" in grid and settings["attack"] == "backdoor":
     raise ConfigError(f"{source}: grid.server_lr: the backdoor attack's model replacement "
                       "checks the server learning rate in Python (attacks.model_replacement), "

@@ -186,15 +186,11 @@ class WandbWriter:
 
 def check(args) -> None:
   """Raises ImportError (one line naming the pip extra) if a writer the flags ask for
-  (`--tensorboard`, `--wandb`) is not installed, ValueError if it could not start: a
-  `--tensorboard DIR` that cannot be written, W&B online without an API key. Before the
-  run folder is cleared: a writer failing to start there lost a finished run."""
-  tensorboard = getattr(args, "tensorboard", None)
-  if tensorboard is not None:
+  (`--tensorboard`, `--wandb`) is not installed, ValueError if W&B would log online
+  without an API key. Before the run folder is cleared: a writer failing to start there
+  lost a finished run. (The CLI checks a `--tensorboard DIR` can be written.)"""
+  if getattr(args, "tensorboard", None) is not None:
     require("tensorboardX", "--tensorboard")
-    if tensorboard:
-      from fedjax_sim import run_dir  # the CLI's module; writers work without it
-      run_dir.check_output(tensorboard, "--tensorboard")
   if getattr(args, "wandb", None) is not None:
     wandb = require("wandb", "--wandb")
     mode = getattr(args, "wandb_mode", None) or os.environ.get("WANDB_MODE", "online")
