@@ -237,9 +237,11 @@ def _add_bias_bwd(bias, g):
   # The barrier materializes g, so XLA cannot fuse its producers into the sum again.
   flat = jax.lax.optimization_barrier(g).reshape(-1, g.shape[-1])
   ones = jnp.ones((flat.shape[0],), flat.dtype)
-  # Summed in float32 at least, whatever the compute dtype (bfloat16 in mixed precision).
-  summed = jnp.matmul(ones, flat, preferred_element_type=jnp.promote_types(flat.dtype,
-                                                                          jnp.float32))
+  # Summed in float32 at least, whatever the compute dtype (bfloat16 in mixed precision),
+  # and at full precision: a default-precision float32 dot rounds g to TensorFloat-32 on
+  # recent NVIDIA GPUs, where autodiff's sum would not.
+  summed = jnp.matmul(ones, flat, precision=jax.lax.Precision.HIGHEST,
+                      preferred_element_type=jnp.promote_types(flat.dtype, jnp.float32))
   return g, summed.astype(bias.dtype)
 
 
