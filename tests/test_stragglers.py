@@ -143,6 +143,8 @@ def test_deadline_partial_runs_the_steps_that_fit(setup, variant):
   steps = _partial_steps(ids)
   np.testing.assert_array_equal(m["client_steps"], steps)
   np.testing.assert_array_equal(m["client_aggregated"], steps > 0)  # client 4 cannot contribute
+  # A client that trained nothing measured no loss: NaN, not 0.
+  np.testing.assert_array_equal(np.isnan(m["client_train_loss"]), steps == 0)
   assert m["num_stragglers"] == 3 and m["num_aggregated"] == 5
   seconds = COMM_S + steps * STEP_S[ids]
   np.testing.assert_allclose(m["client_seconds"], seconds, rtol=1e-5)

@@ -197,6 +197,12 @@ def mean_loss(loss_sum: jax.Array, num_trained: jax.Array) -> jax.Array:
   return jnp.where(total > 0, loss_sum.sum() / jnp.maximum(total, 1.0), jnp.nan)
 
 
+def client_losses(loss_sum: jax.Array, num_trained: jax.Array) -> jax.Array:
+  """Each client's mean training loss [C]; NaN for a client that trained on nothing
+  (no examples, or dropped before its first step), as `mean_loss` for a round."""
+  return jnp.where(num_trained > 0, loss_sum / jnp.maximum(num_trained, 1.0), jnp.nan)
+
+
 def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
                   data: FederatedData, ids: jax.Array, models_up: int = 1,
                   models_down: int = 1) -> dict:
@@ -212,7 +218,7 @@ def round_metrics(loss_sum: jax.Array, num_trained: jax.Array, delta: Params,
       "update_norm": optax.tree.norm(delta),
       "num_examples": data.counts[ids].sum(),
       "client_ids": ids,
-      "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+      "client_train_loss": client_losses(loss_sum, num_trained),
       "uplink_bytes": jnp.float32(models_up * per_model),
       "downlink_bytes": jnp.float32(models_down * per_model),
   }

@@ -36,9 +36,10 @@ from fedjax_sim.checks import is_concrete  # noqa: F401 (engine.is_concrete)
 from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
                                        check_clients_per_round, check_model_and_data,
-                                       check_round_args, gather_rows, init_client_states,
-                                       mean_loss, model_bytes, resolve_chunk_size, sample_clients,
-                                       scatter_rows, upload_bytes, vmap_clients, weighted_sum)
+                                       check_round_args, client_losses, gather_rows,
+                                       init_client_states, mean_loss, model_bytes,
+                                       resolve_chunk_size, sample_clients, scatter_rows,
+                                       upload_bytes, vmap_clients, weighted_sum)
 from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import local
 from fedjax_sim.aggregators import Aggregator, ignores_weights, stages_of
@@ -559,7 +560,7 @@ def compose(
         "update_norm": optax.tree.norm(update.delta),
         "num_examples": counts.sum(),
         "client_ids": ids,
-        "client_train_loss": loss_sum / jnp.maximum(num_trained, 1.0),
+        "client_train_loss": client_losses(loss_sum, num_trained),
         "uplink_bytes": jnp.float32(sampled * model_bytes(client_work.upload_like(state.params))),
         "downlink_bytes": jnp.float32(sampled * downlink_bytes(state)),
         **{f"client_{k}": v for k, v in outputs.metrics.items()},
