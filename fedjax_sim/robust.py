@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from fedjax_sim.aggregators import (Aggregator, ClientTransform, no_state, ravel_clients,
                                     split_scalars)
 from fedjax_sim import privacy
+from fedjax_sim.tree import weighted_sum
 
 
 def _median(values: jax.Array) -> jax.Array:
@@ -191,7 +192,13 @@ def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
   robust start a few steps converge whatever their size.
   """
   shares = weiszfeld_coefficients(flat, weights, num_iterations, smoothing)
-  return shares @ jnp.where((shares > 0)[:, None], flat, 0.0)  # 0 x inf would be NaN
+  return _combine(shares, flat)
+
+
+def _combine(shares: jax.Array, rows: jax.Array) -> jax.Array:
+  """sum_i shares[i] rows[i], a row of share 0 left out (0 x inf would be NaN). A multiply
+  and a sum (tree.weighted_sum): an accelerator's default-precision dot rounds the rows."""
+  return weighted_sum(shares, jnp.where((shares > 0)[:, None], rows, 0.0))
 
 
 def weiszfeld_coefficients(flat: jax.Array, weights: jax.Array, num_iterations: int,
@@ -208,7 +215,8 @@ def weiszfeld_coefficients(flat: jax.Array, weights: jax.Array, num_iterations: 
     beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(rows - v, axis=1))
     return beta / jnp.sum(beta)
 
-  v = jax.lax.fori_loop(0, num_iterations - 1, lambda _, v: shares(v) @ rows, _median(flat))
+  v = jax.lax.fori_loop(0, num_iterations - 1, lambda _, v: weighted_sum(shares(v), rows),
+                        _median(flat))
   return shares(v)
 
 
@@ -233,8 +241,7 @@ def geometric_median(num_iterations: int = 8, smoothing: float = 1e-6) -> Aggreg
     # A client with a non-finite scalar is dropped with its update.
     flat = jnp.where(jnp.all(jnp.isfinite(scalars), axis=1)[:, None], flat, jnp.nan)
     shares = weiszfeld_coefficients(flat, weights, num_iterations, smoothing)
-    combine = lambda rows: shares @ jnp.where((shares > 0)[:, None], rows, 0.0)  # 0 x inf
-    return join(unravel(combine(flat)), combine(scalars)), state, {}
+    return join(unravel(_combine(shares, flat)), _combine(shares, scalars)), state, {}
 
   return Aggregator(no_state, aggregate)
 
