@@ -110,19 +110,3 @@ def count_compiles():
   """Returns a function giving the number of XLA compilations since the test began."""
   start = len(_compiles)
   return lambda: len(_compiles) - start
-
-
-def dot_precisions(fn, *args):
-  """The precision of every dot in `fn`'s jaxpr (nested jaxprs included)."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        found.append(eqn.params["precision"])
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else [value]:
-          if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-            walk(getattr(sub, "jaxpr", sub))
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return found
