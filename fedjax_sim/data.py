@@ -187,7 +187,7 @@ def from_clients(
   """
   if len(xs) != len(ys):
     raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
-  if not xs:
+  if len(xs) == 0:  # len: an array of stacked clients has no truth value
     raise ValueError("federated data needs at least one client")
   if max_examples is not None and (not isinstance(max_examples, (int, np.integer))
                                    or max_examples <= 0):
@@ -209,7 +209,8 @@ def from_clients(
       raise ValueError(f"client {i}: inputs of shape {x.shape[1:]}, client 0 has {feature_shape}")
     if y.shape[1:] != label_shape:
       raise ValueError(f"client {i}: labels of shape {y.shape[1:]}, client 0 has {label_shape}")
-    if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+    # jnp's issubdtype: numpy's does not count bfloat16 (ml_dtypes) as inexact.
+    if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(x).all():
       bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
       j = int(np.flatnonzero(bad)[0])
       kind = "NaN" if np.isnan(x[j]).any() else "inf"

@@ -220,6 +220,8 @@ def quantity(labels, num_clients: int, sigma: float = 1.0, *, seed: int = 0,
   # Lognormal weights, scaled by exp(-max) (the shares are ratios): exp(z) itself
   # overflows to inf for sigma in the hundreds and made NaN sizes.
   z = rng.normal(0.0, sigma, num_clients)
+  if not np.isfinite(z).all():  # past float64's range: inf - inf made NaN sizes
+    raise ValueError(f"quantity: sigma={sigma!r} is too large: the log sizes overflow")
   weights = np.exp(z - z.max())
   sizes = min_size + _apportion(n - num_clients * min_size, weights)
   return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
@@ -314,6 +316,9 @@ def summarize(parts: Sequence[np.ndarray], labels, num_classes: int | None = Non
     A PartitionSummary; `str()` of it is a one-line description.
   """
   labels = _labels(labels)
+  if num_classes is not None and len(labels) and num_classes <= labels.max():
+    raise ValueError(f"summarize: num_classes={num_classes} but the labels go up to "
+                     f"{labels.max()}")
   num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
   counts = np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
   return PartitionSummary(np.array([len(p) for p in parts]), counts)

@@ -50,6 +50,11 @@ def synthetic(
     raise ValueError(f"alpha and beta must be finite and >= 0, got alpha={alpha}, beta={beta}")
   if max_size is not None and not (isinstance(max_size, (int, np.integer)) and max_size >= 1):
     raise ValueError(f"max_size must be a positive integer or None, got {max_size!r}")
+  for name, value, lowest in (("num_clients", num_clients, 1), ("num_features", num_features, 1),
+                              ("num_classes", num_classes, 1), ("min_size", min_size, 0)):
+    if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
+        or value < lowest):
+      raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
   rng = np.random.default_rng(seed)
   sizes = rng.lognormal(size_mean, size_sigma, num_clients).astype(int) + min_size
   if max_size is not None:
@@ -67,7 +72,10 @@ def synthetic(
       w = rng.normal(u, 1.0, (num_features, num_classes))
       b = rng.normal(u, 1.0, num_classes)
     x = v + rng.normal(size=(n, num_features)) * np.sqrt(cov_diag)
-    y = np.argmax(x @ w + b, axis=1)
+    logits = x @ w + b
+    if not (np.isfinite(x).all() and np.isfinite(logits).all()):  # argmax of NaN is 0
+      raise ValueError(f"alpha={alpha} and beta={beta} are too large: the data overflow")
+    y = np.argmax(logits, axis=1)
     xs.append(x.astype(np.float32))
     ys.append(y.astype(np.int32))
   return xs, ys

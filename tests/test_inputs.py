@@ -87,6 +87,17 @@ def test_labels_out_of_range_for_the_model(small_mlp, count_compiles):
   assert count_compiles() == before
 
 
+def test_nan_features_of_ml_dtypes_and_stacked_clients():
+  # numpy's issubdtype does not count bfloat16 as inexact: its NaN passed the check.
+  for dtype in (jnp.bfloat16, jnp.float16):
+    x = np.array([[0.0, 1.0], [np.nan, 1.0]], dtype)
+    with pytest.raises(ValueError, match="client 0's features contain NaN \\(example 1"):
+      fs.from_clients([x], [np.zeros(2, int)])
+  # One array of equal clients [C, n, ...] is a sequence of clients, as in split_clients.
+  data = fs.from_clients(np.zeros((4, 5, 3), np.float32), np.zeros((4, 5), np.int32))
+  assert data.x.shape == (4, 5, 3) and list(data.counts) == [5] * 4
+
+
 def test_values_past_what_they_are_stored_as_are_refused():
   # int64 labels are stored as int32 (2**32 + 1 wrapped to 1); float64 features as
   # float32 (1e300 became inf, past the NaN/inf check).

@@ -205,6 +205,15 @@ def test_synthetic_beta_controls_heterogeneity_and_alpha_no_label():
   assert len(fs.synthetic(0.0, 0.0, num_clients=2)[0]) == 2  # 0 is allowed
   with pytest.raises(ValueError, match="max_size must be a positive integer"):
     fs.synthetic(1.0, 1.0, max_size=0)
+  # Sizes are checked before numpy sees them ("negative dimensions are not allowed").
+  for bad in ({"num_clients": -1}, {"min_size": -5}, {"min_size": 2.5}, {"num_classes": 0}):
+    with pytest.raises(ValueError, match=f"{next(iter(bad))} must be an integer >="):
+      fs.synthetic(1.0, 1.0, **bad)
+  assert len(fs.synthetic(1.0, 1.0, num_clients=1, min_size=0)[0]) == 1  # the edges
+  # Finite but past float64's range: the draws overflow and argmax of NaN logits was 0.
+  for alpha, beta in ((1e308, 1.0), (1.0, 1e308)):
+    with pytest.raises(ValueError, match="too large: the data overflow"):
+      fs.synthetic(alpha, beta, seed=0)
 
 
 def test_reddi_fedadam_one_step_golden():

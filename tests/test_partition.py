@@ -56,6 +56,9 @@ def test_quantity_with_a_huge_sigma_still_hands_out_every_example_once():
   everything = np.concatenate(parts)
   assert len(everything) == 1000 and len(np.unique(everything)) == 1000
   assert min(len(p) for p in parts) >= 1
+  # Past float64's range the log sizes themselves overflow (inf - inf is NaN): refused.
+  with pytest.raises(ValueError, match="sigma=1e\\+308 is too large"):
+    partition.quantity(100, 10, 1e308, seed=2)
 
 
 def test_dirichlet_takes_given_sizes_to_combine_with_quantity_skew():
@@ -137,6 +140,10 @@ def test_summary_describes_sizes_labels_and_padding():
   assert summary.kept_fraction(cap) < 1.0
   # A cap above the largest client pads to the largest client, as from_clients does.
   assert summary.padding_efficiency(10 * summary.sizes.max()) == summary.padding_efficiency()
+  # A histogram narrower than the labels is refused, not widened (or crashed in stack).
+  with pytest.raises(ValueError, match="num_classes=5 but the labels go up to 9"):
+    partition.summarize(parts, LABELS, num_classes=5)
+  assert partition.summarize(parts, LABELS, num_classes=10).label_counts.shape == (25, 10)
   text = str(summary)
   assert text.startswith("25 clients, 1950 examples") and "padding efficiency" in text
 
