@@ -195,8 +195,12 @@ def mean_over_clients(values: jax.Array, weights: jax.Array) -> jax.Array:
 
 
 def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
-  """One key per client, from its id (not its position in the round)."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  """One key per client, from its id (not its position in the round). An id that comes
+  again in `ids` (FedBuff's buffer may hold two updates of one fast client) gets another
+  key each time, its repeat count folded in: the same key would draw the same noise."""
+  by_id = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+  repeat = jnp.sum(jnp.tril(ids[:, None] == ids[None, :], k=-1), axis=1)  # earlier equal ids
+  return jnp.where(repeat > 0, jax.vmap(jax.random.fold_in)(by_id, repeat), by_id)
 
 
 def stateful_client_stage(aggregator: "Aggregator | None", state: Any):

@@ -166,3 +166,20 @@ def test_scalars_beside_the_update_go_exact_and_are_counted_as_float32(make):
   chain = aggregators.chain(stage, aggregators.mean())
   assert compression.uplink_bytes_per_client(chain, d, 1) == (
       compression.uplink_bytes_per_client(chain, d) + 4)
+
+
+def test_a_client_twice_in_one_call_gets_other_draws():
+  """FedBuff's buffer may hold two updates of one fast client: the repeat gets its own
+  key (its repeat count folded in), the first keeps fold_in(key, id) as every synchronous
+  round's clients do."""
+  key = jax.random.key(5)
+  keys = aggregators.client_keys(key, jnp.array([3, 5, 3, 3]))
+  data = jax.random.key_data
+  for i, cid in ((0, 3), (1, 5)):
+    np.testing.assert_array_equal(data(keys[i]), data(jax.random.fold_in(key, cid)))
+  assert len({tuple(np.asarray(data(k)).tolist()) for k in keys}) == 4
+  x = jnp.linspace(-1.0, 1.0, 32)
+  decoded, *_ = compression.quantize(1).apply(None, {"w": jnp.stack([x, x])}, jnp.ones(2),
+                                              jnp.array([0, 0]), key)
+  assert not np.array_equal(decoded["w"][0], decoded["w"][1])
+

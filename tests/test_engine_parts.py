@@ -60,6 +60,13 @@ def test_hparam_schedule_equals_setting_each_round_by_hand(setup):
     b, _ = jax.jit(by_hand.round)(fs.set_hparams(b, client_lr=0.4 * 0.5**t), data)
   assert max_relative_error(a.params, b.params) < 1e-6
   assert fs.get_hparams(a) == {"client_lr": pytest.approx(0.4)}  # the schedule is not stored
+  # A misspelt name was ignored (the stored lr used), a missing one a KeyError in training.
+  for bad, match in ((lambda t, hp: {**hp, "clientlr": 0.0}, r"unknown \['clientlr'\], missing \[\]"),
+                     (lambda t, hp: {}, r"unknown \[\], missing \['client_lr'\]")):
+    wrong = fs.fedavg(model.apply, client_optimizer=lr, extra_hparams={"client_lr": 0.4},
+                      hparam_schedule=bad, **SCHEDULE)
+    with pytest.raises(ValueError, match=match):
+      jax.jit(wrong.round)(wrong.init(model.params, jax.random.key(2)), data)
 
 
 def test_hyperparameters_are_checked_on_the_host(setup):

@@ -282,6 +282,19 @@ def set_hparams(state: ServerState, **values: float) -> ServerState:
   return state._replace(hp=hp)
 
 
+def scheduled(hparam_schedule: Callable, state: ServerState) -> Hparams:
+  """`hparam_schedule(round, hp)`, which must name exactly the state's hyperparameters
+  (checked while tracing): a misspelt name was ignored, a missing one a KeyError deep
+  inside local training."""
+  hp = hparam_schedule(state.round, state.hp)
+  given, have = set(hp) if isinstance(hp, Mapping) else set(), set(state.hp or {})
+  if given != have:
+    raise ValueError(f"hparam_schedule must return every hyperparameter of the state and no "
+                     f"other: unknown {sorted(given - have)}, missing {sorted(have - given)}; "
+                     f"this algorithm has {sorted(have)} (start from {{**hp, ...}})")
+  return hp
+
+
 def get_hparams(state: ServerState) -> dict[str, float]:
   """The state's hyperparameters as Python floats."""
   return {k: float(v) for k, v in (state.hp or {}).items()}
@@ -424,7 +437,7 @@ def compose(
     check_clients_per_round(sampled, data)
     if systems is not None:
       systems_lib.check_profiles_fit(systems.profiles, data.num_clients)
-    hp = state.hp if hparam_schedule is None else hparam_schedule(state.round, state.hp)
+    hp = state.hp if hparam_schedule is None else scheduled(hparam_schedule, state)
     next_key, sample_key, train_key = keys.round_keys(state.key)
     ids = sample_clients(sample_key, data.num_clients, sampled)
     if client_data_schedule is None:

@@ -107,8 +107,8 @@ def fedavg(
         giving a client's data in a round (`systems.sliding_window`,
         `systems.label_drift`), applied before `client_data_transform`; example
         weights and step counts use the scheduled n.
-      hparam_schedule: optional `(round, hp) -> hp`, e.g. a learning-rate decay of
-        an optimizer given as `hp -> optimizer`.
+      hparam_schedule: optional `(round, hp) -> hp` returning every hyperparameter,
+        e.g. a learning-rate decay of an optimizer given as `hp -> optimizer`.
       extra_hparams: hyperparameters such optimizers read, name -> initial value.
 
   Returns:
