@@ -136,6 +136,30 @@ def check_labels(apply, params, data: FederatedData, what: str = "the data") -> 
   check_label_values(logits, y, real, what, client_axis=True)
 
 
+def check_label_schedule(schedule, apply, params, data: FederatedData) -> None:
+  """Raises ValueError if a client data schedule that rotates labels over `num_classes`
+  (systems.label_drift) does not fit: labels of `data` at or above it would be rewritten
+  from round 0, and a model with fewer outputs gets labels past its last logit (a NaN
+  loss from the first shift on)."""
+  for stage in getattr(schedule, "stages", ()):  # systems.chain_schedules
+    check_label_schedule(stage, apply, params, data)
+  num_classes = getattr(schedule, "num_classes", None)
+  if num_classes is None:
+    return
+  outputs = model_output(apply, params, data.x.shape[2:], data.x.dtype,
+                         f"{_of('the data')} examples").shape[-1]
+  if num_classes > outputs:
+    raise ValueError(f"the label drift rotates labels over {num_classes} classes but the "
+                     f"model has {outputs} outputs")
+  y, counts = np.asarray(data.y), np.asarray(data.counts)
+  real = np.arange(data.max_examples) < counts[:, None]
+  real = real.reshape(real.shape + (1,) * (y.ndim - 2))  # per-token labels: more axes
+  top = int(np.where(real, y, -1).max(initial=-1))
+  if top >= num_classes:
+    raise ValueError(f"the label drift rotates labels over {num_classes} classes but the "
+                     f"data's labels go up to {top}")
+
+
 def _non_finite_kind(values: np.ndarray) -> str:
   return "NaN" if np.isnan(values).any() else "inf"
 

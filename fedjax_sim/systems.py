@@ -510,6 +510,7 @@ def label_drift(num_classes: int, period: int) -> ClientDataSchedule:
     shift = (round_index // period) % num_classes
     return x, jnp.where(y >= 0, (y + shift) % num_classes, y).astype(y.dtype), n
 
+  schedule.num_classes = num_classes  # what validate checks the data and model against
   return schedule
 
 
@@ -521,4 +522,5 @@ def chain_schedules(*schedules: ClientDataSchedule) -> ClientDataSchedule:
       x, y, n = s(x, y, n, client_id, round_index)
     return x, y, n
 
+  schedule.stages = schedules  # validate checks each
   return schedule

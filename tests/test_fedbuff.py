@@ -215,6 +215,9 @@ def test_bad_configuration_is_rejected_before_compiling(uneven, count_compiles):
     algorithms.fedbuff(apply, profiles=six, concurrency=7, buffer_size=2, **kwargs)
   with pytest.raises(ValueError, match="concurrency must be a positive integer"):
     algorithms.fedbuff(apply, profiles=six, concurrency=0, buffer_size=1, **kwargs)
+  # numpy integers are integers (buffer_size np.int64(2) was refused as clients_per_round)
+  algorithms.fedbuff(apply, profiles=six, concurrency=np.int64(3), buffer_size=np.int64(2),
+                     **kwargs)
   with pytest.raises(ValueError, match="staleness must be"):
     algorithms.fedbuff(apply, profiles=six, concurrency=3, buffer_size=2, staleness="linear",
                        **kwargs)

@@ -124,6 +124,25 @@ def test_label_drift_by_hand():
     systems.sliding_window(0, 1)
 
 
+def test_label_drift_must_fit_the_data_and_the_model():
+  """A drift over more classes than the model's outputs gave labels past the last logit
+  (a NaN loss from the first shift on); one over fewer than the data's labels rewrote
+  them in round 0. Both are refused by validate, also inside a chain; the edges pass."""
+  import fedjax_sim as fs
+  from fedjax_sim.algorithms import features
+  setup = features.default_setup()  # 3 classes, 3 outputs
+  for num_classes, match in ((4, "over 4 classes but the model has 3 outputs"),
+                             (2, "over 2 classes but the data's labels go up to 2")):
+    for schedule in (systems.label_drift(num_classes, 1),
+                     systems.chain_schedules(systems.sliding_window(4, 1),
+                                             systems.label_drift(num_classes, 1))):
+      algorithm = features.build("fedavg", setup=setup, client_data_schedule=schedule)
+      with pytest.raises(ValueError, match=match):
+        algorithm.validate(algorithm.init(setup.model.params, jax.random.key(0)), setup.data)
+  fits = features.build("fedavg", setup=setup, client_data_schedule=systems.label_drift(3, 1))
+  fits.validate(fits.init(setup.model.params, jax.random.key(0)), setup.data)
+
+
 @pytest.mark.parametrize("name", ["fedavg", "scaffold", "feddyn"])
 def test_trains_on_the_scheduled_window(ragged, name):
   # SCAFFOLD's control variate step and FedDyn's alpha_k read the total weight of all

@@ -32,6 +32,7 @@ import optax
 
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import keys
+from fedjax_sim import checks
 from fedjax_sim.checks import is_concrete  # noqa: F401 (engine.is_concrete)
 from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
@@ -412,6 +413,7 @@ def compose(
     check_hparams(state.hp, hparam_checks)
     check_clients_per_round(clients_per_round, data)
     check_model_and_data(apply, state.params, data)
+    checks.check_label_schedule(client_data_schedule, apply, state.params, data)
     check_count_range(data)
     if stateful:
       check_client_states(state, data)

@@ -33,7 +33,9 @@ that reason; taking the K earliest slots at once would miss it).
 When concurrency == buffer_size and the whole cohort arrives at the same instant
 (every client equally fast), nobody is in flight when the next cohort is dispatched,
 and it is drawn as `fedavg` draws one (`start_round`'s keys and `sample_clients`):
-FedBuff is then FedAvg round for round, same ids, keys and parameters.
+FedBuff is then FedAvg round for round, same ids, keys and parameters, unless an
+aggregator stage draws random numbers (quantization): its key comes from the round
+after fedavg's, since each cohort is drawn a round ahead of its update.
 
 `state.round` counts server updates (the model version); `state.sim_time` is the
 simulated time of the latest update. Client availability in the profiles is not used:
@@ -175,6 +177,7 @@ def fedbuff(
                      "to cut or over-selection to close; client speeds come from profiles=")
   _positive_int("concurrency", concurrency)
   _positive_int("buffer_size", buffer_size)
+  concurrency, buffer_size = int(concurrency), int(buffer_size)  # numpy integers too
   check_round_args(buffer_size, weighting, client_chunk_size)
   local.check_schedule(batch_size, epochs, steps)
   if not isinstance(profiles, systems.ClientProfiles):
