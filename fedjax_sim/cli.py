@@ -313,12 +313,12 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     raise run_dir.RunDirError(f"--output {output!r}: {e.strerror or e}") from None
   config = {k: v for k, v in vars(args).items() if k != "command"}
   config.update(model=args.model or task.default_model, epochs=epochs,
-                device=str(jax.devices()[0]), noise_multiplier=setup.noise_multiplier,
-                weighting_used=weighting_used)
-  if setup.accountant is not None:  # what DP ran with: the defaults, and the rounds
-    # --target-epsilon leaves (config's rounds and noise_multiplier are the flags')
+                device=str(jax.devices()[0]), weighting_used=weighting_used)
+  if setup.accountant is not None:  # what DP ran with: the defaults, the noise and the
+    # rounds --target-epsilon leaves (config's rounds and noise_multiplier are the flags',
+    # as a sweep's rows have them, so that `plot` and `runs` see the same configuration)
     config.update(dp_delta=setup.accountant.delta, dp_accountant=setup.accountant.accountant,
-                  dp_rounds=setup.rounds)
+                  dp_rounds=setup.rounds, dp_noise_multiplier=setup.noise_multiplier)
   if profiles is not None:
     config["profiles_summary"] = systems.describe(profiles)
   # The command line itself: `--resume` parses it again.

@@ -34,14 +34,16 @@ _NAMES = {"test_accuracy": "test accuracy", "train_loss": "training loss",
           "update_norm": "update norm (L2)", "num_aggregated": "clients aggregated per round"}
 
 
-def axis_label(name: str, scale: float = 1.0, unit: str = "") -> str:
-  """A metric's axis label with its unit."""
+def axis_label(name: str, scale: float = 1.0, unit: str = "", *, x: bool = False) -> str:
+  """A metric's axis label with its unit; on the x axis bytes are summed over rounds."""
   if name == "round":
     return "round"
   if name == "sim_time_s":
     return f"simulated time ({unit or 's'})"
   if name in results.PER_ROUND_AMOUNTS:
-    return f"cumulative {name.split('_')[0]} ({unit or 'bytes'})"
+    which = name.split("_")[0]
+    return (f"cumulative {which} ({unit or 'bytes'})" if x
+            else f"{which} per round ({unit or 'bytes'})")
   if name in _NAMES:
     text = _NAMES[name]
   else:
@@ -137,6 +139,9 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
   have = [run for run in runs if metric in run.series]
   if not have:
     names = sorted({n for run in runs for n in run.series})
+    if not names:  # e.g. diverged in round 1, or a sweep before its results
+      raise ValueError(f"no run has metric {metric!r}: no metrics were recorded ("
+                       + "; ".join(f"{run.name}: {run.status}" for run in runs) + ")")
     raise ValueError(f"no run has metric {metric!r}; they have {', '.join(names)}")
   missing = [run.name for run in runs if metric not in run.series]
   if missing:
@@ -193,7 +198,7 @@ def plot_runs(dirs: Sequence[str | os.PathLike] | str | os.PathLike,
     if len(ys) > 1:
       ax.fill_between(x_mean, ys.min(axis=0), ys.max(axis=0), color=kwargs["color"], alpha=0.2,
                       linewidth=0)
-  ax.set_xlabel(axis_label(x, unit=unit))
+  ax.set_xlabel(axis_label(x, unit=unit, x=True))
   ax.set_ylabel(axis_label(metric))
   # x: log when the runs' totals differ by a decade (compressed against full uplinks, say);
   # one run's cumulative bytes always span decades from round 1, which log would stretch.

@@ -32,13 +32,13 @@ from fedjax_sim.run_dir import is_sweep
 
 NO_SUMMARY = "running or killed"  # summary.json missing, or as fs.run left it: "running"
 # Configuration keys that never tell runs apart: where the output goes, how it is shown
-# and logged, checkpointed or resumed, the seed (runs differing only by seed are drawn as
-# one mean and band), the device.
+# and logged, checkpointed or resumed, where the final parameters are saved, the seed
+# (runs differing only by seed are drawn as one mean and band), the device.
 IGNORED_KEYS = frozenset({"output", "no_progress", "seed", "command", "plot", "tensorboard",
                           "wandb", "wandb_mode", "resume", "checkpoint_every",
                           "keep_checkpoints", "overwrite", "no_compile_cache", "argv",
                           "config_hash", "profiles_summary", "wandb_id",
-                          "device"})
+                          "device", "save_params"})
 # Per-round metrics that are amounts per round: an x axis sums them over the rounds.
 PER_ROUND_AMOUNTS = ("uplink_bytes", "downlink_bytes")
 
@@ -241,9 +241,11 @@ def load(path: str | os.PathLike) -> list[Run]:
     return load_sweep(path)
   if os.path.isdir(path) and is_unfinished_sweep(path):
     raw = _read_json(os.path.join(path, "config.json"))
+    # The task's default model is known only from the summary a finished sweep writes:
+    # unknown is left out (a difference only where runs that have it differ), not None.
+    config = {k: v for k, v in _sweep_settings(raw).items() if k != "model" or v is not None}
     return [Run(path=path, name=f"{os.path.basename(os.path.normpath(path))}[*]", kind="sweep",
-                config=_sweep_settings(raw), seed=None, status=NO_SUMMARY, seconds=None,
-                series={})]
+                config=config, seed=None, status=NO_SUMMARY, seconds=None, series={})]
   if os.path.isdir(path) and is_run(path):
     return [load_run(path)]
   raise FileNotFoundError(f"{path}: not a run folder (config.json, metrics.jsonl) or a sweep "

@@ -35,7 +35,9 @@ def table(runs: Sequence[results.Run], root: str | None = None) -> tuple[list[st
     folder = os.path.relpath(run.path, root) if root else run.path
     name = folder if run.kind == "run" else f"{folder}{run.name[run.name.rindex('['):]}"
     row: dict[str, Any] = {"run": name, **{k: run.config.get(k) for k in keys},
-                           "seed": run.seed, "status": run.status, "rounds_done": run.rounds}
+                           # one line: an exception's message may span several
+                           "seed": run.seed, "status": " ".join(run.status.split()),
+                           "rounds_done": run.rounds}
     for metric in names:
       row[f"final_{metric}"] = run.final(metric)
       row[f"best_{metric}"] = run.best(metric)

@@ -37,6 +37,7 @@ def test_dp_run_with_backdoor_and_quantization(tmp_path, capsys):
   assert "6 of 30 clients are malicious (backdoor)" in printed
   config = json.loads((out / "config.json").read_text())
   assert config["attack"] == "backdoor" and config["noise_multiplier"] == 3.0
+  assert config["dp_noise_multiplier"] == 3.0  # what ran: the flag's, or calibrated
   # What DP ran with, defaults and the rounds --target-epsilon left, and the weighting
   # DP's mean uses whatever --weighting says (it counts every client once).
   assert (config["dp_delta"], config["dp_accountant"], config["dp_rounds"]) == (

@@ -108,6 +108,9 @@ def test_plot_x_axes_are_cumulative_bytes_and_simulated_time(folders):
   assert ax.get_xlabel().startswith("cumulative uplink (")
   assert ax.get_xscale() == "linear"  # one run's bytes span decades from round 1: not log
   assert ax.get_ylabel() == "training loss (mean per example)"
+  # On the y axis bytes are the round's own, not summed (the label said cumulative).
+  ax = fs.plot_runs([run], metric="uplink_bytes")
+  assert ax.get_ylabel().startswith("uplink per round (")
   ax = fs.plot_runs([run], x="sim_time_s")
   assert ax.get_xlabel() == "simulated time (s)"
   np.testing.assert_allclose(ax.get_lines()[0].get_xdata(),
@@ -135,6 +138,31 @@ def test_plot_scales_styles_and_errors(folders, tmp_path, capsys):
   assert "no run has metric 'nope'; they have" in capsys.readouterr().err
   assert cli.main(["plot", str(folders)]) == 2
   assert "not a run folder" in capsys.readouterr().err
+  # A run with no metric rows at all (diverged in round 1) says so, with its status.
+  nan = tmp_path / "nan"
+  nan.mkdir()
+  (nan / "config.json").write_text(json.dumps({"task": "synthetic", "seed": 0}))
+  (nan / "metrics.jsonl").write_text("")
+  (nan / "summary.json").write_text(json.dumps({"status": "diverged at round 1"}))
+  assert cli.main(["plot", str(nan)]) == 2
+  assert "no metrics were recorded (nan: diverged at round 1)" in capsys.readouterr().err
+
+
+def test_output_places_and_derived_dp_noise_are_no_configuration_difference(folders, tmp_path):
+  """Seeds that save their parameters to their own files, or that calibrated the same
+  noise from --target-epsilon (config keeps the flag, dp_noise_multiplier the value),
+  are one configuration: one line and band, no column."""
+  run = folders / "runs" / "lr0.1"
+  config = json.loads((run / "config.json").read_text())
+  for seed in (0, 1):
+    shutil.copytree(run, tmp_path / f"s{seed}")
+    (tmp_path / f"s{seed}" / "config.json").write_text(json.dumps(
+        {**config, "seed": seed, "save_params": f"params/s{seed}.npz",
+         "noise_multiplier": None, "dp_noise_multiplier": 0.4}))
+  runs = [r for seed in (0, 1) for r in results.load(tmp_path / f"s{seed}")]
+  assert results.differences(runs) == []
+  assert _legend(fs.plot_runs([tmp_path / "s0", tmp_path / "s1"])) == [
+      "fedavg on synthetic (mean of 2 seeds)"]
 
 
 def test_runs_table_shows_each_status(folders, tmp_path, capsys):
@@ -144,7 +172,7 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
     shutil.copytree(done, root / name)
   summary = json.loads((done / "summary.json").read_text())
   (root / "failed" / "summary.json").write_text(
-      json.dumps({**summary, "status": "failed: ValueError: boom", "rounds": 4}))
+      json.dumps({**summary, "status": "failed: ValueError: boom\n  on two lines", "rounds": 4}))
   # configured for 8 rounds: "rounds" is then a key column, beside the rounds done
   config = json.loads((done / "config.json").read_text())
   (root / "failed" / "config.json").write_text(json.dumps({**config, "rounds": 8}))
@@ -169,7 +197,9 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
                        *(f"sweep[{i}]" for i in range(4))}
   assert rows["sweep-running[*]"]["status"] == results.NO_SUMMARY
   assert rows["finished"]["status"] == "completed" and rows["finished"]["rounds_done"] == "4"
-  assert rows["failed"]["status"] == "failed: ValueError: boom"
+  assert rows["failed"]["status"] == "failed: ValueError: boom on two lines"  # one line
+  table = [line for line in printed.splitlines() if not line.startswith("fedjax-sim:")]
+  assert len(table) == 1 + len(rows)  # a header, then a line per run
   assert rows["failed"]["rounds"] == "8" and rows["failed"]["rounds_done"] == "4"
   assert rows["interrupted"]["status"] == "interrupted" and rows["interrupted"]["rounds_done"] == "2"
   assert rows["killed"]["status"] == results.NO_SUMMARY and rows["killed"]["rounds_done"] == "3"
@@ -178,6 +208,8 @@ def test_runs_table_shows_each_status(folders, tmp_path, capsys):
   for name in ("finished", "failed", "interrupted", "killed", "sweep[0]"):
     assert f"{name} " in printed
   assert "client_lr" in printed.splitlines()[0]  # the configuration difference is a column
+  # The unfinished sweep's model is unknown (the task's default), not a difference.
+  assert "model" not in printed.splitlines()[0].split()
   # Sorted by best test accuracy, highest first, the row without one last.
   best = [float(r["best_test_accuracy"]) for r in rows.values() if r["best_test_accuracy"]]
   with open(out) as f:
