@@ -22,8 +22,9 @@ def _sums(apply, params, x, y, mask):
   tokens excluded; with one label per example they are per example.
   """
   loss, hits, count = label_sums(apply(params, x), y)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(loss * mask), jnp.sum(hits * mask), jnp.sum(count * mask)
+  # where, not a product: a padding slot's output may be NaN, and NaN x 0 is NaN.
+  real = lambda v: jnp.sum(jnp.where(mask, v, 0).astype(jnp.float32))
+  return real(loss), real(hits), real(count)
 
 
 def make_evaluator(

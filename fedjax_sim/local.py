@@ -222,6 +222,10 @@ def make_local_update(
 
     def padded_order(epoch):
       order = epoch_order(jax.random.fold_in(key, epoch), n, max_n)
+      # A batch's padded positions read a real example (the first of the order; slot 0,
+      # the pad value, is real too) whose loss the mask zeroes: a padding slot's zeros
+      # may make the model non-finite, and 0 x NaN in the gradient is NaN.
+      order = jnp.where(jnp.arange(max_n) < n, order, order[0])
       return jnp.pad(order, (0, num_batches * batch_size - max_n))
 
     if epochs is not None:

@@ -68,6 +68,31 @@ def test_padding_does_not_change_a_client_update(ragged, small_mlp, schedule):
   assert float(results[0].num_trained) == expected
 
 
+def test_padding_slots_reach_no_gradient_and_no_metric():
+  """A model not finite on a padding slot's zeros (log features of positive data): the
+  last partial batch masked those slots by 0 x loss, whose gradient is 0 x NaN, so the
+  round's parameters were NaN while each client alone trains finitely. Same for the
+  full-batch gradient (MimeLite, q-FFL) and the evaluation sums."""
+  apply = lambda p, x: jnp.log(x) @ p["w"]
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+  xs = [rng.uniform(0.5, 2.0, size=(n, 3)).astype(np.float32) for n in (3, 5)]
+  ys = [rng.integers(0, 4, n) for n in (3, 5)]
+  data = fs.from_clients(xs, ys, num_classes=4)
+  kw = dict(clients_per_round=2, batch_size=2, epochs=1)
+  got, _ = jax.jit(fedavg(apply, client_optimizer=optax.sgd(0.1), **kw).round)(
+      fedavg(apply, client_optimizer=optax.sgd(0.1), **kw).init(params, jax.random.key(0)), data)
+  ref = fs.ReferenceFedAvg(apply, client_optimizer=optax.sgd(0.1), **kw)
+  want, _ = ref.round(ref.init(params, jax.random.key(0)), data)
+  assert max_relative_error(got.params, want.params) < 1e-5
+  mime = fs.mimelite(apply, client_learning_rate=0.1, momentum=0.5, **kw)
+  state, _ = jax.jit(mime.round)(mime.init(params, jax.random.key(0)), data)
+  assert all(np.isfinite(np.asarray(leaf)).all()
+             for leaf in jax.tree_util.tree_leaves((state.params, state.algorithm_state)))
+  metrics = fs.make_evaluator(apply, client_test=data)(got.params)
+  assert np.isfinite(metrics["client_test_loss"])
+
+
 def test_epoch_order_is_a_permutation_then_padding():
   order = np.asarray(local.epoch_order(jax.random.key(0), 7, 12))
   assert sorted(order[:7]) == list(range(7))

@@ -239,8 +239,12 @@ def local_train(inp: ClientInput, loss: local.PerExampleLoss,
 
 def full_batch_loss(loss: local.PerExampleLoss, params: Params, inp: ClientInput) -> jax.Array:
   """The client's local objective at `params`: the mean loss over its real examples."""
-  mask = (jnp.arange(inp.x.shape[0]) < inp.n).astype(jnp.float32)
-  return jnp.sum(loss(params, inp.x, inp.y) * mask) / jnp.maximum(inp.n, 1).astype(jnp.float32)
+  real = jnp.arange(inp.x.shape[0]) < inp.n
+  # Padding slots read example 0 instead (real when n > 0), whose loss is left out: the
+  # zeros of a padding slot may make the model non-finite, and its gradient then NaN.
+  rows = jnp.where(real, jnp.arange(inp.x.shape[0]), 0)
+  per_example = loss(params, inp.x[rows], inp.y[rows])
+  return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(inp.n, 1).astype(jnp.float32)
 
 
 # --- Hyperparameters -----------------------------------------------------------------
