@@ -130,12 +130,19 @@ def build(args: argparse.Namespace, *, num_clients: int, num_classes: int,
       raise ValueError(f"--attack {args.attack} needs --malicious-fraction in (0, 1), got "
                        f"{malicious_fraction}")
     malicious = attacks.choose_malicious(num_clients, malicious_fraction, seed=args.seed)
+    count = int(np.sum(malicious))  # the fraction rounds: 0.01 of 30 clients is none
+    if not 0 < count < num_clients:
+      raise ValueError(f"--malicious-fraction {malicious_fraction:g} of {num_clients} clients "
+                       f"makes {count} malicious: give a fraction that leaves 1 to "
+                       f"{num_clients - 1}")
     if args.attack == "label_flip":
       data_transform = attacks.label_flip(malicious, num_classes)
-    elif args.attack == "sign_flip":
-      stages.append(attacks.sign_flip(malicious, value(args, "attack_scale")))
-    elif args.attack == "scaling":
-      stages.append(attacks.scaling(malicious, value(args, "attack_scale")))
+    elif args.attack in ("sign_flip", "scaling"):
+      attack = attacks.sign_flip if args.attack == "sign_flip" else attacks.scaling
+      try:
+        stages.append(attack(malicious, value(args, "attack_scale")))
+      except ValueError as e:  # named by the flag that set it
+        raise ValueError(f"--attack-scale: {e}") from None
     else:
       # A corner trigger at the data's largest value, labelled class 0.
       backdoor = backdoor_trigger(train_x)

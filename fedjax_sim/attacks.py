@@ -136,6 +136,8 @@ def sign_flip(malicious, scale: float = 1.0) -> ClientTransform:
 def scaling(malicious, factor: float) -> ClientTransform:
   """Malicious clients (a mask over clients, or k per round) send factor x their update."""
   factor = _check_factor("scaling's factor", factor, positive=False)
+  if factor == 1.0:  # as sign_flip refuses -1: no attack, reported as one
+    raise ValueError("scaling's factor 1 sends the honest update: no attack")
   return _model_attack(malicious, lambda bad, w: factor)
 
 

@@ -163,8 +163,10 @@ def check_flags(args: argparse.Namespace) -> None:
       raise FileNotFoundError(f"--profiles: no such file {args.profiles!r}")
     if os.path.splitext(args.profiles)[1].lower() not in (".csv", ".npz"):
       raise ValueError(f"--profiles: {args.profiles!r} must be a .csv or .npz file")
-  if args.profiles_seed is not None and args.profiles_seed < 0:  # numpy's own error named none
-    raise ValueError(f"--profiles-seed must be an integer >= 0, got {args.profiles_seed}")
+  for flag in ("profiles_seed", "data_seed"):  # numpy's own error named none
+    value = getattr(args, flag, None)
+    if value is not None and value < 0:
+      raise ValueError(f"--{flag.replace('_', '-')} must be an integer >= 0, got {value}")
   if args.speed_median is not None and not (_finite(args.speed_median) and args.speed_median > 0):
     raise ValueError(f"--speed-median must be a positive number of examples/s, got "
                      f"{args.speed_median}")

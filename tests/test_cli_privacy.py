@@ -90,7 +90,15 @@ def test_krum_without_an_attack_says_what_it_tolerates():
     (["--attack", "scaling", "--malicious-fraction", "0.3", "--attack-scale", "nan"],
      "scaling's factor must be a finite number, got nan"),
     (["--attack", "sign_flip", "--malicious-fraction", "0.3", "--attack-scale", "-1"],
-     "sign_flip's scale must be a finite number > 0, got -1.0"),
+     "--attack-scale: sign_flip's scale must be a finite number > 0, got -1.0"),
+    # A factor of 1 is the honest update; fractions rounding to no client or to every one.
+    (["--attack", "scaling", "--malicious-fraction", "0.3", "--attack-scale", "1"],
+     "--attack-scale: scaling's factor 1 sends the honest update: no attack"),
+    (["--attack", "sign_flip", "--malicious-fraction", "0.01"],
+     "--malicious-fraction 0.01 of 30 clients makes 0 malicious"),
+    (["--attack", "sign_flip", "--malicious-fraction", "0.99"],
+     "--malicious-fraction 0.99 of 30 clients makes 30 malicious"),
+    (["--data-seed", "-1"], "--data-seed must be an integer >= 0, got -1"),
 ])
 def test_bad_flag_combinations_are_clear_errors(tmp_path, capsys, flags, match):
   code = cli.main(["run", "--rounds", "2", "--output", str(tmp_path / "x"), "--no-progress",
