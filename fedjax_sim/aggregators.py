@@ -199,7 +199,11 @@ def client_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   again in `ids` (FedBuff's buffer may hold two updates of one fast client) gets another
   key each time, its repeat count folded in: the same key would draw the same noise."""
   by_id = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-  repeat = jnp.sum(jnp.tril(ids[:, None] == ids[None, :], k=-1), axis=1)  # earlier equal ids
+  # How many earlier rows have the same id, by a stable sort (not a [C, C] comparison).
+  order = jnp.argsort(ids, stable=True)
+  ranked = ids[order]
+  rank = jnp.arange(ids.shape[0]) - jnp.searchsorted(ranked, ranked, side="left")
+  repeat = jnp.zeros_like(rank).at[order].set(rank)
   return jnp.where(repeat > 0, jax.vmap(jax.random.fold_in)(by_id, repeat), by_id)
 
 

@@ -173,11 +173,11 @@ def test_a_client_twice_in_one_call_gets_other_draws():
   key (its repeat count folded in), the first keeps fold_in(key, id) as every synchronous
   round's clients do."""
   key = jax.random.key(5)
-  keys = aggregators.client_keys(key, jnp.array([3, 5, 3, 3]))
+  keys = aggregators.client_keys(key, jnp.array([3, 5, 3, 3, 7, 5, 0]))
   data = jax.random.key_data
-  for i, cid in ((0, 3), (1, 5)):
+  for i, cid in ((0, 3), (1, 5), (4, 7), (6, 0)):
     np.testing.assert_array_equal(data(keys[i]), data(jax.random.fold_in(key, cid)))
-  assert len({tuple(np.asarray(data(k)).tolist()) for k in keys}) == 4
+  assert len({tuple(np.asarray(data(k)).tolist()) for k in keys}) == 7
   x = jnp.linspace(-1.0, 1.0, 32)
   decoded, *_ = compression.quantize(1).apply(None, {"w": jnp.stack([x, x])}, jnp.ones(2),
                                               jnp.array([0, 0]), key)
