@@ -23,12 +23,13 @@ def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
 def weighted_sum(weights: jax.Array, stacked: Any) -> Any:
   """sum_c weights[c] * stacked[c] over the leading client axis of every leaf.
 
-  A multiply and a sum, not a dot: an accelerator's float32 dot rounds its inputs by
-  default (to TensorFloat-32 on recent NVIDIA GPUs, bfloat16 on TPUs), and on a 2-core
-  CPU the dot took 6% of a 5-step round of 10 MLP clients (benchmarks/peers/in_process.py)."""
-  def one(d):
-    return (weights.reshape(weights.shape + (1,) * (d.ndim - 1)) * d).sum(0)
-  return jax.tree_util.tree_map(one, stacked)
+  A dot at full precision: an accelerator's default-precision float32 dot rounds its
+  inputs (to TensorFloat-32 on recent NVIDIA GPUs, bfloat16 on TPUs). Not a multiply
+  and a sum: XLA:CPU (jaxlib 0.10) then summed in an order that depended on the program
+  around it, so rounds of a 7-round chunk differed in the last bit from 1-round ones."""
+  return jax.tree_util.tree_map(
+      lambda d: jnp.tensordot(weights, d, axes=1, precision=jax.lax.Precision.HIGHEST),
+      stacked)
 
 
 def vmap_clients(fn: Callable, args: Any) -> Any:

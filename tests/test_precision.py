@@ -2,7 +2,7 @@
 
 A default-precision float32 dot rounds its inputs on accelerators (to TensorFloat-32 on
 recent NVIDIA GPUs, bfloat16 on TPUs), so a weighted mean or a geometric median written
-as a dot would aggregate updates with 10 or 8 bits of mantissa there. CPU dots are
+as such a dot aggregated updates with 10 or 8 bits of mantissa there. CPU dots are
 exact, so these tests read the jaxpr: with a model that has no dot of its own, every
 dot in a round is the simulator's, and must be none or at full precision."""
 
@@ -51,9 +51,10 @@ def dot_free_model() -> models.Model:
 
 def test_the_helpers_reductions():
   deltas = {"w": jnp.ones((3, 4, 5)), "b": jnp.ones((3, 5))}
-  assert dot_precisions(weighted_sum, jnp.ones(3), deltas) == []
+  assert dot_precisions(weighted_sum, jnp.ones(3), deltas)  # dots, at full precision
+  assert default_precision_dots(weighted_sum, jnp.ones(3), deltas) == []
   median = lambda d, w: robust.geometric_median().aggregate((), d, w, None, None)[0]
-  assert dot_precisions(median, deltas, jnp.ones(3)) == []
+  assert default_precision_dots(median, deltas, jnp.ones(3)) == []
   # add_bias's bias gradient is a dot (see models.add_bias), at full precision.
   grad = jax.grad(lambda y, b: jnp.sum(add_bias(y, b) ** 2), argnums=1)
   precisions = dot_precisions(grad, jnp.ones((2, 4, 4, 3)), jnp.ones(3))
