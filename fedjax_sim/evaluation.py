@@ -89,10 +89,7 @@ def make_evaluator(
 
   per_client = None
   if client_test is not None:
-    checks.check_counts(client_test, "the client test splits")
-    if not int(np.asarray(client_test.counts).sum()):
-      raise ValueError("the client test splits hold no example: there is nothing to evaluate")
-    checks.check_finite_features(client_test, "the client test splits")
+    _check_client_test(client_test)
 
     @compile_lib.jit
     def per_client(params, data: FederatedData):
@@ -139,6 +136,28 @@ def make_evaluator(
   return evaluate
 
 
+def _check_client_test(client_test: FederatedData) -> None:
+  """Raises ValueError if the client test splits have nothing to score (no example, or
+  only IGNORE_LABEL tokens) or hold NaN/inf: their metrics would be 0/0."""
+  checks.check_counts(client_test, "the client test splits")
+  counts, y = np.asarray(client_test.counts), np.asarray(client_test.y)
+  if not int(counts.sum()):
+    raise ValueError("the client test splits hold no example: there is nothing to evaluate")
+  real = np.arange(client_test.max_examples) < counts[:, None]
+  real = real.reshape(real.shape + (1,) * (y.ndim - 2))
+  if np.issubdtype(y.dtype, np.integer) and not np.any(real & (y != IGNORE_LABEL)):
+    raise ValueError("the client test splits have no labels to score: every label is "
+                     f"IGNORE_LABEL ({IGNORE_LABEL})")
+  checks.check_finite_features(client_test, "the client test splits")
+
+
+def _leading_axes(tree) -> list:
+  """Every leaf's leading axis length (None for a 0-d leaf, e.g. a whole ServerState's
+  round counter passed where its client_states were meant)."""
+  return sorted({a.shape[0] if np.ndim(a) else None
+                 for a in jax.tree_util.tree_leaves(tree)}, key=str)
+
+
 def _client_metrics(prefix: str, loss, hits, count) -> dict[str, float]:
   """Example-weighted loss and accuracy, and the 10th percentile of accuracy over the
   clients with test data, from per-client sums."""
@@ -166,7 +185,7 @@ def make_personalized_evaluator(
     first call checks client 0's model against the test splits (ValueError naming both
     sides, before compiling).
   """
-  checks.check_finite_features(client_test, "the client test splits")
+  _check_client_test(client_test)
   checked = []
 
   @compile_lib.jit
@@ -177,10 +196,10 @@ def make_personalized_evaluator(
     return jax.lax.map(one, (client_params, data.x, data.y, data.counts), batch_size=64)
 
   def evaluate(client_params) -> dict[str, float]:
-    rows = {a.shape[0] for a in jax.tree_util.tree_leaves(client_params)}
-    if rows != {client_test.num_clients}:
-      raise ValueError(f"client_params has models for {sorted(rows)} clients but the test "
-                       f"splits have {client_test.num_clients}")
+    rows = _leading_axes(client_params)
+    if rows != [client_test.num_clients]:
+      raise ValueError(f"client_params has models for {rows} clients but the test "
+                       f"splits have {client_test.num_clients} (pass state.client_states)")
     if not checked:
       checks.check_labels(apply, jax.tree_util.tree_map(lambda a: a[0], client_params),
                           client_test, "the client test splits")
@@ -209,7 +228,7 @@ def make_merged_personalized_evaluator(
     `make_personalized_evaluator`. The first call checks client 0's model against the
     test splits (ValueError naming both sides, before compiling).
   """
-  checks.check_finite_features(client_test, "the client test splits")
+  _check_client_test(client_test)
   checked = []
 
   @compile_lib.jit
@@ -220,9 +239,9 @@ def make_merged_personalized_evaluator(
     return jax.lax.map(one, (rows, data.x, data.y, data.counts), batch_size=64)
 
   def evaluate(shared, client_rows) -> dict[str, float]:
-    rows = {a.shape[0] for a in jax.tree_util.tree_leaves(client_rows)}
-    if rows != {client_test.num_clients}:
-      raise ValueError(f"client_rows has rows for {sorted(rows)} clients but the test "
+    rows = _leading_axes(client_rows)
+    if rows != [client_test.num_clients]:
+      raise ValueError(f"client_rows has rows for {rows} clients but the test "
                        f"splits have {client_test.num_clients}")
     if not checked:
       first = merge(shared, jax.tree_util.tree_map(lambda a: a[0], client_rows))

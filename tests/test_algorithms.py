@@ -266,6 +266,18 @@ def test_ditto_personalized_models_beat_the_global_model(line_model):
   with pytest.raises(ValueError, match="models for \\[5\\] clients"):
     evaluation.make_personalized_evaluator(line_model.apply, test)(
         jax.tree_util.tree_map(lambda a: a[:5], state.client_states))
+  # The whole state (its round counter is 0-d) where its client_states were meant.
+  with pytest.raises(ValueError, match="pass state.client_states"):
+    evaluation.make_personalized_evaluator(line_model.apply, test)(state)
+  # Nothing to score: no example, or only ignored tokens (0/0 failed in np.percentile).
+  empty = test._replace(counts=jnp.zeros_like(test.counts), count_range=None)
+  ignored = test._replace(y=jnp.full_like(test.y, fs.losses.IGNORE_LABEL))
+  for bad, match in ((empty, "hold no example"), (ignored, "no labels to score")):
+    for build in (lambda t: evaluation.make_personalized_evaluator(line_model.apply, t),
+                  lambda t: evaluation.make_merged_personalized_evaluator(
+                      line_model.apply, t, lambda shared, row: row)):
+      with pytest.raises(ValueError, match=match):
+        build(bad)
 
 
 # --- Per-client state, validation, names ------------------------------------------------
