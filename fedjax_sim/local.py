@@ -92,6 +92,13 @@ def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> j
 _ORDER_SLOTS = 1 << 16
 
 
+def same_dtypes(new, old):
+  """`new` cast leaf by leaf to `old`'s dtypes: an optimizer whose hyperparameter is a
+  float32 array (FedNova's momentum, from the state's hp) turns a bfloat16 model's
+  momentum trace float32, which the scan over steps refuses as its carry."""
+  return jax.tree_util.tree_map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
+
+
 def steps_per_epoch(num_examples, batch_size: int):
   return (num_examples + batch_size - 1) // batch_size
 
@@ -153,6 +160,7 @@ def make_local_update(
     mask = mask.astype(jnp.float32)
     (_, value), grads = grad_fn(params, x[index], y[index], mask, context)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_opt_state = same_dtypes(new_opt_state, opt_state)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jnp.where(active, new, old)
     params = jax.tree_util.tree_map(keep, new_params, params)
@@ -172,8 +180,8 @@ def make_local_update(
     def step(carry, index):
       params, opt_state, loss_sum = carry
       (_, value), grads = full_grad_fn(params, x[index], y[index], context)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state,
+      updates, new_opt_state = optimizer.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), same_dtypes(new_opt_state, opt_state),
               loss_sum + value * float(batch_size)), None
 
     def order(epoch):

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from fedjax_sim.algorithms.base import FederatedAlgorithm
 from fedjax_sim.data import FederatedData
@@ -184,6 +185,10 @@ def plan_client_chunk(memory: RoundMemory, clients_per_round: int, budget_bytes:
   if budget_bytes is None:
     raise ValueError("plan_client_chunk needs a budget in bytes: this device reports no memory "
                      "limit (device_budget() is None, as on CPU); pass the bytes to plan for")
+  if (not isinstance(clients_per_round, (int, np.integer)) or isinstance(clients_per_round, bool)
+      or clients_per_round <= 0):  # else no chunk fits, and the MemoryError below misleads
+    raise ValueError(f"plan_client_chunk: clients_per_round must be a positive integer, got "
+                     f"{clients_per_round!r}")
   fitting = [c for c in range(1, clients_per_round + 1)
              if clients_per_round % c == 0 and memory.total_bytes(c) <= budget_bytes]
   # Sharded, only chunks of whole devices are predicted exactly (measure_round measures

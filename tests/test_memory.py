@@ -48,6 +48,10 @@ def test_plan_picks_the_largest_fitting_divisor(setup):
   assert memory.plan_client_chunk(measured, CLIENTS, measured.total_bytes(CLIENTS)) == CLIENTS
   assert memory.plan_client_chunk(measured, CLIENTS, measured.total_bytes(3)) == 2
   assert memory.plan_client_chunk(measured, CLIENTS, measured.total_bytes(1)) == 1
+  # No clients: a ValueError, not a MemoryError saying a round that fits does not.
+  for bad in (0, -4):
+    with pytest.raises(ValueError, match="clients_per_round must be a positive integer"):
+      memory.plan_client_chunk(measured, bad, measured.total_bytes(CLIENTS))
 
 
 def test_plan_explains_when_one_client_does_not_fit(setup):

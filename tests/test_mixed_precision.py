@@ -40,7 +40,7 @@ def test_mixed_precision_computes_in_bf16_and_keeps_float32_state(ragged, small_
   assert abs(h16[-1]["train_loss"] - h32[-1]["train_loss"]) < 0.05
 
 
-@pytest.mark.parametrize("name", ["scaffold", "feddyn", "mimelite"])
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "mimelite", "fednova"])
 def test_bfloat16_parameters_keep_every_state_dtype(name):
   # The fused mean of bfloat16 uploads is float32: SCAFFOLD's c, FedDyn's h and model,
   # MimeLite's momentum and model became float32 after a round, and fs.run's scan over
@@ -54,6 +54,9 @@ def test_bfloat16_parameters_keep_every_state_dtype(name):
       "scaffold": lambda: fs.scaffold(apply, client_learning_rate=0.3, **common),
       "feddyn": lambda: fs.feddyn(apply, alpha=0.2, client_optimizer=optax.sgd(0.3), **common),
       "mimelite": lambda: fs.mimelite(apply, client_learning_rate=0.3, momentum=0.6, **common),
+      # Its momentum, a float32 hyperparameter, turned the bfloat16 trace float32 (the
+      # scan over local steps refused the carry).
+      "fednova": lambda: fs.fednova(apply, client_learning_rate=0.3, momentum=0.5, **common),
   }[name]()
   state = algorithm.init(params, jax.random.key(0), data.num_clients)
   dtypes = lambda s: [a.dtype for a in jax.tree_util.tree_leaves(
