@@ -136,6 +136,11 @@ def check_labels(apply, params, data: FederatedData, what: str = "the data") -> 
   check_label_values(logits, y, real, what, client_axis=True)
 
 
+def real_labels(data: FederatedData) -> np.ndarray:
+  """The labels of `data`'s real examples, padding slots left out: [examples, *token axes]."""
+  return np.asarray(data.y)[np.arange(data.max_examples) < np.asarray(data.counts)[:, None]]
+
+
 def check_label_schedule(schedule, apply, params, data: FederatedData) -> None:
   """Raises ValueError if a client data schedule that rotates labels over `num_classes`
   (systems.label_drift) does not fit: labels of `data` at or above it would be rewritten
@@ -151,10 +156,7 @@ def check_label_schedule(schedule, apply, params, data: FederatedData) -> None:
   if num_classes > outputs:
     raise ValueError(f"the label drift rotates labels over {num_classes} classes but the "
                      f"model has {outputs} outputs")
-  y, counts = np.asarray(data.y), np.asarray(data.counts)
-  real = np.arange(data.max_examples) < counts[:, None]
-  real = real.reshape(real.shape + (1,) * (y.ndim - 2))  # per-token labels: more axes
-  top = int(np.where(real, y, -1).max(initial=-1))
+  top = int(real_labels(data).max(initial=-1))
   if top >= num_classes:
     raise ValueError(f"the label drift rotates labels over {num_classes} classes but the "
                      f"data's labels go up to {top}")

@@ -140,12 +140,10 @@ def _check_client_test(client_test: FederatedData) -> None:
   """Raises ValueError if the client test splits have nothing to score (no example, or
   only IGNORE_LABEL tokens) or hold NaN/inf: their metrics would be 0/0."""
   checks.check_counts(client_test, "the client test splits")
-  counts, y = np.asarray(client_test.counts), np.asarray(client_test.y)
-  if not int(counts.sum()):
+  if not int(np.asarray(client_test.counts).sum()):
     raise ValueError("the client test splits hold no example: there is nothing to evaluate")
-  real = np.arange(client_test.max_examples) < counts[:, None]
-  real = real.reshape(real.shape + (1,) * (y.ndim - 2))
-  if np.issubdtype(y.dtype, np.integer) and not np.any(real & (y != IGNORE_LABEL)):
+  labels = checks.real_labels(client_test)
+  if np.issubdtype(labels.dtype, np.integer) and not np.any(labels != IGNORE_LABEL):
     raise ValueError("the client test splits have no labels to score: every label is "
                      f"IGNORE_LABEL ({IGNORE_LABEL})")
   checks.check_finite_features(client_test, "the client test splits")

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.tree import same_dtypes
+
 Params = Any
 # loss(params, x, y) -> per-example losses [batch]; for sequences, the mean over tokens.
 PerExampleLoss = Callable[[Params, jax.Array, jax.Array], jax.Array]
@@ -92,13 +94,6 @@ def epoch_order(key: jax.Array, num_examples: jax.Array, max_examples: int) -> j
 _ORDER_SLOTS = 1 << 16
 
 
-def same_dtypes(new, old):
-  """`new` cast leaf by leaf to `old`'s dtypes: an optimizer whose hyperparameter is a
-  float32 array (FedNova's momentum, from the state's hp) turns a bfloat16 model's
-  momentum trace float32, which the scan over steps refuses as its carry."""
-  return jax.tree_util.tree_map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
-
-
 def steps_per_epoch(num_examples, batch_size: int):
   return (num_examples + batch_size - 1) // batch_size
 
@@ -160,6 +155,8 @@ def make_local_update(
     mask = mask.astype(jnp.float32)
     (_, value), grads = grad_fn(params, x[index], y[index], mask, context)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    # A float32 hyperparameter (FedNova's momentum, from the state's hp) turned a bfloat16
+    # model's momentum trace float32, which the scan over steps refuses as its carry.
     new_opt_state = same_dtypes(new_opt_state, opt_state)
     new_params = optax.apply_updates(params, updates)
     keep = lambda new, old: jnp.where(active, new, old)

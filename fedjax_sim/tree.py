@@ -32,6 +32,12 @@ def weighted_sum(weights: jax.Array, stacked: Any) -> Any:
       stacked)
 
 
+def same_dtypes(new: Any, old: Any) -> Any:
+  """`new` cast leaf by leaf to `old`'s dtypes: what a scan's carry needs when float32
+  hyperparameters or means meet bfloat16 leaves (they promote them to float32)."""
+  return jax.tree_util.tree_map(lambda n, o: n.astype(jnp.result_type(o)), new, old)
+
+
 def vmap_clients(fn: Callable, args: Any) -> Any:
   """`jax.vmap(fn)(args)` over the leading client axis, except that one client runs
   without vmap: a vmap of size 1 puts a batch dimension of 1 on every op, and XLA:CPU

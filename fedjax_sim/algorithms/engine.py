@@ -41,6 +41,7 @@ from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_c
                                        init_client_states, mean_loss, model_bytes,
                                        resolve_chunk_size, sample_clients, scatter_rows,
                                        upload_bytes, vmap_clients, weighted_sum)
+from fedjax_sim.tree import same_dtypes
 from fedjax_sim.data import FederatedData, check_count_range
 from fedjax_sim import local
 from fedjax_sim.aggregators import Aggregator, ignores_weights, stages_of
@@ -560,8 +561,6 @@ def compose(
     # a rule that adds it to its state (SCAFFOLD's c, FedDyn's h and model, MimeLite's
     # momentum and model) turned bfloat16 leaves float32, which a scan over rounds refuses;
     # so did clients' float32 rows scattered into bfloat16 ones (a FutureWarning now).
-    same_dtypes = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: n.astype(jnp.result_type(o)), new, old)
     update = update._replace(
         params=same_dtypes(update.params, state.params),
         algorithm_state=same_dtypes(update.algorithm_state, state.algorithm_state))
