@@ -158,6 +158,10 @@ def parse_args(argv=None):
                    help=f"python of {env}'s environment (default ${env.upper()}_PYTHON, "
                         f"else $PEERS_VENVS/{env}/bin/python, PEERS_VENVS defaulting to "
                         "~/.venvs; benchmarks/peers/setup_venvs.sh makes them)")
+  p.add_argument("--uncapped", action="store_true",
+                 help="run DrJAX's CNN for the case's rounds and repetitions like every "
+                      "other simulator (its caps are for XLA:CPU's grouped convolution; "
+                      "use on an accelerator)")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per worker run")
   p.add_argument("--output", default=os.path.join(HERE, "..", "results", "peers_cpu.json"))
   p.add_argument("--merge", action="store_true",
@@ -178,7 +182,7 @@ def parse_args(argv=None):
 
 def case_rounds(args, case: str, sim: str | None = None) -> int:
   c = CASES[case]
-  if sim in c.get("sim_rounds", {}):
+  if sim in c.get("sim_rounds", {}) and not args.uncapped:
     return c["sim_rounds"][sim]
   if args.rounds is not None and not is_tta(case):
     return args.rounds
@@ -485,11 +489,17 @@ def markdown(result: dict) -> str:
   reps = {}
   for r in result["runs"]:
     reps.setdefault(r["case"], set()).add(r["repeat"])
+  accelerators = sorted({r["device"] for r in result["runs"]
+                         if r.get("device", "cpu").split(":")[0] != "cpu"})
+  where = (f"{', '.join(accelerators)}, with {meta['cpu_count']} CPUs ({meta['cpu_model']}); "
+           "every JAX simulator on the accelerator" if accelerators else
+           f"{meta['cpu_count']} CPUs ({meta['cpu_model']}), no accelerator; every "
+           "simulator on the CPU")
   lines = [
-      "# Peers side by side: fedjax_sim, FedJAX, DrJAX, pfl-research, Flower (CPU)",
+      "# Peers side by side: fedjax_sim, FedJAX, DrJAX, pfl-research, Flower "
+      f"({'GPU' if accelerators else 'CPU'})",
       "",
-      f"Device: {meta['cpu_count']} CPUs ({meta['cpu_model']}), no accelerator; every "
-      "simulator on the CPU. Invocations: " + "; ".join(
+      f"Device: {where}. Invocations: " + "; ".join(
           f"{inv['date']}, commit {inv['git_commit']}: `{inv['command']}`"
           for inv in meta["invocations"]) + ".",
       "",
@@ -766,7 +776,8 @@ def main(argv=None):
       for sim in run_order(args.simulators, rep):
         if sim in CASES[case].get("skip", ()):
           continue
-        if rep - first_rep >= CASES[case].get("sim_repeats", {}).get(sim, args.repeats):
+        caps = {} if args.uncapped else CASES[case].get("sim_repeats", {})
+        if rep - first_rep >= caps.get(sim, args.repeats):
           continue
         print(f"[repeat {rep + 1 - first_rep}/{args.repeats}] {case} {sim}", flush=True)
         res = run_worker(args, case, sim, rep, log_dir)
