@@ -7,24 +7,30 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh          # everything
 #   QUICK=1 bash benchmarks/gpu_suite.sh                # tiny sizes: checks the commands
+#   PYTHON=/path/to/python bash benchmarks/gpu_suite.sh # another interpreter (default python3)
+#
+# It calls "$PYTHON" by its own path: a symbolic link named python that points at a
+# virtual environment's interpreter from outside it loses the environment's packages, and
+# writing a wrapper script through such a link overwrites the interpreter itself.
 #
 # The peers steps need FedJAX 0.0.17 and DrJAX 0.2.1 importable by $PEERS_PYTHON (default:
 # python with $PEERS_SITE, a folder holding their packages, on PYTHONPATH); without them
 # those rows fail and the other steps run.
 set -uo pipefail
+PY="${PYTHON:-python3}"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}."
 OUT="${OUT:-benchmarks/results}"
 mkdir -p "$OUT"
-platform=$(python -c 'import jax; print(jax.devices()[0].platform)')
+platform=$("$PY" -c 'import jax; print(jax.devices()[0].platform)')
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv \
     > "$OUT/gpu_suite_device.txt" 2>&1 || true
-python -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
+"$PY" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
 "optax", optax.__version__, jax.devices())' >> "$OUT/gpu_suite_device.txt" 2>&1
 
 if [[ -z "${PEERS_PYTHON:-}" ]]; then
   PEERS_PYTHON="$(mktemp -d)/python"
   printf '#!/bin/sh\nPYTHONPATH="%s${PYTHONPATH:+:$PYTHONPATH}" exec %s "$@"\n' \
-      "$(realpath "${PEERS_SITE:-.peers_site}")" "$(command -v python)" > "$PEERS_PYTHON"
+      "$(realpath "${PEERS_SITE:-.peers_site}")" "$(command -v "$PY")" > "$PEERS_PYTHON"
   chmod +x "$PEERS_PYTHON"
 fi
 
@@ -45,11 +51,11 @@ step() {  # step BUDGET_SECONDS NAME COMMAND...: run it, cut off at its budget
 }
 
 # 1. How exactly the server's weighted mean is computed (TF32 on a default-precision dot).
-step 40 precision python benchmarks/aggregation_precision.py \
+step 40 precision "$PY" benchmarks/aggregation_precision.py \
     --output "$OUT/aggregation_precision_$platform.json"
 # 2. Peers side by side (issue: ahead of every peer): fedjax_sim, FedJAX, DrJAX, each case
 #    its own invocation merged into one file.
-peers=(python benchmarks/peers/run_all.py --simulators fedjax_sim fedjax drjax
+peers=("$PY" benchmarks/peers/run_all.py --simulators fedjax_sim fedjax drjax
        --repeats "$peer_repeats" --rounds "$peer_rounds" --uncapped --no-warm-up --timeout 80
        --fedjax-python "$PEERS_PYTHON" --drjax-python "$PEERS_PYTHON"
        --output "$OUT/peers_$platform.json")
@@ -58,13 +64,13 @@ step 80 peers_scale1000 "${peers[@]}" --merge --cases scale1000
 step 90 peers_cnn100 "${peers[@]}" --merge --cases cnn100
 # 3. Round throughput, vectorized vs loop (loop up to 100 clients), centralized ceiling
 #    and roofline (the device's measured matmul rate and bandwidth).
-step 120 throughput python benchmarks/round_throughput.py --models mlp cnn --clients $clients \
+step 120 throughput "$PY" benchmarks/round_throughput.py --models mlp cnn --clients $clients \
     --repeats $repeats --loop-repeats 2 --skip-loop-above 100 --no-plain-jit \
     --output "$OUT/round_throughput_$platform.json"
 # 4. EMNIST-shape end to end, float32 and bfloat16 compute.
-step 70 emnist python benchmarks/emnist_e2e.py --rounds $rounds --num-clients $e2e_clients \
+step 70 emnist "$PY" benchmarks/emnist_e2e.py --rounds $rounds --num-clients $e2e_clients \
     --precision f32 bf16 --output "$OUT/emnist_e2e_$platform.json"
 # 5. The CNN at 10,000 clients per round, chunked (no loop, no ceiling).
-step 40 cnn10000 python benchmarks/round_throughput.py --merge --models cnn --clients $big \
+step 40 cnn10000 "$PY" benchmarks/round_throughput.py --merge --models cnn --clients $big \
     --num-clients $big --client-chunk-size cnn=1000 --repeats 2 --skip-loop-above 0 \
     --no-plain-jit --no-centralized --output "$OUT/round_throughput_$platform.json"
