@@ -93,6 +93,35 @@ def test_padding_slots_reach_no_gradient_and_no_metric():
   assert np.isfinite(metrics["client_test_loss"])
 
 
+def test_a_client_with_no_examples_adds_no_nan_full_batch_gradient():
+  """A client with no examples has only padding rows: on a model not finite there, its
+  masked full-batch gradient was 0 x NaN, and its weight of 0 kept the NaN in MimeLite's
+  momentum. Now the momentum is that of the other two clients alone; q-FFL reports no
+  loss at the server for it (NaN, as its train loss)."""
+  apply = lambda p, x: jnp.log(x) @ p["w"]
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+  sizes = (3, 0, 5)
+  xs = [rng.uniform(0.5, 2.0, size=(n, 3)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 4, n) for n in sizes]
+  data = fs.from_clients(xs, ys, num_classes=4, allow_empty=True)
+  kw = dict(clients_per_round=3, batch_size=2, epochs=1)
+  mime = fs.mimelite(apply, client_learning_rate=0.1, momentum=0.5, **kw)
+  state, _ = jax.jit(mime.round)(mime.init(params, jax.random.key(0)), data)
+
+  def client_loss(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+  grads = [jax.grad(client_loss)(params, xs[i], ys[i]) for i in (0, 2)]
+  want = jax.tree_util.tree_map(lambda a, b: 0.5 * (3 * a + 5 * b) / 8, *grads)
+  assert max_relative_error(state.algorithm_state, want) < 1e-5
+  qffl = fs.qffl(apply, client_learning_rate=0.1, q=1.0, **kw)
+  state, metrics = jax.jit(qffl.round)(qffl.init(params, jax.random.key(0)), data)
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(state.params))
+  at_server = np.asarray(metrics["client_loss_at_server"])
+  assert np.isnan(at_server[1]) and np.isfinite(at_server[[0, 2]]).all()
+
+
 def test_epoch_order_is_a_permutation_then_padding():
   order = np.asarray(local.epoch_order(jax.random.key(0), 7, 12))
   assert sorted(order[:7]) == list(range(7))

@@ -248,6 +248,14 @@ def full_batch_loss(loss: local.PerExampleLoss, params: Params, inp: ClientInput
   return jnp.sum(jnp.where(real, per_example, 0.0)) / jnp.maximum(inp.n, 1).astype(jnp.float32)
 
 
+def full_batch_grad(loss: local.PerExampleLoss, params: Params, inp: ClientInput) -> Params:
+  """The gradient of `full_batch_loss` at `params`; zeros for a client with no examples,
+  whose only row is padding: where the model is not finite on it, the masked loss's
+  gradient is 0 x NaN, and its weight of 0 in the mean would not undo a NaN."""
+  grad = jax.grad(full_batch_loss, argnums=1)(loss, params, inp)
+  return jax.tree_util.tree_map(lambda g: jnp.where(inp.n > 0, g, jnp.zeros_like(g)), grad)
+
+
 # --- Hyperparameters -----------------------------------------------------------------
 
 

@@ -70,7 +70,7 @@ def mimelite(apply: Callable[[Params, jax.Array], jax.Array], *, client_learning
     result = engine.local_train(
         inp, loss, optax.sgd(inp.hp["client_lr"] * (1.0 - beta)), schedule,
         regularizer=lambda params, m: ratio * optax.tree.vdot(m, params), context=inp.message)
-    grad = jax.grad(engine.full_batch_loss, argnums=1)(loss, inp.params, inp)
+    grad = engine.full_batch_grad(loss, inp.params, inp)
     return ClientOutput({"delta": result.delta, "grad": grad}, None, result.loss_sum,
                         result.num_trained, result.num_steps)
 

@@ -73,7 +73,8 @@ def qffl(apply: Callable[[Params, jax.Array], jax.Array], *, q: float,
     h = lipschitz * f**q + q * f ** (q - 1) * optax.tree.norm(scaled, squared=True)
     return ClientOutput({"scaled_delta": optax.tree.scale(f**q, scaled), "h": h}, None,
                         result.loss_sum, result.num_trained, result.num_steps,
-                        {"loss_at_server": f_k})
+                        # NaN for a client with no examples, as its train loss is.
+                        {"loss_at_server": jnp.where(inp.n > 0, f_k, jnp.nan)})
 
   def upload_like(params):
     return {"scaled_delta": optax.tree.zeros_like(params), "h": jnp.zeros((), jnp.float32)}
