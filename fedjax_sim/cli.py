@@ -323,7 +323,8 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser | None
     config["profiles_summary"] = systems.describe(profiles)
   # The command line itself: `--resume` parses it again.
   config.update(argv=list(sys.argv[1:] if argv is None else argv),
-                config_hash=identity, file_sha256=run_dir.file_digests(args))
+                config_hash=identity, file_sha256=run_dir.file_digests(args),
+                cwd=os.getcwd())  # what relative paths in argv are relative to
   if args.wandb is not None:  # the W&B run of this folder, which a resumed run continues
     kept = run_dir.read_json(os.path.join(output, "config.json")) if resuming else None
     config["wandb_id"] = ((kept or {}).get("wandb_id")

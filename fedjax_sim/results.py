@@ -38,7 +38,7 @@ IGNORED_KEYS = frozenset({"output", "no_progress", "seed", "command", "plot", "t
                           "wandb", "wandb_mode", "resume", "checkpoint_every",
                           "keep_checkpoints", "overwrite", "no_compile_cache", "argv",
                           "config_hash", "profiles_summary", "wandb_id",
-                          "device", "save_params"})
+                          "device", "save_params", "cwd"})
 # Per-round metrics that are amounts per round: an x axis sums them over the rounds.
 PER_ROUND_AMOUNTS = ("uplink_bytes", "downlink_bytes")
 

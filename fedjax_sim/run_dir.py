@@ -92,6 +92,9 @@ def flag_config(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
 
 # Flags that name an input file: the file's contents are part of the configuration.
 FILE_FLAGS = ("init_params", "profiles")
+# Flags that name a path: a relative one is relative to the folder the run started in
+# (config.json's `cwd`), which is where `--resume` reads it from.
+PATH_FLAGS = FILE_FLAGS + ("save_params", "data_dir", "tensorboard")
 
 
 def file_digests(args: argparse.Namespace | dict[str, Any]) -> dict[str, str]:
@@ -265,6 +268,16 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     setattr(resumed, name, getattr(args, name))
   resumed.output = path
   resumed.overwrite = False
+  started_in = config.get("cwd")
+  for name in PATH_FLAGS:  # as the run read them, wherever it is resumed from
+    value = getattr(resumed, name, None)
+    if started_in and value and not os.path.isabs(value):
+      setattr(resumed, name, os.path.join(started_in, value))
+  missing = [f"--{n.replace('_', '-')} {getattr(resumed, n)}" for n in FILE_FLAGS
+             if n in config.get("file_sha256", {}) and not os.path.isfile(getattr(resumed, n))]
+  if missing:
+    raise RunDirError(f"--resume {path!r}: the run's input file is missing: "
+                      f"{', '.join(missing)}")
   changed = [f"--{n.replace('_', '-')}" for n in FILE_FLAGS
              if config.get("file_sha256", {}).get(n) != file_digests(resumed).get(n)]
   if changed:  # the rounds to come would read other data than the rounds so far

@@ -66,6 +66,24 @@ def test_resuming_with_a_changed_profiles_file_is_refused(tmp_path, capsys):
       capsys.readouterr().err)
 
 
+def test_resuming_from_another_folder_reads_relative_inputs_where_the_run_started(
+    tmp_path, monkeypatch, capsys):
+  # --profiles trace.csv was read from the folder the run started in; resumed from
+  # another folder it was looked up there and refused as a changed file.
+  monkeypatch.chdir(tmp_path)
+  write_trace(tmp_path / "trace.csv", [20.0] * 30)
+  assert cli.main(["run", "--output", "out", "--no-progress", "--profiles", "trace.csv",
+                   "--rounds", "2", "--steps", "1"]) == 0
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  capsys.readouterr()
+  assert cli.main(["run", "--resume", "../out", "--no-progress"]) == 0
+  assert str(tmp_path / "trace.csv") in capsys.readouterr().out
+  (tmp_path / "trace.csv").unlink()
+  assert cli.main(["run", "--resume", "../out", "--no-progress"]) == 2
+  assert "input file is missing: --profiles " in capsys.readouterr().err
+
+
 def test_drawn_profiles_with_fedprox_partial_work(tmp_path):
   code, out = run(tmp_path, "prox", "--algorithm", "fedprox", "--profiles-seed", "1",
                   "--speed-median", "300", "--speed-sigma", "0.3", "--stragglers", "partial",
