@@ -197,7 +197,8 @@ def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,
 
 def _combine(shares: jax.Array, rows: jax.Array) -> jax.Array:
   """sum_i shares[i] rows[i], a row of share 0 left out (0 x inf would be NaN), by
-  tree.weighted_sum: an accelerator's default-precision dot would round the rows."""
+  tree.weighted_sum (float32 arithmetic: an accelerator's default-precision dot would
+  round the rows)."""
   return weighted_sum(shares, jnp.where((shares > 0)[:, None], rows, 0.0))
 
 

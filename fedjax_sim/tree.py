@@ -23,13 +23,15 @@ def scatter_rows(tree: Any, ids: jax.Array, rows: Any) -> Any:
 def weighted_sum(weights: jax.Array, stacked: Any) -> Any:
   """sum_c weights[c] * stacked[c] over the leading client axis of every leaf.
 
-  A dot at full precision: an accelerator's default-precision float32 dot rounds its
-  inputs (to TensorFloat-32 on recent NVIDIA GPUs, bfloat16 on TPUs). Not a multiply
-  and a sum: XLA:CPU (jaxlib 0.10) then summed in an order that depended on the program
-  around it, so rounds of a 7-round chunk differed in the last bit from 1-round ones."""
-  return jax.tree_util.tree_map(
-      lambda d: jnp.tensordot(weights, d, axes=1, precision=jax.lax.Precision.HIGHEST),
-      stacked)
+  A multiply and a sum, as DrJAX's `reduce_weighted_mean`: XLA fuses it with the
+  update's producer into one pass (a dot read the updates after they were written out,
+  6% of a small model's round on a CPU), and it is float32 arithmetic on accelerators,
+  where a default-precision dot rounds its inputs (to TensorFloat-32 on recent NVIDIA
+  GPUs, bfloat16 on TPUs)."""
+  def leaf_sum(d):
+    w = weights.reshape(weights.shape + (1,) * (d.ndim - 1))
+    return jnp.sum(w * d, axis=0)
+  return jax.tree_util.tree_map(leaf_sum, stacked)
 
 
 def same_dtypes(new: Any, old: Any) -> Any:

@@ -1,9 +1,12 @@
 """Shared small fixtures: tiny shapes so that every compile is quick on a 2-core CPU."""
 
+import functools
 import os
 import signal
 import subprocess
 import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The suite's time is mostly XLA:CPU compiling small programs. Without backend
 # optimization and fusion emitters they compile 2-3x faster (tests/test_algorithms.py:
@@ -25,12 +28,39 @@ def _flags_work(flags: str) -> bool:
     return False
 
 
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS")  # as the user set them (None: unset)
+FAST_COMPILE_ON = False
 if (os.environ.get("FEDJAX_SIM_TEST_XLA_DEFAULTS") != "1"
     and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu"):
   for flags in (" ".join(FAST_COMPILE), FAST_COMPILE[0]):
     if _flags_work(flags):
       os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
+      FAST_COMPILE_ON = True
       break
+
+
+def under_xla_defaults(test):
+  """For a test that programs of different shapes (chunk lengths) give the same bits:
+  under FAST_COMPILE's two flags together (jaxlib 0.10) XLA:CPU summed a fused
+  reduction (the weighted mean of client updates) in an order that depended on the
+  program around it, which under XLA's own defaults, what users compile with, it does
+  not. So in a process with those flags the test runs in a child pytest without them."""
+
+  @functools.wraps(test)
+  def wrapper(*args, **kwargs):
+    if not FAST_COMPILE_ON:
+      return test(*args, **kwargs)
+    nodeid = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0]
+    env = {**os.environ, "FEDJAX_SIM_TEST_XLA_DEFAULTS": "1"}
+    env.pop("XLA_FLAGS", None)
+    if USER_XLA_FLAGS is not None:
+      env["XLA_FLAGS"] = USER_XLA_FLAGS
+    child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            nodeid], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert child.returncode == 0, f"{nodeid} under XLA's defaults:\n{child.stdout[-6000:]}"
+
+  return wrapper
 
 # A shell's background job starts with SIGINT ignored, and fedjax_sim keeps an ignored
 # signal ignored (so would the CLI processes the tests start): the suite tests Ctrl-C, so

@@ -51,8 +51,7 @@ def dot_free_model() -> models.Model:
 
 def test_the_helpers_reductions():
   deltas = {"w": jnp.ones((3, 4, 5)), "b": jnp.ones((3, 5))}
-  assert dot_precisions(weighted_sum, jnp.ones(3), deltas)  # dots, at full precision
-  assert default_precision_dots(weighted_sum, jnp.ones(3), deltas) == []
+  assert dot_precisions(weighted_sum, jnp.ones(3), deltas) == []  # multiplies and sums
   median = lambda d, w: robust.geometric_median().aggregate((), d, w, None, None)[0]
   assert default_precision_dots(median, deltas, jnp.ones(3)) == []
   # add_bias's bias gradient is a dot (see models.add_bias), at full precision.

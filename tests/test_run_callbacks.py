@@ -10,7 +10,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import runner
 from fedjax_sim.algorithms import fedavg
-from conftest import one_example_data, square_loss_fedavg, tiny_mlp
+from conftest import one_example_data, square_loss_fedavg, tiny_mlp, under_xla_defaults
 
 
 class Recorder:
@@ -72,6 +72,7 @@ def _mlp_run(ragged, rounds, rounds_per_chunk):
   return final, history, calls
 
 
+@under_xla_defaults
 def test_a_shorter_final_chunk_reuses_the_one_program(ragged):
   """7 rounds in chunks of 3: one program of gcd(3, 7) = 1 round called 3 + 3 + 1 times
   (no second program for the final chunk of 1); evaluations still after rounds 3, 6, 7,

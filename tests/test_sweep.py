@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from conftest import max_relative_error
+from conftest import max_relative_error, under_xla_defaults
 
 ROUNDS = 3
 
@@ -187,6 +187,7 @@ def test_sweep_of_systems_and_aggregator_settings_equals_runs(ragged, small_mlp)
   assert result.curves["round_time_s"][1].max() > 0.1
 
 
+@under_xla_defaults
 def test_a_shorter_final_chunk_reuses_the_one_program(ragged, small_mlp, monkeypatch):
   """3 rounds in chunks of 2: one program of gcd(2, 3) = 1 round (no second program for
   the final chunk), evaluations after rounds 2 and 3, curves equal to one chunk of 3."""
