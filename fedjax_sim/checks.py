@@ -34,9 +34,25 @@ def _shape(text: str) -> tuple[int, ...]:
   return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
 
 
+class ModelInputError(ValueError):
+  """Raised by a model, while tracing, for examples it would misread rather than fail on
+  (a reshape takes any examples of the right size: channels-first images, scrambled)."""
+
+  def __init__(self, expected: tuple[int, ...], got: tuple[int, ...], note: str = ""):
+    self.expected, self.got, self.note = tuple(expected), tuple(got), note
+    super().__init__(self.describe("the examples"))
+
+  def describe(self, what: str) -> str:
+    text = (f"the model expects inputs of shape {self.expected} "
+            f"({int(np.prod(self.expected))} values) but {what} have shape {self.got}")
+    return f"{text}: {self.note}" if self.note else text
+
+
 def _input_mismatch(error: Exception, shape: tuple[int, ...], dtype, what: str) -> str:
   """A message naming what the model expects and what `what` (e.g. "the data's
   examples") hold, read from the error the model raised on one example if it can."""
+  if isinstance(error, ModelInputError):
+    return error.describe(what)
   message = str(error)
   size = int(np.prod(shape))
   dense = re.search(r"contracting dimensions to have the same shape, got "
@@ -111,6 +127,44 @@ def check_label_values(logits: jax.ShapeDtypeStruct, y: np.ndarray, real: np.nda
                    f"{bottom}{where}")
 
 
+def check_token_ids(apply, x: np.ndarray, real: np.ndarray, what: str,
+                    client_axis: bool) -> None:
+  """Raises ValueError if `apply` reads its inputs as token ids (it has
+  `token_vocab_size`, as `models.char_rnn`'s does) and the examples of `x` at `real`
+  hold an id outside [0, token_vocab_size) or one that is not a whole number: one-hot
+  encoding made those zero vectors, silently."""
+  vocab = getattr(apply, "token_vocab_size", None)
+  if vocab is None:
+    return
+  x = np.asarray(x)
+  mask = np.broadcast_to(real.reshape(*real.shape, *([1] * (x.ndim - real.ndim))), x.shape)
+  ids = x[mask]
+  if ids.size == 0:
+    return
+  # NaN is not a whole number either; ids stored as floats (from_clients' default) are
+  # fine while whole.
+  fractional = (np.zeros(x.shape, bool) if np.issubdtype(x.dtype, np.integer)
+                else x != np.round(x))
+  if fractional[mask].any():
+    bad = mask & fractional
+    problem, tail = f"hold {float(x[bad][0]):g}", ", not a whole number"
+  else:
+    top, bottom = ids.max(), ids.min()
+    if 0 <= bottom and top < vocab:
+      return
+    offender = top if top >= vocab else bottom
+    bad = mask & (x == offender)
+    shown = int(offender) if np.isfinite(offender) else offender
+    if top >= vocab:
+      problem = f"go up to {shown}"
+      tail = f": build the model for at least {shown + 1} tokens, or fix the data"
+    else:
+      problem, tail = f"go down to {shown}", ""
+  where = f" (client {int(np.argwhere(bad)[0, 0])}'s)" if client_axis else ""
+  raise ValueError(f"the model reads token ids in [0, {vocab}) (vocab_size {vocab}) but "
+                   f"{_of(what)} token ids {problem}{where}{tail}")
+
+
 def check_counts(data: FederatedData, what: str = "the data") -> None:
   """Raises ValueError unless `data.counts` holds one integer per client in [0, its padded
   slots]: `from_clients` makes them so, but data built by hand is not checked there,
@@ -127,12 +181,14 @@ def check_counts(data: FederatedData, what: str = "the data") -> None:
 
 
 def check_labels(apply, params, data: FederatedData, what: str = "the data") -> None:
-  """Raises ValueError if the model cannot take `data`'s examples, or its labels do not fit
-  the model's outputs (negative, or not below the number of outputs)."""
+  """Raises ValueError if the model cannot take `data`'s examples (token ids outside its
+  vocabulary among them), or its labels do not fit the model's outputs (negative, or not
+  below the number of outputs)."""
   check_counts(data, what)
   logits = model_output(apply, params, data.x.shape[2:], data.x.dtype, f"{_of(what)} examples")
   y, counts = np.asarray(data.y), np.asarray(data.counts)
   real = np.arange(data.max_examples) < counts[:, None]
+  check_token_ids(apply, data.x, real, what, client_axis=True)
   check_label_values(logits, y, real, what, client_axis=True)
 
 

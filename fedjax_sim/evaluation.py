@@ -105,6 +105,7 @@ def make_evaluator(
     if central is not None:
       logits = checks.model_output(apply, params, x.shape[1:], xb.dtype,
                                    "the test set's examples")
+      checks.check_token_ids(apply, x, np.ones(len(x), bool), "the test set", client_axis=False)
       checks.check_label_values(logits, y, np.ones(len(y), bool), "the test set",
                                 client_axis=False)
     if client_test is not None:

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import conv as conv_lib
+from fedjax_sim.checks import ModelInputError
 
 
 def _import_nnx():
@@ -48,7 +49,8 @@ Params = Any
 
 
 class Model(NamedTuple):
-  """A pure model: `apply(params, x) -> logits` and initial `params`."""
+  """A pure model: `apply(params, x) -> logits` and initial `params`. A model that reads
+  its inputs as token ids has `apply.token_vocab_size` (`checks.check_token_ids`)."""
 
   apply: Callable[[Params, jax.Array], jax.Array]
   params: Params
@@ -61,7 +63,14 @@ def from_nnx(module: nnx.Module) -> Model:
   def apply(params: Params, x: jax.Array) -> jax.Array:
     return nnx.merge(graphdef, params, rest)(x)
 
+  _mark_tokens(apply, getattr(module, "token_vocab_size", None))
   return Model(apply, params)
+
+
+def _mark_tokens(apply: Callable, vocab_size: int | None) -> None:
+  """Tells the host checks of data against the model that it reads token ids."""
+  if vocab_size is not None:
+    apply.token_vocab_size = vocab_size
 
 
 # Initialization runs once per model (its program once per architecture), so it is
@@ -143,9 +152,12 @@ class _Initializer:
 
   def __init__(self, make_module: Callable[[Any], nnx.Module]):
     self.graphdef = None  # the module's structure, static, set by the first call's trace
+    self.token_vocab_size = None  # likewise
 
     def init(seed):
-      self.graphdef, params, rest = nnx.split(make_module(seed), nnx.Param, ...)
+      module = make_module(seed)
+      self.token_vocab_size = getattr(module, "token_vocab_size", None)
+      self.graphdef, params, rest = nnx.split(module, nnx.Param, ...)
       return params, rest
 
     self.tuned = (jax.jit(init, compiler_options=_INIT_OPTIONS)
@@ -166,6 +178,7 @@ class _Initializer:
     def apply(params: Params, x: jax.Array) -> jax.Array:
       return nnx.merge(graphdef, params, rest)(x)
 
+    _mark_tokens(apply, self.token_vocab_size)
     return Model(apply, params)
 
 
@@ -191,7 +204,15 @@ def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
   def apply(params: Params, x: jax.Array) -> jax.Array:
     return base(jax.tree_util.tree_map(cast, params), cast(x)).astype(jnp.float32)
 
+  _mark_tokens(apply, getattr(base, "token_vocab_size", None))
   return Model(apply, model.params)
+
+
+def _check_size(model: str, name: str, value, minimum: int = 1) -> None:
+  """An architecture's size argument must be an integer >= minimum (not a bool)."""
+  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and value >= minimum):
+    raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def num_params(params: Params) -> int:
@@ -345,6 +366,8 @@ class LogisticRegression(nnx.Module):
   """Multinomial logistic regression: one linear layer to class logits."""
 
   def __init__(self, num_features: int, num_classes: int, *, rngs: nnx.Rngs):
+    _check_size("logistic_regression", "num_features", num_features)
+    _check_size("logistic_regression", "num_classes", num_classes)
     self.linear = nnx.Linear(num_features, num_classes, kernel_init=nnx.initializers.zeros,
                              rngs=rngs)
 
@@ -357,6 +380,9 @@ class MLP(nnx.Module):
 
   def __init__(self, num_features: int = 784, num_classes: int = 10, hidden: int = 200, *,
                rngs: nnx.Rngs):
+    for name, value in (("num_features", num_features), ("num_classes", num_classes),
+                        ("hidden", hidden)):
+      _check_size("mlp", name, value)
     dense = functools.partial(nnx.Linear, dot_general=linear_dot_general, rngs=rngs)
     self.fc1 = dense(num_features, hidden)
     self.fc2 = dense(hidden, hidden)
@@ -371,10 +397,19 @@ class MLP(nnx.Module):
 
 class CNN(nnx.Module):
   """The CNN of McMahan et al. 2017: two 5x5 convs (32, 64) each with 2x2 max pooling,
-  a 512-unit dense layer, and the output layer (1,663,370 parameters for 28x28x1, 10 classes)."""
+  a 512-unit dense layer, and the output layer (1,663,370 parameters for 28x28x1, 10 classes).
+
+  Takes images (image_size, image_size, in_channels), channels last, or flat vectors of
+  as many values."""
+
+  # Two 2x2 poolings leave image_size // 4 rows: below 4, none (an empty dense layer).
+  MIN_IMAGE_SIZE = 4
 
   def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, *,
                conv_impl: str = "auto", rngs: nnx.Rngs):
+    _check_size("cnn", "num_classes", num_classes)
+    _check_size("cnn", "in_channels", in_channels)
+    _check_size("cnn", "image_size", image_size, self.MIN_IMAGE_SIZE)
     self.conv1 = Conv(in_channels, 32, 5, impl=conv_impl, rngs=rngs)
     self.conv2 = Conv(32, 64, 5, impl=conv_impl, rngs=rngs)
     flat = (image_size // 4) ** 2 * 64
@@ -384,7 +419,16 @@ class CNN(nnx.Module):
     self.image_size = image_size
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.reshape(x.shape[0], self.image_size, self.image_size, self.in_channels)
+    shape = (self.image_size, self.image_size, self.in_channels)
+    if x.ndim == 4 and tuple(x.shape[1:]) != shape:
+      # The reshape below would take any image of as many values, its pixels scrambled.
+      got = tuple(x.shape[1:])
+      note = ("channels first? transpose them to (height, width, channels), e.g. "
+              "x.transpose(0, 2, 3, 1)" if sorted(got) == sorted(shape) and got[0] == shape[2]
+              else f"images go (height, width, channels), or flat ({int(np.prod(shape))} "
+                   f"values)")
+      raise ModelInputError(shape, got, note)
+    x = x.reshape(x.shape[0], *shape)
     x = max_pool_2x2(jax.nn.relu(self.conv1(x)))
     x = max_pool_2x2(jax.nn.relu(self.conv2(x)))
     x = jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))
@@ -433,11 +477,19 @@ class CharRNN(nnx.Module):
 
   def __init__(self, vocab_size: int, embed_dim: int = 8, hidden: int = 256,
                num_layers: int = 2, *, rngs: nnx.Rngs):
+    for name, value in (("vocab_size", vocab_size), ("embed_dim", embed_dim),
+                        ("hidden", hidden), ("num_layers", num_layers)):
+      _check_size("char_rnn", name, value)
     self.embed = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (vocab_size, embed_dim)))
     sizes = [embed_dim] + [hidden] * num_layers
     self.layers = nnx.List([GRU(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     self.out = nnx.Linear(hidden, vocab_size, rngs=rngs)
     self.vocab_size = vocab_size
+
+  @property
+  def token_vocab_size(self) -> int:
+    """Inputs are token ids in [0, this): `checks` refuses data with others."""
+    return self.vocab_size
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.one_hot(x, self.vocab_size, dtype=self.embed[...].dtype) @ self.embed[...]

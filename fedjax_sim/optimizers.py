@@ -41,10 +41,23 @@ def _check_positive(name: str, value: float) -> None:
     raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
+def _check_decay(name: str, value: float) -> None:
+  """A concrete momentum or moment decay must lie in [0, 1): at 1 or above (or NaN) the
+  running averages never forget, or grow, and the model diverges; below 0 they oscillate.
+  A traced one is checked where it was set."""
+  if not is_concrete(value):
+    return
+  if isinstance(value, (jax.Array, np.generic)) and np.ndim(value) == 0:
+    value = float(value)
+  if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1):
+    raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
 def client_optimizer(name: str = "sgd", learning_rate: float = 0.1,
                      momentum: float = 0.9) -> optax.GradientTransformation:
   """A client optimizer: 'sgd', 'momentum' (SGD with momentum) or 'adam'."""
   _check_positive("client learning rate", learning_rate)
+  _check_decay("client_optimizer's momentum", momentum)
   if name == "sgd":
     return optax.sgd(learning_rate)
   if name == "momentum":
@@ -64,6 +77,8 @@ def scale_by_reddi(rule: str, b1: float = 0.9, b2: float = 0.99,
   """Reddi et al. 2021, Alg. 2: m = b1 m + (1-b1) g; v by `rule`; u = m / (sqrt(v) + tau)."""
   if rule not in ("adagrad", "adam", "yogi"):
     raise ValueError(f"unknown adaptive rule {rule!r}")
+  _check_decay("b1", b1)
+  _check_decay("b2", b2)
 
   def init(params):
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
@@ -97,6 +112,9 @@ def server_optimizer(name: str = "fedavg", learning_rate: float | None = None, *
   if learning_rate is None:
     learning_rate = SERVER_LR_DEFAULTS[name]
   _check_positive("server learning rate", learning_rate)
+  # All of them, though each optimizer reads only some: a bad value is a mistake either way.
+  for arg, value in (("momentum", momentum), ("b1", b1), ("b2", b2)):
+    _check_decay(f"server_optimizer's {arg}", value)
   if name == "fedavg":
     return optax.sgd(learning_rate)
   if name == "fedavgm":

@@ -33,6 +33,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.aggregators import (SURVIVORS, Aggregator, client_keys, no_state, ravel_clients,
                                     split_scalars)
@@ -41,6 +42,8 @@ RING_BITS = 32  # arithmetic in Z_{2^32}: uint32 wraps around
 # Levels are rounded in float32, which holds every integer only up to 2^24: with more
 # bits the top level 2^bits - 1 rounds up to 2^bits, past what the overflow check allows.
 MAX_BITS = 24
+# The quantizer divides by 2 x clip_range in float32: past this, that is inf.
+MAX_CLIP_RANGE = float(np.finfo(np.float32).max) / 2
 
 
 def quantize_to_ring(flat: jax.Array, bits: int, clip_range: float, keys: jax.Array) -> jax.Array:
@@ -131,11 +134,17 @@ def secure_mean(*, bits: int = 16, clip_range: float = 1.0, dropout: float = 0.0
   Returns:
     An Aggregator; metrics `secagg_survivors`, `secagg_aborted`, `uplink_bytes`.
   """
-  if not (isinstance(bits, int) and 1 <= bits <= MAX_BITS):
+  if not (isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= MAX_BITS):
     raise ValueError(f"secure_mean: bits must be an integer in [1, {MAX_BITS}] (float32 "
                      f"rounds the levels), got {bits!r}")
-  if not (isinstance(clip_range, (int, float)) and clip_range > 0):
-    raise ValueError(f"secure_mean: clip_range must be > 0, got {clip_range!r}")
+  if not (isinstance(clip_range, (int, float)) and not isinstance(clip_range, bool)
+          and 0 < clip_range <= MAX_CLIP_RANGE):
+    # inf (float32's too: 1e39 is inf there) decoded every update to NaN: a NaN model.
+    raise ValueError(f"secure_mean: clip_range must be a finite number in (0, "
+                     f"{MAX_CLIP_RANGE:.4g}] (the range 2 x clip_range is computed in "
+                     f"float32), got {clip_range!r}")
+  if isinstance(threshold, bool):
+    raise ValueError(f"secure_mean: threshold must be an integer or None, got {threshold!r}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"secure_mean: dropout must lie in [0, 1), got {dropout!r}")
 

@@ -56,6 +56,7 @@ def pretrain(params: Params, apply: Callable[[Params, jax.Array], jax.Array], x:
   # As the clients' data and the test sets are checked: a NaN feature or a label the
   # model has no output for gave a NaN loss, or (label -1) a loss over fewer examples.
   checks.check_finite_array(x, "the server data")
+  checks.check_token_ids(apply, x, np.ones(len(x), bool), "the server data", client_axis=False)
   if loss is None:  # the default loss reads labels as class indices
     logits = checks.model_output(apply, params, x.shape[1:], x.dtype, "the server data")
     checks.check_label_values(logits, y, np.ones(len(y), bool), "the server data",

@@ -153,6 +153,92 @@ def logreg():
   return fs.models.logistic_regression(num_features=5, num_classes=3, seed=2)
 
 
+@pytest.mark.parametrize("num_classes", [0, 1, -5, True, 2.0])
+def test_label_flip_refuses_a_num_classes_that_is_no_class_count(num_classes):
+  with pytest.raises(ValueError, match=r"label_flip: num_classes must be an integer >= 2, got"):
+    attacks.label_flip(MALICIOUS, num_classes)
+
+
+def test_data_attacks_validate_against_the_data_and_the_model(ragged, logreg):
+  # The engine's `validate` would call these; here they are called as it would.
+  _, _, train = ragged  # 6 clients, 5 features, labels 0..2
+  attacks.label_flip(MALICIOUS, 3).validate(logreg.apply, logreg.params, train)
+  attacks.backdoor_data(MALICIOUS, BACKDOOR).validate(logreg.apply, logreg.params, train)
+  for bad, match in [
+      (attacks.label_flip(np.array([False, True]), 3),
+       "the malicious-client mask covers 2 clients but the data has 6"),
+      (attacks.label_flip(MALICIOUS, 10), "num_classes=10 but the model has 3 outputs"),
+      (attacks.label_flip(MALICIOUS, 2), "num_classes=2 but the data's labels go up to 2"),
+      (attacks.backdoor_data(MALICIOUS, BACKDOOR._replace(target=7)),
+       "the backdoor's target is 7 but the model has 3 outputs"),
+      (attacks.backdoor_data(MALICIOUS, BACKDOOR._replace(features=(4, 5))),
+       r"features index the flattened example, of 5 values \(shape \(5,\)\), but go up to 5"),
+      (attacks.compose_data(attacks.label_flip(MALICIOUS, 3),
+                            attacks.backdoor_data(np.ones(7, bool), BACKDOOR)),
+       "mask covers 7 clients but the data has 6")]:
+    with pytest.raises(ValueError, match=match):
+      bad.validate(logreg.apply, logreg.params, train)
+
+
+def test_an_algorithm_validates_its_data_attack_before_compiling(ragged, logreg):
+  _, _, train = ragged
+  algorithm = fs.fedavg(logreg.apply, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+                        batch_size=4, epochs=1,
+                        client_data_transform=attacks.label_flip(MALICIOUS, 10))
+  state = algorithm.init(logreg.params, jax.random.key(0))
+  with pytest.raises(ValueError, match="num_classes=10 but the model has 3 outputs"):
+    fs.run(algorithm, state, train, rounds=1, progress=False)
+
+
+def test_a_client_past_a_short_mask_is_not_malicious():
+  # Plain indexing clamps: client 4 read mask[1] and was poisoned.
+  x, y = jnp.ones((6, 5)), jnp.arange(6) % 3
+  short = np.array([False, True])
+  flip = attacks.label_flip(short, 3)
+  np.testing.assert_array_equal(flip(x, y, 6, 1, None)[1], 2 - y)
+  np.testing.assert_array_equal(flip(x, y, 6, 4, None)[1], y)
+  poison = attacks.backdoor_data(short, BACKDOOR._replace(poison_fraction=1.0))
+  px, py, _ = poison(x, y, 6, 4, jax.random.key(0))
+  np.testing.assert_array_equal(px, x)
+  np.testing.assert_array_equal(py, y)
+
+
+@pytest.mark.parametrize("backdoor,match", [
+    (BACKDOOR._replace(target=-3), r"target must be a class index \(an integer >= 0\), got -3"),
+    (BACKDOOR._replace(target=True), "target must be a class index"),
+    (BACKDOOR._replace(features=()), "features must be a non-empty list of indices >= 0"),
+    (BACKDOOR._replace(features=(0, -1)), "features must be a non-empty list of indices >= 0"),
+    (BACKDOOR._replace(features=(0.5,)), "features must be a non-empty list of indices >= 0"),
+    (BACKDOOR._replace(value=float("nan")), "value must be a finite number"),
+])
+def test_backdoor_fields_are_checked_up_front(backdoor, match):
+  with pytest.raises(ValueError, match=match):
+    attacks.backdoor_data(MALICIOUS, backdoor)
+  with pytest.raises(ValueError, match=match):
+    attacks.backdoor_evaluator(lambda p, x: x, np.zeros((4, 5)), np.ones(4, int), backdoor)
+
+
+def test_a_trigger_past_the_example_is_refused_not_dropped():
+  # The scatter dropped index 100: no trigger stamped, a backdoor accuracy of 0.
+  far = BACKDOOR._replace(features=(0, 100))
+  match = r"features index the flattened example, of 10 values \(shape \(2, 5\)\), but go up to 100"
+  with pytest.raises(ValueError, match=match):
+    jax.jit(attacks.backdoor_data(MALICIOUS, far))(  # while tracing: before compiling
+        jnp.zeros((4, 2, 5)), jnp.zeros(4, int), 4, 1, jax.random.key(0))
+  with pytest.raises(ValueError, match=match):
+    attacks.backdoor_evaluator(lambda p, x: x, np.zeros((4, 2, 5)), np.ones(4, int), far)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: attacks.sign_flip(True), lambda: attacks.scaling(True, 2.0),
+    lambda: attacks.model_replacement(True), lambda: attacks.sign_flip(MALICIOUS, True),
+    lambda: attacks.choose_malicious(True, count=1), lambda: attacks.choose_malicious(6, count=True),
+    lambda: attacks.choose_malicious(6, count=1, seed=True)])
+def test_bools_are_not_integers_or_factors(make):
+  with pytest.raises(ValueError, match="must be an? (positive )?(integer|finite number)"):
+    make()
+
+
 SCENARIOS = {
     # data poisoning + model poisoning + compression with error feedback + DP
     "privacy_compression": (

@@ -147,3 +147,56 @@ def test_cli_reports_a_model_that_does_not_fit_the_task(monkeypatch, capsys, tmp
   err = capsys.readouterr().err
   assert code == 2
   assert "the model expects inputs of shape (5,) but the data's examples have shape (6,)" in err
+
+
+def test_cnn_refuses_channels_first_images_and_takes_flat_vectors(count_compiles):
+  # A reshape to (8, 8, 3) took (3, 8, 8) images too, their pixels scrambled.
+  model = fs.cnn(2, in_channels=3, image_size=8, conv_impl="lax")
+  first = [RNG.normal(size=(4, 3, 8, 8)).astype(np.float32) for _ in range(4)]
+  ys = [np.zeros(4, np.int32)] * 4
+  alg = algorithm(model)
+  state = alg.init(model.params, jax.random.key(0), 4)
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"^the model expects inputs of shape \(8, 8, 3\) \(192 "
+                                       r"values\) but the data's examples have shape \(3, 8, 8\): "
+                                       r"channels first\? transpose them"):
+    fs.run(alg, state, fs.from_clients(first, ys), rounds=1, progress=False)
+  assert count_compiles() == before
+  for shape in [(8, 8, 3), (192,)]:
+    assert checks.model_output(model.apply, model.params, shape, np.float32, "x").shape == (1, 2)
+  with pytest.raises(ValueError, match=r"shape \(8, 8, 3\) \(192 values\) but the test set's "
+                                       r"examples have shape \(8, 4, 6\): images go"):
+    checks.model_output(model.apply, model.params, (8, 4, 6), np.float32,
+                        "the test set's examples")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(count_compiles):
+  # one_hot made an id >= vocab_size, negative or fractional a zero vector: trained on nothing.
+  model = fs.char_rnn(vocab_size=5, hidden=8, num_layers=1)
+  ys = [np.zeros((3, 4), np.int32)] * 2
+
+  def data(token):
+    xs = [np.ones((3, 4)), np.ones((3, 4))]
+    xs[1][2, 3] = token
+    return fs.from_clients(xs, ys)  # stored as float32, from_clients' default
+
+  checks.check_labels(model.apply, model.params, data(4))  # whole floats below 5 are ids
+  alg = algorithm(model)
+  state = alg.init(model.params, jax.random.key(0), 2)
+  before = count_compiles()
+  with pytest.raises(ValueError, match=r"^the model reads token ids in \[0, 5\) \(vocab_size 5\) "
+                                       r"but the data's token ids go up to 49 \(client 1's\): "
+                                       r"build the model for at least 50 tokens"):
+    fs.run(alg, state, data(49), rounds=1, progress=False)
+  assert count_compiles() == before
+  for token, match in [(-1, r"go down to -1 \(client 1's\)$"),
+                       (2.5, r"hold 2.5 \(client 1's\), not a whole number")]:
+    with pytest.raises(ValueError, match=match):
+      checks.check_labels(model.apply, model.params, data(token))
+  mixed = fs.models.mixed_precision(model)
+  with pytest.raises(ValueError, match="go up to 5"):
+    checks.check_labels(mixed.apply, mixed.params, data(5), "the client test splits")
+  # Past a client's count the slots are padding, not ids.
+  padded = data(0)._replace(x=np.asarray(data(0).x).copy())
+  padded.x[0, 2, 0] = 99
+  checks.check_labels(model.apply, model.params, padded._replace(counts=np.array([2, 3])))

@@ -235,3 +235,45 @@ def test_reddi_fedyogi_and_fedadagrad_second_moments():
     params = {"w": jnp.zeros(2)}
     updates, _ = opt.update({"w": jnp.asarray(g)}, opt.init(params), params)
     np.testing.assert_allclose(updates["w"], -(0.1 * g) / (np.sqrt(v1) + 1e-3), rtol=1e-5)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: fs.client_optimizer("momentum", 0.1, momentum=-0.5), "client_optimizer's momentum"),
+    (lambda: fs.client_optimizer("momentum", 0.1, momentum=1.0), "client_optimizer's momentum"),
+    (lambda: fs.client_optimizer("momentum", 0.1, momentum=float("nan")), "momentum"),
+    (lambda: fs.client_optimizer("momentum", 0.1, momentum=True), "momentum"),
+    (lambda: fs.server_optimizer("fedavgm", 1.0, momentum=float("nan")),
+     "server_optimizer's momentum"),
+    (lambda: fs.server_optimizer("fedadam", 0.01, b2=1.5), r"server_optimizer's b2 must be a "
+                                                          r"number in \[0, 1\), got 1.5"),
+    (lambda: fs.server_optimizer("fedyogi", 0.01, b1=1.0), "server_optimizer's b1"),
+    (lambda: fs.optimizers.scale_by_reddi("adam", b1=-0.1), "b1 must be a number in"),
+])
+def test_optimizers_refuse_decays_outside_0_1(make, match):
+  # At 1 or above the averages never forget, or grow; NaN is a NaN model.
+  with pytest.raises(ValueError, match=match):
+    make()
+  fs.client_optimizer("momentum", 0.1, momentum=jnp.float32(0.5))  # a concrete array is fine
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: models.cnn(2, image_size=3), "cnn: image_size must be an integer >= 4, got 3"),
+    (lambda: models.cnn(2, image_size=True), "cnn: image_size must be an integer >= 4, got True"),
+    (lambda: models.cnn(2, in_channels=0), "cnn: in_channels must be an integer >= 1"),
+    (lambda: models.logistic_regression(0, 3), "num_features must be an integer >= 1, got 0"),
+    (lambda: models.logistic_regression(-4, 3), "num_features must be an integer >= 1, got -4"),
+    (lambda: models.logistic_regression(4, 0), "num_classes must be an integer >= 1, got 0"),
+    (lambda: models.build(models.MLP, 4, 3, hidden=0), "mlp: hidden must be an integer >= 1"),
+    (lambda: models.char_rnn(5, num_layers=0), "char_rnn: num_layers must be an integer >= 1"),
+    (lambda: models.char_rnn(True), "char_rnn: vocab_size must be an integer >= 1, got True"),
+])
+def test_model_constructors_refuse_sizes_they_cannot_take(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_the_smallest_cnn_image_size_runs():
+  # Two 2x2 poolings take 4x4 down to 1x1; 3x3 to nothing.
+  model = models.cnn(2, image_size=models.CNN.MIN_IMAGE_SIZE, conv_impl="lax")
+  out = jax.eval_shape(model.apply, model.params, jax.ShapeDtypeStruct((1, 4, 4, 1), jnp.float32))
+  assert out.shape == (1, 2)

@@ -93,7 +93,13 @@ def test_secure_mean_is_the_survivors_quantized_mean():
 
 @pytest.mark.parametrize("make,match", [
     (lambda: sa.secure_mean(bits=0), "bits must be an integer"),
-    (lambda: sa.secure_mean(clip_range=0.0), "clip_range must be > 0"),
+    (lambda: sa.secure_mean(clip_range=0.0), "clip_range must be a finite number in \\(0, "),
+    (lambda: sa.secure_mean(clip_range=float("inf")), "clip_range must be a finite number"),
+    (lambda: sa.secure_mean(clip_range=float("nan")), "clip_range must be a finite number"),
+    (lambda: sa.secure_mean(clip_range=1e39), r"clip_range .* \(0, 1.701e\+38\] .* got 1e\+39"),
+    (lambda: sa.secure_mean(clip_range=True), "clip_range must be a finite number"),
+    (lambda: sa.secure_mean(bits=True), "bits must be an integer"),
+    (lambda: sa.secure_mean(threshold=True), "threshold must be an integer or None"),
     (lambda: sa.secure_mean(dropout=1.0), "dropout must lie in"),
     (lambda: sa.secure_mean(bits=25), "bits must be an integer in \\[1, 24\\]"),
     (lambda: sa.secure_mean(bits=24).validate(512, None), "overflow the 32-bit modular sum"),
@@ -102,6 +108,15 @@ def test_secure_mean_is_the_survivors_quantized_mean():
 def test_bad_secure_aggregation_configurations(make, match):
   with pytest.raises(ValueError, match=match):
     make()
+
+
+def test_the_largest_clip_range_allowed_decodes_finitely():
+  # 2 x clip_range is the largest float32: finite levels and a finite mean.
+  deltas = stacked(3, num_clients=4)
+  agg = sa.secure_mean(clip_range=sa.MAX_CLIP_RANGE)
+  out, _, metrics = agg.aggregate(agg.init(None, None), deltas, jnp.ones(4),
+                                  jnp.arange(4), jax.random.key(0))
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(out))
 
 
 def test_the_most_bits_and_clients_allowed_decode_a_saturated_update_exactly():

@@ -427,6 +427,8 @@ def compose(
     check_clients_per_round(clients_per_round, data)
     check_model_and_data(apply, state.params, data)
     checks.check_label_schedule(client_data_schedule, apply, state.params, data)
+    if getattr(client_data_transform, "validate", None) is not None:  # data attacks' own
+      client_data_transform.validate(apply, state.params, data)
     check_count_range(data)
     if stateful:
       check_client_states(state, data)
