@@ -133,6 +133,24 @@ def stages_of(aggregator: Aggregator) -> tuple:
   return aggregator.stages or (aggregator,)
 
 
+def check_clients_have_examples(aggregator: "Aggregator | None", data) -> None:
+  """Raises ValueError if no client has examples, or if a reducer that ignores the
+  weights would meet clients without examples: their update is zero, and it would count
+  as a client's vote for no change (one of the median's, Krum's or a plain mean's rows)."""
+  counts = np.asarray(data.counts)
+  if not counts.any():  # every round would divide by a total weight of 0
+    raise ValueError("the training data has no examples: every client is empty")
+  if not ignores_weights(aggregator):
+    return
+  empty = np.flatnonzero(counts == 0)
+  if empty.size:
+    raise ValueError(
+        f"{empty.size} of the data's clients have no examples (client {int(empty[0])} "
+        f"first), and the aggregator's reducer ignores the weights (a median, Krum, DP's or "
+        f"secure aggregation's plain mean): their zero updates would count as votes for no "
+        f"change. Leave them out of the training data")
+
+
 def ignores_weights(aggregator: "Aggregator | None") -> bool:
   """Whether `aggregator` counts every client once (its reducer ignores the weights:
   median, Krum, DP's and secure mean...), so that a round weights its clients uniformly."""

@@ -209,15 +209,23 @@ def weiszfeld_coefficients(flat: jax.Array, weights: jax.Array, num_iterations: 
   # A row with an inf or NaN is dropped (c = 0), as a server would reject it on
   # arrival: in the iteration it would make every step NaN (0 * inf, or NaN distances).
   finite = jnp.all(jnp.isfinite(flat), axis=1)
-  alpha = jnp.where(finite, weights, 0.0) / jnp.sum(jnp.where(finite, weights, 0.0))
+  alpha = jnp.where(finite, weights, 0.0)
+  counted = alpha > 0
   rows = jnp.where(finite[:, None], flat, 0.0)
 
   def shares(v):
+    # All zeros where no row counts (a round of clients without examples): no update,
+    # where 0 / 0 made the model NaN.
     beta = alpha / jnp.maximum(smoothing, jnp.linalg.norm(rows - v, axis=1))
-    return beta / jnp.sum(beta)
+    total = jnp.sum(beta)
+    return beta / jnp.where(total > 0, total, 1.0)
 
+  # The start is the median of the rows that count: a client of weight 0 (no examples)
+  # moved it, and so the result of the fixed number of steps.
+  start = jnp.nanmedian(jnp.where(counted[:, None], flat, jnp.nan), axis=0)
+  start = jnp.where(counted.any(), start, 0.0)
   v = jax.lax.fori_loop(0, num_iterations - 1, lambda _, v: weighted_sum(shares(v), rows),
-                        _median(flat))
+                        start)
   return shares(v)
 
 

@@ -308,9 +308,10 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
      per step: `step_seconds` times the trainings each budgeted step pays for
      (`trainings_per_step`: Ditto trains the global and the personal model alike);
   4. 'drop' excludes every straggler, 'partial' keeps their partial work;
-  5. among the responding clients left (candidates), the clients_per_round with
-     the smallest simulated seconds (ties by position) are aggregated: the server
-     closes the round at the clients_per_round-th report.
+  5. among the responding clients left that hold examples (candidates: one with none
+     sends no update), the clients_per_round with the smallest simulated seconds
+     (ties by position) are aggregated: the server closes the round at the
+     clients_per_round-th report.
 
   `round_time` is the largest simulated seconds among aggregated clients (0 if
   none), except that with a deadline, when fewer than clients_per_round clients
@@ -376,7 +377,8 @@ def plan_round(config: SystemsConfig, ids: jax.Array, counts: jax.Array, key: ja
     late = jnp.zeros((num,), bool)
     work, cannot = planned, late
   straggler = designated | late
-  candidate = responded & (~cannot if partial else ~straggler)
+  # A client with no examples sends no update: it must not take a report's place.
+  candidate = responded & (~cannot if partial else ~straggler) & (counts > 0)
   seconds = (fixed + work * per_step).astype(jnp.float32)
   if config.deadline_s is not None:
     # Work that passed the lateness test finishes by the deadline: the same sum computed

@@ -270,8 +270,10 @@ class GeometricMedian:
     # Weiszfeld on the updates alone; the scalars combined with the last step's shares.
     parts = [split(d) for d in deltas]
     x, sc = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+    if not (weights > 0).any():  # no client with examples: no update
+      return parts[0][2](np.zeros_like(x[0]), np.zeros_like(sc[0]))
     alpha = weights / weights.sum()
-    v = np.median(x, axis=0)
+    v = np.median(x[weights > 0], axis=0)  # clients of weight 0 do not count
     for _ in range(self.iterations):
       beta = alpha / np.maximum(self.nu, np.linalg.norm(x - v, axis=1))
       shares = beta / beta.sum()

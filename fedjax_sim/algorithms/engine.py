@@ -429,6 +429,7 @@ def compose(
     checks.check_label_schedule(client_data_schedule, apply, state.params, data)
     if getattr(client_data_transform, "validate", None) is not None:  # data attacks' own
       client_data_transform.validate(apply, state.params, data)
+    aggregators_lib.check_clients_have_examples(aggregator, data)
     check_count_range(data)
     if stateful:
       check_client_states(state, data)
@@ -468,11 +469,11 @@ def compose(
       all_counts = (data.counts if client_data_schedule is None else jax.vmap(
           lambda i: client_data(data, i, state.round)[2])(jnp.arange(data.num_clients)))
       total_weight = all_counts.sum().astype(jnp.float32)
-    else:
-      raw_weights = jnp.ones(ids.shape, jnp.float32)
+    else:  # one vote per client that has examples to train on
+      raw_weights = (counts > 0).astype(jnp.float32)
       total_weight = jnp.float32(data.num_clients)
     relative_weight = raw_weights * data.num_clients / total_weight
-    weights = jnp.ones_like(raw_weights) if server_rule.uniform_mean else raw_weights
+    weights = (counts > 0).astype(jnp.float32) if server_rule.uniform_mean else raw_weights
     budgets, plan = None, None
     if systems is not None:
       plan = systems_lib.plan_round(

@@ -239,6 +239,7 @@ def fedbuff(
     check_model_and_data(apply, state.params, data)
     if getattr(aggregator, "validate", None) is not None:
       aggregator.validate(buffer_size, data.num_clients)
+    aggregators.check_clients_have_examples(aggregator, data)
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     systems.check_profiles_fit(profiles, data.num_clients)
@@ -314,6 +315,12 @@ def fedbuff(
       delta, agg_state, agg_metrics = aggregator.aggregate(
           agg_state, uploads, weights, arrived, keys_lib.aggregation_key(sample_key))
     params, opt_state = server_step(server_optimizer, state, delta)
+    # A buffer of clients without examples is no update: the model and the optimizer
+    # stay as they were (a zero pseudo-gradient still moves them by momentum).
+    some_examples = jnp.any(data.counts[arrived] > 0)
+    params, opt_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(some_examples, new, old), (params, opt_state),
+        (state.params, state.opt_state))
 
     # Refilled slots hold the model current at their dispatch: the updated one from T on.
     after = fresh & (start >= update_time)
