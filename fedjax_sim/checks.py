@@ -34,6 +34,20 @@ def _shape(text: str) -> tuple[int, ...]:
   return tuple(int(s) for s in text.replace(" ", "").split(",") if s)
 
 
+def is_count(value: Any, minimum: int = 1) -> bool:
+  """An integer >= minimum, Python's or numpy's; not a bool (True would count as 1)."""
+  return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+          and value >= minimum)
+
+
+def count_error(name: str, value: Any) -> ValueError:
+  """The error for `name` that is no positive integer; a traced value (a sweep's grid=)
+  is told where such a setting goes."""
+  where = (": it sets shapes, so a sweep takes it in static=, not grid="
+           if isinstance(value, jax.core.Tracer) else "")
+  return ValueError(f"{name} must be a positive integer, got {value!r}{where}")
+
+
 class ModelInputError(ValueError):
   """Raised by a model, while tracing, for examples it would misread rather than fail on
   (a reshape takes any examples of the right size: channels-first images, scrambled)."""

@@ -190,7 +190,7 @@ def from_clients(
   if len(xs) == 0:  # len: an array of stacked clients has no truth value
     raise ValueError("federated data needs at least one client")
   if max_examples is not None and (not isinstance(max_examples, (int, np.integer))
-                                   or max_examples <= 0):
+                                   or isinstance(max_examples, bool) or max_examples <= 0):
     raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
   xs = [np.asarray(x) for x in xs]
   ys = [np.asarray(y) for y in ys]

@@ -30,6 +30,17 @@ ARRIVAL_TAG = 4
 DATA_TAG = 0x7FFFFFFF
 
 
+def check_key(key, where: str) -> None:
+  """Raises ValueError unless `key` is one jax random key: `jax.random.key(seed)`, or a
+  legacy `jax.random.PRNGKey(seed)` (uint32 [2]). An int failed later, while tracing."""
+  typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+  legacy = (isinstance(key, jax.Array) and key.dtype == jax.numpy.uint32
+            and key.shape == (2,))
+  if not ((typed and key.shape == ()) or legacy):
+    raise ValueError(f"{where}: key must be one jax random key (jax.random.key(seed)), got "
+                     f"{key!r}")
+
+
 def round_keys(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Splits a round's key into (next state key, sampling key, training key)."""
   next_key, sample_key, train_key = jax.random.split(key, 3)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim import checks
 from fedjax_sim.tree import same_dtypes
 
 Params = Any
@@ -279,10 +280,10 @@ def make_local_update(
 
 def check_schedule(batch_size: int, epochs: int | None, steps: int | None) -> None:
   """Raises ValueError for a schedule that is not exactly one of epochs/steps, >= 1."""
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+  if not checks.is_count(batch_size):
+    raise checks.count_error("batch_size", batch_size)
   if (epochs is None) == (steps is None):
     raise ValueError("give exactly one of epochs= or steps=")
   value, name = (epochs, "epochs") if epochs is not None else (steps, "steps")
-  if not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if not checks.is_count(value):
+    raise checks.count_error(name, value)

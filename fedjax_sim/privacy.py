@@ -414,6 +414,16 @@ class DPAccountant:
     acc.compose(self._event, rounds)
     return float(acc.get_epsilon(self.delta))
 
+  def check(self, data) -> None:
+    """Raises ValueError if the accountant's N is not the training data's number of
+    clients (`runner.run` calls it before compiling): epsilon would be another run's.
+    Its z and m are the caller's to match to the algorithm's `dp_mean` and
+    `clients_per_round`."""
+    if self.num_clients != data.num_clients:
+      raise ValueError(f"the DPAccountant counts num_clients={self.num_clients} but the "
+                       f"training data has {data.num_clients} clients: its epsilon would "
+                       f"be another run's")
+
   def __call__(self, round_number: int) -> dict[str, float]:
     """Metrics of round `round_number` (rounds done so far): {'epsilon': ...}."""
     return {"epsilon": self.epsilon(round_number)}

@@ -21,7 +21,8 @@ import optax
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import local
 from fedjax_sim.data import FederatedData
-from fedjax_sim.algorithms.base import (ServerState, aggregation_key, client_data_key, client_key,
+from fedjax_sim.algorithms.base import (ServerState, aggregation_key, check_clients_per_round,
+                                       check_round_args, client_data_key, client_key,
                                        round_keys, sample_clients)
 from fedjax_sim.losses import cross_entropy
 
@@ -111,6 +112,9 @@ class ReferenceFedAvg:
                regularizer: local.Regularizer | None = None,
                aggregator: Callable | None = None,
                client_data_transform: Callable | None = None):
+    # The arguments fedavg checks, checked alike: a misspelt weighting was uniform here.
+    check_round_args(clients_per_round, weighting, None)
+    local.check_schedule(batch_size, epochs, steps)
     self.aggregator = aggregator
     self.client_data_transform = (None if client_data_transform is None
                                   else jax.jit(client_data_transform))
@@ -139,6 +143,7 @@ class ReferenceFedAvg:
     return delta, loss_sum, count
 
   def round(self, state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
+    check_clients_per_round(self.clients_per_round, data)
     next_key, sample_key, train_key = round_keys(state.key)
     ids = np.asarray(sample_clients(sample_key, data.num_clients, self.clients_per_round))
     deltas, weights, loss_sum, count = [], [], 0.0, 0

@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm  # the text bar: works in terminals and notebooks alike
 
 from fedjax_sim import checkpoint as checkpoint_lib
+from fedjax_sim import checks
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import tree as tree_lib
 from fedjax_sim.data import FederatedData
@@ -159,6 +160,31 @@ def _scalar_row(round_index: int, metrics: dict[str, np.ndarray], i: int) -> dic
   return row
 
 
+def _added_metrics(source: str, values: Any, row: dict[str, Any]) -> dict[str, Any]:
+  """`values` (what `evaluate` or `round_metrics` returned) with numpy and jax scalars
+  as Python numbers, arrays as numpy (kept in the history, not in metrics.jsonl, as
+  per-client metrics are). Raises TypeError or ValueError naming what does not fit a
+  row: a name of the round's own metrics, a value neither an array nor JSON's."""
+  if not isinstance(values, dict):
+    raise TypeError(f"{source} must return a dict of metrics, got {type(values).__name__}")
+  out = {}
+  for name, value in values.items():
+    if name in row:
+      raise ValueError(f"{source} returned {name!r}, a name the round's own metrics use: "
+                       f"rename it")
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):
+      value = np.asarray(value)
+      value = value.item() if value.ndim == 0 else value
+    else:
+      try:
+        json.dumps(value)
+      except (TypeError, ValueError):
+        raise TypeError(f"{source} returned {name!r} = {value!r}: a metric must be a "
+                        f"number, a string, an array or what JSON holds") from None
+    out[name] = value
+  return out
+
+
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in row.items() if not isinstance(v, np.ndarray)}
 
@@ -267,7 +293,8 @@ def run(
     summary_path: JSON file with the final metrics and timings (written atomically).
     progress: show a tqdm progress bar.
     round_metrics: host-side `round -> dict` added to every round's row (the round
-      counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far).
+      counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far); its
+      `check(data)`, if it has one, runs before anything compiles.
     callbacks: host-side observers (metric writers), called between compiled chunks, so
       the round program never waits on them: each may define `on_rounds(rows)` (the
       chunk's new rows, after they are written to the metrics file) and `on_end(summary)`
@@ -298,10 +325,11 @@ def run(
       the end of the chunk in progress, after writing its rows, a checkpoint (with
       `checkpoint_dir`) and the summary (status "interrupted").
   """
-  if not isinstance(rounds, int) or rounds <= 0:
+  if not checks.is_count(rounds):
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-  if not isinstance(rounds_per_chunk, int) or rounds_per_chunk <= 0:
+  if not checks.is_count(rounds_per_chunk):
     raise ValueError(f"rounds_per_chunk must be a positive integer, got {rounds_per_chunk!r}")
+  rounds, rounds_per_chunk = int(rounds), int(rounds_per_chunk)
   if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                        or checkpoint_every < 0):
     raise ValueError(f"checkpoint_every must be an integer >= 0 or None, got "
@@ -310,6 +338,8 @@ def run(
     raise ValueError("resume=True needs the checkpoint_dir to resume from")
   algorithm.validate(state, data)
   check_evaluator(evaluate, state.params)
+  if getattr(round_metrics, "check", None) is not None:  # privacy.DPAccountant's
+    round_metrics.check(data)
   checkpoints = None
   record: dict[str, Any] | None = None
   if checkpoint_dir is not None:
@@ -336,7 +366,10 @@ def run(
     lines, first, first_loss, seconds_before = [], int(state.round), None, 0.0
   history = History(json.loads(line) for line in lines)
   end = first + rounds
-  metrics_file = None if metrics_path is None else _open_metrics(metrics_path, lines)
+  # A resumed run's file is rewritten now (dropping rows past its checkpoint); a new run's
+  # at its first row: one that fails before (tracing, compiling) leaves an old file be.
+  metrics_file = (_open_metrics(metrics_path, lines)
+                  if metrics_path is not None and record is not None else None)
   status = "completed"
   done = int(state.round)
   if summary_path is not None and done < end:
@@ -363,11 +396,19 @@ def run(
     return checkpoint_every > 0 and done - last_save["round"] >= checkpoint_every
 
   def write(row):
+    nonlocal metrics_file
+    if metrics_path is not None and metrics_file is None:
+      metrics_file = _open_metrics(metrics_path, lines)
     history.append(row)
     line = json.dumps(_jsonable(row))
     lines.append(line)
     if metrics_file is not None:
       metrics_file.write((line + "\n").encode())  # one write: never half a line
+
+  def keep(rows):  # rounds that trained, for the metrics file and the callbacks
+    for row in rows:
+      write(row)
+    _notify(callbacks, "on_rounds", rows)
 
   # One program for every chunk, the shorter final one included (see the module doc).
   call_rounds = math.gcd(rounds_per_chunk, end - first)
@@ -386,8 +427,13 @@ def run(
         metrics = jax.tree_util.tree_map(lambda *parts: np.concatenate(parts), *metrics)
         rows = [_scalar_row(done + i + 1, metrics, i) for i in range(length)]
         if round_metrics is not None:
-          for row in rows:
-            row.update(round_metrics(row["round"]))
+          try:
+            added = [_added_metrics("round_metrics", round_metrics(r["round"]), r) for r in rows]
+          except BaseException:  # the chunk's rounds trained: keep them, without these
+            keep(rows)
+            raise
+          for row, more in zip(rows, added):
+            row.update(more)
         if first_loss is None:
           first_loss = next((r["train_loss"] for r in rows if _row_trained(r)), None)
         reference = math.nan if first_loss is None else first_loss
@@ -398,11 +444,9 @@ def run(
             preparing.join()
             preparing = None
           try:
-            rows[-1].update(evaluate(state.params))
+            rows[-1].update(_added_metrics("evaluate", evaluate(state.params), rows[-1]))
           except BaseException:  # the chunk's rounds trained: keep them, unevaluated
-            for row in rows:
-              write(row)
-            _notify(callbacks, "on_rounds", rows)
+            keep(rows)
             raise
         for i, row in enumerate(rows):
           if row is bad:

@@ -31,6 +31,10 @@ def test_more_clients_per_round_than_clients(ragged, small_mlp, count_compiles):
     ({"clients_per_round": 0}, "clients_per_round must be a positive integer"),
     ({"weighting": "median"}, "weighting must be"),
     ({"client_chunk_size": 3}, "positive divisor of clients_per_round=4"),
+    # True counts as 1 in Python: one client a round, one example a batch, silently.
+    ({"clients_per_round": True}, "clients_per_round must be a positive integer, got True"),
+    ({"batch_size": True}, "batch_size must be a positive integer, got True"),
+    ({"epochs": True}, "epochs must be a positive integer, got True"),
 ])
 def test_bad_algorithm_arguments(small_mlp, kwargs, match):
   args = dict(client_optimizer=optax.sgd(0.1), clients_per_round=4, batch_size=4)
@@ -39,6 +43,59 @@ def test_bad_algorithm_arguments(small_mlp, kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     fedavg(small_mlp.apply, **args)
+
+
+def test_numpy_integers_are_integers(ragged, small_mlp):
+  # np.int64 (what a numpy computation of a count gives) was refused as "not a positive
+  # integer, got np.int64(3)".
+  _, _, train = ragged
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1),
+                     clients_per_round=np.int64(3), batch_size=np.int32(4), epochs=np.int64(1))
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  _, history = fs.run(algorithm, state, train, rounds=np.int64(2), progress=False)
+  assert [r["round"] for r in history] == [1, 2]
+  with pytest.raises(ValueError, match="rounds must be a positive integer, got True"):
+    fs.run(algorithm, state, train, rounds=True, progress=False)
+  with pytest.raises(ValueError, match="max_examples must be a positive integer, got True"):
+    fs.from_clients([np.ones((3, 2))], [np.zeros(3, np.int32)], max_examples=True)
+
+
+def test_hyperparameters_set_later_are_checked_as_those_built_with(ragged, small_mlp):
+  # client_lr went into the state without its check: set_hparams(client_lr=-1) trained
+  # by gradient ascent.
+  _, _, train = ragged
+  algorithm = fs.build_algorithm("fedprox", small_mlp.apply, clients_per_round=2,
+                                 batch_size=4, epochs=1, client_lr=0.1, mu=0.1)
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  for name in ("client_lr", "server_lr"):
+    with pytest.raises(ValueError, match=f"{name} must be positive, got -1.0"):
+      fs.run(algorithm, fs.set_hparams(state, **{name: -1.0}), train, rounds=1,
+             progress=False)
+  with pytest.raises(ValueError, match=r"hyperparameters \['mu'\] are None"):
+    fs.fedprox(small_mlp.apply, mu=None, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+               batch_size=4, epochs=1)
+
+
+@pytest.mark.parametrize("key", [0, np.uint32(7), "seed"])
+def test_init_takes_a_jax_key_only(small_mlp, key):
+  # An int passed init and failed while tracing the first round, in the key derivations.
+  algorithm = fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=2,
+                     batch_size=4, epochs=1)
+  with pytest.raises(ValueError, match="fedavg.init: key must be one jax random key"):
+    algorithm.init(small_mlp.params, key)
+  algorithm.init(small_mlp.params, jax.random.PRNGKey(0))  # the legacy kind is one too
+
+
+def test_the_loop_reference_checks_its_arguments_as_fedavg_does(ragged, small_mlp):
+  _, _, train = ragged
+  kw = dict(client_optimizer=optax.sgd(0.1), batch_size=4, epochs=1)
+  with pytest.raises(ValueError, match="weighting must be 'examples' or 'uniform'"):
+    fs.ReferenceFedAvg(small_mlp.apply, clients_per_round=2, weighting="Examples", **kw)
+  with pytest.raises(ValueError, match="clients_per_round must be a positive integer"):
+    fs.ReferenceFedAvg(small_mlp.apply, clients_per_round=0, **kw)
+  reference = fs.ReferenceFedAvg(small_mlp.apply, clients_per_round=7, **kw)
+  with pytest.raises(ValueError, match="clients_per_round=7 but the data has only 6 clients"):
+    reference.round(reference.init(small_mlp.params, jax.random.key(0)), train)
 
 
 @pytest.mark.parametrize("make", [

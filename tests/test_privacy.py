@@ -240,3 +240,17 @@ def test_bfloat16_updates_are_clipped_and_noised_in_float32():
   delta, _, _ = jax.jit(aggregator.aggregate)(aggregator.init(None, 7), deltas, jnp.ones(7),
                                               jnp.arange(7), jax.random.key(0))
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(delta))
+
+
+def test_an_accountant_of_another_population_is_refused_before_compiling(ragged, small_mlp,
+                                                                         count_compiles):
+  # Its epsilon was reported for 1,000 clients while the run sampled 3 of 6.
+  _, _, train = ragged
+  algorithm = fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1), clients_per_round=3,
+                        batch_size=4, epochs=1, aggregator=privacy.dp_mean(1.0, 0.1))
+  state = algorithm.init(small_mlp.params, jax.random.key(0))
+  accountant = privacy.DPAccountant(0.1, 3, 1000, 1e-5, orders=SMALL_ORDERS)
+  before = count_compiles()
+  with pytest.raises(ValueError, match="num_clients=1000 but the training data has 6"):
+    fs.run(algorithm, state, train, rounds=1, round_metrics=accountant, progress=False)
+  assert count_compiles() == before

@@ -79,6 +79,11 @@ def test_sweep_rejects_bad_arguments(ragged, small_mlp):
   with pytest.raises(ValueError, match="rounds_per_chunk must be a positive integer, got -1"):
     fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=2,
              rounds_per_chunk=-1)
+  # A shape in the grid was refused as "not a positive integer, got VmapTracer(...)".
+  shaped = lambda hp: fs.fedavg(small_mlp.apply, client_optimizer=optax.sgd(0.1),
+                                clients_per_round=hp["clients_per_round"], batch_size=4, epochs=1)
+  with pytest.raises(ValueError, match="it sets shapes, so a sweep takes it in static="):
+    fs.sweep(shaped, small_mlp.params, train, grid={"clients_per_round": [2, 3]}, rounds=1)
   for bad in (0.7, -1, 2**32, True):
     with pytest.raises(ValueError, match=f"seeds must be integers in \\[0, 2\\^32\\), got {bad}"):
       fs.sweep(make, small_mlp.params, train, grid={"client_lr": [0.1]}, rounds=1,

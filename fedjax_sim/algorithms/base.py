@@ -146,13 +146,11 @@ WEIGHTINGS = ("examples", "uniform")
 def check_round_args(clients_per_round: int, weighting: str,
                      client_chunk_size: int | str | None) -> None:
   """Raises ValueError for a bad value of the arguments every algorithm factory shares."""
-  if not isinstance(clients_per_round, int) or clients_per_round <= 0:
-    raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
+  if not checks.is_count(clients_per_round):
+    raise checks.count_error("clients_per_round", clients_per_round)
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
-  if client_chunk_size not in (None, "auto") and (
-      not isinstance(client_chunk_size, int) or isinstance(client_chunk_size, bool)
-      or client_chunk_size <= 0):
+  if client_chunk_size not in (None, "auto") and not checks.is_count(client_chunk_size):
     raise ValueError(f"client_chunk_size must be a positive integer, None or 'auto', got "
                      f"{client_chunk_size!r}")
 

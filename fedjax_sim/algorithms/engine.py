@@ -282,7 +282,7 @@ def check_hparams(values: Mapping[str, Any], checks: Mapping[str, Check]) -> Non
         np.asarray(value).dtype, np.number):
       raise ValueError(f"{name} must be a number, got {value!r}")
     if not np.isfinite(float(value)) or not check.ok(float(value)):
-      raise ValueError(f"{name} must {check.must}, got {value!r}")
+      raise ValueError(f"{name} must {check.must}, got {float(value)!r}")
 
 
 def set_hparams(state: ServerState, **values: float) -> ServerState:
@@ -344,6 +344,7 @@ def compose(
     client_data_schedule: systems_lib.ClientDataSchedule | None = None,
     hparam_schedule: Callable[[jax.Array, Hparams], Hparams] | None = None,
     extra_hparams: Mapping[str, Any] | None = None,
+    extra_hparam_checks: Mapping[str, Check] | None = None,
 ) -> FederatedAlgorithm:
   """A FederatedAlgorithm from its parts; every argument after `hparam_checks` is a
   feature every algorithm shares (see `fedavg` for what each does).
@@ -358,6 +359,8 @@ def compose(
     hparam_schedule: optional `(round, hp) -> hp` applied at the start of every round.
     extra_hparams: more hyperparameters for the state, name -> value (read by
       optimizers given as `hp -> GradientTransformation`).
+    extra_hparam_checks: name -> Check for `extra_hparams`, run as `hparam_checks` are
+      (a learning rate set by `set_hparams` is checked as the one built with).
 
   Returns:
     FederatedAlgorithm(init, round, validate, hparams=names).
@@ -368,7 +371,10 @@ def compose(
     raise ValueError(f"extra_hparams {clash} are {name}'s own hyperparameters; set them by name")
   hparams = {**hparams, **(extra_hparams or {})}
   check_round_args(clients_per_round, weighting, client_chunk_size)
-  hparam_checks = dict(hparam_checks or {})
+  missing = sorted(k for k, v in hparams.items() if v is None)
+  if missing:  # the state stores numbers: None failed in init, naming no argument
+    raise ValueError(f"{name}: hyperparameters {missing} are None; give numbers")
+  hparam_checks = {**(hparam_checks or {}), **(extra_hparam_checks or {})}
   check_hparams(hparams, hparam_checks)
   if systems is not None and not isinstance(systems, systems_lib.SystemsConfig):
     raise ValueError(f"systems must be a systems.SystemsConfig, got {type(systems).__name__}")
@@ -397,6 +403,7 @@ def compose(
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """`num_clients` is needed by algorithms and aggregators with per-client state."""
+    keys.check_key(key, f"{name}.init")
     # Built from host numbers, then placed: no set-up compiles (host_scalar).
     host_hp = {k: host_scalar(v, np.float32) for k, v in hparams.items()}
     opt_state, algorithm_state = on_device(server_rule.init(params, host_hp))

@@ -213,6 +213,7 @@ def fedbuff(
 
   def init(params: Params, key: jax.Array, num_clients: int | None = None) -> ServerState:
     """Dispatches `concurrency` clients at time 0, drawn as fedavg's round 0 draws them."""
+    keys_lib.check_key(key, "fedbuff.init")
     if num_clients is not None and num_clients != profiles.num_clients:
       raise ValueError(f"num_clients={num_clients} but the profiles describe "
                        f"{profiles.num_clients} clients")

@@ -371,14 +371,15 @@ def build_algorithm(
   def server_opt(hp):
     return optimizers.server_optimizer(server_optimizer, hp["server_lr"])
 
-  extra_hparams = {h.key: v[h.key] for h in used
-                   if h.key in ("client_lr", "server_lr", "client_momentum")
-                   and h.key not in _FACTORY_OWNS.get(name, ())}
+  extra = [h for h in used if h.key in ("client_lr", "server_lr", "client_momentum")
+           and h.key not in _FACTORY_OWNS.get(name, ())]
+  extra_hparams = {h.key: v[h.key] for h in extra}
   common = dict(clients_per_round=clients_per_round, batch_size=batch_size, epochs=epochs,
                 steps=steps, weighting=weighting, client_chunk_size=client_chunk_size,
                 aggregator=aggregator, client_data_transform=client_data_transform,
                 client_data_schedule=client_data_schedule, client_sharding=client_sharding,
-                systems=systems, hparam_schedule=hparam_schedule, extra_hparams=extra_hparams)
+                systems=systems, hparam_schedule=hparam_schedule, extra_hparams=extra_hparams,
+                extra_hparam_checks={h.key: h.check for h in extra if h.check is not None})
   if name == "fedavg":
     return fedavg(apply, client_optimizer=client_opt, server_optimizer=server_opt, **common)
   if name == "fedprox":
