@@ -24,10 +24,10 @@ def weighted_sum(weights: jax.Array, stacked: Any) -> Any:
   """sum_c weights[c] * stacked[c] over the leading client axis of every leaf.
 
   A multiply and a sum, as DrJAX's `reduce_weighted_mean`: XLA fuses it with the
-  update's producer into one pass (a dot read the updates after they were written out,
-  6% of a small model's round on a CPU), and it is float32 arithmetic on accelerators,
-  where a default-precision dot rounds its inputs (to TensorFloat-32 on recent NVIDIA
-  GPUs, bfloat16 on TPUs)."""
+  update's producer into one pass (a dot read the updates after they were written out;
+  benchmarks/README.md, "The weighted mean"), and it is float32 arithmetic on
+  accelerators, where a default-precision dot rounds its inputs (to TensorFloat-32 on
+  recent NVIDIA GPUs, bfloat16 on TPUs)."""
   def leaf_sum(d):
     w = weights.reshape(weights.shape + (1,) * (d.ndim - 1))
     return jnp.sum(w * d, axis=0)
