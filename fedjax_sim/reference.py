@@ -74,6 +74,8 @@ class LoopTrainer:
             context: Any = None) -> tuple[Params, float, int, int]:
     """Trains from `params` on (x, y); returns (delta, summed loss, examples, steps)."""
     n, b = len(x), self.batch_size
+    if n == 0:  # as the vectorized step: no example, no step
+      return jax.tree_util.tree_map(jnp.zeros_like, params), 0.0, 0, 0
     spe = local.steps_per_epoch(n, b)
     total = self.epochs * spe if self.epochs is not None else self.steps
     start, opt_state = params, self.optimizer.init(params)
@@ -158,15 +160,19 @@ class ReferenceFedAvg:
         x, y = np.asarray(x)[:int(n)], np.asarray(y)[:int(n)]
       delta, l, c = self.client_update(state.params, x, y, client_key(train_key, int(i)))
       deltas.append(jax.tree_util.tree_map(np.asarray, delta))
-      weights.append(float(len(x)) if by_examples else 1.0)
+      # A client without examples takes no part, under either weighting (as in fedavg).
+      weights.append(float(len(x)) if by_examples else float(len(x) > 0))
       loss_sum, count = loss_sum + l, count + c
     if self.aggregator is not None:
       mean = self.aggregator(deltas, np.array(weights), ids, aggregation_key(sample_key))
-    else:
+    elif sum(weights) > 0:
       w = np.array(weights) / np.sum(weights)
       mean = jax.tree_util.tree_map(lambda *d: sum(wi * di for wi, di in zip(w, d)), *deltas)
-    params, opt_state = self._server_step(state.params, state.opt_state, mean)
-    metrics = {"train_loss": loss_sum / count, "client_ids": ids}
+    if sum(weights) > 0:
+      params, opt_state = self._server_step(state.params, state.opt_state, mean)
+    else:  # no client with examples: no update, the optimizer's momentum included
+      params, opt_state = state.params, state.opt_state
+    metrics = {"train_loss": loss_sum / count if count else float("nan"), "client_ids": ids}
     return ServerState(params, opt_state, state.round + 1, next_key), metrics
 
   def run(self, state: ServerState, data: FederatedData, rounds: int):

@@ -5,6 +5,7 @@ the geometric median; a round of only such clients leaves the model as it was.""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import fedjax_sim as fs
@@ -129,3 +130,32 @@ def test_data_a_round_cannot_use_is_refused_before_compiling(logreg):
   plain = fs.fedavg(logreg.apply, **kw)
   with pytest.raises(ValueError, match="the training data has no examples"):
     plain.validate(plain.init(logreg.params, jax.random.key(0)), clients((0, 0, 0)))
+
+
+@pytest.mark.parametrize("weighting", ["examples", "uniform"])
+@pytest.mark.parametrize("schedule", [{"epochs": 1}, {"steps": 3}])
+def test_the_loop_reference_agrees_on_clients_without_examples(logreg, weighting, schedule):
+  # It divided by 0 (steps= per epoch, the mean's weights, the round's loss) and, under
+  # uniform weighting, gave such a client a vote.
+  data = clients((5, 0, 7, 0, 6, 4))
+  kw = dict(client_optimizer=optax.sgd(0.1), clients_per_round=4, batch_size=4,
+            weighting=weighting, **schedule)
+  algorithm, reference = fs.fedavg(logreg.apply, **kw), fs.ReferenceFedAvg(logreg.apply, **kw)
+  state = algorithm.init(logreg.params, jax.random.key(0))
+  ref_state = reference.init(logreg.params, jax.random.key(0))
+  for _ in range(2):
+    state, _ = jax.jit(algorithm.round)(state, data)
+    ref_state, _ = reference.round(ref_state, data)
+  assert max_relative_error(state.params, ref_state.params) < 1e-5
+
+
+def test_the_loop_reference_leaves_the_model_on_a_round_of_only_empty_clients(logreg):
+  data = clients((0, 0, 0, 5))
+  key = next(k for k in map(jax.random.key, range(1000))
+             if 3 not in np.asarray(sample_clients(round_keys(k)[1], 4, 2)).tolist())
+  reference = fs.ReferenceFedAvg(logreg.apply, client_optimizer=optax.sgd(0.1),
+                                 server_optimizer=optax.adam(0.1), clients_per_round=2,
+                                 batch_size=4, epochs=1)
+  state = reference.init(logreg.params, key)
+  new, metrics = reference.round(state, data)
+  assert np.isnan(metrics["train_loss"]) and moved(new.params, state.params) == 0.0
