@@ -492,7 +492,10 @@ class CharRNN(nnx.Module):
     return self.vocab_size
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.one_hot(x, self.vocab_size, dtype=self.embed[...].dtype) @ self.embed[...]
+    # Ids arrive as floats (from_clients stores float32; mixed precision casts to its
+    # compute dtype): one_hot of floats is deprecated in jax.
+    ids = x.astype(jnp.int32)
+    h = jax.nn.one_hot(ids, self.vocab_size, dtype=self.embed[...].dtype) @ self.embed[...]
     for layer in self.layers:
       h = layer(h)
     return self.out(h)
