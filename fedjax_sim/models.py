@@ -197,14 +197,17 @@ def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
     raise ValueError(f"mixed_precision: compute_dtype must be a floating dtype (bfloat16, "
                      f"float16...), got {dtype}")
   base = model.apply
+  vocab_size = getattr(base, "token_vocab_size", None)
 
   def cast(a):
     return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
 
   def apply(params: Params, x: jax.Array) -> jax.Array:
-    return base(jax.tree_util.tree_map(cast, params), cast(x)).astype(jnp.float32)
+    # Token ids stay as they are: bfloat16 holds integers exactly only up to 256.
+    inputs = x if vocab_size is not None else cast(x)
+    return base(jax.tree_util.tree_map(cast, params), inputs).astype(jnp.float32)
 
-  _mark_tokens(apply, getattr(base, "token_vocab_size", None))
+  _mark_tokens(apply, vocab_size)
   return Model(apply, model.params)
 
 

@@ -142,3 +142,11 @@ def test_fedavg_learns_next_characters_of_a_short_play_offline():
   print(f"before {before}, after {after['test_loss']:.3f} / {after['test_accuracy']:.3f}, "
         f"baseline {baseline:.3f}")
   assert after["test_accuracy"] > baseline + 0.1, (after, baseline)
+
+
+def test_mixed_precision_keeps_token_ids_past_256():
+  # The ids were cast to bfloat16 with the features: 257 became 256.
+  model = fs.models.mixed_precision(fs.char_rnn(vocab_size=300, hidden=8, num_layers=1))
+  logits = [model.apply(model.params, jnp.asarray([[token, 3.0]], jnp.float32))
+            for token in (256.0, 257.0)]
+  assert not np.allclose(logits[0][0, 0], logits[1][0, 0])
