@@ -61,8 +61,10 @@ class Aggregator(NamedTuple):
   not count (what `systems` needs for clients that are not aggregated). `stages`: for
   a `chain`, its stages in order; empty for a single reducer. `ignores_weights`: the
   reduction does not read the weights at all (order statistics, DP's and secure
-  aggregation's plain means), so the round weighs every client 1 wherever it reads
-  weights (`engine.compose`). `distinct_clients`: what
+  aggregation's plain means), so the round weighs every client with examples 1 wherever
+  it reads weights (`engine.compose`). `selects_rows`: it ranks or picks rows (median,
+  trimmed mean, Krum), so a zero row, a client without examples, is a vote for no
+  change (a plain mean's fixed denominator counts it by design). `distinct_clients`: what
   it guarantees holds only if no client fills two rows (DP's sensitivity of one
   client's clipped update, secure aggregation's pairwise masks by id), which FedBuff's
   buffer cannot promise.
@@ -76,6 +78,7 @@ class Aggregator(NamedTuple):
   stages: tuple = ()
   ignores_weights: bool = False
   distinct_clients: bool = False
+  selects_rows: bool = False
 
 
 class ClientTransform(NamedTuple):
@@ -134,21 +137,22 @@ def stages_of(aggregator: Aggregator) -> tuple:
 
 
 def check_clients_have_examples(aggregator: "Aggregator | None", data) -> None:
-  """Raises ValueError if no client has examples, or if a reducer that ignores the
-  weights would meet clients without examples: their update is zero, and it would count
-  as a client's vote for no change (one of the median's, Krum's or a plain mean's rows)."""
+  """Raises ValueError if no client has examples, or if a reducer that ranks or picks
+  rows (`selects_rows`) would meet clients without examples: their update is zero, and
+  it would count as a client's vote for no change."""
   counts = np.asarray(data.counts)
   if not counts.any():  # every round would divide by a total weight of 0
     raise ValueError("the training data has no examples: every client is empty")
-  if not ignores_weights(aggregator):
+  if aggregator is None or not any(getattr(s, "selects_rows", False)
+                                   for s in stages_of(aggregator)):
     return
   empty = np.flatnonzero(counts == 0)
   if empty.size:
     raise ValueError(
         f"{empty.size} of the data's clients have no examples (client {int(empty[0])} "
-        f"first), and the aggregator's reducer ignores the weights (a median, Krum, DP's or "
-        f"secure aggregation's plain mean): their zero updates would count as votes for no "
-        f"change. Leave them out of the training data")
+        f"first), and the aggregator ranks or picks updates (a median, trimmed mean or "
+        f"Krum): their zero updates would count as votes for no change. Leave them out of "
+        f"the training data")
 
 
 def ignores_weights(aggregator: "Aggregator | None") -> bool:

@@ -21,6 +21,7 @@ the round, so chunking and sharding cannot change them:
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 AGGREGATION_TAG = 1
 SYSTEMS_TAG = 2
@@ -32,11 +33,13 @@ DATA_TAG = 0x7FFFFFFF
 
 def check_key(key, where: str) -> None:
   """Raises ValueError unless `key` is one jax random key: `jax.random.key(seed)`, or a
-  legacy `jax.random.PRNGKey(seed)` (uint32 [2]). An int failed later, while tracing."""
-  typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-  legacy = (isinstance(key, jax.Array) and key.dtype == jax.numpy.uint32
-            and key.shape == (2,))
-  if not ((typed and key.shape == ()) or legacy):
+  legacy raw key (`jax.random.PRNGKey(seed)`: uint32 of any implementation's length,
+  as jax or numpy). An int failed later, while tracing."""
+  dtype = getattr(key, "dtype", None)
+  typed = (dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+           and key.shape == ())
+  raw = dtype == np.uint32 and np.ndim(key) == 1
+  if not (typed or raw):
     raise ValueError(f"{where}: key must be one jax random key (jax.random.key(seed)), got "
                      f"{key!r}")
 

@@ -423,7 +423,10 @@ class CNN(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (self.image_size, self.image_size, self.in_channels)
-    if x.ndim == 4 and tuple(x.shape[1:]) != shape:
+    readable = {shape}
+    if self.in_channels == 1:  # one channel, first or last, moves no pixel in the reshape
+      readable.add((1, self.image_size, self.image_size))
+    if x.ndim == 4 and tuple(x.shape[1:]) not in readable:
       # The reshape below would take any image of as many values, its pixels scrambled.
       got = tuple(x.shape[1:])
       note = ("channels first? transpose them to (height, width, channels), e.g. "

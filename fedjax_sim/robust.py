@@ -45,7 +45,7 @@ def coordinate_median() -> Aggregator:
     del weights, ids, key
     return jax.tree_util.tree_map(_median, deltas), state, {}
 
-  return Aggregator(no_state, aggregate, ignores_weights=True)
+  return Aggregator(no_state, aggregate, ignores_weights=True, selects_rows=True)
 
 
 def _num_trimmed(clients: int, trim_fraction: float | None, num_trim: int | None) -> int:
@@ -90,7 +90,7 @@ def trimmed_mean(trim_fraction: float | None = None, *, num_trim: int | None = N
     trim = lambda d: jnp.mean(jnp.sort(d, axis=0)[k:m - k], axis=0)
     return jax.tree_util.tree_map(trim, deltas), state, {}
 
-  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True, selects_rows=True)
 
 
 def _update_rows(deltas):
@@ -161,7 +161,7 @@ def krum(num_byzantine: int, *, num_selected: int = 1) -> Aggregator:
     selected = jnp.zeros(flat.shape[0], bool).at[chosen].set(True)
     return delta, state, {"krum_selected": selected}
 
-  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True, selects_rows=True)
 
 
 def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregator:
@@ -178,7 +178,7 @@ def multi_krum(num_byzantine: int, num_selected: int | None = None) -> Aggregato
     return krum(num_byzantine, num_selected=m - num_byzantine).aggregate(
         state, deltas, weights, ids, key)
 
-  return Aggregator(no_state, aggregate, validate, ignores_weights=True)
+  return Aggregator(no_state, aggregate, validate, ignores_weights=True, selects_rows=True)
 
 
 def weiszfeld(flat: jax.Array, weights: jax.Array, num_iterations: int,

@@ -93,7 +93,8 @@ def flag_config(args: argparse.Namespace | dict[str, Any]) -> dict[str, Any]:
 # Flags that name an input file: the file's contents are part of the configuration.
 FILE_FLAGS = ("init_params", "profiles")
 # Flags that name a path: a relative one is relative to the folder the run started in
-# (config.json's `cwd`), which is where `--resume` reads it from.
+# (config.json's `cwd`), where `--resume` reads it from while that folder exists; URLs
+# (gs://...) stay as given.
 PATH_FLAGS = FILE_FLAGS + ("save_params", "data_dir", "tensorboard")
 
 
@@ -269,10 +270,11 @@ def resume_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
   resumed.output = path
   resumed.overwrite = False
   started_in = config.get("cwd")
-  for name in PATH_FLAGS:  # as the run read them, wherever it is resumed from
-    value = getattr(resumed, name, None)
-    if started_in and value and not os.path.isabs(value):
-      setattr(resumed, name, os.path.join(started_in, value))
+  if started_in and os.path.isdir(started_in):  # else moved: paths as given, from here
+    for name in PATH_FLAGS:  # as the run read them, wherever it is resumed from
+      value = getattr(resumed, name, None)
+      if value and not os.path.isabs(value) and "://" not in value:  # not gs://...
+        setattr(resumed, name, os.path.join(started_in, value))
   missing = [f"--{n.replace('_', '-')} {getattr(resumed, n)}" for n in FILE_FLAGS
              if n in config.get("file_sha256", {}) and not os.path.isfile(getattr(resumed, n))]
   if missing:

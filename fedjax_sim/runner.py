@@ -17,7 +17,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -165,7 +165,7 @@ def _added_metrics(source: str, values: Any, row: dict[str, Any]) -> dict[str, A
   as Python numbers, arrays as numpy (kept in the history, not in metrics.jsonl, as
   per-client metrics are). Raises TypeError or ValueError naming what does not fit a
   row: a name of the round's own metrics, a value neither an array nor JSON's."""
-  if not isinstance(values, dict):
+  if not isinstance(values, Mapping):
     raise TypeError(f"{source} must return a dict of metrics, got {type(values).__name__}")
   out = {}
   for name, value in values.items():

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from fedjax_sim import cli, data as data_lib, run_options, systems, tasks, warm_start
+from fedjax_sim import cli, data as data_lib, run_dir, run_options, systems, tasks, warm_start
 
 
 def rows(out):
@@ -79,7 +79,22 @@ def test_resuming_from_another_folder_reads_relative_inputs_where_the_run_starte
   capsys.readouterr()
   assert cli.main(["run", "--resume", "../out", "--no-progress"]) == 0
   assert str(tmp_path / "trace.csv") in capsys.readouterr().out
+  # A project moved away from the folder it started in: the paths as given, from here.
+  config_path = tmp_path / "out" / "config.json"
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**config, "cwd": str(tmp_path / "moved-away")}))
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["run", "--resume", "out", "--no-progress"]) == 0
+  # A URL is no relative path: gs://... stays as given.
+  config_path.write_text(json.dumps(
+      {**config, "argv": config["argv"] + ["--data-dir", "gs://bucket/tfds"]}))
+  parser = cli.build_parser()
+  argv = ["run", "--resume", "out"]
+  resumed = run_dir.resume_args(parser, parser.parse_args(argv), argv)
+  assert resumed.data_dir == "gs://bucket/tfds"
+  assert resumed.profiles == str(tmp_path / "trace.csv")
   (tmp_path / "trace.csv").unlink()
+  monkeypatch.chdir(tmp_path / "elsewhere")
   assert cli.main(["run", "--resume", "../out", "--no-progress"]) == 2
   assert "input file is missing: --profiles " in capsys.readouterr().err
 

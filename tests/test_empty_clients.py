@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import optimizers, robust, systems
+from fedjax_sim import optimizers, privacy, robust, systems
 from fedjax_sim.algorithms.base import round_keys, sample_clients
 from conftest import max_relative_error
 
@@ -110,6 +110,10 @@ def test_a_fedbuff_buffer_of_clients_without_examples_is_no_update(logreg):
                          epochs=1)
   data = clients((40, 40, 0, 0, 0, 0))
   state = algorithm.init(logreg.params, jax.random.key(0))
+  # Such clients finish first and fill the buffer: fedbuff refuses them up front, and a
+  # round that meets them anyway makes no update.
+  with pytest.raises(ValueError, match="fedbuff: 4 of the data's clients have no examples"):
+    algorithm.validate(state, data)
   step, empty_buffers = jax.jit(algorithm.round), 0
   for _ in range(6):
     new, metrics = step(state, data)
@@ -127,6 +131,9 @@ def test_data_a_round_cannot_use_is_refused_before_compiling(logreg):
   state = median.init(logreg.params, jax.random.key(0))
   with pytest.raises(ValueError, match="2 of the data's clients have no examples"):
     median.validate(state, clients((5, 7, 6, 0, 0)))
+  # DP-FedAvg's mean divides by the clients sampled on purpose: a zero update is its due.
+  dp = fs.fedavg(logreg.apply, aggregator=privacy.dp_mean(1.0, 0.01), **kw)
+  dp.validate(dp.init(logreg.params, jax.random.key(0)), clients((5, 7, 6, 0, 0)))
   plain = fs.fedavg(logreg.apply, **kw)
   with pytest.raises(ValueError, match="the training data has no examples"):
     plain.validate(plain.init(logreg.params, jax.random.key(0)), clients((0, 0, 0)))

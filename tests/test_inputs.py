@@ -83,7 +83,10 @@ def test_init_takes_a_jax_key_only(small_mlp, key):
                      batch_size=4, epochs=1)
   with pytest.raises(ValueError, match="fedavg.init: key must be one jax random key"):
     algorithm.init(small_mlp.params, key)
-  algorithm.init(small_mlp.params, jax.random.PRNGKey(0))  # the legacy kind is one too
+  # Raw keys are keys too: the legacy kind, of any implementation, as jax or numpy.
+  for raw in (jax.random.PRNGKey(0), jax.random.PRNGKey(0, impl="rbg"),
+              np.asarray(jax.random.PRNGKey(0))):
+    algorithm.init(small_mlp.params, raw)
 
 
 def test_the_loop_reference_checks_its_arguments_as_fedavg_does(ragged, small_mlp):

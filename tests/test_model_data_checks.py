@@ -164,6 +164,11 @@ def test_cnn_refuses_channels_first_images_and_takes_flat_vectors(count_compiles
   assert count_compiles() == before
   for shape in [(8, 8, 3), (192,)]:
     assert checks.model_output(model.apply, model.params, shape, np.float32, "x").shape == (1, 2)
+  # One channel first is read right (the reshape moves no pixel): not refused.
+  gray = fs.cnn(2, in_channels=1, image_size=8, conv_impl="lax")
+  x = RNG.normal(size=(2, 8, 8)).astype(np.float32)
+  np.testing.assert_array_equal(gray.apply(gray.params, x[:, None]),
+                                gray.apply(gray.params, x[..., None]))
   with pytest.raises(ValueError, match=r"shape \(8, 8, 3\) \(192 values\) but the test set's "
                                        r"examples have shape \(8, 4, 6\): images go"):
     checks.model_output(model.apply, model.params, (8, 4, 6), np.float32,

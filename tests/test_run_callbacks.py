@@ -2,6 +2,7 @@
 rows, and once at the end with the summary, also when the run stops early."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,7 @@ def test_added_metrics_may_be_numpy_or_jax_values(ragged, tmp_path):
       ragged, tmp_path,
       evaluate=lambda p: {"np_metric": np.float32(1.5), "jax_metric": jnp.sum(p["w2"]),
                           "per_class": np.arange(3)},
-      round_metrics=lambda r: {"twice": jnp.int32(2 * r)})
+      round_metrics=lambda r: types.MappingProxyType({"twice": jnp.int32(2 * r)}))
   rows, summary = _written(tmp_path)
   assert [r["round"] for r in rows] == [1, 2] and summary["status"] == "completed"
   assert [r["twice"] for r in rows] == [2, 4] and rows[1]["np_metric"] == 1.5

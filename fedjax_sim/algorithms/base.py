@@ -173,10 +173,12 @@ def start_round(state: ServerState, data: FederatedData, clients_per_round: int)
 
 
 def client_weights(weighting: str, data: FederatedData, ids: jax.Array) -> jax.Array:
-  """Aggregation weights of clients `ids`: their example counts, or ones."""
+  """Aggregation weights of clients `ids`: their example counts, or one for each client
+  with examples (one without takes no part, as in `engine.compose`)."""
+  counts = data.counts[ids]
   if weighting == "examples":
-    return data.counts[ids].astype(jnp.float32)
-  return jnp.ones(ids.shape, jnp.float32)
+    return counts.astype(jnp.float32)
+  return (counts > 0).astype(jnp.float32)
 
 
 def server_step(optimizer: optax.GradientTransformation, state: ServerState,

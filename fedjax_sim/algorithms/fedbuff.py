@@ -240,7 +240,11 @@ def fedbuff(
     check_model_and_data(apply, state.params, data)
     if getattr(aggregator, "validate", None) is not None:
       aggregator.validate(buffer_size, data.num_clients)
-    aggregators.check_clients_have_examples(aggregator, data)
+    empty = np.flatnonzero(np.asarray(data.counts) == 0)
+    if empty.size:  # they would finish at once, and fill the buffer with no update
+      raise ValueError(f"fedbuff: {empty.size} of the data's clients have no examples "
+                       f"(client {int(empty[0])} first): they would reach the buffer first "
+                       f"and fill it with no update; leave them out of the training data")
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     systems.check_profiles_fit(profiles, data.num_clients)
