@@ -1,14 +1,15 @@
 """How exactly the server's weighted mean is computed on this device, against float64.
 
-`tree.weighted_sum` (every mean of client updates) is a dot at `Precision.HIGHEST`: a
-default-precision float32 dot rounds its inputs to TensorFloat-32 on recent NVIDIA GPUs
-(bfloat16 on TPUs). This measures, on random client updates of a few sizes, the relative
-error ||out - ref|| / ||ref|| against a float64 numpy reference of:
+`tree.weighted_sum` (every mean of client updates) multiplies and sums: float32
+arithmetic on any device, where a default-precision float32 dot rounds its inputs to
+TensorFloat-32 on recent NVIDIA GPUs (bfloat16 on TPUs). This measures, on random client
+updates of a few sizes, the relative error ||out - ref|| / ||ref|| against a float64
+numpy reference of:
 - `tree.weighted_sum` (what fedjax_sim aggregates with),
-- the same dot at default precision (what it did before),
-- a multiply and a sum over clients (DrJAX's `reduce_weighted_mean`).
-and the median time of each (device events via block_until_ready). On a CPU all three
-are float32 arithmetic; on a GPU the default-precision dot shows TF32's error (~1e-4).
+- a dot at `Precision.HIGHEST` (what it did before),
+- a dot at default precision (what a plain `w @ updates` does),
+and the median time of each (block_until_ready). On a CPU all three are float32
+arithmetic; on a GPU the default-precision dot shows TF32's error (~1e-4).
 
   python benchmarks/aggregation_precision.py --output benchmarks/results/aggregation_precision_gpu.json
 """
@@ -27,9 +28,10 @@ import numpy as np
 from fedjax_sim import tree
 
 VARIANTS = {
-    "weighted_sum (HIGHEST dot)": tree.weighted_sum,
+    "weighted_sum (multiply, sum)": tree.weighted_sum,
+    "dot, HIGHEST precision": lambda w, d: jnp.tensordot(
+        w, d, axes=1, precision=jax.lax.Precision.HIGHEST),
     "dot, default precision": lambda w, d: jnp.tensordot(w, d, axes=1),
-    "multiply and sum": lambda w, d: jnp.sum(w[:, None] * d, axis=0),
 }
 
 
