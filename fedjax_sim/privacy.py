@@ -414,14 +414,19 @@ class DPAccountant:
     acc.compose(self._event, rounds)
     return float(acc.get_epsilon(self.delta))
 
-  def check(self, data) -> None:
+  def check(self, data, algorithm=None) -> None:
     """Raises ValueError if the accountant's N is not the training data's number of
-    clients (`runner.run` calls it before compiling): epsilon would be another run's.
-    Its z and m are the caller's to match to the algorithm's `dp_mean` and
-    `clients_per_round`."""
+    clients, or its m not the algorithm's clients_per_round (`runner.run` calls it
+    before compiling): epsilon would be another run's. Its z is the caller's to match to
+    the algorithm's `dp_mean`."""
     if self.num_clients != data.num_clients:
       raise ValueError(f"the DPAccountant counts num_clients={self.num_clients} but the "
                        f"training data has {data.num_clients} clients: its epsilon would "
+                       f"be another run's")
+    per_round = getattr(algorithm, "clients_per_round", None)
+    if per_round is not None and per_round != self.clients_per_round:
+      raise ValueError(f"the DPAccountant counts clients_per_round={self.clients_per_round} "
+                       f"but the algorithm aggregates {per_round} a round: its epsilon would "
                        f"be another run's")
 
   def __call__(self, round_number: int) -> dict[str, float]:

@@ -294,7 +294,7 @@ def run(
     progress: show a tqdm progress bar.
     round_metrics: host-side `round -> dict` added to every round's row (the round
       counted from 1; e.g. `privacy.DPAccountant`'s epsilon spent so far); its
-      `check(data)`, if it has one, runs before anything compiles.
+      `check(data, algorithm)`, if it has one, runs before anything compiles.
     callbacks: host-side observers (metric writers), called between compiled chunks, so
       the round program never waits on them: each may define `on_rounds(rows)` (the
       chunk's new rows, after they are written to the metrics file) and `on_end(summary)`
@@ -339,7 +339,7 @@ def run(
   algorithm.validate(state, data)
   check_evaluator(evaluate, state.params)
   if getattr(round_metrics, "check", None) is not None:  # privacy.DPAccountant's
-    round_metrics.check(data)
+    round_metrics.check(data, algorithm)
   checkpoints = None
   record: dict[str, Any] | None = None
   if checkpoint_dir is not None:

@@ -253,4 +253,7 @@ def test_an_accountant_of_another_population_is_refused_before_compiling(ragged,
   before = count_compiles()
   with pytest.raises(ValueError, match="num_clients=1000 but the training data has 6"):
     fs.run(algorithm, state, train, rounds=1, round_metrics=accountant, progress=False)
+  other_m = privacy.DPAccountant(0.1, 5, 6, 1e-5, orders=SMALL_ORDERS)
+  with pytest.raises(ValueError, match="clients_per_round=5 but the algorithm aggregates 3"):
+    fs.run(algorithm, state, train, rounds=1, round_metrics=other_m, progress=False)
   assert count_compiles() == before

@@ -50,12 +50,14 @@ class FederatedAlgorithm(NamedTuple):
   """`init(params, key, num_clients=None) -> state` (algorithms with per-client state
   need `num_clients`); `round(state, data) -> (state, metrics)`; `validate(state, data)`
   raises ValueError on the host, before anything compiles; `hparams`: the names of the
-  hyperparameters in `state.hp`."""
+  hyperparameters in `state.hp`; `clients_per_round`: the clients a round aggregates at
+  most (FedBuff's buffer size), for host-side checks such as a DP accountant's."""
 
   init: Callable[..., ServerState]
   round: Callable[[ServerState, FederatedData], tuple[ServerState, dict]]
   validate: Callable[[ServerState, FederatedData], None]
   hparams: tuple = ()
+  clients_per_round: int | None = None
 
 
 def sample_clients(key: jax.Array, num_clients: int, clients_per_round: int) -> jax.Array:

@@ -617,4 +617,4 @@ def compose(
     message = jax.eval_shape(lambda s: server_rule.message(s, s.hp), state)
     return model_bytes(client_work.download(state.params)) + model_bytes(message)
 
-  return FederatedAlgorithm(init, round, validate, tuple(hparams))
+  return FederatedAlgorithm(init, round, validate, tuple(hparams), int(clients_per_round))

@@ -355,4 +355,4 @@ def fedbuff(
                                sim_time=update_time)
     return new_state, metrics
 
-  return FederatedAlgorithm(init, round, validate)
+  return FederatedAlgorithm(init, round, validate, clients_per_round=int(buffer_size))
