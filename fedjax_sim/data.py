@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim.losses import IGNORE_LABEL
+from fedjax_sim.partition import seeded_rng
 
 
 class FederatedData(NamedTuple):
@@ -270,7 +271,7 @@ def split_clients(
     raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction}")
   if len(xs) != len(ys):
     raise ValueError(f"got inputs for {len(xs)} clients but labels for {len(ys)}")
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   out = ([], [], [], [])
   for i, (x, y) in enumerate(zip(xs, ys)):
     if len(x) != len(y):

@@ -29,6 +29,14 @@ import numpy as np
 PARTITIONERS = ("iid", "dirichlet", "shards", "quantity")
 
 
+def seeded_rng(seed) -> np.random.Generator:
+  """numpy's generator of `seed`, which must be an integer >= 0 (numpy's own error for
+  a negative one named no argument; a bool or a float ran as another seed)."""
+  if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+  return np.random.default_rng(seed)
+
+
 def _num_examples(labels) -> int:
   return int(labels) if np.ndim(labels) == 0 else len(labels)
 
@@ -81,7 +89,7 @@ def iid(labels, num_clients: int, *, seed: int = 0) -> list[np.ndarray]:
   """
   n = _num_examples(labels)
   _check(n, num_clients)
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   sizes = _equal_sizes(n, num_clients, rng)
   return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
 
@@ -111,7 +119,7 @@ def dirichlet(labels, num_clients: int, alpha: float, *, seed: int = 0,
     raise ValueError(f"dirichlet: alpha must be a positive number, got {alpha!r}")
   n = len(labels)
   _check(n, num_clients)
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   if sizes is None:
     sizes = _equal_sizes(n, num_clients, rng)
   sizes = np.asarray(sizes, dtype=np.int64)
@@ -179,7 +187,7 @@ def shards(labels, num_clients: int, shards_per_client: int = 2, *,
   for _ in range(total - len(classes)):
     size = np.where(per_label < counts, counts / per_label, -1.0)
     per_label[int(np.argmax(size))] += 1
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   order = rng.permutation(len(classes))
   pieces = []  # shards grouped by label, labels in a random order
   for c in order:
@@ -216,7 +224,7 @@ def quantity(labels, num_clients: int, sigma: float = 1.0, *, seed: int = 0,
     raise ValueError(f"quantity: min_size must be a positive integer (every client gets "
                      f"at least one example), got {min_size!r}")
   _check(n, num_clients, min_size)
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   # Lognormal weights, scaled by exp(-max) (the shares are ratios): exp(z) itself
   # overflows to inf for sigma in the hundreds and made NaN sizes.
   z = rng.normal(0.0, sigma, num_clients)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_sim.partition import seeded_rng
+
 
 def synthetic(
     alpha: float = 1.0,
@@ -55,7 +57,7 @@ def synthetic(
     if (not isinstance(value, (int, np.integer)) or isinstance(value, bool)
         or value < lowest):
       raise ValueError(f"{name} must be an integer >= {lowest}, got {value!r}")
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   sizes = rng.lognormal(size_mean, size_sigma, num_clients).astype(int) + min_size
   if max_size is not None:
     sizes = np.minimum(sizes, max_size)

@@ -27,6 +27,7 @@ import numpy as np
 from fedjax_sim import keys
 from fedjax_sim.aggregators import stages_of, stateful_client_stage
 from fedjax_sim.checks import is_concrete
+from fedjax_sim.partition import seeded_rng
 
 # Defaults of `sample_profiles`, roughly phones on mobile networks: a few hundred
 # examples per second of a small model, megabytes per second each way, 50 ms latency.
@@ -67,7 +68,7 @@ def make_profiles(num_clients: int, *, examples_per_s: Distribution,
   clients (a device trace), or a distribution `(name, *params)` as in `sample_profiles`."""
   if not isinstance(num_clients, (int, np.integer)) or num_clients <= 0:
     raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
-  rng = np.random.default_rng(seed)
+  rng = seeded_rng(seed)
   fields = dict(examples_per_s=examples_per_s, downlink_bytes_per_s=downlink_bytes_per_s,
                 uplink_bytes_per_s=uplink_bytes_per_s, latency_s=latency_s,
                 availability=availability)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import fedjax_sim as fs
-from fedjax_sim import partition
+from fedjax_sim import partition, systems
 
 # 10 labels of unequal sizes (150..240 examples), in a scrambled order.
 LABELS = np.random.default_rng(0).permutation(np.repeat(np.arange(10), np.arange(150, 250, 10)))
@@ -171,3 +171,19 @@ def test_from_clients_caps_examples_per_client_deterministically():
   assert capped.padding_efficiency == pytest.approx(18 / 24)
   with pytest.raises(ValueError, match="max_examples must be a positive integer, got 0"):
     fs.from_clients(xs, ys, max_examples=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda seed: partition.iid(20, 4, seed=seed),
+    lambda seed: partition.dirichlet(np.arange(20) % 2, 4, 0.5, seed=seed),
+    lambda seed: fs.synthetic(num_clients=3, seed=seed),
+    lambda seed: fs.split_clients([np.ones((4, 2))], [np.zeros(4)], 0.5, seed=seed),
+    lambda seed: systems.make_profiles(3, examples_per_s=("lognormal", 1.0, 0.5),
+                                       downlink_bytes_per_s=1e6, uplink_bytes_per_s=1e6,
+                                       seed=seed),
+])
+@pytest.mark.parametrize("seed", [-1, 0.5, True])
+def test_a_seed_is_an_integer_at_least_0(make, seed):
+  # numpy's "expected non-negative integer" named no argument; 0.5 and True ran as others.
+  with pytest.raises(ValueError, match=f"seed must be an integer >= 0, got {seed}"):
+    make(seed)
