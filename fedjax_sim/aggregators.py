@@ -143,16 +143,19 @@ def check_clients_have_examples(aggregator: "Aggregator | None", data) -> None:
   counts = np.asarray(data.counts)
   if not counts.any():  # every round would divide by a total weight of 0
     raise ValueError("the training data has no examples: every client is empty")
-  if aggregator is None or not any(getattr(s, "selects_rows", False)
-                                   for s in stages_of(aggregator)):
-    return
-  empty = np.flatnonzero(counts == 0)
+  if aggregator is not None and any(getattr(s, "selects_rows", False)
+                                    for s in stages_of(aggregator)):
+    refuse_empty_clients(data, "the aggregator ranks or picks updates (a median, trimmed "
+                               "mean or Krum), and their zero updates would count as votes "
+                               "for no change")
+
+
+def refuse_empty_clients(data, why: str, prefix: str = "") -> None:
+  """Raises ValueError if any of `data`'s clients has no examples, saying `why` none may."""
+  empty = np.flatnonzero(np.asarray(data.counts) == 0)
   if empty.size:
-    raise ValueError(
-        f"{empty.size} of the data's clients have no examples (client {int(empty[0])} "
-        f"first), and the aggregator ranks or picks updates (a median, trimmed mean or "
-        f"Krum): their zero updates would count as votes for no change. Leave them out of "
-        f"the training data")
+    raise ValueError(f"{prefix}{empty.size} of the data's clients have no examples (client "
+                     f"{int(empty[0])} first): {why}. Leave them out of the training data")
 
 
 def ignores_weights(aggregator: "Aggregator | None") -> bool:

@@ -44,17 +44,12 @@ from fedjax_sim.data import FederatedData
 from fedjax_sim.evaluation import make_evaluator
 
 
-def _is_int(value) -> bool:
-  """An integer, and not a bool (True would count as 1)."""
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def choose_malicious(num_clients: int, fraction: float | None = None, *, count: int | None = None,
                      seed: int = 0) -> np.ndarray:
   """A boolean mask [num_clients] marking round(fraction * num_clients) (or `count`)
   clients, chosen at random by `seed`, as malicious (Python's round, half to even: 0.1
   of 25 clients is 2; give `count` for another)."""
-  if not (_is_int(num_clients) and num_clients > 0):
+  if not (checks.is_count(num_clients)):
     raise ValueError(f"num_clients must be a positive integer, got {num_clients!r}")
   if isinstance(seed, bool):
     raise ValueError(f"choose_malicious: seed must be an integer, got {seed!r}")
@@ -64,7 +59,7 @@ def choose_malicious(num_clients: int, fraction: float | None = None, *, count: 
     if not 0.0 <= fraction <= 1.0:
       raise ValueError(f"malicious fraction must lie in [0, 1], got {fraction!r}")
     count = round(fraction * num_clients)
-  if not (_is_int(count) and count >= 0):
+  if not (checks.is_count(count, 0)):
     raise ValueError(f"malicious count must be an integer >= 0, got {count!r}")
   if count > num_clients:
     raise ValueError(f"more malicious clients ({count}) than clients ({num_clients})")
@@ -102,7 +97,7 @@ def _model_attack(malicious, scale_fn: Callable) -> ClientTransform:
   """
   if np.ndim(malicious) == 0:
     per_round = malicious
-    if not (_is_int(per_round) and per_round >= 0):
+    if not (checks.is_count(per_round, 0)):
       raise ValueError(f"malicious clients per round must be an integer >= 0, got {per_round!r}")
 
     def validate(clients_per_round, num_clients=None):
@@ -194,7 +189,7 @@ def _num_outputs(apply, params, data: FederatedData) -> int:
 def label_flip(malicious, num_classes: int):
   """A client_data_transform: malicious clients' labels y become num_classes - 1 - y."""
   mask = _check_mask(malicious)
-  if not (_is_int(num_classes) and num_classes >= 2):
+  if not (checks.is_count(num_classes, 2)):
     raise ValueError(f"label_flip: num_classes must be an integer >= 2, got {num_classes!r}")
   num_classes = int(num_classes)
 
@@ -245,7 +240,7 @@ def _check_backdoor(backdoor: Backdoor) -> np.ndarray:
     finite = False
   if not finite:
     raise ValueError(f"the backdoor's value must be a finite number, got {value!r}")
-  if not (_is_int(backdoor.target) and backdoor.target >= 0):
+  if not (checks.is_count(backdoor.target, 0)):
     raise ValueError(f"the backdoor's target must be a class index (an integer >= 0), got "
                      f"{backdoor.target!r}")
   return features

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedjax_sim import compile as compile_lib
 from fedjax_sim import conv as conv_lib
+from fedjax_sim import checks
 from fedjax_sim.checks import ModelInputError
 
 
@@ -213,8 +214,7 @@ def mixed_precision(model: Model, compute_dtype: Any = jnp.bfloat16) -> Model:
 
 def _check_size(model: str, name: str, value, minimum: int = 1) -> None:
   """An architecture's size argument must be an integer >= minimum (not a bool)."""
-  if not (isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-          and value >= minimum):
+  if not checks.is_count(value, minimum):
     raise ValueError(f"{model}: {name} must be an integer >= {minimum}, got {value!r}")
 
 

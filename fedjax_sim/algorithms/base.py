@@ -174,10 +174,9 @@ def start_round(state: ServerState, data: FederatedData, clients_per_round: int)
   return RoundDraws(next_key, ids, sample_key, train_key)
 
 
-def client_weights(weighting: str, data: FederatedData, ids: jax.Array) -> jax.Array:
-  """Aggregation weights of clients `ids`: their example counts, or one for each client
-  with examples (one without takes no part, as in `engine.compose`)."""
-  counts = data.counts[ids]
+def client_weights(weighting: str, counts: jax.Array) -> jax.Array:
+  """Aggregation weights of clients with example `counts`: the counts, or one for each
+  client with examples (one without takes no part)."""
   if weighting == "examples":
     return counts.astype(jnp.float32)
   return (counts > 0).astype(jnp.float32)

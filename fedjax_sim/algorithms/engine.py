@@ -37,8 +37,8 @@ from fedjax_sim.checks import is_concrete  # noqa: F401 (engine.is_concrete)
 from fedjax_sim import systems as systems_lib
 from fedjax_sim.algorithms.base import (FederatedAlgorithm, ServerState, check_client_states,
                                        check_clients_per_round, check_model_and_data,
-                                       check_round_args, client_losses, gather_rows,
-                                       init_client_states, mean_loss, model_bytes,
+                                       check_round_args, client_losses, client_weights,
+                                       gather_rows, init_client_states, mean_loss, model_bytes,
                                        resolve_chunk_size, sample_clients, scatter_rows,
                                        upload_bytes, vmap_clients, weighted_sum)
 from fedjax_sim.tree import same_dtypes
@@ -469,18 +469,17 @@ def compose(
       counts = data.counts[ids]
     else:
       counts = jax.vmap(lambda i: client_data(data, i, state.round)[2])(ids)
+    raw_weights = client_weights("examples" if by_examples else "uniform", counts)
     if by_examples:
-      raw_weights = counts.astype(jnp.float32)
       # All N clients' counts on the scale of the sampled ones': as scheduled this round
       # (XLA drops the examples' gathers that only the counts' schedule would read).
       all_counts = (data.counts if client_data_schedule is None else jax.vmap(
           lambda i: client_data(data, i, state.round)[2])(jnp.arange(data.num_clients)))
       total_weight = all_counts.sum().astype(jnp.float32)
-    else:  # one vote per client that has examples to train on
-      raw_weights = (counts > 0).astype(jnp.float32)
+    else:
       total_weight = jnp.float32(data.num_clients)
     relative_weight = raw_weights * data.num_clients / total_weight
-    weights = (counts > 0).astype(jnp.float32) if server_rule.uniform_mean else raw_weights
+    weights = client_weights("uniform", counts) if server_rule.uniform_mean else raw_weights
     budgets, plan = None, None
     if systems is not None:
       plan = systems_lib.plan_round(

@@ -240,11 +240,9 @@ def fedbuff(
     check_model_and_data(apply, state.params, data)
     if getattr(aggregator, "validate", None) is not None:
       aggregator.validate(buffer_size, data.num_clients)
-    empty = np.flatnonzero(np.asarray(data.counts) == 0)
-    if empty.size:  # they would finish at once, and fill the buffer with no update
-      raise ValueError(f"fedbuff: {empty.size} of the data's clients have no examples "
-                       f"(client {int(empty[0])} first): they would reach the buffer first "
-                       f"and fill it with no update; leave them out of the training data")
+    aggregators.refuse_empty_clients(
+        data, "they would reach the buffer first and fill it with no update",
+        prefix="fedbuff: ")
 
   def round(state: ServerState, data: FederatedData) -> tuple[ServerState, dict]:
     systems.check_profiles_fit(profiles, data.num_clients)
@@ -307,7 +305,7 @@ def fedbuff(
     results = map_clients(train, (starts, arrived, arrived_keys),
                           resolve_chunk_size(client_chunk_size, buffer_size, state.params))
     tau = version - versions
-    weights = client_weights(weighting, data, arrived)
+    weights = client_weights(weighting, data.counts[arrived])
     stale = weight_of(tau.astype(jnp.float32)).astype(jnp.float32)
     agg_state, agg_metrics = state.aggregator_state, {}
     if aggregator is None:
@@ -322,7 +320,7 @@ def fedbuff(
     params, opt_state = server_step(server_optimizer, state, delta)
     # A buffer of clients without examples is no update: the model and the optimizer
     # stay as they were (a zero pseudo-gradient still moves them by momentum).
-    some_examples = jnp.any(data.counts[arrived] > 0)
+    some_examples = jnp.any(weights > 0)
     params, opt_state = jax.tree_util.tree_map(
         lambda new, old: jnp.where(some_examples, new, old), (params, opt_state),
         (state.params, state.opt_state))
